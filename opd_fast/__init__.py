@@ -1,0 +1,25 @@
+"""opd-fast: fast on-policy distillation of language models.
+
+Public API: ``fused_linear_kl`` / ``FusedLinearKL`` (fused teacher-student divergence from
+hidden states and LM heads), ``reference`` (the float64 math contract), ``Tuning`` (chunking
+knobs) and ``available_backends``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import reference
+from .backends import BACKEND_NAMES, Tuning, availability
+from .loss import FusedLinearKL, fused_linear_kl
+
+__version__ = "0.1.0"
+
+
+def available_backends(device: str | torch.device = "cpu") -> dict[str, str]:
+    """Each concrete backend on ``device`` mapped to "" when usable, else the reason it is not."""
+    dev = torch.device(device)
+    return {name: availability(name, dev)[1] for name in BACKEND_NAMES if name != "auto"}
+
+
+__all__ = ["FusedLinearKL", "Tuning", "__version__", "available_backends", "fused_linear_kl", "reference"]

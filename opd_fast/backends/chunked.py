@@ -1,0 +1,286 @@
+"""The chunk loop and autograd glue shared by the torch and native-CPU backends.
+
+Tokens are processed in chunks; for each chunk the student and teacher logits tiles come
+from torch GEMMs and a *tile math* object (torch: ``tile_math.TorchTileMath``; native:
+``cpu_native.NativeTileMath``) turns them into per-row statistics and the logit gradient.
+The GEMMs the loss needs are exactly: student logits, teacher logits, grad-hidden and
+grad-weight (the floor the benchmarks divide by).
+
+Two regimes, picked by ``plan_chunks`` from the shapes and a memory budget:
+
+* **full rows** (``chunk_vocab == K``, the normal case on CPU): a chunk's whole compared
+  vocabulary fits in the budget, so one sweep gives values *and* gradients with no GEMM
+  recomputed. The token chunk shrinks as the vocabulary grows, so peak memory stays at the
+  budget, flat in N.
+* **2-D tiles** (``chunk_vocab < K``, tiny budgets): pass 1 streams an online
+  log-sum-exp over vocab tiles, pass 2 accumulates the divergence and the per-row
+  gradient coefficient ``c`` (see ``tile_math``), pass 3 recomputes each tile and applies
+  its gradient. Extra memory is O(chunk_tokens x chunk_vocab).
+
+When the loss is a scalar (``reduction`` mean/sum) the student gradients are computed in
+the forward sweep and only scaled in backward; with ``reduction="none"`` the forward keeps
+per-row statistics and backward recomputes with the incoming per-token gradient.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple, Protocol
+
+import torch
+
+from ..validation import LossOptions
+from .tile_math import RowTerms, accum_dtype, finish_logits, grad_from_terms, logits_grad_to_raw, tile_terms
+
+# fp32 n x v buffers alive at once in the torch tile math (two logits tiles, q, p, a and
+# temporaries); the native kernel needs fewer, but one plan serves both.
+_LIVE_TILES = 6
+_MIN_CHUNK_TOKENS = 16
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """Chunking knobs of the chunked backends. ``None`` means "choose from the shapes".
+
+    ``grad_filter_eps``: skip the gradient GEMMs of every ``filter_block``-wide vocab block in
+    which all |dL/dlogit| of the chunk are below ``eps`` times the largest row scale (Cut
+    Cross-Entropy's gradient filtering). The error it introduces on grad-hidden is at most
+    ``eps * rows * sum_v |W_v|`` over skipped blocks; it is off by default because no fixed eps
+    keeps that bound under every dtype's tolerance for every input.
+    """
+
+    chunk_tokens: int | None = None
+    chunk_vocab: int | None = None
+    memory_budget_mb: float = 256.0
+    grad_filter_eps: float | None = None
+    filter_block: int = 512
+
+    def __post_init__(self) -> None:
+        for name in ("chunk_tokens", "chunk_vocab"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"Tuning.{name} must be a positive int or None, got {value!r}")
+        if self.memory_budget_mb <= 0:
+            raise ValueError(f"Tuning.memory_budget_mb must be > 0, got {self.memory_budget_mb!r}")
+        if self.grad_filter_eps is not None and self.grad_filter_eps < 0:
+            raise ValueError(f"Tuning.grad_filter_eps must be >= 0 or None, got {self.grad_filter_eps!r}")
+
+
+class TileMath(Protocol):
+    name: str
+
+    def full_rows(
+        self, raw_s: torch.Tensor, raw_t: torch.Tensor, opts: LossOptions, row_scale: torch.Tensor | None
+    ) -> tuple[RowTerms, torch.Tensor, torch.Tensor, torch.Tensor | None]: ...
+
+
+def plan_chunks(n_tokens: int, vocab: int, tuning: Tuning) -> tuple[int, int]:
+    """(chunk_tokens, chunk_vocab) keeping ``_LIVE_TILES`` fp32 tiles within the budget."""
+    budget_elems = int(tuning.memory_budget_mb * 2**20) // (4 * _LIVE_TILES)
+    chunk_vocab = min(tuning.chunk_vocab or vocab, vocab)
+    if tuning.chunk_vocab is None and budget_elems // vocab < _MIN_CHUNK_TOKENS:
+        chunk_vocab = max(256, budget_elems // _MIN_CHUNK_TOKENS // 256 * 256)
+        chunk_vocab = min(chunk_vocab, vocab)
+    chunk_tokens = tuning.chunk_tokens or max(_MIN_CHUNK_TOKENS, budget_elems // chunk_vocab // 16 * 16)
+    return max(1, min(chunk_tokens, n_tokens)), chunk_vocab
+
+
+class SweepResult(NamedTuple):
+    divergence: torch.Tensor
+    student_lse: torch.Tensor
+    teacher_lse: torch.Tensor
+    entropy: torch.Tensor
+    coef: torch.Tensor
+
+
+@dataclass
+class Head:
+    """One side's operands; ``logits`` gives ``scale * (h W[v0:v1]^T + b[v0:v1])``."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    scale: float
+
+    def logits(self, h: torch.Tensor, v0: int, v1: int) -> torch.Tensor:
+        w = self.weight[v0:v1]
+        if self.bias is None:
+            out = h @ w.T
+            return out.mul_(self.scale) if self.scale != 1.0 else out
+        return torch.addmm(self.bias[v0:v1], h, w.T, beta=self.scale, alpha=self.scale)
+
+
+class GradSink:
+    """Student gradient accumulators: grad-hidden per chunk, fp32 grad-weight and grad-bias."""
+
+    def __init__(self, hs: torch.Tensor, head: Head, want: tuple[bool, bool, bool], tuning: Tuning) -> None:
+        self.want_h, self.want_w, self.want_b = want
+        self.grad_h = torch.zeros_like(hs) if self.want_h else None
+        acc = dict(dtype=accum_dtype(hs.dtype), device=hs.device)
+        self.grad_w = torch.zeros(head.weight.shape, **acc) if self.want_w else None
+        self.grad_b = torch.zeros(head.weight.shape[0], **acc) if self.want_b else None
+        self.weight = head.weight
+        self.scale = head.scale
+        self.tuning = tuning
+
+    def add(self, grad_raw: torch.Tensor, h: torch.Tensor, rows: slice, v0: int) -> None:
+        """Accumulate one tile's dL/d(raw logits) (fp32, (n, v)) over vocab ``v0:v0+v``."""
+        g = grad_raw.mul_(self.scale) if self.scale != 1.0 else grad_raw
+        cols = self._kept_columns(g)
+        if cols is not None:
+            g = g.index_select(1, cols)
+            w = self.weight[v0:].index_select(0, cols)
+        else:
+            w = self.weight[v0 : v0 + g.shape[1]]
+        if self.grad_b is not None:
+            b = g.sum(0)
+            if cols is None:
+                self.grad_b[v0 : v0 + g.shape[1]] += b
+            else:
+                self.grad_b.index_add_(0, cols + v0, b)
+        g = g.to(h.dtype)
+        if self.grad_h is not None:
+            self.grad_h[rows] += g @ w
+        if self.grad_w is not None:
+            gw = g.T @ h
+            if cols is None:
+                self.grad_w[v0 : v0 + g.shape[1]] += gw
+            else:
+                self.grad_w.index_add_(0, cols + v0, gw.to(self.grad_w.dtype))
+
+    def _kept_columns(self, g: torch.Tensor) -> torch.Tensor | None:
+        """Columns of the vocab blocks whose gradient is not negligible (None: keep all)."""
+        eps = self.tuning.grad_filter_eps
+        if eps is None:
+            return None
+        block = self.tuning.filter_block
+        col_max = g.abs().amax(0)
+        n_blocks = -(-col_max.numel() // block)
+        padded = torch.nn.functional.pad(col_max, (0, n_blocks * block - col_max.numel()))
+        keep = padded.view(n_blocks, block).amax(1) >= eps
+        if bool(keep.all()):
+            return None
+        cols = torch.arange(n_blocks * block, device=g.device).view(n_blocks, block)[keep].flatten()
+        return cols[cols < col_max.numel()]
+
+
+def _online_lse(h_s, h_t, student: Head, teacher: Head, opts: LossOptions, chunk_vocab: int):
+    k = opts.vocab_size
+    n = h_s.shape[0]
+    lse_s = torch.full((n,), float("-inf"), dtype=accum_dtype(h_s.dtype), device=h_s.device)
+    lse_t = torch.full((n,), float("-inf"), dtype=accum_dtype(h_s.dtype), device=h_s.device)
+    for v0 in range(0, k, chunk_vocab):
+        v1 = min(v0 + chunk_vocab, k)
+        z_s = finish_logits(student.logits(h_s, v0, v1), opts.student, opts.temperature)
+        z_t = finish_logits(teacher.logits(h_t, v0, v1), opts.teacher, opts.temperature)
+        lse_s = torch.logaddexp(lse_s, torch.logsumexp(z_s, -1))
+        lse_t = torch.logaddexp(lse_t, torch.logsumexp(z_t, -1))
+    return lse_s, lse_t
+
+
+def sweep(
+    hs: torch.Tensor,
+    student: Head,
+    ht: torch.Tensor,
+    teacher: Head,
+    opts: LossOptions,
+    tiles: TileMath,
+    tuning: Tuning,
+    row_scale: torch.Tensor | None = None,
+    sink: GradSink | None = None,
+    known: SweepResult | None = None,
+) -> SweepResult:
+    """One pass of the chunk loop over all (compacted) rows.
+
+    With ``row_scale`` and ``sink`` the student gradient of ``sum_i row_scale_i * D_i`` is
+    accumulated into ``sink``. ``known`` (per-row stats of an earlier sweep) lets the 2-D
+    regime skip its statistics passes.
+    """
+    n, k = hs.shape[0], opts.vocab_size
+    chunk_tokens, chunk_vocab = plan_chunks(n, k, tuning)
+    acc = dict(dtype=accum_dtype(hs.dtype), device=hs.device)
+    out = SweepResult(*(torch.zeros(n, **acc) for _ in range(5))) if known is None else known
+    for i0 in range(0, n, chunk_tokens):
+        rows = slice(i0, min(i0 + chunk_tokens, n))
+        h_s, h_t = hs[rows], ht[rows]
+        scale = None if row_scale is None else row_scale[rows]
+        if chunk_vocab >= k:
+            terms, lse_s, lse_t, grad = tiles.full_rows(
+                student.logits(h_s, 0, k), teacher.logits(h_t, 0, k), opts, scale
+            )
+            if known is None:
+                for dst, src in zip(out, (terms.divergence, lse_s, lse_t, terms.entropy, terms.coef), strict=True):
+                    dst[rows] = src
+            if grad is not None and sink is not None:
+                sink.add(grad, h_s, rows, 0)
+            continue
+        if known is None:
+            lse_s, lse_t = _online_lse(h_s, h_t, student, teacher, opts, chunk_vocab)
+            out.student_lse[rows], out.teacher_lse[rows] = lse_s, lse_t
+            for v0 in range(0, k, chunk_vocab):
+                v1 = min(v0 + chunk_vocab, k)
+                z_s = finish_logits(student.logits(h_s, v0, v1), opts.student, opts.temperature)
+                z_t = finish_logits(teacher.logits(h_t, v0, v1), opts.teacher, opts.temperature)
+                terms, _, _ = tile_terms(z_s, z_t, lse_s, lse_t, opts)
+                out.divergence[rows] += terms.divergence
+                out.entropy[rows] += terms.entropy
+                out.coef[rows] += terms.coef
+        if scale is None or sink is None:
+            continue
+        for v0 in range(0, k, chunk_vocab):
+            v1 = min(v0 + chunk_vocab, k)
+            z_s = finish_logits(student.logits(h_s, v0, v1), opts.student, opts.temperature)
+            z_t = finish_logits(teacher.logits(h_t, v0, v1), opts.teacher, opts.temperature)
+            _, a, q = tile_terms(z_s, z_t, out.student_lse[rows], out.teacher_lse[rows], opts)
+            grad = grad_from_terms(a, q, out.coef[rows], scale)
+            sink.add(logits_grad_to_raw(grad, z_s, opts.student, opts.temperature), h_s, rows, v0)
+    return out
+
+
+class ChunkedDivergence(torch.autograd.Function):
+    """Autograd glue: inputs are compacted 2-D rows; returns (values, *per-row stats)."""
+
+    @staticmethod
+    def forward(ctx, hs, ws, bs, ht, wt, bt, row_weights, opts, tiles, tuning, scalar):
+        want = (hs.requires_grad, ws.requires_grad, bs is not None and bs.requires_grad)
+        student = Head(ws, bs, opts.student.scale)
+        teacher = Head(wt, bt, opts.teacher.scale)
+        with torch.no_grad():
+            if scalar:
+                sink = GradSink(hs, student, want, tuning) if any(want) else None
+                res = sweep(hs, student, ht, teacher, opts, tiles, tuning, row_scale=row_weights, sink=sink)
+                value = (res.divergence * row_weights).sum()
+                grads = (None, None, None) if sink is None else (sink.grad_h, sink.grad_w, sink.grad_b)
+                ctx.save_for_backward(*grads)
+            else:
+                res = sweep(hs, student, ht, teacher, opts, tiles, tuning)
+                value = res.divergence * row_weights
+                ctx.save_for_backward(hs, ws, bs, ht, wt, bt, row_weights, *res)
+        ctx.meta = (opts, tiles, tuning, scalar, want)
+        ctx.weight_dtype = ws.dtype
+        ctx.bias_dtype = None if bs is None else bs.dtype
+        stats = (res.divergence, res.student_lse, res.teacher_lse, res.entropy)
+        ctx.mark_non_differentiable(*stats)
+        return (value, *stats)
+
+    @staticmethod
+    def backward(ctx, grad_value, *_):
+        opts, tiles, tuning, scalar, want = ctx.meta
+        if scalar:
+            grad_h, grad_w, grad_b = ctx.saved_tensors
+            grad_h = None if grad_h is None else grad_h * grad_value.to(grad_h.dtype)
+            grad_w = None if grad_w is None else (grad_w * grad_value)
+            grad_b = None if grad_b is None else (grad_b * grad_value)
+        else:
+            hs, ws, bs, ht, wt, bt, row_weights, *res = ctx.saved_tensors
+            student = Head(ws, bs, opts.student.scale)
+            sink = GradSink(hs, student, want, tuning)
+            with torch.no_grad():
+                sweep(hs, student, ht, Head(wt, bt, opts.teacher.scale), opts, tiles, tuning,
+                      row_scale=grad_value.to(row_weights.dtype) * row_weights, sink=sink, known=SweepResult(*res))
+            grad_h, grad_w, grad_b = sink.grad_h, sink.grad_w, sink.grad_b
+        return (
+            grad_h,
+            None if grad_w is None else grad_w.to(ctx.weight_dtype),
+            None if grad_b is None else grad_b.to(ctx.bias_dtype),
+            None, None, None, None, None, None, None, None,
+        )  # fmt: skip

@@ -1,0 +1,159 @@
+"""The math contract, written once, in float64, unfused and readable.
+
+This module *is* the specification (DESIGN.md "Math conventions"): it materializes the
+full logits on purpose and lets autograd produce the gradients. Every backend is tested
+against it. It shares only argument validation with the fast paths; the math and the
+reduction are written here independently so that a bug in a backend cannot hide in a
+helper both sides call.
+
+Per token, for each side: ``z = softcap(scale * (h @ W[:K]^T + b[:K])) / T`` with
+``softcap(x) = c * tanh(x / c)``; ``q = softmax(z_student)``, ``p = softmax(z_teacher)``.
+
+=============  ==============================================  ===========================
+divergence     per-token value                                 note
+=============  ==============================================  ===========================
+forward_kl     sum p (log p - log q)                           mass-covering
+reverse_kl     sum q (log q - log p)                           mode-seeking
+jsd            beta KL(p||M) + (1-beta) KL(q||M),               beta=0 is forward_kl and
+               M = beta p + (1-beta) q                          beta=1 reverse_kl exactly
+tvd            0.5 sum |p - q|                                 bounded in [0, 1]
+=============  ==============================================  ===========================
+
+Reductions: with per-token weights ``w = token_weights * mask`` (each defaulting to 1),
+``"sum"`` is ``sum w d``, ``"mean"`` is ``sum w d / (num_items or sum w)`` and ``"none"``
+returns ``w d`` per token (0 where masked). ``temperature_sq_scaling`` multiplies by T^2.
+An all-masked batch gives 0 (never NaN) and zero gradients.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .validation import HeadSpec, validate_kl_call
+
+__all__ = ["divergence_from_logits", "fused_linear_kl", "head_logits"]
+
+
+def head_logits(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    spec: HeadSpec,
+    temperature: float,
+    vocab_size: int,
+) -> torch.Tensor:
+    """Float64 logits of one head over the first ``vocab_size`` entries."""
+    z = hidden.double() @ weight[:vocab_size].double().T
+    if bias is not None:
+        z = z + bias[:vocab_size].double()
+    z = z * spec.scale
+    if spec.softcap is not None:
+        z = spec.softcap * torch.tanh(z / spec.softcap)
+    return z / temperature
+
+
+def _kl(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
+    """KL(a || b) per row from log-probabilities; 0 log 0 = 0, -inf logits are legal."""
+    a = log_a.exp()
+    terms = torch.where(a > 0, a * (log_a - log_b), torch.zeros_like(a))
+    return terms.sum(-1)
+
+
+def divergence_from_logits(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, divergence: str, beta: float = 0.5
+) -> torch.Tensor:
+    """Per-row divergence between softmax(teacher) = p and softmax(student) = q."""
+    log_q = torch.log_softmax(student_logits, dim=-1)
+    log_p = torch.log_softmax(teacher_logits, dim=-1)
+    if divergence == "forward_kl" or (divergence == "jsd" and beta == 0.0):
+        return _kl(log_p, log_q)
+    if divergence == "reverse_kl" or (divergence == "jsd" and beta == 1.0):
+        return _kl(log_q, log_p)
+    if divergence == "jsd":
+        log_m = torch.logsumexp(
+            torch.stack([log_p + math.log(beta), log_q + math.log1p(-beta)]), dim=0
+        )
+        return beta * _kl(log_p, log_m) + (1 - beta) * _kl(log_q, log_m)
+    if divergence == "tvd":
+        return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)
+    raise ValueError(f"unknown divergence {divergence!r}")
+
+
+def fused_linear_kl(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    *,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    temperature_sq_scaling: bool = False,
+    mask: torch.Tensor | None = None,
+    token_weights: torch.Tensor | None = None,
+    reduction: str = "mean",
+    num_items: float | torch.Tensor | None = None,
+    student_bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    student_logit_scale: float = 1.0,
+    teacher_logit_scale: float = 1.0,
+    student_softcap: float | None = None,
+    teacher_softcap: float | None = None,
+    vocab_size: int | None = None,
+    backend: str = "reference",
+    return_stats: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Reference teacher-student divergence (same signature as ``opd_fast.fused_linear_kl``).
+
+    The result is float64; gradients flow to the student tensors through autograd. Teacher
+    tensors are detached: the teacher is a constant.
+    """
+    opts, mask, token_weights = validate_kl_call(
+        student_hidden, student_weight, teacher_hidden, teacher_weight,
+        divergence=divergence, beta=beta, temperature=temperature,
+        temperature_sq_scaling=temperature_sq_scaling, mask=mask, token_weights=token_weights,
+        reduction=reduction, num_items=num_items, student_bias=student_bias, teacher_bias=teacher_bias,
+        student_logit_scale=student_logit_scale, teacher_logit_scale=teacher_logit_scale,
+        student_softcap=student_softcap, teacher_softcap=teacher_softcap, vocab_size=vocab_size,
+    )  # fmt: skip
+    leading = student_hidden.shape[:-1]
+    k, t = opts.vocab_size, opts.temperature
+    z_s = head_logits(student_hidden, student_weight, student_bias, opts.student, t, k)
+    with torch.no_grad():
+        z_t = head_logits(teacher_hidden, teacher_weight, teacher_bias, opts.teacher, t, k)
+
+    counted = torch.ones(leading, dtype=torch.bool, device=z_s.device) if mask is None else mask
+    # Masked rows are dropped before any math, as the backends do, so a masked row whose
+    # logits are garbage (NaN, all -inf) cannot poison the result or its gradient.
+    per_token = torch.zeros(leading, dtype=torch.float64, device=z_s.device)
+    per_token = per_token.masked_scatter(
+        counted, divergence_from_logits(z_s[counted], z_t[counted], opts.divergence, opts.beta)
+    )
+    weights = counted.double() if token_weights is None else token_weights.double() * counted
+    weighted = weights * per_token * opts.loss_scale
+
+    if opts.reduction == "none":
+        loss = weighted
+    elif opts.reduction == "sum":
+        loss = weighted.sum()
+    else:
+        denom = opts.num_items if opts.num_items is not None else weights.sum()
+        loss = weighted.sum() / denom if opts.num_items is not None or weights.sum() > 0 else weighted.sum()
+
+    if not return_stats:
+        return loss
+    with torch.no_grad():
+        log_q = torch.log_softmax(z_s, -1)
+        q = log_q.exp()
+        entropy = -torch.where(q > 0, q * log_q, torch.zeros_like(q)).sum(-1)
+        zero = torch.zeros((), dtype=torch.float64, device=z_s.device)
+        # Stats are 0 on masked tokens: the backends never compute those rows.
+        stats = {
+            "divergence": per_token.detach(),
+            "student_lse": torch.where(counted, torch.logsumexp(z_s, -1), zero).detach(),
+            "teacher_lse": torch.where(counted, torch.logsumexp(z_t, -1), zero),
+            "student_entropy": torch.where(counted, entropy, zero).detach(),
+        }
+    return loss, stats

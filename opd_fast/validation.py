@@ -1,0 +1,264 @@
+"""Argument checking shared by every backend of the fused divergence losses.
+
+One place decides what a legal call looks like, so the reference, the chunked-torch
+path, the native CPU kernel and the Triton kernels all reject the same inputs with the
+same messages. Every error names the argument and the sizes/dtypes it saw.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd")
+REDUCTIONS = ("mean", "sum", "none")
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """How one side (student or teacher) turns hidden states into logits.
+
+    logits = softcap(scale * (h @ W[:vocab]^T + b[:vocab])) / temperature
+    """
+
+    scale: float = 1.0
+    softcap: float | None = None
+
+
+@dataclass(frozen=True)
+class LossOptions:
+    """Validated scalar options of a divergence loss (everything but the tensors)."""
+
+    divergence: str
+    beta: float
+    temperature: float
+    temperature_sq_scaling: bool
+    reduction: str
+    num_items: float | None
+    student: HeadSpec
+    teacher: HeadSpec
+    vocab_size: int
+
+    @property
+    def loss_scale(self) -> float:
+        """Factor applied to every per-token value (T^2 when requested)."""
+        return self.temperature**2 if self.temperature_sq_scaling else 1.0
+
+
+def _shape(t: torch.Tensor) -> tuple[int, ...]:
+    return tuple(t.shape)
+
+
+def _check_float(name: str, t: torch.Tensor) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor (fp32/bf16/fp16/fp64), got dtype {t.dtype}")
+
+
+def _check_head(
+    side: str, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> tuple[int, int]:
+    _check_float(f"{side}_hidden", hidden)
+    _check_float(f"{side}_weight", weight)
+    if hidden.dim() < 1:
+        raise ValueError(f"{side}_hidden must have shape (..., H), got a 0-d tensor")
+    if weight.dim() != 2:
+        raise ValueError(f"{side}_weight must have shape (V, H), got shape {_shape(weight)}")
+    if hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"{side}_hidden has hidden size {hidden.shape[-1]} but {side}_weight has shape "
+            f"{_shape(weight)} (expected (V, {hidden.shape[-1]}))"
+        )
+    if bias is not None:
+        _check_float(f"{side}_bias", bias)
+        if bias.dim() != 1 or bias.shape[0] != weight.shape[0]:
+            raise ValueError(
+                f"{side}_bias must have shape ({weight.shape[0]},) to match {side}_weight, "
+                f"got {_shape(bias)}"
+            )
+    return weight.shape[0], weight.shape[1]
+
+
+def _check_positive(name: str, value: float | None, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def validate_heads(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    student_bias: torch.Tensor | None,
+    teacher_bias: torch.Tensor | None,
+    vocab_size: int | None,
+) -> int:
+    """Check the tensors of both heads; return the number of vocabulary entries compared."""
+    v_s, _ = _check_head("student", student_hidden, student_weight, student_bias)
+    v_t, _ = _check_head("teacher", teacher_hidden, teacher_weight, teacher_bias)
+    if student_hidden.shape[:-1] != teacher_hidden.shape[:-1]:
+        raise ValueError(
+            f"student_hidden and teacher_hidden must share their leading shape, got "
+            f"{_shape(student_hidden)} and {_shape(teacher_hidden)}"
+        )
+    if student_weight.dtype != student_hidden.dtype:
+        raise ValueError(
+            f"student_hidden ({student_hidden.dtype}) and student_weight ({student_weight.dtype}) "
+            "must share a dtype"
+        )
+    if teacher_weight.dtype != teacher_hidden.dtype:
+        raise ValueError(
+            f"teacher_hidden ({teacher_hidden.dtype}) and teacher_weight ({teacher_weight.dtype}) "
+            "must share a dtype"
+        )
+    named = {
+        "student_hidden": student_hidden,
+        "student_weight": student_weight,
+        "teacher_hidden": teacher_hidden,
+        "teacher_weight": teacher_weight,
+        "student_bias": student_bias,
+        "teacher_bias": teacher_bias,
+    }
+    devices = {k: t.device for k, t in named.items() if t is not None}
+    if len(set(devices.values())) > 1:
+        seen = ", ".join(f"{k} on {d}" for k, d in devices.items())
+        raise ValueError(f"all tensors must be on one device, got {seen}")
+    return resolve_vocab(v_s, v_t, vocab_size)
+
+
+def resolve_vocab(v_s: int, v_t: int | None, vocab_size: int | None) -> int:
+    """The compared vocabulary: both head sizes, or the first ``vocab_size`` entries."""
+    if vocab_size is None:
+        if v_t is not None and v_s != v_t:
+            raise ValueError(
+                f"student vocab size {v_s} != teacher vocab size {v_t}; pass vocab_size=K to compare "
+                "the first K entries of both heads (e.g. padded heads)"
+            )
+        return v_s
+    smallest = v_s if v_t is None else min(v_s, v_t)
+    if not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or not 1 <= vocab_size <= smallest:
+        raise ValueError(
+            f"vocab_size must be an int in [1, {smallest}] (student vocab {v_s}"
+            + ("" if v_t is None else f", teacher vocab {v_t}")
+            + f"), got {vocab_size!r}"
+        )
+    return vocab_size
+
+
+def validate_token_tensors(
+    leading: tuple[int, ...],
+    device: torch.device,
+    mask: torch.Tensor | None,
+    token_weights: torch.Tensor | None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Check ``mask`` / ``token_weights`` against the leading shape; return them normalized."""
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
+        if tuple(mask.shape) != leading:
+            raise ValueError(f"mask must have the leading shape {leading}, got {_shape(mask)}")
+        if mask.is_floating_point() or mask.is_complex():
+            raise ValueError(
+                f"mask must be bool (True = token counts), got dtype {mask.dtype}; "
+                "use token_weights for fractional weights"
+            )
+        if mask.device != device:
+            raise ValueError(f"mask is on {mask.device} but the hidden states are on {device}")
+        mask = mask.bool()
+    if token_weights is not None:
+        if not isinstance(token_weights, torch.Tensor):
+            raise TypeError(f"token_weights must be a torch.Tensor, got {type(token_weights).__name__}")
+        if tuple(token_weights.shape) != leading:
+            raise ValueError(
+                f"token_weights must have the leading shape {leading}, got {_shape(token_weights)}"
+            )
+        if not token_weights.is_floating_point():
+            raise ValueError(f"token_weights must be floating point, got dtype {token_weights.dtype}")
+        if token_weights.device != device:
+            raise ValueError(f"token_weights is on {token_weights.device} but the hidden states are on {device}")
+    return mask, token_weights
+
+
+def validate_common(
+    *,
+    beta: float,
+    temperature: float,
+    reduction: str,
+    num_items: float | torch.Tensor | None,
+    divergence: str | None = None,
+) -> float | None:
+    """Check the options shared by all losses; return ``num_items`` as a float (or None)."""
+    if divergence is not None and divergence not in DIVERGENCES:
+        raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
+    if not isinstance(beta, (int, float)) or not 0.0 <= float(beta) <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta!r}")
+    _check_positive("temperature", temperature)
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if num_items is not None:
+        if isinstance(num_items, torch.Tensor):
+            if num_items.numel() != 1:
+                raise ValueError(f"num_items must be a scalar, got a tensor of shape {_shape(num_items)}")
+            num_items = float(num_items.item())
+        if not isinstance(num_items, (int, float)) or not math.isfinite(num_items) or num_items <= 0:
+            raise ValueError(f"num_items must be a finite number > 0, got {num_items!r}")
+        num_items = float(num_items)
+    return num_items
+
+
+def validate_head_spec(side: str, scale: float, softcap: float | None) -> HeadSpec:
+    if not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale == 0:
+        raise ValueError(f"{side}_logit_scale must be a finite non-zero number, got {scale!r}")
+    _check_positive(f"{side}_softcap", softcap, allow_none=True)
+    return HeadSpec(scale=float(scale), softcap=None if softcap is None else float(softcap))
+
+
+def validate_kl_call(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    *,
+    divergence: str,
+    beta: float,
+    temperature: float,
+    temperature_sq_scaling: bool,
+    mask: torch.Tensor | None,
+    token_weights: torch.Tensor | None,
+    reduction: str,
+    num_items: float | torch.Tensor | None,
+    student_bias: torch.Tensor | None,
+    teacher_bias: torch.Tensor | None,
+    student_logit_scale: float,
+    teacher_logit_scale: float,
+    student_softcap: float | None,
+    teacher_softcap: float | None,
+    vocab_size: int | None,
+) -> tuple[LossOptions, torch.Tensor | None, torch.Tensor | None]:
+    """Validate a ``fused_linear_kl`` call; return (options, mask, token_weights) normalized."""
+    num = validate_common(
+        beta=beta, temperature=temperature, reduction=reduction, num_items=num_items, divergence=divergence
+    )
+    k = validate_heads(
+        student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias, teacher_bias, vocab_size
+    )
+    mask, token_weights = validate_token_tensors(
+        tuple(student_hidden.shape[:-1]), student_hidden.device, mask, token_weights
+    )
+    options = LossOptions(
+        divergence=divergence,
+        beta=float(beta),
+        temperature=float(temperature),
+        temperature_sq_scaling=bool(temperature_sq_scaling),
+        reduction=reduction,
+        num_items=num,
+        student=validate_head_spec("student", student_logit_scale, student_softcap),
+        teacher=validate_head_spec("teacher", teacher_logit_scale, teacher_softcap),
+        vocab_size=k,
+    )
+    return options, mask, token_weights
