@@ -1,32 +1,31 @@
-"""The ``opd-fast`` command line. Subcommands register themselves in ``COMMANDS``."""
+"""The ``opd-fast`` command line.
+
+Each subcommand lives in its own module under ``opd_fast/commands/`` exposing
+``register(subparsers)``, which adds a parser whose ``func(args) -> int`` runs it. Modules are
+imported lazily by name so that ``opd-fast --help`` stays fast.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+
+# One entry per module in opd_fast/commands/ (add yours here).
+SUBCOMMAND_MODULES: tuple[str, ...] = ("demo",)
 
 
-def _demo(args: argparse.Namespace) -> int:
-    from .demo_minimal import run_minimal_demo
-
-    return run_minimal_demo(steps=args.steps)
-
-
-def _build_parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="opd-fast", description="Fast on-policy distillation of language models.")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="run the on-policy distillation demo on the shipped tiny task")
-    demo.add_argument("--steps", type=int, default=200)
-    demo.set_defaults(func=_demo)
+    for name in SUBCOMMAND_MODULES:
+        importlib.import_module(f"opd_fast.commands.{name}").register(sub)
     return parser
 
 
-COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     return int(args.func(args) or 0)
 
 
