@@ -1,0 +1,1 @@
+"""Model helpers: tiny HF models and tokenizers built from configs (no downloads)."""
