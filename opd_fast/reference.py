@@ -55,10 +55,23 @@ def head_logits(
 
 
 def _kl(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
-    """KL(a || b) per row from log-probabilities; 0 log 0 = 0, -inf logits are legal."""
+    """KL(a || b) per row from log-probabilities; 0 log 0 = 0, -inf logits are legal.
+
+    The difference is masked *before* the product so autograd never sees 0 * nan.
+    """
     a = log_a.exp()
-    terms = torch.where(a > 0, a * (log_a - log_b), torch.zeros_like(a))
-    return terms.sum(-1)
+    diff = torch.where(a > 0, log_a - log_b, torch.zeros_like(a))
+    return (a * diff).sum(-1)
+
+
+def _log_mixture(log_p: torch.Tensor, log_q: torch.Tensor, beta: float) -> torch.Tensor:
+    """log(beta p + (1-beta) q), -inf where both are zero (with finite gradients)."""
+    both_zero = (log_p == float("-inf")) & (log_q == float("-inf"))
+    zero = torch.zeros_like(log_p)
+    stacked = torch.stack(
+        [torch.where(both_zero, zero, log_p) + math.log(beta), torch.where(both_zero, zero, log_q) + math.log1p(-beta)]
+    )
+    return torch.where(both_zero, torch.full_like(log_p, float("-inf")), torch.logsumexp(stacked, dim=0))
 
 
 def divergence_from_logits(
@@ -72,9 +85,7 @@ def divergence_from_logits(
     if divergence == "reverse_kl" or (divergence == "jsd" and beta == 1.0):
         return _kl(log_q, log_p)
     if divergence == "jsd":
-        log_m = torch.logsumexp(
-            torch.stack([log_p + math.log(beta), log_q + math.log1p(-beta)]), dim=0
-        )
+        log_m = _log_mixture(log_p, log_q, beta)
         return beta * _kl(log_p, log_m) + (1 - beta) * _kl(log_q, log_m)
     if divergence == "tvd":
         return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)
