@@ -1,0 +1,47 @@
+"""Fused Triton kernels of the teacher-student divergence (one kernel per module).
+
+* ``lse``   - pass 1: online log-sum-exp of both heads, split over the vocabulary.
+* ``terms`` - pass 2: per-row divergence, gradient coefficient ``c`` and entropy.
+* ``grad``  - pass 3: recompute tiles, dL/dlogits in registers, fp32 atomic grad GEMMs.
+
+Logit tiles are produced by ``tl.dot`` K-loops in on-chip memory; no ``N x V`` or
+``chunk x V`` tensor ever reaches GPU memory. ``CONFIGS`` lists each kernel's launch configs
+per compute capability (what ``opd-fast kernels check`` compiles); ``pick_config`` chooses one
+by a shape heuristic rather than autotuning, so the first call pays no benchmarking sweep.
+"""
+
+from __future__ import annotations
+
+from .common import INTERPRET, INTERPRETER_CONFIG, BlockConfig
+from .grad import grad_kernel, launch_grad
+from .lse import launch_lse, lse_kernel
+from .terms import launch_terms, terms_kernel
+
+# Two fp32 logit accumulators (+ the gradient tile in pass 3) must stay in registers: 64-row
+# tiles keep each accumulator at 32 (64x64, 4 warps) to 64 (64x128) registers per thread.
+_FORWARD = {
+    80: (BlockConfig(64, 64, 64, 4, 3), BlockConfig(64, 128, 32, 8, 3)),
+    90: (BlockConfig(64, 128, 64, 4, 3), BlockConfig(64, 64, 64, 4, 4)),
+}
+_GRAD = {
+    80: (BlockConfig(64, 64, 32, 4, 2), BlockConfig(64, 128, 32, 8, 2)),
+    90: (BlockConfig(64, 64, 64, 4, 2), BlockConfig(64, 128, 64, 8, 2)),
+}
+CONFIGS: dict[str, dict[int, tuple[BlockConfig, ...]]] = {"lse": _FORWARD, "terms": _FORWARD, "grad": _GRAD}
+KERNELS = {"lse": lse_kernel, "terms": terms_kernel, "grad": grad_kernel}
+
+
+def pick_config(kernel: str, arch: int | None, n_rows: int) -> BlockConfig:
+    """The launch config of ``kernel`` on compute capability ``arch`` (None: the interpreter).
+
+    Heuristic: the first config of the architecture (the compile-checked default); the second
+    (wider vocabulary tile, more warps) when there are enough rows to keep every SM busy without
+    vocabulary splitting.
+    """
+    if arch is None or INTERPRET:
+        return INTERPRETER_CONFIG
+    choices = CONFIGS[kernel][90 if arch >= 90 else 80]
+    return choices[1] if n_rows >= 16384 else choices[0]
+
+
+__all__ = ["CONFIGS", "KERNELS", "BlockConfig", "launch_grad", "launch_lse", "launch_terms", "pick_config"]

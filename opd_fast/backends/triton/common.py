@@ -1,0 +1,222 @@
+"""Device helpers shared by the three kernels, block configs, and the compile-only path.
+
+The kernels differ only in what they do with a pair of logit tiles, so producing a tile
+(``head_tile``), the online log-sum-exp update and the per-element divergence math
+(``tile_terms``, the register twin of ``backends.tile_math.tile_terms``) live here once.
+
+Every kernel takes its optional features as ``tl.constexpr`` flags filled in by
+``triton.heuristics`` from the launch arguments (``HAS_BIAS_*``, ``HAS_SOFTCAP_*``,
+``EVEN_K*``), so a bias-free, softcap-free head compiles to code without those branches.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# Divergence codes of the DIVERGENCE constexpr (jsd with beta 0 / 1 is remapped on the host).
+FORWARD_KL, REVERSE_KL, JSD, TVD = 0, 1, 2, 3
+_CODES = {"forward_kl": FORWARD_KL, "reverse_kl": REVERSE_KL, "jsd": JSD, "tvd": TVD}
+
+
+@dataclass(frozen=True)
+class BlockConfig:
+    """One launch configuration: tile sizes and the warps / pipeline stages running it."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def constexprs(self) -> dict[str, int]:
+        return {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "BLOCK_K": self.block_k}
+
+    def label(self) -> str:
+        return f"{self.block_m}x{self.block_n}x{self.block_k} w{self.num_warps} s{self.num_stages}"
+
+
+# The smallest tiles tl.dot accepts: the interpreter runs every program in numpy, so tests stay fast.
+INTERPRETER_CONFIG = BlockConfig(16, 32, 16, num_warps=1, num_stages=1)
+
+
+def divergence_code(divergence: str, beta: float) -> int:
+    """Kernel code of a divergence; jsd at beta 0 / 1 *is* forward / reverse KL (exact endpoints)."""
+    if divergence == "jsd" and beta == 0.0:
+        return FORWARD_KL
+    if divergence == "jsd" and beta == 1.0:
+        return REVERSE_KL
+    return _CODES[divergence]
+
+
+def jsd_logs(beta: float) -> tuple[float, float]:
+    """(log beta, log(1 - beta)) for the mixture's log-density; unused (0) outside 0 < beta < 1."""
+    return (math.log(beta), math.log1p(-beta)) if 0.0 < beta < 1.0 else (0.0, 0.0)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 operands use three TF32 MMAs (near-fp32 accuracy on tensor cores); 16-bit ones are exact."""
+    return "tf32x3" if dtype == torch.float32 else "ieee"
+
+
+def even_k(hidden: str) -> Callable[[dict[str, Any]], bool]:
+    """Heuristic: the K-loop over ``hidden`` needs no bounds mask."""
+    return lambda args: args[hidden] % args["BLOCK_K"] == 0
+
+
+HEAD_HEURISTICS: dict[str, Callable[[dict[str, Any]], Any]] = {
+    "HAS_BIAS_S": lambda args: args["bs_ptr"] is not None,
+    "HAS_BIAS_T": lambda args: args["bt_ptr"] is not None,
+    "HAS_SOFTCAP_S": lambda args: args["cap_s"] > 0,
+    "HAS_SOFTCAP_T": lambda args: args["cap_t"] > 0,
+    "EVEN_KS": even_k("HS"),
+    "EVEN_KT": even_k("HT"),
+}
+
+
+def head_arguments(hs, ws, bs, ht, wt, bt, opts, n_splits: int) -> dict[str, Any]:
+    """Kernel arguments describing both heads; shared by every kernel's launcher."""
+    return {
+        "hs_ptr": hs, "ws_ptr": ws, "bs_ptr": bs, "ht_ptr": ht, "wt_ptr": wt, "bt_ptr": bt,
+        "N": hs.shape[0], "K": opts.vocab_size, "HS": hs.shape[1], "HT": ht.shape[1], "n_splits": n_splits,
+        "scale_s": opts.student.scale, "scale_t": opts.teacher.scale,
+        "cap_s": opts.student.softcap or 0.0, "cap_t": opts.teacher.softcap or 0.0,
+        "inv_temp": 1.0 / opts.temperature,
+        "DOT_PRECISION": dot_precision(hs.dtype), "DOT_PRECISION_T": dot_precision(ht.dtype),
+    }  # fmt: skip
+
+
+@triton.jit
+def tanh(x):
+    """tanh from one exp of a non-positive argument (portable, never overflows, exact +-1 at +-inf)."""
+    e = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def head_tile(
+    h_ptr, w_ptr, b_ptr, rows, cols, n_rows, n_cols, hidden, scale, softcap, inv_temp,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """Final fp32 logits ``softcap(scale (h W^T + b)) / T`` of one (BLOCK_M, BLOCK_N) tile.
+
+    Columns at or beyond ``n_cols`` (the compared vocabulary) come back as -inf: zero mass.
+    """
+    row_ok = rows < n_rows
+    col_ok = cols < n_cols
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, hidden, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        if EVEN_K:
+            h = tl.load(h_ptr + rows[:, None] * hidden + ks[None, :], mask=row_ok[:, None], other=0.0)
+            w = tl.load(w_ptr + cols[:, None] * hidden + ks[None, :], mask=col_ok[:, None], other=0.0)
+        else:
+            k_ok = ks < hidden
+            h = tl.load(h_ptr + rows[:, None] * hidden + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_ptr + cols[:, None] * hidden + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    acc = acc * scale
+    if HAS_SOFTCAP:
+        acc = softcap * tanh(acc / softcap)
+    acc = acc * inv_temp
+    return tl.where(col_ok[None, :], acc, float("-inf"))
+
+
+@triton.jit
+def online_lse(m, s, z):
+    """Fold a tile of logits into a running (max, sum of exp) per row; all -inf rows stay (-inf, 0)."""
+    m_new = tl.maximum(m, tl.max(z, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(z - m_safe[:, None]), 1)
+    return m_new, s
+
+
+@triton.jit
+def finish_lse(m, s):
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    return m_safe + tl.log(s)
+
+
+@triton.jit
+def tile_terms(z_s, z_t, lse_s, lse_t, beta, log_beta, log_1m_beta, DIVERGENCE: tl.constexpr):
+    """Element-wise divergence value, gradient numerator ``a``, ``q`` and ``q log q`` of a tile.
+
+    The gradient wrt the student logits is ``a - q c`` with ``c`` the row sum of ``a`` (see
+    ``backends/tile_math.py``); products with a zero probability are 0, so -inf logits are legal.
+    """
+    log_q = z_s - lse_s[:, None]
+    log_p = z_t - lse_t[:, None]
+    q = tl.exp(log_q)
+    p = tl.exp(log_p)
+    q_log_q = tl.where(q > 0, q * log_q, 0.0)
+    if DIVERGENCE == 0:  # forward KL
+        value = tl.where(p > 0, p * (log_p - log_q), 0.0)
+        a = -p
+    elif DIVERGENCE == 1:  # reverse KL
+        a = tl.where(q > 0, q * (log_q - log_p), 0.0)
+        value = a
+    elif DIVERGENCE == 2:  # generalized JSD, 0 < beta < 1
+        x = log_p + log_beta
+        y = log_q + log_1m_beta
+        mx = tl.maximum(x, y)
+        mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
+        log_m = mx_safe + tl.log(tl.exp(x - mx_safe) + tl.exp(y - mx_safe))
+        kl_q = tl.where(q > 0, q * (log_q - log_m), 0.0)
+        value = beta * tl.where(p > 0, p * (log_p - log_m), 0.0) + (1.0 - beta) * kl_q
+        a = (1.0 - beta) * kl_q
+    else:  # total variation
+        diff = q - p
+        value = 0.5 * tl.abs(diff)
+        a = 0.5 * q * tl.where(diff > 0, 1.0, tl.where(diff < 0, -1.0, 0.0))
+    return value, a, q, q_log_q
+
+
+def _signature_type(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return "*" + {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[value.dtype]
+    if isinstance(value, bool):
+        return "i1"
+    return "i32" if isinstance(value, int) else "fp32"
+
+
+def compile_for_target(kernel: triton.runtime.Heuristics, args: dict[str, Any], config: BlockConfig, arch: int):
+    """Compile ``kernel`` for ``sm_<arch>`` (``sm_90a`` for 90) without a GPU; returns the CompiledKernel.
+
+    ``args`` are the launcher's keyword arguments (tensors may live on the meta device); the
+    heuristics are applied exactly as a launch would, pointers and hidden sizes get the 16-byte
+    divisibility a real launch of contiguous model tensors sees.
+    """
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = kernel.fn
+    full = {**args, **config.constexprs()}
+    for name, rule in kernel.values.items():
+        full[name] = rule(full)
+    constexpr_names = {name for name in fn.arg_names if fn.params[fn.arg_names.index(name)].is_constexpr}
+    signature, constexprs, attrs = {}, {}, {}
+    for i, name in enumerate(fn.arg_names):
+        value = full[name]
+        if name in constexpr_names or value is None:
+            signature[name] = "constexpr"
+            constexprs[name] = value
+            continue
+        signature[name] = _signature_type(value)
+        if isinstance(value, torch.Tensor) or name in ("HS", "HT"):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)

@@ -1,0 +1,124 @@
+"""Pass 3: student gradients. Recompute each logit tile pair, form dL/dlogits in registers,
+and push it through the two gradient GEMMs with fp32 atomics.
+
+Per tile: ``g = row_scale (a - q c)`` (``a``, ``q`` from ``tile_terms``, ``c`` from pass 2),
+chained through temperature, softcap (``1 - tanh^2``, recovered from the logits) and scale.
+Then, streaming the student hidden size in ``BLOCK_K`` slices,
+``grad_h[rows, k] += g @ W[cols, k]`` and ``grad_w[cols, k] += g^T @ h[rows, k]``, and
+``grad_b[cols] += sum_rows g``.
+
+Why atomics rather than a two-kernel scheme: a kernel that owns grad-hidden rows (looping
+over the vocabulary) and a second that owns grad-weight rows (looping over tokens) would each
+have to recompute *both* logit tiles; with the teacher usually the wider head (H_t = 2 H_s at
+Liger's shape) that is ~1.6x the FLOPs of this pass. Atomics recompute once and never
+materialize a ``chunk x V`` gradient. The price is atomic traffic (``N H_s (V/BLOCK_N +
+V/BLOCK_M ...)``, see docs/performance.md) and run-to-run non-determinism of the fp32 sums at
+rounding level.
+
+Gradient filtering (``Tuning.grad_filter_eps``): a tile whose largest ``|g|`` is below ``eps``
+skips its GEMMs and atomics entirely (``HAS_FILTER``): for peaked distributions most of the
+vocabulary has ``q ~ p ~ 0`` and contributes nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ...validation import LossOptions
+from .common import HEAD_HEURISTICS, BlockConfig, divergence_code, head_arguments, head_tile, jsd_logs, tile_terms
+
+
+@triton.heuristics({
+    **HEAD_HEURISTICS,
+    "HAS_FILTER": lambda args: args["filter_eps"] > 0,
+    "NEED_H": lambda args: args["grad_h_ptr"] is not None,
+    "NEED_W": lambda args: args["grad_w_ptr"] is not None,
+    "NEED_B": lambda args: args["grad_b_ptr"] is not None,
+})  # fmt: skip
+@triton.jit
+def grad_kernel(
+    hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, lse_s_ptr, lse_t_ptr, coef_ptr, row_scale_ptr,
+    grad_h_ptr, grad_w_ptr, grad_b_ptr,
+    N, K, HS, HT, n_splits, scale_s, scale_t, cap_s, cap_t, inv_temp, beta, log_beta, log_1m_beta, filter_eps,
+    DIVERGENCE: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_PRECISION_T: tl.constexpr,
+    HAS_BIAS_S: tl.constexpr, HAS_BIAS_T: tl.constexpr, HAS_SOFTCAP_S: tl.constexpr, HAS_SOFTCAP_T: tl.constexpr,
+    EVEN_KS: tl.constexpr, EVEN_KT: tl.constexpr,
+    HAS_FILTER: tl.constexpr, NEED_H: tl.constexpr, NEED_W: tl.constexpr, NEED_B: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    split = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < N
+    lse_s = tl.load(lse_s_ptr + rows, mask=row_ok, other=0.0)
+    lse_t = tl.load(lse_t_ptr + rows, mask=row_ok, other=0.0)
+    coef = tl.load(coef_ptr + rows, mask=row_ok, other=0.0)
+    row_scale = tl.load(row_scale_ptr + rows, mask=row_ok, other=0.0)
+    for vb in range(split, tl.cdiv(K, BLOCK_N), n_splits):
+        cols = vb * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = cols < K
+        z_s = head_tile(hs_ptr, ws_ptr, bs_ptr, rows, cols, N, K, HS, scale_s, cap_s, inv_temp,
+                        HAS_BIAS_S, HAS_SOFTCAP_S, EVEN_KS, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+        z_t = head_tile(ht_ptr, wt_ptr, bt_ptr, rows, cols, N, K, HT, scale_t, cap_t, inv_temp,
+                        HAS_BIAS_T, HAS_SOFTCAP_T, EVEN_KT, DOT_PRECISION_T, BLOCK_M, BLOCK_N, BLOCK_K)
+        _value, a, q, _q_log_q = tile_terms(z_s, z_t, lse_s, lse_t, beta, log_beta, log_1m_beta, DIVERGENCE)
+        g = (a - q * coef[:, None]) * (row_scale * inv_temp)[:, None]
+        if HAS_SOFTCAP_S:
+            t = z_s * (1.0 / (cap_s * inv_temp))
+            g = g * (1.0 - t * t)
+        # Zero mass (padded columns, -inf logits, padded rows) gets exactly zero gradient.
+        g = tl.where(row_ok[:, None] & (z_s != float("-inf")), g * scale_s, 0.0)
+        keep = True
+        if HAS_FILTER:
+            keep = tl.max(tl.max(tl.abs(g), 1), 0) >= filter_eps
+        if keep:
+            if NEED_B:
+                tl.atomic_add(grad_b_ptr + cols, tl.sum(g, 0), mask=col_ok)
+            g_op = g.to(ws_ptr.dtype.element_ty)
+            for k0 in range(0, HS, BLOCK_K):
+                ks = k0 + tl.arange(0, BLOCK_K)
+                k_ok = ks < HS
+                if NEED_H:
+                    w = tl.load(ws_ptr + cols[:, None] * HS + ks[None, :], mask=col_ok[:, None] & k_ok[None, :],
+                                other=0.0)
+                    tl.atomic_add(grad_h_ptr + rows[:, None] * HS + ks[None, :],
+                                  tl.dot(g_op, w, input_precision=DOT_PRECISION), mask=row_ok[:, None] & k_ok[None, :])
+                if NEED_W:
+                    h = tl.load(hs_ptr + rows[:, None] * HS + ks[None, :], mask=row_ok[:, None] & k_ok[None, :],
+                                other=0.0)
+                    tl.atomic_add(grad_w_ptr + cols[:, None] * HS + ks[None, :],
+                                  tl.dot(tl.trans(g_op), h, input_precision=DOT_PRECISION),
+                                  mask=col_ok[:, None] & k_ok[None, :])
+
+
+def grad_arguments(
+    hs, ws, bs, ht, wt, bt, lse_s, lse_t, coef, row_scale, opts: LossOptions, want: tuple[bool, bool, bool],
+    n_splits: int, filter_eps: float | None,
+) -> dict:  # fmt: skip
+    """Keyword arguments of ``grad_kernel``; zeroed fp32 accumulators for the wanted gradients."""
+    acc = {"dtype": torch.float32, "device": hs.device}
+    want_h, want_w, want_b = want
+    log_beta, log_1m_beta = jsd_logs(opts.beta)
+    return {
+        **head_arguments(hs, ws, bs, ht, wt, bt, opts, n_splits),
+        "lse_s_ptr": lse_s, "lse_t_ptr": lse_t, "coef_ptr": coef, "row_scale_ptr": row_scale,
+        "grad_h_ptr": torch.zeros(hs.shape, **acc) if want_h else None,
+        "grad_w_ptr": torch.zeros(ws.shape, **acc) if want_w else None,
+        "grad_b_ptr": torch.zeros(ws.shape[0], **acc) if want_b and bs is not None else None,
+        "beta": opts.beta, "log_beta": log_beta, "log_1m_beta": log_1m_beta, "filter_eps": filter_eps or 0.0,
+        "DIVERGENCE": divergence_code(opts.divergence, opts.beta),
+    }  # fmt: skip
+
+
+def launch_grad(
+    hs, ws, bs, ht, wt, bt, lse_s, lse_t, coef, row_scale, opts: LossOptions, want: tuple[bool, bool, bool],
+    config: BlockConfig, n_splits: int, filter_eps: float | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:  # fmt: skip
+    """fp32 (grad_h, grad_w, grad_b) of ``sum_i row_scale_i D_i``; None where not wanted."""
+    args = grad_arguments(hs, ws, bs, ht, wt, bt, lse_s, lse_t, coef, row_scale, opts, want, n_splits, filter_eps)
+    grid = (triton.cdiv(hs.shape[0], config.block_m), n_splits)
+    if hs.shape[0]:  # an all-masked batch launches nothing
+        grad_kernel[grid](**args, **config.constexprs(), num_warps=config.num_warps, num_stages=config.num_stages)
+    return args["grad_h_ptr"], args["grad_w_ptr"], args["grad_b_ptr"]

@@ -1,0 +1,63 @@
+"""Pass 1: per-row log-sum-exp of the student and teacher logits, split over the vocabulary.
+
+Grid ``(cdiv(N, BLOCK_M), n_splits)``: program ``(i, s)`` streams the vocabulary blocks
+``s, s + n_splits, ...`` for one block of rows, keeping an online (max, sum-exp) per side in
+registers, and writes one partial LSE per row and split. The merge is a ``logsumexp`` over
+the ``n_splits`` partials (an ``n_splits x N`` tensor): cheap, and it lets a small batch fill
+the GPU by raising ``n_splits``. The two logit tiles are produced one after the other, so
+only one ``BLOCK_M x BLOCK_N`` fp32 accumulator is live at a time.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ...validation import LossOptions
+from .common import HEAD_HEURISTICS, BlockConfig, finish_lse, head_arguments, head_tile, online_lse
+
+
+@triton.heuristics(HEAD_HEURISTICS)
+@triton.jit
+def lse_kernel(
+    hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, lse_s_ptr, lse_t_ptr,
+    N, K, HS, HT, n_splits, scale_s, scale_t, cap_s, cap_t, inv_temp,
+    DOT_PRECISION: tl.constexpr, DOT_PRECISION_T: tl.constexpr,
+    HAS_BIAS_S: tl.constexpr, HAS_BIAS_T: tl.constexpr, HAS_SOFTCAP_S: tl.constexpr, HAS_SOFTCAP_T: tl.constexpr,
+    EVEN_KS: tl.constexpr, EVEN_KT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    split = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_s = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    m_t = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    sum_s = tl.zeros((BLOCK_M,), tl.float32)
+    sum_t = tl.zeros((BLOCK_M,), tl.float32)
+    for vb in range(split, tl.cdiv(K, BLOCK_N), n_splits):
+        cols = vb * BLOCK_N + tl.arange(0, BLOCK_N)
+        z = head_tile(hs_ptr, ws_ptr, bs_ptr, rows, cols, N, K, HS, scale_s, cap_s, inv_temp,
+                      HAS_BIAS_S, HAS_SOFTCAP_S, EVEN_KS, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+        m_s, sum_s = online_lse(m_s, sum_s, z)
+        z = head_tile(ht_ptr, wt_ptr, bt_ptr, rows, cols, N, K, HT, scale_t, cap_t, inv_temp,
+                      HAS_BIAS_T, HAS_SOFTCAP_T, EVEN_KT, DOT_PRECISION_T, BLOCK_M, BLOCK_N, BLOCK_K)
+        m_t, sum_t = online_lse(m_t, sum_t, z)
+    out = split * N + rows
+    tl.store(lse_s_ptr + out, finish_lse(m_s, sum_s), mask=rows < N)
+    tl.store(lse_t_ptr + out, finish_lse(m_t, sum_t), mask=rows < N)
+
+
+def lse_arguments(hs, ws, bs, ht, wt, bt, opts: LossOptions, n_splits: int) -> dict:
+    """Keyword arguments of ``lse_kernel`` (outputs allocated on ``hs``'s device)."""
+    partial = torch.empty((2, n_splits, hs.shape[0]), dtype=torch.float32, device=hs.device)
+    return {**head_arguments(hs, ws, bs, ht, wt, bt, opts, n_splits), "lse_s_ptr": partial[0], "lse_t_ptr": partial[1]}
+
+
+def launch_lse(hs, ws, bs, ht, wt, bt, opts: LossOptions, config: BlockConfig, n_splits: int):
+    """Full-row (student_lse, teacher_lse), fp32 ``(N,)`` each."""
+    args = lse_arguments(hs, ws, bs, ht, wt, bt, opts, n_splits)
+    grid = (triton.cdiv(hs.shape[0], config.block_m), n_splits)
+    if hs.shape[0]:  # an all-masked batch launches nothing
+        lse_kernel[grid](**args, **config.constexprs(), num_warps=config.num_warps, num_stages=config.num_stages)
+    return torch.logsumexp(args["lse_s_ptr"], 0), torch.logsumexp(args["lse_t_ptr"], 0)
