@@ -1,0 +1,224 @@
+"""The chunked-torch backend against the float64 reference: values, gradients, stats."""
+
+import itertools
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import opd_fast
+from opd_fast import Tuning
+
+DIVERGENCES = ["forward_kl", "reverse_kl", "jsd", "tvd"]
+# Full rows (default plan) and the 2-D token x vocab regime with tiles that divide nothing.
+TUNINGS = {"full_rows": None, "tiles_2d": Tuning(chunk_tokens=4, chunk_vocab=7)}
+
+
+def make_case(n=11, h_s=6, h_t=9, v=29, dtype=torch.float64, seed=0, scale=1.0, leading=None):
+    g = torch.Generator().manual_seed(seed)
+    shape = leading or (n,)
+    t = lambda *s: (torch.randn(*s, generator=g, dtype=torch.float64) * scale).to(dtype)
+    return dict(
+        student_hidden=t(*shape, h_s).requires_grad_(),
+        student_weight=t(v, h_s).requires_grad_(),
+        teacher_hidden=t(*shape, h_t),
+        teacher_weight=t(v, h_t),
+        student_bias=t(v).requires_grad_(),
+        teacher_bias=t(v),
+    )
+
+
+def run(case, backend, grad_seed=7, **kw):
+    """Loss, stats and the student gradients of sum(loss * random) (covers non-scalar grads)."""
+    for name in ("student_hidden", "student_weight", "student_bias"):
+        case[name].grad = None
+    loss, stats = opd_fast.fused_linear_kl(**case, backend=backend, return_stats=True, **kw)
+    upstream = torch.randn(loss.shape, generator=torch.Generator().manual_seed(grad_seed), dtype=loss.dtype)
+    (loss * upstream).sum().backward()
+    grads = [case[n].grad.double().clone() for n in ("student_hidden", "student_weight", "student_bias")]
+    return loss.double().detach(), {k: v.double() for k, v in stats.items()}, grads
+
+
+def assert_close(a, b, tol):
+    loss_a, stats_a, grads_a = a
+    loss_b, stats_b, grads_b = b
+    torch.testing.assert_close(loss_a, loss_b, atol=tol, rtol=tol)
+    for k in stats_a:
+        torch.testing.assert_close(stats_a[k], stats_b[k], atol=tol, rtol=tol, msg=k)
+    for ga, gb in zip(grads_a, grads_b, strict=True):
+        torch.testing.assert_close(ga, gb, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("tuning", TUNINGS.values(), ids=TUNINGS.keys())
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("temperature", [0.7, 2.0])
+def test_matches_reference_fp64(tuning, divergence, reduction, temperature):
+    case = make_case(seed=hash((divergence, reduction, temperature)) % 1000)
+    mask = torch.rand(11, generator=torch.Generator().manual_seed(1)) > 0.3
+    weights = torch.rand(11, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    kw = dict(divergence=divergence, reduction=reduction, temperature=temperature, beta=0.3,
+              mask=mask, token_weights=weights, student_softcap=4.0, teacher_logit_scale=0.8)
+    assert_close(run(case, "torch", tuning=tuning, **kw), run(case, "reference", **kw), 1e-10)
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_unmasked_unweighted_and_leading_shape(divergence):
+    case = make_case(leading=(2, 3, 5), seed=3)
+    kw = dict(divergence=divergence, reduction="none", num_items=7)
+    assert_close(run(case, "torch", **kw), run(case, "reference", **kw), 1e-10)
+    loss = opd_fast.fused_linear_kl(**case, divergence=divergence, reduction="none")
+    assert loss.shape == (2, 3, 5)
+
+
+@pytest.mark.parametrize("n,v,h_s,h_t", [(1, 5, 3, 3), (1, 1000, 17, 5), (37, 3, 1, 2), (64, 257, 33, 31)])
+def test_odd_shapes(n, v, h_s, h_t):
+    case = make_case(n=n, v=v, h_s=h_s, h_t=h_t, seed=n + v)
+    for div in DIVERGENCES:
+        kw = dict(divergence=div, tuning=Tuning(chunk_tokens=16, chunk_vocab=100))
+        assert_close(run(case, "torch", **kw), run(case, "reference", divergence=div), 1e-10)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.bfloat16, 3e-2), (torch.float16, 5e-3)])
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_low_precision_inputs(dtype, tol, divergence):
+    case = make_case(n=24, v=300, h_s=32, h_t=48, dtype=dtype, seed=5, scale=0.5)
+    kw = dict(divergence=divergence, reduction="mean", temperature=1.3)
+    ours = run(case, "torch", **kw)
+    ref = run(case, "reference", **kw)
+    loss, _, grads = ours
+    assert case["student_hidden"].grad.dtype == dtype and case["student_weight"].grad.dtype == dtype
+    torch.testing.assert_close(loss, ref[0], atol=tol, rtol=tol)
+    for g, gr in zip(grads, ref[2], strict=True):
+        # gradient tolerance relative to the gradient's own scale
+        assert (g - gr).abs().max() <= tol * max(1.0, gr.abs().max().item()) * 4
+
+
+def test_gradcheck_small_float64():
+    for div, tuning in itertools.product(DIVERGENCES, TUNINGS.values()):
+        case = make_case(n=3, v=6, h_s=2, h_t=3, seed=11)
+        hs, ws, bs = case["student_hidden"], case["student_weight"], case["student_bias"]
+
+        def f(hs, ws, bs, div=div, tuning=tuning, ht=case["teacher_hidden"], wt=case["teacher_weight"]):
+            return opd_fast.fused_linear_kl(
+                hs, ws, ht, wt, student_bias=bs,
+                divergence=div, reduction="none", temperature=1.5, backend="torch", tuning=tuning,
+            )  # fmt: skip
+
+        assert torch.autograd.gradcheck(f, (hs, ws, bs), atol=1e-7)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    n=st.integers(1, 20),
+    v=st.integers(2, 40),
+    h_s=st.integers(1, 8),
+    h_t=st.integers(1, 8),
+    divergence=st.sampled_from(DIVERGENCES),
+    reduction=st.sampled_from(["mean", "sum", "none"]),
+    beta=st.floats(0.0, 1.0),
+    temperature=st.floats(0.25, 4.0),
+    chunk_tokens=st.integers(1, 8),
+    chunk_vocab=st.one_of(st.none(), st.integers(1, 16)),
+    masked=st.booleans(),
+    seed=st.integers(0, 10_000),
+)
+def test_fuzz_against_reference(n, v, h_s, h_t, divergence, reduction, beta, temperature, chunk_tokens, chunk_vocab,
+                                masked, seed):
+    case = make_case(n=n, v=v, h_s=h_s, h_t=h_t, seed=seed)
+    mask = torch.rand(n, generator=torch.Generator().manual_seed(seed)) > 0.5 if masked else None
+    kw = dict(divergence=divergence, reduction=reduction, beta=beta, temperature=temperature, mask=mask)
+    tuning = Tuning(chunk_tokens=chunk_tokens, chunk_vocab=chunk_vocab)
+    assert_close(run(case, "torch", tuning=tuning, **kw), run(case, "reference", **kw), 1e-9)
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("tuning", TUNINGS.values(), ids=TUNINGS.keys())
+def test_all_masked_is_zero_with_zero_grads(divergence, tuning):
+    case = make_case(seed=2)
+    mask = torch.zeros(11, dtype=torch.bool)
+    for reduction in ("mean", "sum", "none"):
+        loss, stats, grads = run(case, "torch", divergence=divergence, mask=mask, reduction=reduction, tuning=tuning)
+        assert torch.equal(loss, torch.zeros_like(loss))
+        assert all(torch.equal(g, torch.zeros_like(g)) for g in grads)
+        assert all(torch.equal(s, torch.zeros_like(s)) for s in stats.values())
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("tuning", TUNINGS.values(), ids=TUNINGS.keys())
+def test_minus_inf_logits_through_biases(divergence, tuning):
+    case = make_case(seed=4)
+    for side in ("student_bias", "teacher_bias"):
+        case[side] = case[side].detach().clone()
+        case[side][[2, 9]] = float("-inf")
+    case["teacher_bias"][13] = float("-inf")  # teacher-only zero: reverse KL is +inf
+    case["student_bias"].requires_grad_()
+    ours = run(case, "torch", divergence=divergence, tuning=tuning, reduction="none")
+    ref = run(case, "reference", divergence=divergence, reduction="none")
+    if divergence == "reverse_kl":
+        assert torch.isinf(ours[0]).all() and torch.isinf(ref[0]).all()
+        return
+    assert_close(ours, ref, 1e-10)
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_extreme_logits_stay_finite(divergence):
+    case = make_case(n=8, v=50, seed=6)
+    with torch.no_grad():
+        case["student_bias"] *= 1e4
+        case["teacher_bias"] *= 1e4
+    loss, _, grads = run(case, "torch", divergence=divergence)
+    assert torch.isfinite(loss).all() and all(torch.isfinite(g).all() for g in grads)
+    ref = run(case, "reference", divergence=divergence)
+    torch.testing.assert_close(loss, ref[0], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_student_equal_teacher_gives_zero_loss_and_grads(divergence):
+    case = make_case(h_t=6, seed=8)
+    case["teacher_hidden"] = case["student_hidden"].detach().clone()
+    case["teacher_weight"] = case["student_weight"].detach().clone()
+    case["teacher_bias"] = case["student_bias"].detach().clone()
+    loss, _, grads = run(case, "torch", divergence=divergence, reduction="sum")
+    assert abs(loss.item()) < 1e-12
+    assert all(g.abs().max() < 1e-10 for g in grads)
+
+
+def test_no_grad_gives_loss_only():
+    case = make_case(seed=9)
+    with torch.no_grad():
+        loss = opd_fast.fused_linear_kl(**case, backend="torch")
+    ref = opd_fast.fused_linear_kl(**case, backend="reference")
+    assert not loss.requires_grad
+    torch.testing.assert_close(loss.double(), ref.detach(), atol=1e-10, rtol=1e-10)
+
+
+def test_gradient_filter_eps_zero_is_exact_and_large_eps_drops_blocks():
+    case = make_case(n=6, v=64, seed=10)
+    exact = run(case, "torch", reduction="sum")
+    filtered = run(case, "torch", reduction="sum", tuning=Tuning(grad_filter_eps=0.0, filter_block=8))
+    assert_close(filtered, exact, 1e-12)
+    # a huge threshold skips every block: no gradient reaches the weights
+    dropped = run(case, "torch", reduction="sum", tuning=Tuning(grad_filter_eps=1e9, filter_block=8))
+    assert torch.equal(dropped[2][1], torch.zeros_like(dropped[2][1]))
+
+
+def test_trl_and_liger_cross_checks():
+    trl_gkd = pytest.importorskip("trl.experimental.gkd.gkd_trainer")
+    case = make_case(n=10, v=40, h_s=8, h_t=8, dtype=torch.float32, seed=12)
+    hs, ws, ht, wt = (case[k] for k in ("student_hidden", "student_weight", "teacher_hidden", "teacher_weight"))
+    for beta in (0.0, 0.4, 1.0):
+        ours = opd_fast.fused_linear_kl(hs, ws, ht, wt, divergence="jsd", beta=beta, temperature=2.0, backend="torch",
+                                        reduction="sum")
+        trl = trl_gkd.GKDTrainer.generalized_jsd_loss(hs @ ws.T, ht @ wt.T, beta=beta, temperature=2.0,
+                                                      reduction="sum")
+        torch.testing.assert_close(ours, trl.float(), atol=1e-5, rtol=1e-5)
+    liger = pytest.importorskip("liger_kernel.chunked_loss")
+    labels = torch.randint(0, 40, (10,))
+    for beta in (0.0, 0.4, 1.0):
+        loss_fn = liger.LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=beta,
+                                                temperature=1.0, compiled=False)
+        theirs = loss_fn(hs, ws, ht, wt, labels)
+        ours = opd_fast.fused_linear_kl(hs, ws, ht, wt, divergence="jsd", beta=beta, backend="torch")
+        torch.testing.assert_close(ours, theirs.float(), atol=1e-5, rtol=1e-5)
