@@ -1,0 +1,166 @@
+"""The native CPU backend: ctypes binding of the C++ tile kernel built from ``kernels/``.
+
+The chunk loop, GEMMs and autograd glue are ``chunked.py``'s; only the element-wise
+full-row tile math (``TileMath.full_rows``) runs natively, in one fused kernel per chunk
+that writes the gradient over the student logits tile (fp32 or bf16) in place.
+
+The library is found through ``importlib.resources.files("opd_fast")``, which also works in
+editable installs (the shared library is not beside the sources there). A missing library
+leaves the package usable: ``availability()`` says why and the registry refuses ``"cpu"``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import importlib.resources
+import sys
+
+import torch
+
+from ..validation import LossOptions
+from .chunked import ChunkedDivergence, Tuning
+from .tile_math import RowTerms, TorchTileMath
+
+__all__ = ["ISA_NAMES", "NativeTileMath", "availability", "run"]
+
+ABI_VERSION = 1
+_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+_DIVERGENCES = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2, "tvd": 3}
+ISA_NAMES = {"auto": 0, "generic": 1, "avx2": 2, "avx512": 3}
+_OK, _BAD_ARGUMENT, _ISA_UNAVAILABLE, _OUT_OF_MEMORY = 0, 1, 2, 3
+
+
+class _Tile(ctypes.Structure):
+    _fields_ = [("data", ctypes.c_void_p), ("dtype", ctypes.c_int32), ("ld", ctypes.c_int64)]
+
+
+class _Options(ctypes.Structure):
+    _fields_ = [
+        ("divergence", ctypes.c_int32),
+        ("beta", ctypes.c_float),
+        ("temperature", ctypes.c_float),
+        ("softcap_s", ctypes.c_float),
+        ("softcap_t", ctypes.c_float),
+    ]
+
+
+def _library_names() -> tuple[str, ...]:
+    if sys.platform == "win32":
+        return ("opd_fast_cpu.dll",)
+    if sys.platform == "darwin":
+        return ("libopd_fast_cpu.dylib", "libopd_fast_cpu.so")
+    return ("libopd_fast_cpu.so",)
+
+
+@functools.cache
+def _load() -> tuple[ctypes.CDLL | None, str]:
+    """(library, "") or (None, why not); cached: the answer cannot change within a process."""
+    package = importlib.resources.files("opd_fast")
+    candidates = [package / name for name in _library_names()]
+    found = next((c for c in candidates if c.is_file()), None)
+    if found is None:
+        return None, (
+            f"the native library ({', '.join(_library_names())}) was not built into the opd_fast package; "
+            "reinstall with a C++17 compiler and CMake >= 3.18 available (`pip install -e .`)"
+        )
+    try:
+        lib = ctypes.CDLL(str(found))
+    except OSError as exc:
+        return None, f"the native library {found} failed to load: {exc}"
+    lib.opd_abi_version.restype = ctypes.c_int
+    if lib.opd_abi_version() != ABI_VERSION:
+        return None, f"the native library {found} has ABI {lib.opd_abi_version()}, expected {ABI_VERSION}; reinstall"
+    lib.opd_isa_supported.argtypes = [ctypes.c_int32]
+    lib.opd_isa_name.restype = ctypes.c_char_p
+    lib.opd_isa_name.argtypes = [ctypes.c_int32]
+    ptr = ctypes.c_void_p
+    lib.opd_full_rows.restype = ctypes.c_int
+    lib.opd_full_rows.argtypes = [
+        ctypes.POINTER(_Tile), ctypes.POINTER(_Tile), ctypes.c_int64, ctypes.c_int64, ctypes.POINTER(_Options),
+        ptr, ptr, ctypes.c_int32, ctypes.c_int64, ptr, ptr, ptr, ptr, ptr, ctypes.c_int32, ctypes.c_int32,
+    ]  # fmt: skip
+    return lib, ""
+
+
+def availability() -> tuple[bool, str]:
+    """(usable, reason): whether the native library is built, loadable and ABI-compatible."""
+    lib, reason = _load()
+    return lib is not None, reason
+
+
+def isa_supported(isa: str) -> bool:
+    """Whether the instruction-set variant ``isa`` (see ``ISA_NAMES``) runs on this CPU."""
+    lib, reason = _load()
+    if lib is None:
+        raise RuntimeError(reason)
+    return bool(lib.opd_isa_supported(ISA_NAMES[isa]))
+
+
+def _tile(t: torch.Tensor) -> _Tile:
+    return _Tile(t.data_ptr(), _DTYPES[t.dtype], t.stride(0))
+
+
+def _row_major(t: torch.Tensor) -> torch.Tensor:
+    """A 2-D fp32/bf16 tile with unit column stride (other dtypes compute in fp32)."""
+    if t.dtype not in _DTYPES:
+        t = t.float()
+    return t if t.stride(1) == 1 else t.contiguous()
+
+
+class NativeTileMath:
+    """``TileMath`` whose full-row math runs in the native kernel (float64 stays in torch).
+
+    ``isa`` forces an instruction-set variant ("auto" picks the best; tests compare them) and
+    ``threads`` defaults to ``torch.get_num_threads()`` at each call.
+    """
+
+    name = "cpu"
+
+    def __init__(self, isa: str = "auto", threads: int | None = None) -> None:
+        if isa not in ISA_NAMES:
+            raise ValueError(f"isa must be one of {tuple(ISA_NAMES)}, got {isa!r}")
+        if threads is not None and (not isinstance(threads, int) or threads < 1):
+            raise ValueError(f"threads must be a positive int or None, got {threads!r}")
+        self.isa, self.threads = isa, threads
+
+    def live_bytes_per_logit(self, dtype: torch.dtype) -> int:
+        """Memory per (token, vocab) element of a chunk: the two raw tiles (the gradient reuses one)."""
+        if dtype == torch.float64:
+            return TorchTileMath().live_bytes_per_logit(dtype)
+        return 2 * (2 if dtype == torch.bfloat16 else 4) + (8 if dtype not in _DTYPES else 0)
+
+    def full_rows(
+        self, raw_s: torch.Tensor, raw_t: torch.Tensor, opts: LossOptions, row_scale: torch.Tensor | None
+    ) -> tuple[RowTerms, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``TileMath.full_rows``; the gradient overwrites ``raw_s`` (returned in its dtype)."""
+        if raw_s.dtype == torch.float64:
+            return TorchTileMath().full_rows(raw_s, raw_t, opts, row_scale)
+        lib, reason = _load()
+        if lib is None:
+            raise RuntimeError(f"backend='cpu' is unavailable: {reason}")
+        raw_s, raw_t = _row_major(raw_s), _row_major(raw_t)
+        n, k = raw_s.shape
+        stats = torch.empty(5, n, dtype=torch.float32)
+        options = _Options(
+            _DIVERGENCES[opts.divergence], opts.beta, opts.temperature,
+            opts.student.softcap or 0.0, opts.teacher.softcap or 0.0,
+        )  # fmt: skip
+        scale = None if row_scale is None else row_scale.to(torch.float32).contiguous()
+        status = lib.opd_full_rows(
+            ctypes.byref(_tile(raw_s)), ctypes.byref(_tile(raw_t)), n, k, ctypes.byref(options),
+            None if scale is None else scale.data_ptr(), raw_s.data_ptr(), _DTYPES[raw_s.dtype], raw_s.stride(0),
+            *(s.data_ptr() for s in stats), self.threads or torch.get_num_threads(), ISA_NAMES[self.isa],
+        )  # fmt: skip
+        if status != _OK:
+            what = {_ISA_UNAVAILABLE: f"isa={self.isa!r} is not supported by this CPU",
+                    _OUT_OF_MEMORY: "out of memory for the per-thread scratch rows"}.get(status, "bad arguments")
+            raise RuntimeError(f"native tile kernel failed (status {status}): {what}; tiles {tuple(raw_s.shape)} "
+                               f"{raw_s.dtype} / {tuple(raw_t.shape)} {raw_t.dtype}")
+        divergence, coef, entropy, lse_s, lse_t = stats
+        return RowTerms(divergence, coef, entropy), lse_s, lse_t, None if scale is None else raw_s
+
+
+def run(hs, ws, bs, ht, wt, bt, row_weights, opts, tuning: Tuning, scalar: bool):
+    """The registry's runner: the shared chunk loop with the native tile math."""
+    return ChunkedDivergence.apply(hs, ws, bs, ht, wt, bt, row_weights, opts, NativeTileMath(), tuning, scalar)
