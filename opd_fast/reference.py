@@ -31,9 +31,25 @@ import math
 
 import torch
 
-from .validation import HeadSpec, validate_kl_call
+from .validation import (
+    TOPK_PAD_ID,
+    HeadSpec,
+    LossOptions,
+    validate_kl_call,
+    validate_logprobs_call,
+    validate_topk_call,
+    validate_topk_values,
+)
 
-__all__ = ["divergence_from_logits", "fused_linear_kl", "head_logits"]
+__all__ = [
+    "TOPK_TAIL_FLOOR",
+    "divergence_from_logits",
+    "fused_linear_kl",
+    "fused_linear_kl_topk",
+    "fused_linear_logprobs",
+    "head_logits",
+    "topk_divergence_from_logits",
+]
 
 
 def head_logits(
@@ -168,3 +184,142 @@ def fused_linear_kl(
             "student_entropy": torch.where(counted, entropy, zero).detach(),
         }
     return loss, stats
+
+
+# ---- teachers that return top-k log-probs ------------------------------------------------------
+
+# Lowest teacher tail mass in tail="bucket": served log-probs are rounded, and a top-k that sums to
+# one exactly would make reverse KL infinite as soon as the student keeps any mass outside it.
+TOPK_TAIL_FLOOR = 1e-9
+
+
+def topk_divergence_from_logits(
+    student_logits: torch.Tensor,
+    teacher_topk_ids: torch.Tensor,
+    teacher_topk_logprobs: torch.Tensor,
+    divergence: str,
+    beta: float = 0.5,
+    tail: str = "bucket",
+) -> torch.Tensor:
+    """Per-row divergence between a teacher's top-k log-probs and the student's full logits.
+
+    Rows are ``(n, V)`` logits and ``(n, k)`` ids / log-probs. Padding slots (id -1) are dropped.
+    The compared distributions are over categories: the row's top-k ids, plus with
+    ``tail="bucket"`` one category for everything else (the student's mass there, and the
+    teacher's ``max(1 - sum exp(logprobs), TOPK_TAIL_FLOOR)``; no bucket when the ids cover the
+    whole vocabulary). Both sides are then normalized over their categories, which is what
+    ``tail="renormalize"`` means and a no-op for a consistent bucket. A row with no category
+    left has divergence 0.
+    """
+    log_q = torch.log_softmax(student_logits.double(), -1)
+    vocab = log_q.shape[-1]
+    values = []
+    for row_q, row_ids, row_lp in zip(log_q, teacher_topk_ids, teacher_topk_logprobs, strict=True):
+        keep = row_ids != TOPK_PAD_ID
+        row_ids, log_p = row_ids[keep].long(), row_lp[keep].double().clamp_max(0.0)
+        student = row_q[row_ids]
+        if tail == "bucket" and row_ids.numel() < vocab:
+            outside = torch.ones(vocab, dtype=torch.bool, device=row_q.device)
+            outside[row_ids] = False
+            student = torch.cat([student, torch.logsumexp(row_q[outside], 0)[None]])
+            tail_mass = (1.0 - log_p.exp().sum()).clamp_min(TOPK_TAIL_FLOOR)
+            log_p = torch.cat([log_p, tail_mass.log()[None]])
+        if student.numel() == 0:
+            values.append(row_q.new_zeros(()))
+            continue
+        values.append(divergence_from_logits(student[None], log_p[None], divergence, beta)[0])
+    return torch.stack(values) if values else log_q.new_zeros(0)
+
+
+def _reduce(per_token: torch.Tensor, counted: torch.Tensor, token_weights: torch.Tensor | None,
+            opts: LossOptions) -> torch.Tensor:
+    """The contract's reduction of per-token values (see the module docstring)."""
+    weights = counted.double() if token_weights is None else token_weights.double() * counted
+    weighted = weights * per_token * opts.loss_scale
+    if opts.reduction == "none":
+        return weighted
+    if opts.reduction == "sum" or (opts.num_items is None and weights.sum() == 0):
+        return weighted.sum()
+    return weighted.sum() / (opts.num_items if opts.num_items is not None else weights.sum())
+
+
+def fused_linear_kl_topk(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_topk_ids: torch.Tensor,
+    teacher_topk_logprobs: torch.Tensor,
+    *,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    temperature_sq_scaling: bool = False,
+    tail: str = "bucket",
+    mask: torch.Tensor | None = None,
+    token_weights: torch.Tensor | None = None,
+    reduction: str = "mean",
+    num_items: float | torch.Tensor | None = None,
+    student_bias: torch.Tensor | None = None,
+    student_logit_scale: float = 1.0,
+    student_softcap: float | None = None,
+    vocab_size: int | None = None,
+    backend: str = "reference",
+    return_stats: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Reference top-k divergence (same signature as ``opd_fast.fused_linear_kl_topk``).
+
+    ``temperature`` divides the student's logits only; the teacher's log-probs are used as given.
+    """
+    opts, mask, token_weights = validate_topk_call(
+        student_hidden, student_weight, teacher_topk_ids, teacher_topk_logprobs,
+        divergence=divergence, beta=beta, temperature=temperature, temperature_sq_scaling=temperature_sq_scaling,
+        tail=tail, mask=mask, token_weights=token_weights, reduction=reduction, num_items=num_items,
+        student_bias=student_bias, student_logit_scale=student_logit_scale, student_softcap=student_softcap,
+        vocab_size=vocab_size,
+    )  # fmt: skip
+    leading = student_hidden.shape[:-1]
+    z = head_logits(student_hidden, student_weight, student_bias, opts.student, opts.temperature, opts.vocab_size)
+    counted = torch.ones(leading, dtype=torch.bool, device=z.device) if mask is None else mask
+    ids, log_p = teacher_topk_ids[counted], teacher_topk_logprobs.detach()[counted]
+    validate_topk_values(ids, log_p, opts.vocab_size, tail)
+    per_token = torch.zeros(leading, dtype=torch.float64, device=z.device).masked_scatter(
+        counted, topk_divergence_from_logits(z[counted], ids, log_p, opts.divergence, opts.beta, tail)
+    )
+    loss = _reduce(per_token, counted, token_weights, opts)
+    if not return_stats:
+        return loss
+    with torch.no_grad():
+        keep = ids != TOPK_PAD_ID
+        log_q = torch.log_softmax(z[counted], -1).gather(-1, ids.clamp_min(0).long())
+        rows = {
+            "divergence": per_token[counted],
+            "student_lse": torch.logsumexp(z[counted], -1),
+            "student_topk_mass": torch.where(keep, log_q.exp(), 0.0).sum(-1),
+            "teacher_topk_mass": torch.where(keep, log_p.double().clamp_max(0.0).exp(), 0.0).sum(-1),
+        }
+        zeros = torch.zeros(leading, dtype=torch.float64, device=z.device)
+        stats = {name: zeros.masked_scatter(counted, value) for name, value in rows.items()}
+    return loss, stats
+
+
+def fused_linear_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    token_ids: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    bias: torch.Tensor | None = None,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    return_entropy: bool = False,
+    backend: str = "reference",
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Reference per-token ``log softmax(z)[token]`` (and entropy of ``softmax(z)``), float64."""
+    spec = validate_logprobs_call(
+        hidden, weight, token_ids, temperature=temperature, bias=bias, logit_scale=logit_scale, softcap=softcap
+    )
+    log_q = torch.log_softmax(head_logits(hidden, weight, bias, spec, temperature, weight.shape[0]), -1)
+    logprobs = log_q.gather(-1, token_ids.long()[..., None]).squeeze(-1)
+    if not return_entropy:
+        return logprobs
+    finite = torch.where(log_q > float("-inf"), log_q, torch.zeros_like(log_q))
+    return logprobs, -(log_q.exp() * finite).sum(-1)

@@ -262,3 +262,166 @@ def validate_kl_call(
         vocab_size=k,
     )
     return options, mask, token_weights
+
+
+# ---- top-k teacher and per-token log-prob losses ------------------------------------------------
+
+TAILS = ("bucket", "renormalize")
+TOPK_PAD_ID = -1  # a top-k slot holding this id is padding: it is ignored, whatever its log-prob
+
+
+def resolve_torch_only_backend(function: str, backend: str) -> str:
+    """"torch" or "reference" for the losses that have no native-CPU or Triton kernel yet."""
+    if backend in ("auto", "torch"):
+        return "torch"
+    if backend == "reference":
+        return "reference"
+    if backend in ("cpu", "triton"):
+        raise NotImplementedError(
+            f"{function} has no backend={backend!r} yet: only the chunked-torch path ('auto'/'torch') "
+            "and 'reference' are implemented"
+        )
+    raise ValueError(f"backend must be one of ('auto', 'torch', 'reference') for {function}, got {backend!r}")
+
+
+def _check_ids(name: str, ids: torch.Tensor, leading: tuple[int, ...], device: torch.device) -> None:
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(ids).__name__}")
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise ValueError(f"{name} must be an integer tensor, got dtype {ids.dtype}")
+    if tuple(ids.shape[: len(leading)]) != leading:
+        raise ValueError(f"{name} must start with the leading shape {leading}, got {_shape(ids)}")
+    if ids.device != device:
+        raise ValueError(f"{name} is on {ids.device} but the hidden states are on {device}")
+
+
+def validate_topk_call(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_topk_ids: torch.Tensor,
+    teacher_topk_logprobs: torch.Tensor,
+    *,
+    divergence: str,
+    beta: float,
+    temperature: float,
+    temperature_sq_scaling: bool,
+    tail: str,
+    mask: torch.Tensor | None,
+    token_weights: torch.Tensor | None,
+    reduction: str,
+    num_items: float | torch.Tensor | None,
+    student_bias: torch.Tensor | None,
+    student_logit_scale: float,
+    student_softcap: float | None,
+    vocab_size: int | None,
+) -> tuple[LossOptions, torch.Tensor | None, torch.Tensor | None]:
+    """Validate the shapes and options of a ``fused_linear_kl_topk`` call (values: ``validate_topk_values``)."""
+    num = validate_common(
+        beta=beta, temperature=temperature, reduction=reduction, num_items=num_items, divergence=divergence
+    )
+    if tail not in TAILS:
+        raise ValueError(f"tail must be one of {TAILS}, got {tail!r}")
+    v_s, _ = _check_head("student", student_hidden, student_weight, student_bias)
+    if student_weight.dtype != student_hidden.dtype:
+        raise ValueError(
+            f"student_hidden ({student_hidden.dtype}) and student_weight ({student_weight.dtype}) must share a dtype"
+        )
+    leading = tuple(student_hidden.shape[:-1])
+    ids, logprobs = teacher_topk_ids, teacher_topk_logprobs
+    _check_ids("teacher_topk_ids", ids, leading, student_hidden.device)
+    if ids.dim() != len(leading) + 1:
+        raise ValueError(f"teacher_topk_ids must have shape (*{leading}, k), got {_shape(ids)}")
+    _check_float("teacher_topk_logprobs", logprobs)
+    if logprobs.shape != ids.shape:
+        raise ValueError(
+            f"teacher_topk_logprobs has shape {_shape(logprobs)} but teacher_topk_ids has shape {_shape(ids)}: "
+            "both must be (*leading, k) with the same k"
+        )
+    if ids.shape[-1] < 1:
+        raise ValueError(f"k (the last dimension of teacher_topk_ids) must be >= 1, got shape {_shape(ids)}")
+    if logprobs.device != student_hidden.device:
+        raise ValueError(f"teacher_topk_logprobs is on {logprobs.device} but the hidden states are on "
+                         f"{student_hidden.device}")
+    mask, token_weights = validate_token_tensors(leading, student_hidden.device, mask, token_weights)
+    options = LossOptions(
+        divergence=divergence,
+        beta=float(beta),
+        temperature=float(temperature),
+        temperature_sq_scaling=bool(temperature_sq_scaling),
+        reduction=reduction,
+        num_items=num,
+        student=validate_head_spec("student", student_logit_scale, student_softcap),
+        teacher=HeadSpec(),  # the teacher arrives as log-probs: no head
+        vocab_size=resolve_vocab(v_s, None, vocab_size),
+    )
+    return options, mask, token_weights
+
+
+def logprob_tolerance(dtype: torch.dtype) -> float:
+    """How far above 0 a teacher log-prob may sit from rounding (it is then clamped to 0)."""
+    return max(1e-4, 4 * torch.finfo(dtype).eps)
+
+
+def validate_topk_values(ids: torch.Tensor, logprobs: torch.Tensor, vocab: int, tail: str) -> None:
+    """Check the values of the counted tokens' top-k rows, ``(n, k)`` (masked tokens are never read)."""
+    if ids.numel() == 0:
+        return
+    valid = ids != TOPK_PAD_ID
+    if bool(((ids < TOPK_PAD_ID) | (ids >= vocab)).any()):
+        raise ValueError(
+            f"teacher_topk_ids must be in [0, {vocab}) or {TOPK_PAD_ID} (padding), got values in "
+            f"[{int(ids.min())}, {int(ids.max())}]"
+        )
+    if bool((torch.isnan(logprobs) & valid).any()):
+        raise ValueError("teacher_topk_logprobs must not be NaN (padding slots, id -1, may hold anything)")
+    worst = float(logprobs.masked_fill(~valid, float("-inf")).max())
+    tol = logprob_tolerance(logprobs.dtype)
+    if worst > tol:
+        raise ValueError(
+            f"teacher_topk_logprobs must be log-probabilities <= 0 (rounding tolerance {tol:g} for "
+            f"{logprobs.dtype}), got a maximum of {worst:g}"
+        )
+    ordered = ids.sort(-1).values
+    repeats = (ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] != TOPK_PAD_ID)
+    if bool(repeats.any()):
+        row = int(repeats.any(-1).nonzero()[0])
+        raise ValueError(f"teacher_topk_ids must not repeat an id within a token's top-k; counted row {row} "
+                         f"has {ids[row].tolist()}")
+    n_valid = valid.sum(-1)
+    needs_mass = (n_valid > 0) & ((n_valid == vocab) | (tail == "renormalize"))
+    mass = torch.logsumexp(logprobs.double().masked_fill(~valid, float("-inf")), -1)
+    if bool((needs_mass & torch.isneginf(mass)).any()):
+        raise ValueError(
+            "teacher_topk_logprobs are all -inf on a token whose top-k is renormalized (tail='renormalize', or "
+            "ids covering the whole vocabulary): its teacher distribution is empty"
+        )
+
+
+def validate_logprobs_call(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    token_ids: torch.Tensor,
+    *,
+    temperature: float,
+    bias: torch.Tensor | None,
+    logit_scale: float,
+    softcap: float | None,
+) -> HeadSpec:
+    """Validate a ``fused_linear_logprobs`` call; return its head spec."""
+    try:
+        vocab, _ = _check_head("student", hidden, weight, bias)
+        spec = validate_head_spec("student", logit_scale, softcap)
+    except (TypeError, ValueError) as exc:  # the shared helpers prefix a side; these arguments have none
+        raise type(exc)(str(exc).replace("student_", "")) from None
+    if weight.dtype != hidden.dtype:
+        raise ValueError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must share a dtype")
+    _check_positive("temperature", temperature)
+    leading = tuple(hidden.shape[:-1])
+    _check_ids("token_ids", token_ids, leading, hidden.device)
+    if token_ids.dim() != len(leading):
+        raise ValueError(f"token_ids must have the leading shape {leading} of hidden, got {_shape(token_ids)}")
+    if token_ids.numel() and not (int(token_ids.min()) >= 0 and int(token_ids.max()) < vocab):
+        raise ValueError(
+            f"token_ids must be in [0, {vocab}), got values in [{int(token_ids.min())}, {int(token_ids.max())}]"
+        )
+    return spec
