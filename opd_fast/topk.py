@@ -1,0 +1,232 @@
+"""Distillation from a teacher that only returns its top-k log-probs (e.g. a served teacher).
+
+The student side needs its full-vocabulary log-sum-exp and the logits of the k teacher ids,
+so each token chunk still gets a ``chunk x V`` logits tile (never ``N x V``); the divergence
+itself lives on ``k`` (or ``k + 1``) categories per token and is computed by ``tile_math``'s
+divergence formulas on those categories.
+
+Categories and gradient. The categories are a softmax over *category logits*: the k gathered
+student logits and, with ``tail="bucket"``, the log-sum-exp of every other logit (the tail).
+``tile_math`` gives the gradient with respect to the category logits (``a - q c``); the chain
+rule back to the vocabulary is the identity on the k ids and ``exp(z_v - lse_tail)`` on the
+tail, so the gradient tile is one exp pass plus a k-sparse scatter.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import reference
+from .backends.chunked import Tuning
+from .backends.tile_math import accum_dtype, grad_from_terms, tile_terms
+from .logprobs import FusedRows, RowSetup, Upstream
+from .loss import _row_weights
+from .validation import (
+    TOPK_PAD_ID,
+    LossOptions,
+    resolve_torch_only_backend,
+    validate_topk_call,
+    validate_topk_values,
+)
+
+__all__ = ["fused_linear_kl_topk"]
+
+Stats = dict[str, torch.Tensor]
+_NEG_INF = float("-inf")
+
+
+class _TopKRows:
+    """Row kernel: divergence over the top-k categories, student LSE and top-k mass per row.
+
+    Padding slots point at a real id of their row (or 0 in an all-padding row) so that every
+    gather/scatter is in range; their category is -inf on both sides, so they add no value and
+    no gradient.
+    """
+
+    n_outputs = 3
+    n_differentiable = 1
+
+    def __init__(self, ids: torch.Tensor, logprobs: torch.Tensor, opts: LossOptions, tail: str) -> None:
+        self.valid = ids != TOPK_PAD_ID
+        self.any_valid = self.valid.any(-1, keepdim=True)
+        self.ids = torch.where(self.valid, ids, ids.amax(-1, keepdim=True).clamp_min(0))
+        self.opts, self.bucket = opts, tail == "bucket"
+        log_p = logprobs.to(accum_dtype(logprobs.dtype)).clamp_max(0.0).masked_fill(~self.valid, _NEG_INF)
+        top_mass = torch.logsumexp(log_p, -1)
+        self.teacher_topk_mass = top_mass.exp()
+        if self.bucket:
+            tail_mass = torch.expm1(top_mass.clamp_max(0.0)).neg_().clamp_min_(reference.TOPK_TAIL_FLOOR)
+            has_tail = self.valid.sum(-1) < opts.vocab_size
+            log_p = torch.cat([log_p, tail_mass.log_().masked_fill_(~has_tail, _NEG_INF)[:, None]], 1)
+        # Normalize over the categories (renormalize; a no-op for a consistent bucket), 0 log 0 kept.
+        self.log_p = (log_p - torch.logsumexp(log_p, -1, keepdim=True)).masked_fill_(torch.isneginf(log_p), _NEG_INF)
+
+    def __call__(
+        self, z: torch.Tensor, rows: slice, upstream: Upstream | None
+    ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        ids, valid = self.ids[rows], self.valid[rows]
+        z_ids = z.gather(1, ids)
+        top = z_ids.masked_fill(~valid, _NEG_INF)
+        lse_top = torch.logsumexp(top, -1)
+        if self.bucket:
+            # The tail's log-sum-exp, exactly: hide the top-k ids, reduce, put them back below.
+            z.scatter_(1, ids, torch.where(self.any_valid[rows], _NEG_INF, z_ids))
+            lse_tail = torch.logsumexp(z, -1)
+            lse = torch.logaddexp(lse_tail, lse_top)
+            log_q = torch.cat([top, lse_tail[:, None]], 1).sub_(lse[:, None])
+        else:
+            lse = torch.logsumexp(z, -1)
+            log_q = (top - lse_top[:, None]).masked_fill_(~valid, _NEG_INF)
+        zero = lse.new_zeros(lse.shape)
+        terms, a, q = tile_terms(log_q, self.log_p[rows], zero, zero, self.opts)
+        outs = [terms.divergence, lse, (lse_top - lse).exp()]
+        if upstream is None or upstream[0] is None:
+            if self.bucket:
+                z.scatter_(1, ids, z_ids)
+            return outs, None
+        grad_cat = grad_from_terms(a, q, terms.coef, upstream[0])
+        k = ids.shape[1]
+        if self.bucket:
+            finite_tail = lse_tail.masked_fill(torch.isneginf(lse_tail), 0.0)
+            grad = (z - finite_tail[:, None]).exp_().mul_(grad_cat[:, k:])  # 0 on the hidden top-k ids
+            z.scatter_(1, ids, z_ids)
+        else:
+            grad = torch.zeros_like(z)
+        return outs, grad.scatter_add_(1, ids, grad_cat[:, :k])
+
+
+def fused_linear_kl_topk(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_topk_ids: torch.Tensor,
+    teacher_topk_logprobs: torch.Tensor,
+    *,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    temperature_sq_scaling: bool = False,
+    tail: str = "bucket",
+    mask: torch.Tensor | None = None,
+    token_weights: torch.Tensor | None = None,
+    reduction: str = "mean",
+    num_items: float | torch.Tensor | None = None,
+    student_bias: torch.Tensor | None = None,
+    student_logit_scale: float = 1.0,
+    student_softcap: float | None = None,
+    vocab_size: int | None = None,
+    backend: str = "auto",
+    return_stats: bool = False,
+    tuning: Tuning | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, Stats]:
+    """Divergence between a teacher's top-k log-probs and the student, from hidden states, fused.
+
+    Per token the teacher gives ``k`` ids and their log-probs; the student's distribution is its
+    full softmax (``softcap(scale (h W^T + b)) / temperature``, the contract's head). Both are
+    compared on categories:
+
+    * ``tail="bucket"`` (default): the k ids plus one *tail* category holding all other mass:
+      the student's ``1 - sum_k q`` (from the exact log-sum-exp of the other logits) and the
+      teacher's ``1 - sum_k exp(logprob)``, clamped below at ``reference.TOPK_TAIL_FLOOR``
+      (served log-probs are rounded; an exactly-zero tail would make reverse KL infinite).
+      When the ids cover the whole vocabulary there is no tail. If rounding makes the teacher's
+      categories sum above one they are normalized.
+    * ``tail="renormalize"``: both distributions renormalized over the k ids.
+
+    Reverse KL over a truncated support: with ``"renormalize"`` the objective only sees the
+    student's *shape* on the top-k, not how much mass it puts there. Reverse KL (and JSD near
+    beta=1) is mode-seeking and its gradient on the renormalized support is blind to mass leaking
+    out, so the student can drift mass onto tokens outside the teacher's top-k at no cost; this
+    is unstable when k is small or the teacher is flat (top-k mass far from one). The bucket
+    closes the hole: mass moved outside the top-k lands in the tail category, which the teacher
+    scores with its small tail mass, so reverse KL penalizes it like any other mismatch. Forward
+    KL with the bucket also pulls the student's tail mass toward the teacher's.
+
+    Temperature: divides the *student's* logits only. The teacher's log-probs are used as given,
+    i.e. they must already be at the temperature you want to match (for ``"renormalize"``,
+    re-tempering yourself as ``log_softmax(logprobs / T)`` over the k ids is equivalent; a tail
+    cannot be re-tempered without the teacher's logits). ``temperature_sq_scaling`` multiplies
+    the loss by T^2.
+
+    Args:
+        student_hidden: ``(..., H)``; gets a gradient, as do ``student_weight`` ``(V, H)`` and
+            ``student_bias`` ``(V,)``.
+        teacher_topk_ids: integer ``(..., k)``, ``k >= 1``, distinct ids in ``[0, V)`` per token;
+            ``-1`` marks a padding slot (ignored along with its log-prob), so tokens may carry
+            fewer than k entries. A token whose slots are all padding has divergence 0.
+        teacher_topk_logprobs: ``(..., k)`` float log-probs <= 0 (values up to
+            ``validation.logprob_tolerance`` above 0 are rounding and are clamped); ``-inf`` is a
+            zero probability. Constants: never differentiated.
+        divergence: ``"forward_kl"`` | ``"reverse_kl"`` | ``"jsd"`` (``beta``: 0 = forward KL,
+            1 = reverse KL, exactly) | ``"tvd"``, on the categories.
+        mask, token_weights, reduction, num_items: as ``fused_linear_kl``. The teacher entries
+            of masked tokens are never read (not even validated).
+        vocab_size: compare only the first K student logits (padded heads); ids must be < K.
+        backend: ``"auto"``/``"torch"`` (token-chunked torch) or ``"reference"`` (float64,
+            materialized). ``"cpu"``/``"triton"`` raise ``NotImplementedError``: no native kernel
+            exists for this loss yet.
+        return_stats: also return detached per-token ``divergence``, ``student_lse``,
+            ``student_topk_mass`` and ``teacher_topk_mass`` (leading shape, 0 where masked).
+        tuning: chunk size / memory budget (``Tuning.chunk_vocab`` is not used: rows are whole).
+
+    Returns:
+        The loss (fp32, float64 for float64 inputs; per token for ``reduction="none"``), and the
+        stats when asked.
+    """
+    if resolve_torch_only_backend("fused_linear_kl_topk", backend) == "reference":
+        return reference.fused_linear_kl_topk(
+            student_hidden, student_weight, teacher_topk_ids, teacher_topk_logprobs,
+            divergence=divergence, beta=beta, temperature=temperature, temperature_sq_scaling=temperature_sq_scaling,
+            tail=tail, mask=mask, token_weights=token_weights, reduction=reduction, num_items=num_items,
+            student_bias=student_bias, student_logit_scale=student_logit_scale, student_softcap=student_softcap,
+            vocab_size=vocab_size, return_stats=return_stats,
+        )  # fmt: skip
+    opts, mask, token_weights = validate_topk_call(
+        student_hidden, student_weight, teacher_topk_ids, teacher_topk_logprobs,
+        divergence=divergence, beta=beta, temperature=temperature, temperature_sq_scaling=temperature_sq_scaling,
+        tail=tail, mask=mask, token_weights=token_weights, reduction=reduction, num_items=num_items,
+        student_bias=student_bias, student_logit_scale=student_logit_scale, student_softcap=student_softcap,
+        vocab_size=vocab_size,
+    )  # fmt: skip
+    leading = tuple(student_hidden.shape[:-1])
+    k = teacher_topk_ids.shape[-1]
+    hs = student_hidden.reshape(-1, student_hidden.shape[-1])
+    ids = teacher_topk_ids.reshape(-1, k)
+    log_p = teacher_topk_logprobs.detach().reshape(-1, k)
+    acc = accum_dtype(student_hidden.dtype)
+    weights = (
+        torch.ones(hs.shape[0], dtype=acc, device=hs.device)
+        if token_weights is None
+        else token_weights.reshape(-1).to(acc)
+    )
+    rows = None
+    if mask is not None:
+        rows = mask.reshape(-1).nonzero().squeeze(1)
+        hs, ids, log_p, weights = (t.index_select(0, rows) for t in (hs, ids, log_p, weights))
+    validate_topk_values(ids, log_p, opts.vocab_size, tail)
+    kernel = _TopKRows(ids.long(), log_p, opts, tail)
+    setup = RowSetup(opts.student, opts.temperature, opts.vocab_size, tuning or Tuning())
+    operands = (
+        hs.contiguous(), student_weight.contiguous(), None if student_bias is None else student_bias.contiguous()
+    )
+    row_weights = _row_weights(weights, opts)
+    if opts.reduction == "none":
+        div, lse, top_mass = FusedRows.apply(*operands, kernel, setup, None)
+        value = div * row_weights
+    else:
+        value, div, lse, top_mass = FusedRows.apply(*operands, kernel, setup, row_weights)
+
+    def expand(per_row: torch.Tensor) -> torch.Tensor:
+        if rows is not None:
+            per_row = per_row.new_zeros(mask.numel()).index_copy(0, rows, per_row)
+        return per_row.reshape(leading)
+
+    loss = expand(value) if opts.reduction == "none" else value
+    if not return_stats:
+        return loss
+    stats = {
+        "divergence": div.detach(),
+        "student_lse": lse,
+        "student_topk_mass": top_mass,
+        "teacher_topk_mass": kernel.teacher_topk_mass.to(lse.dtype),
+    }
+    return loss, {name: expand(v) for name, v in stats.items()}
