@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 
 # One entry per module in opd_fast/commands/ (add yours here).
-SUBCOMMAND_MODULES: tuple[str, ...] = ("demo",)
+SUBCOMMAND_MODULES: tuple[str, ...] = ("demo", "train", "eval", "generate", "plot")
 
 
 def build_parser() -> argparse.ArgumentParser:

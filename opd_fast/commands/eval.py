@@ -1,0 +1,27 @@
+"""``opd-fast eval CONFIG [--checkpoint DIR] [--set key=value ...]``: accuracy and reverse KL."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from .train import add_config_args
+
+
+def _run(args: argparse.Namespace) -> int:
+    from ..runner.checkpoint import latest_checkpoint
+    from ..runner.config import load_config
+    from ..runner.evaluate import evaluate_run
+
+    config = load_config(args.config, args.set)
+    checkpoint = latest_checkpoint(config.run.out_dir) if args.checkpoint == "latest" else args.checkpoint
+    print(json.dumps(evaluate_run(config, checkpoint), indent=2))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("eval", help="task accuracy (greedy, sampled) and reverse KL to the teacher(s)")
+    add_config_args(parser)
+    parser.add_argument("--checkpoint", default=None,
+                        help="checkpoint dir to evaluate, or 'latest' (default: the config's student)")  # fmt: skip
+    parser.set_defaults(func=_run)

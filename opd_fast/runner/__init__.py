@@ -1,0 +1,7 @@
+"""The on-policy distillation runner, one stage per module.
+
+Read in the order a step runs: ``config`` (TOML -> dataclasses) -> ``models`` (HF models, hidden
+states, heads, compatibility checks) -> ``data`` (prompts and the sampler) -> ``rollout`` (student
+samples, KV cache) -> ``score`` (teachers, routed by domain) -> ``learn`` (fused loss, optimizer) ->
+``checkpoint`` / ``metrics`` / ``evaluate`` -> ``trainer`` (the loop; ``train(config) -> summary``).
+"""

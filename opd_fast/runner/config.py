@@ -1,0 +1,330 @@
+"""Run configuration: a TOML file mapped onto typed dataclasses, validated once at start-up.
+
+Public API (stable, used by the demo and the CLI):
+
+- ``RunConfig`` and its sections (``RunSection``, ``StudentConfig``, ``TeacherConfig``, ``DataConfig``,
+  ``RolloutConfig``, ``LossConfig``, ``OptimConfig``, ``CheckpointConfig``, ``MetricsConfig``,
+  ``EvalConfig``): plain dataclasses with defaults, so code can also build a config directly.
+- ``load_config(path, overrides=())``: read TOML, apply ``--set key=value`` overrides
+  (``"optim.lr=1e-3"``, ``"teachers.main.weight=2"``; values parsed as TOML, falling back to strings),
+  and validate.
+- ``config_from_dict(data)`` / ``config_to_dict(config)``: the same mapping without a file.
+- ``validate_config(config)``: raises ``ValueError`` naming the offending key.
+
+Unknown keys, wrong types and out-of-range values are errors naming the full dotted key, because a
+typo in a training config that silently falls back to a default wastes a whole run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd")
+SIGNALS = ("hidden", "topk", "sampled")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class RunSection:
+    out_dir: str = "runs/opd"
+    seed: int = 0
+    device: str = "cpu"
+    dtype: str = "float32"
+
+
+@dataclass
+class LoraConfig:
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+
+
+@dataclass
+class StudentConfig:
+    path: str = ""
+    attn_implementation: str = "sdpa"
+    trust_remote_code: bool = False
+    lora: LoraConfig | None = None
+
+
+@dataclass
+class TeacherConfig:
+    path: str = ""
+    # Domains routed to this teacher; empty = every domain not claimed by another teacher.
+    domains: list[str] = field(default_factory=list)
+    weight: float = 1.0
+    attn_implementation: str = "sdpa"
+    trust_remote_code: bool = False
+
+
+@dataclass
+class DataConfig:
+    # Exactly one of `prompts` (JSONL with prompt / optional domain / optional reference) or `task`.
+    prompts: str = ""
+    task: str = ""
+    eval_prompts: str = ""
+    num_prompts: int = 256  # pool size drawn from a task's train split
+    mixture: dict[str, float] = field(default_factory=dict)  # domain -> weight; empty = by pool size
+    prompts_per_step: int = 4
+    group_size: int = 2
+    sampler: str = "adaptive"  # "adaptive" (down-weights prompts the student already matches) | "uniform"
+    sampler_min_weight: float = 0.1
+    sampler_ema: float = 0.5
+    chat_template: bool = False
+
+
+@dataclass
+class RolloutConfig:
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    stop: list[str] = field(default_factory=list)
+    micro_batch_size: int = 8
+
+
+@dataclass
+class LossConfig:
+    divergence: str = "reverse_kl"
+    beta: float = 0.5
+    temperature: float = 1.0
+    signal: str = "hidden"  # "hidden" (full vocab) | "topk" | "sampled"
+    topk: int = 32
+    backend: str = "auto"
+    lmbda: float = 0.0  # fraction of steps trained on off-policy completions instead of student samples
+    off_policy_source: str = "dataset"  # "dataset" (references) | "teacher" (teacher samples)
+    sft_weight: float = 0.0
+    verifier_weight: float = 0.0
+    verifiers: dict[str, str] = field(default_factory=dict)  # domain -> "module:function"
+
+
+@dataclass
+class OptimConfig:
+    steps: int = 100
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    max_consecutive_skips: int = 5
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 50
+    keep: int = 2
+
+
+@dataclass
+class MetricsConfig:
+    progress: bool = True
+    tensorboard: bool = True
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0  # 0 = only at the end
+    num_prompts: int = 32
+    sampled: bool = True
+    at_end: bool = True
+
+
+@dataclass
+class RunConfig:
+    run: RunSection = field(default_factory=RunSection)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    teachers: dict[str, TeacherConfig] = field(default_factory=dict)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Check/convert one TOML value against a dataclass field type; errors name ``key``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _convert(value, args[0], key)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ValueError(f"config key {key!r} must be a table, got {type(value).__name__}")
+        return _build(tp, value, key)
+    if origin is dict:
+        _, val_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ValueError(f"config key {key!r} must be a table, got {type(value).__name__}")
+        return {str(k): _convert(v, val_tp, f"{key}.{k}") for k, v in value.items()}
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ValueError(f"config key {key!r} must be a list, got {type(value).__name__}")
+        return [_convert(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, bool):
+        raise ValueError(f"config key {key!r} must be int, got bool")
+    if not isinstance(value, tp):
+        raise ValueError(f"config key {key!r} must be {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{prefix}.{key}" if prefix else key
+        if key not in names:
+            raise ValueError(f"unknown config key {dotted!r}; allowed in [{prefix or 'top level'}]: {sorted(names)}")
+        kwargs[key] = _convert(value, hints[key], dotted)
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict[str, Any]) -> RunConfig:
+    """Build and validate a ``RunConfig`` from nested dicts (the parsed TOML)."""
+    config = _build(RunConfig, data)
+    validate_config(config)
+    return config
+
+
+def config_to_dict(config: RunConfig) -> dict[str, Any]:
+    """Nested plain dicts (JSON/TOML serializable); ``None`` sections are dropped."""
+
+    def strip(x: Any) -> Any:
+        if isinstance(x, dict):
+            return {k: strip(v) for k, v in x.items() if v is not None}
+        if isinstance(x, list):
+            return [strip(v) for v in x]
+        return x
+
+    return strip(dataclasses.asdict(config))
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """Apply ``key.sub=value`` overrides onto the parsed TOML (values parsed as TOML literals)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"--set expects key=value, got {item!r}")
+        key, text = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = data
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"--set {key}: {part!r} is not a table")
+        node[parts[-1]] = _parse_value(text.strip())
+    return data
+
+
+def load_config(path: str | Path, overrides: Iterable[str] = ()) -> RunConfig:
+    """Read a TOML config, apply overrides, resolve relative model/data paths against its directory."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"config {path}: invalid TOML: {exc}") from exc
+    config = config_from_dict(apply_overrides(data, overrides))
+    base = path.resolve().parent
+
+    def resolve(p: str) -> str:
+        return p if not p or Path(p).is_absolute() else str(base / p)
+
+    config.student.path = resolve(config.student.path)
+    for teacher in config.teachers.values():
+        teacher.path = resolve(teacher.path)
+    config.data.prompts = resolve(config.data.prompts)
+    config.data.eval_prompts = resolve(config.data.eval_prompts)
+    config.run.out_dir = resolve(config.run.out_dir)
+    return config
+
+
+def _require(ok: bool, key: str, message: str, value: Any) -> None:
+    if not ok:
+        raise ValueError(f"config key {key!r} {message}, got {value!r}")
+
+
+def _choice(key: str, value: str, options: tuple[str, ...]) -> None:
+    _require(value in options, key, f"must be one of {options}", value)
+
+
+def validate_config(c: RunConfig) -> None:
+    """Check value ranges and cross-field rules; every error names the dotted key."""
+    _choice("run.dtype", c.run.dtype, DTYPES)
+    _require(bool(c.student.path), "student.path", "must name a model directory", c.student.path)
+    _require(bool(c.teachers), "teachers", "must configure at least one teacher ([teachers.NAME])", c.teachers)
+    for name, t in c.teachers.items():
+        _require(bool(t.path), f"teachers.{name}.path", "must name a model directory", t.path)
+        _require(t.weight > 0, f"teachers.{name}.weight", "must be > 0", t.weight)
+    d = c.data
+    _require(bool(d.prompts) != bool(d.task), "data.prompts", "xor data.task must be set (exactly one)",
+             (d.prompts, d.task))  # fmt: skip
+    _require(d.prompts_per_step >= 1, "data.prompts_per_step", "must be >= 1", d.prompts_per_step)
+    _require(d.group_size >= 1, "data.group_size", "must be >= 1", d.group_size)
+    _require(d.num_prompts >= 1, "data.num_prompts", "must be >= 1", d.num_prompts)
+    _choice("data.sampler", d.sampler, ("adaptive", "uniform"))
+    _require(0 < d.sampler_min_weight <= 1, "data.sampler_min_weight", "must be in (0, 1]", d.sampler_min_weight)
+    _require(0 <= d.sampler_ema < 1, "data.sampler_ema", "must be in [0, 1)", d.sampler_ema)
+    for dom, w in d.mixture.items():
+        _require(w >= 0, f"data.mixture.{dom}", "must be >= 0", w)
+    r = c.rollout
+    _require(r.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1", r.max_new_tokens)
+    _require(r.temperature >= 0, "rollout.temperature", "must be >= 0 (0 = greedy)", r.temperature)
+    _require(0 < r.top_p <= 1, "rollout.top_p", "must be in (0, 1]", r.top_p)
+    _require(r.top_k >= 0, "rollout.top_k", "must be >= 0 (0 = off)", r.top_k)
+    _require(r.micro_batch_size >= 1, "rollout.micro_batch_size", "must be >= 1", r.micro_batch_size)
+    lo = c.loss
+    _choice("loss.divergence", lo.divergence, DIVERGENCES)
+    _choice("loss.signal", lo.signal, SIGNALS)
+    _choice("loss.off_policy_source", lo.off_policy_source, ("dataset", "teacher"))
+    _require(0 <= lo.beta <= 1, "loss.beta", "must be in [0, 1]", lo.beta)
+    _require(lo.temperature > 0, "loss.temperature", "must be > 0", lo.temperature)
+    _require(lo.topk >= 1, "loss.topk", "must be >= 1", lo.topk)
+    _require(0 <= lo.lmbda <= 1, "loss.lmbda", "must be in [0, 1]", lo.lmbda)
+    _require(lo.sft_weight >= 0, "loss.sft_weight", "must be >= 0", lo.sft_weight)
+    _require(lo.verifier_weight >= 0, "loss.verifier_weight", "must be >= 0", lo.verifier_weight)
+    for dom, spec in lo.verifiers.items():
+        _require(":" in spec, f"loss.verifiers.{dom}", "must be 'module:function'", spec)
+    o = c.optim
+    _require(o.steps >= 1, "optim.steps", "must be >= 1", o.steps)
+    _require(o.lr > 0, "optim.lr", "must be > 0", o.lr)
+    _require(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0", o.weight_decay)
+    _require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", "must be two numbers in [0, 1)",
+             o.betas)  # fmt: skip
+    _require(0 <= o.warmup_steps <= o.steps, "optim.warmup_steps", f"must be in [0, optim.steps={o.steps}]",
+             o.warmup_steps)  # fmt: skip
+    _require(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]", o.min_lr_ratio)
+    _require(o.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 = off)", o.grad_clip)
+    _require(o.max_consecutive_skips >= 1, "optim.max_consecutive_skips", "must be >= 1", o.max_consecutive_skips)
+    _require(c.checkpoint.every >= 0, "checkpoint.every", "must be >= 0 (0 = only at the end)", c.checkpoint.every)
+    _require(c.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1", c.checkpoint.keep)
+    _require(c.eval.every >= 0, "eval.every", "must be >= 0", c.eval.every)
+    _require(c.eval.num_prompts >= 1, "eval.num_prompts", "must be >= 1", c.eval.num_prompts)
+    if c.student.lora is not None:
+        _require(c.student.lora.r >= 1, "student.lora.r", "must be >= 1", c.student.lora.r)

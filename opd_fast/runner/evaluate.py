@@ -1,0 +1,128 @@
+"""Evaluation: task accuracy (greedy and sampled, per domain) and reverse KL against the teacher.
+
+Accuracy uses each domain's verifier: ``loss.verifiers[domain]`` (``module:function``), else the
+task's ``verify``, else exact match of the stripped completion and reference. The reverse KL is the
+mean per-token ``KL(student || teacher)`` over the student's own samples (the sampled rollouts, or
+the greedy ones when ``sampled`` is off), from the fused loss on hidden states.
+
+Public API: ``evaluate`` (models already loaded), ``evaluate_run`` (from a config and an optional
+checkpoint), ``Verifiers``, ``exact_match``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import opd_fast
+
+from ..tasks import Example, get_task
+from .config import RolloutConfig, RunConfig
+from .data import Prompt, load_examples
+from .models import LoadedModel, forward_hidden, load_run_models
+from .rollout import rollout
+from .score import Router, score
+
+Verifier = Callable[[str, str, str], float]
+
+
+def exact_match(prompt: str, completion: str, reference: str) -> float:
+    return float(completion.strip() == reference.strip())
+
+
+class Verifiers:
+    """Domain -> verifier, resolved once from the config (``module:function``), the task, or exact match."""
+
+    def __init__(self, specs: dict[str, str], task: str = "") -> None:
+        self.default: Verifier = get_task(task).verify if task else exact_match
+        self.by_domain: dict[str, Verifier] = {}
+        for domain, spec in specs.items():
+            module, _, func = spec.partition(":")
+            try:
+                self.by_domain[domain] = getattr(importlib.import_module(module), func)
+            except (ImportError, AttributeError) as exc:
+                raise ValueError(f"config key 'loss.verifiers.{domain}': cannot import {spec!r}: {exc}") from exc
+
+    def __call__(self, domain: str, prompt: str, completion: str, reference: str) -> float:
+        return float(self.by_domain.get(domain, self.default)(prompt, completion, reference))
+
+
+@torch.no_grad()
+def _reverse_kl(student: LoadedModel, teachers: dict[str, LoadedModel], router: Router, batch: Any,
+                vocab_sizes: dict[str, int]) -> dict[str, tuple[float, int]]:  # fmt: skip
+    """Sum of per-token reverse KL and token count per domain."""
+    scored = score(batch, teachers, router)
+    device = student.device
+    hidden, _ = forward_hidden(student, batch.input_ids.to(device), batch.attention_mask.to(device))
+    tmask = batch.target_mask.to(device)
+    sums: dict[str, tuple[float, int]] = {}
+    for ts in scored.scores:
+        hs = hidden[ts.rows][:, :-1][tmask[ts.rows]]
+        per_tok = opd_fast.fused_linear_kl(
+            hs, student.head.weight, ts.hidden, ts.head.weight, divergence="reverse_kl", reduction="none",
+            vocab_size=vocab_sizes[ts.teacher], **student.head.loss_kwargs("student"), **ts.head.loss_kwargs("teacher"),
+        )  # fmt: skip
+        counts = batch.target_mask[ts.rows].sum(1).tolist()
+        for r, part in zip(ts.rows.tolist(), torch.split(per_tok.float().cpu(), counts), strict=True):
+            s, n = sums.get(batch.prompts[r].domain, (0.0, 0))
+            sums[batch.prompts[r].domain] = (s + float(part.sum()), n + part.numel())
+    return sums
+
+
+def evaluate(
+    student: LoadedModel,
+    teachers: dict[str, LoadedModel],
+    router: Router,
+    examples: list[Example],
+    rollout_cfg: RolloutConfig,
+    verifiers: Verifiers,
+    vocab_sizes: dict[str, int],
+    *,
+    sampled: bool = True,
+    seed: int = 0,
+    chat_template: bool = False,
+) -> dict[str, float]:
+    """Accuracy per mode and domain (``greedy/accuracy/<domain>``, ``greedy/accuracy`` = mean over
+    samples) and ``reverse_kl`` (+ ``reverse_kl/<domain>``)."""
+    prompts = [Prompt(i, ex.prompt, ex.domain, ex.reference) for i, ex in enumerate(examples)]
+    generator = torch.Generator(student.device).manual_seed(seed)
+    modes = {"greedy": dataclasses.replace(rollout_cfg, temperature=0.0)}
+    if sampled:
+        modes["sampled"] = rollout_cfg
+    results: dict[str, float] = {}
+    kl: dict[str, tuple[float, int]] = {}
+    size = rollout_cfg.micro_batch_size
+    for mode, cfg in modes.items():
+        correct: dict[str, list[float]] = {}
+        for i in range(0, len(prompts), size):
+            batch = rollout(student, prompts[i:i + size], cfg, generator, chat_template=chat_template)
+            for p, text in zip(batch.prompts, batch.completions, strict=True):
+                correct.setdefault(p.domain, []).append(verifiers(p.domain, p.prompt, text, p.reference or ""))
+            if mode == list(modes)[-1]:
+                for dom, (s, n) in _reverse_kl(student, teachers, router, batch, vocab_sizes).items():
+                    kl[dom] = (kl.get(dom, (0.0, 0))[0] + s, kl.get(dom, (0.0, 0))[1] + n)
+        for dom, vals in correct.items():
+            results[f"{mode}/accuracy/{dom}"] = sum(vals) / len(vals)
+        every = [v for vals in correct.values() for v in vals]
+        results[f"{mode}/accuracy"] = sum(every) / max(1, len(every))
+    for dom, (s, n) in kl.items():
+        results[f"reverse_kl/{dom}"] = s / max(1, n)
+    results["reverse_kl"] = sum(s for s, _ in kl.values()) / max(1, sum(n for _, n in kl.values()))
+    return results
+
+
+def evaluate_run(config: RunConfig, checkpoint: str | Path | None = None) -> dict[str, float]:
+    """Load the student (from ``checkpoint`` if given) and teachers per ``config`` and evaluate."""
+    student, teachers, vocab = load_run_models(config, None if checkpoint is None else str(checkpoint),
+                                               trainable=False)  # fmt: skip
+    router = Router(config.teachers)
+    examples = load_examples(config.data, "eval", config.eval.num_prompts, config.run.seed)
+    router.check(sorted({ex.domain for ex in examples}))
+    return evaluate(student, teachers, router, examples, config.rollout, Verifiers(config.loss.verifiers,
+                    config.data.task), vocab, sampled=config.eval.sampled, seed=config.run.seed,
+                    chat_template=config.data.chat_template)  # fmt: skip

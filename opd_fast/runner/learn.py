@@ -1,0 +1,199 @@
+"""Learning: student forward, the distillation loss, backward, and the optimizer step.
+
+Per micro-batch: the student's final hidden states at the positions predicting completion tokens
+meet each teacher's signal in ``opd_fast.fused_linear_kl`` (or the top-k / sampled-token losses).
+Every term is divided by ``num_items`` = the number of completion tokens of the *whole step* (all
+micro-batches), so gradient accumulation gives the same gradient as one big batch. Optional terms:
+
+- SFT / hard labels: cross-entropy on dataset reference completions (``sft_weight``), normalized by
+  the step's reference-token count.
+- Verifier reward: a policy-gradient term ``-adv * log q(token)`` on the sampled tokens with a per-sample
+  advantage (reward minus its prompt group's mean), weight ``verifier_weight``.
+
+``Learner.step()`` clips, steps AdamW and the warm-up + cosine schedule; a non-finite loss or grad
+norm skips the update (counted), and ``max_consecutive_skips`` in a row raise ``RuntimeError``.
+
+Public API: ``Learner`` (``micro_step``, ``step``, ``state_dict``/``load_state_dict``), ``lr_lambda``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+import opd_fast
+
+from .config import LossConfig, OptimConfig
+from .models import LoadedModel, forward_hidden, token_logprobs
+from .rollout import RolloutBatch
+from .score import ScoredBatch, TeacherScores
+
+
+def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warm-up to 1, then cosine decay to ``min_ratio`` at ``total``."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@dataclass
+class MicroStats:
+    """Sums over one micro-batch (divide by token counts when logging)."""
+
+    loss: float = 0.0
+    tokens: int = 0
+    entropy_sum: float = 0.0
+    divergence_sum: dict[str, float] = field(default_factory=dict)  # key "teacher/<name>" or "domain/<name>"
+    divergence_tokens: dict[str, int] = field(default_factory=dict)
+    per_sample_divergence: list[float] = field(default_factory=list)  # mean per token, per row
+    finite: bool = True
+
+
+class Learner:
+    """Owns the student's optimizer and schedule; turns scored micro-batches into updates."""
+
+    def __init__(
+        self,
+        student: LoadedModel,
+        loss: LossConfig,
+        optim: OptimConfig,
+        teacher_weights: dict[str, float],
+        vocab_sizes: dict[str, int],
+    ) -> None:
+        self.student, self.loss_cfg, self.optim_cfg = student, loss, optim
+        self.teacher_weights, self.vocab_sizes = teacher_weights, vocab_sizes
+        self.params = [p for p in student.model.parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError("the student has no trainable parameters")
+        self.optimizer = torch.optim.AdamW(self.params, lr=optim.lr, betas=tuple(optim.betas),
+                                           weight_decay=optim.weight_decay)  # fmt: skip
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_lambda(s, optim.warmup_steps, optim.steps, optim.min_lr_ratio)
+        )
+        self.skipped = 0
+        self.consecutive_skips = 0
+        self._finite = True
+        if loss.signal == "topk" and not hasattr(opd_fast, "fused_linear_kl_topk"):
+            raise ValueError("config key 'loss.signal' = 'topk' needs opd_fast.fused_linear_kl_topk, not available")
+
+    def _teacher_loss(
+        self, hs: torch.Tensor, ts: TeacherScores, batch: RolloutBatch, num_items: float
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """One teacher's weighted loss and per-token (divergence, entropy) stats for its rows."""
+        cfg, head = self.loss_cfg, self.student.head
+        weight = self.teacher_weights[ts.teacher]
+        if cfg.signal == "hidden":
+            loss, st = opd_fast.fused_linear_kl(
+                hs, head.weight, ts.hidden, ts.head.weight, divergence=cfg.divergence, beta=cfg.beta,
+                temperature=cfg.temperature, reduction="mean", num_items=num_items,
+                vocab_size=self.vocab_sizes[ts.teacher], backend=cfg.backend, return_stats=True,
+                **head.loss_kwargs("student"), **ts.head.loss_kwargs("teacher"),
+            )  # fmt: skip
+            return weight * loss, st["divergence"], st["student_entropy"]
+        if cfg.signal == "topk":
+            loss, st = opd_fast.fused_linear_kl_topk(
+                hs, head.weight, ts.topk_ids, ts.topk_logprobs, divergence=cfg.divergence, beta=cfg.beta,
+                temperature=cfg.temperature, reduction="mean", num_items=num_items, student_bias=head.bias,
+                student_logit_scale=head.scale, student_softcap=head.softcap, backend=cfg.backend, return_stats=True,
+            )  # fmt: skip
+            return weight * loss, st.get("divergence"), st.get("student_entropy")
+        # "sampled": score-function gradient of the single-sample reverse-KL estimate log q(y) - log p(y).
+        targets = batch.input_ids[ts.rows][:, 1:][batch.target_mask[ts.rows]].to(hs.device)
+        log_q = token_logprobs(hs, head, targets, cfg.temperature)
+        estimate = log_q.detach() - ts.token_logprobs
+        return weight * (estimate * log_q).sum() / num_items, estimate, None
+
+    def micro_step(
+        self,
+        scored: ScoredBatch,
+        num_items: float,
+        advantages: torch.Tensor | None = None,
+        sft_batch: RolloutBatch | None = None,
+        sft_items: float = 1.0,
+    ) -> MicroStats:
+        """Forward + backward of one micro-batch; gradients accumulate until ``step()``."""
+        batch, cfg, head = scored.batch, self.loss_cfg, self.student.head
+        device = head.weight.device
+        hidden, _ = forward_hidden(self.student, batch.input_ids.to(device), batch.attention_mask.to(device))
+        tmask = batch.target_mask.to(device)
+        total = hidden.new_zeros((), dtype=torch.float32)
+        out = MicroStats(tokens=batch.num_tokens)
+        row_div = torch.zeros(len(batch.prompts))
+        for ts in scored.scores:
+            hs = hidden[ts.rows.to(device)][:, :-1][tmask[ts.rows.to(device)]]
+            loss, div, ent = self._teacher_loss(hs, ts, batch, num_items)
+            total = total + loss
+            if div is None:
+                continue
+            div = div.detach().float().cpu()
+            counts = batch.target_mask[ts.rows].sum(1)
+            row_of_token = ts.rows.repeat_interleave(counts)
+            row_div.index_add_(0, row_of_token, div)
+            self._add(out, f"teacher/{ts.teacher}", float(div.sum()), div.numel())
+            for r, c, d in zip(ts.rows.tolist(), counts.tolist(), torch.split(div, counts.tolist()), strict=True):
+                self._add(out, f"domain/{batch.prompts[r].domain}", float(d.sum()), c)
+            if ent is not None:
+                out.entropy_sum += float(ent.detach().float().sum())
+        lengths = torch.tensor(batch.completion_lengths()).clamp(min=1)
+        out.per_sample_divergence = (row_div / lengths).tolist()
+        if advantages is not None and cfg.verifier_weight > 0:
+            log_q = token_logprobs(hidden[:, :-1][tmask], head, batch.targets.to(device))
+            adv = advantages.to(device).repeat_interleave(batch.target_mask.sum(1).to(device))
+            total = total - cfg.verifier_weight * (adv * log_q).sum() / num_items
+        if sft_batch is not None and cfg.sft_weight > 0:
+            h_ref, _ = forward_hidden(self.student, sft_batch.input_ids.to(device), sft_batch.attention_mask.to(device))
+            ref_mask = sft_batch.target_mask.to(device)
+            log_q = token_logprobs(h_ref[:, :-1][ref_mask], head, sft_batch.targets.to(device))
+            total = total - cfg.sft_weight * log_q.sum() / sft_items
+        out.loss = float(total.detach())
+        out.finite = math.isfinite(out.loss)
+        if out.finite:
+            total.backward()
+        else:
+            self._finite = False
+        return out
+
+    @staticmethod
+    def _add(out: MicroStats, key: str, value: float, count: int) -> None:
+        out.divergence_sum[key] = out.divergence_sum.get(key, 0.0) + value
+        out.divergence_tokens[key] = out.divergence_tokens.get(key, 0) + count
+
+    def step(self) -> dict[str, float]:
+        """Clip and apply the accumulated gradient, or skip it when anything is non-finite."""
+        clip = self.optim_cfg.grad_clip if self.optim_cfg.grad_clip > 0 else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, clip))
+        lr = self.optimizer.param_groups[0]["lr"]
+        skipped = not (self._finite and math.isfinite(grad_norm))
+        if skipped:
+            self.skipped += 1
+            self.consecutive_skips += 1
+            if self.consecutive_skips >= self.optim_cfg.max_consecutive_skips:
+                raise RuntimeError(
+                    f"{self.consecutive_skips} consecutive steps had a non-finite loss or gradient norm "
+                    f"(optim.max_consecutive_skips={self.optim_cfg.max_consecutive_skips}); aborting. "
+                    "Lower optim.lr, enable optim.grad_clip, or check the models' dtype."
+                )
+        else:
+            self.optimizer.step()
+            self.consecutive_skips = 0
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self._finite = True
+        return {"grad_norm": grad_norm, "lr": lr, "skipped": float(skipped)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "skipped": self.skipped,
+            "consecutive_skips": self.consecutive_skips,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.skipped, self.consecutive_skips = state["skipped"], state["consecutive_skips"]

@@ -1,0 +1,101 @@
+"""Metrics: one JSONL row per step, a progress bar, TensorBoard when installed, PNG curves.
+
+Rows live in ``RUN_DIR/metrics.jsonl``. Step rows carry ``step`` and scalar fields (loss, per-teacher
+and per-domain divergence, entropy, completion length, truncation rate, tokens/s, stage times,
+grad norm, lr, skipped steps); evaluation rows carry ``"kind": "eval"``. On resume, rows after the
+checkpoint's step are dropped so the file always describes one consistent run.
+
+Public API: ``MetricsLogger``, ``read_metrics``, ``plot_metrics``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+METRICS_FILE = "metrics.jsonl"
+PROGRESS_KEYS = ("loss", "completion_len", "tokens_per_s", "lr")
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class MetricsLogger:
+    """Writes rows; shows a tqdm bar from ``start_step`` to ``total_steps``."""
+
+    def __init__(self, run_dir: str | Path, total_steps: int, start_step: int = 0, *, progress: bool = True,
+                 tensorboard: bool = True) -> None:  # fmt: skip
+        self.path = Path(run_dir) / METRICS_FILE
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        kept = [r for r in read_metrics(run_dir) if r.get("step", 0) <= start_step]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        self.file = self.path.open("a")
+        self.bar = tqdm(total=total_steps, initial=start_step, desc="opd", disable=not progress, dynamic_ncols=True)
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+            except ImportError:  # tensorboard not installed: JSONL + PNG only
+                self.tb = None
+
+    def log(self, row: dict[str, Any], *, advance: bool = True) -> None:
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        step = int(row.get("step", 0))
+        prefix = "eval/" if row.get("kind") == "eval" else ""
+        if self.tb is not None:
+            for key, value in row.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    self.tb.add_scalar(prefix + key, value, step)
+        if advance:
+            self.bar.update(1)
+            self.bar.set_postfix({k: f"{row[k]:.4g}" for k in PROGRESS_KEYS if k in row})
+
+    def close(self) -> None:
+        self.bar.close()
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def plot_metrics(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
+    """One PNG per numeric step metric (and per eval metric) under ``out_dir`` (default RUN_DIR/plots)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(run_dir)
+    if not rows:
+        raise ValueError(f"no metrics in {Path(run_dir) / METRICS_FILE}")
+    out = Path(out_dir) if out_dir else Path(run_dir) / "plots"
+    out.mkdir(parents=True, exist_ok=True)
+    series: dict[str, list[tuple[int, float]]] = {}
+    for row in rows:
+        prefix = "eval_" if row.get("kind") == "eval" else ""
+        for key, value in row.items():
+            if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+                series.setdefault(prefix + key.replace("/", "_"), []).append((row["step"], float(value)))
+    written = []
+    for name, points in sorted(series.items()):
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="." if len(points) < 50 else None)
+        ax.set_xlabel("step")
+        ax.set_title(name)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        path = out / f"{name}.png"
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        written.append(path)
+    return written

@@ -1,0 +1,249 @@
+"""Models: load HF causal LMs from local directories and expose hidden states + LM heads.
+
+The runner never asks a model for logits when scoring or learning: it runs the *base* model
+(``last_hidden_state``, final norm applied) and reads the head from ``get_output_embeddings()``, so
+the fused loss can compare teacher and student without an ``N x V`` tensor. A ``Head`` carries
+what turns hidden states into logits (weight, bias, the logit scale or softcap a config declares);
+tied embeddings need nothing special because ``get_output_embeddings()`` returns the tied module.
+
+Public API: ``LoadedModel``, ``Head``, ``load_model``, ``forward_hidden``, ``position_ids``,
+``head_logits`` (rollout/eval sampling only), ``token_logprobs``, ``check_compatible``.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+import opd_fast
+
+from .config import LoraConfig, RunConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Head:
+    """``logits = softcap(scale * (h @ weight^T + bias))`` (temperature applied by the caller)."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    scale: float = 1.0
+    softcap: float | None = None
+
+    def loss_kwargs(self, side: str) -> dict[str, Any]:
+        """Keyword arguments of ``fused_linear_kl`` for this head on ``side`` ("student"/"teacher")."""
+        return {f"{side}_bias": self.bias, f"{side}_logit_scale": self.scale, f"{side}_softcap": self.softcap}
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM with its decoder (hidden states), head and tokenizer."""
+
+    name: str
+    model: nn.Module  # what trains / saves (a PeftModel for LoRA students)
+    decoder: nn.Module  # returns last_hidden_state
+    tokenizer: PreTrainedTokenizerBase
+    path: str
+
+    @property
+    def head(self) -> Head:
+        """Read fresh each time: the weight is the live parameter the optimizer updates."""
+        lm = _causal_lm(self.model)
+        out = lm.get_output_embeddings()
+        cfg = lm.config
+        scale = float(getattr(cfg, "logit_scale", None) or 1.0)
+        if getattr(cfg, "logits_scaling", None):  # Granite divides by it
+            scale /= float(cfg.logits_scaling)
+        softcap = getattr(cfg, "final_logit_softcapping", None)
+        return Head(out.weight, getattr(out, "bias", None), scale, None if softcap is None else float(softcap))
+
+    @property
+    def device(self) -> torch.device:
+        return self.head.weight.device
+
+
+def _causal_lm(model: nn.Module) -> PreTrainedModel:
+    """The transformers model under a possible peft wrapper."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def load_model(
+    path: str,
+    *,
+    name: str = "model",
+    dtype: str = "float32",
+    device: str = "cpu",
+    attn_implementation: str = "sdpa",
+    trust_remote_code: bool = False,
+    lora: LoraConfig | None = None,
+    adapter_path: str | None = None,
+    trainable: bool = False,
+) -> LoadedModel:
+    """Load model + tokenizer from a local directory; optionally wrap a LoRA adapter (peft)."""
+    try:
+        lm = AutoModelForCausalLM.from_pretrained(
+            path, dtype=DTYPES[dtype], attn_implementation=attn_implementation, trust_remote_code=trust_remote_code
+        )
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except OSError as exc:
+        raise ValueError(f"{name}: cannot load a model/tokenizer from {path!r}: {exc}") from exc
+    lm.to(device)
+    model: nn.Module = lm
+    if lora is not None:
+        from peft import LoraConfig as PeftLoraConfig
+        from peft import PeftModel, get_peft_model
+
+        if adapter_path:
+            model = PeftModel.from_pretrained(lm, adapter_path, is_trainable=trainable)
+        else:
+            cfg = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                 target_modules=list(lora.target_modules), task_type="CAUSAL_LM")  # fmt: skip
+            model = get_peft_model(lm, cfg)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if lora is None:  # peft already froze everything but the adapter
+        model.requires_grad_(trainable)
+    model.train(trainable)
+    decoder = getattr(lm, lm.base_model_prefix)
+    return LoadedModel(name=name, model=model, decoder=decoder, tokenizer=tokenizer, path=path)
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding: the first real token is position 0."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def forward_hidden(
+    lm: LoadedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    cache: Any = None,
+    positions: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, Any]:
+    """Final hidden states ``(B, L, H)`` of ``input_ids``; with a cache, ``attention_mask`` spans past + new."""
+    if positions is None:
+        positions = position_ids(attention_mask)[:, -input_ids.shape[1]:]
+    kwargs = {_cache_kwarg(type(lm.decoder)): cache} if cache is not None else {}
+    out = lm.decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                     use_cache=cache is not None, **kwargs)  # fmt: skip
+    return out.last_hidden_state, cache  # the cache object is updated in place
+
+
+@functools.cache
+def _cache_kwarg(decoder_cls: type) -> str:
+    """transformers >= 5.2x names the KV cache ``cache``; earlier versions ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(decoder_cls.forward).parameters else "past_key_values"
+
+
+def head_logits(hidden: torch.Tensor, head: Head, temperature: float = 1.0) -> torch.Tensor:
+    """fp32 logits for the few rows that need them (the sampler's last position, eval)."""
+    z = hidden.float() @ head.weight.float().T
+    if head.bias is not None:
+        z = z + head.bias.float()
+    z = z * head.scale
+    if head.softcap is not None:
+        z = head.softcap * torch.tanh(z / head.softcap)
+    return z / temperature
+
+
+def _chunk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tokens: torch.Tensor,
+                    scale: float, softcap: float | None, temperature: float) -> torch.Tensor:  # fmt: skip
+    z = head_logits(hidden, Head(weight, bias, scale, softcap), temperature)
+    return z.gather(-1, tokens[:, None]).squeeze(-1) - torch.logsumexp(z, dim=-1)
+
+
+def token_logprobs(
+    hidden: torch.Tensor, head: Head, tokens: torch.Tensor, temperature: float = 1.0, chunk: int = 1024
+) -> torch.Tensor:
+    """Differentiable log-prob of ``tokens`` ``(N,)`` under the head at ``hidden`` ``(N, H)``.
+
+    Uses ``opd_fast.fused_linear_logprobs`` when it exists; otherwise a token-chunked fallback whose
+    chunks are recomputed in backward (activation checkpointing), so no ``N x V`` tensor is kept.
+    """
+    fused: Callable | None = getattr(opd_fast, "fused_linear_logprobs", None)
+    if fused is not None:
+        return fused(hidden, head.weight, tokens, temperature=temperature, bias=head.bias,
+                     logit_scale=head.scale, softcap=head.softcap)  # fmt: skip
+    parts = []
+    for i in range(0, hidden.shape[0], chunk):
+        parts.append(checkpoint(_chunk_logprobs, hidden[i:i + chunk], head.weight, head.bias, tokens[i:i + chunk],
+                                head.scale, head.softcap, temperature, use_reentrant=False))  # fmt: skip
+    return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
+
+
+def _first_diff(a: dict[str, int], b: dict[str, int]) -> list[str]:
+    diffs = [f"{tok!r}: {a.get(tok)} vs {b.get(tok)}" for tok in sorted(set(a) | set(b)) if a.get(tok) != b.get(tok)]
+    return diffs[:5]
+
+
+def check_compatible(student: LoadedModel, teacher: LoadedModel, chat_template: bool = False) -> int:
+    """Check a teacher against the student; return the vocabulary size the loss compares.
+
+    Token->id maps and special tokens must agree (error naming the first differing tokens); head
+    sizes may differ by padding as long as both cover the tokenizer. Chat templates that render a
+    probe conversation differently only warn, since the runner can still feed identical ids.
+    """
+    s_tok, t_tok = student.tokenizer, teacher.tokenizer
+    diffs = _first_diff(s_tok.get_vocab(), t_tok.get_vocab())
+    if diffs:
+        raise ValueError(
+            f"tokenizer mismatch between student ({student.path}) and teacher {teacher.name!r} ({teacher.path}): "
+            f"token->id maps differ, first differences: {'; '.join(diffs)}"
+        )
+    s_special = {k: getattr(s_tok, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id")}
+    t_special = {k: getattr(t_tok, k) for k in s_special}
+    if s_special != t_special:
+        bad = {k: (s_special[k], t_special[k]) for k in s_special if s_special[k] != t_special[k]}
+        raise ValueError(f"special tokens differ between student and teacher {teacher.name!r} (student, teacher): "
+                         f"{bad}")  # fmt: skip
+    v_s, v_t, n_tok = student.head.weight.shape[0], teacher.head.weight.shape[0], len(s_tok)
+    if min(v_s, v_t) < n_tok:
+        raise ValueError(
+            f"head vocab sizes (student {v_s}, teacher {teacher.name!r} {v_t}) must cover the tokenizer's "
+            f"{n_tok} tokens"
+        )
+    if chat_template:
+        probe = [{"role": "user", "content": "2+2?"}]
+        ids = [tok.apply_chat_template(probe, add_generation_prompt=True, tokenize=True) for tok in (s_tok, t_tok)]
+        if ids[0] != ids[1]:
+            warnings.warn(
+                f"chat templates of student and teacher {teacher.name!r} render differently: {ids[0]} vs {ids[1]}; "
+                "the runner feeds both the student's rendering",
+                stacklevel=2,
+            )
+    return min(v_s, v_t)
+
+
+def load_run_models(
+    config: RunConfig, checkpoint: str | None = None, *, trainable: bool = True
+) -> tuple[LoadedModel, dict[str, LoadedModel], dict[str, int]]:
+    """Student (from ``checkpoint/student`` when given), teachers, and each teacher's compared vocab size."""
+    r, s = config.run, config.student
+    student_path, adapter = s.path, None
+    if checkpoint is not None:
+        if s.lora is None:
+            student_path = str(Path(checkpoint) / "student")
+        else:
+            adapter = str(Path(checkpoint) / "student")
+    student = load_model(student_path, name="student", dtype=r.dtype, device=r.device,
+                         attn_implementation=s.attn_implementation, trust_remote_code=s.trust_remote_code,
+                         lora=s.lora, adapter_path=adapter, trainable=trainable)  # fmt: skip
+    teachers, vocab = {}, {}
+    for name, t in config.teachers.items():
+        teachers[name] = load_model(t.path, name=name, dtype=r.dtype, device=r.device,
+                                    attn_implementation=t.attn_implementation,
+                                    trust_remote_code=t.trust_remote_code)  # fmt: skip
+        vocab[name] = check_compatible(student, teachers[name], config.data.chat_template)
+    return student, teachers, vocab

@@ -1,0 +1,192 @@
+"""Rollout: batched KV-cache sampling on the HF model, recording the sampler's log-probs.
+
+One forward of the left-padded prompts fills the cache, then one token per step for the whole
+batch; finished rows keep feeding a masked pad token so the batch stays rectangular. Each row stops
+at EOS or at a stop string (checked on its decoded completion) or after ``max_new_tokens``
+(``truncated``). The recorded log-prob of a token is its log-probability under the distribution it
+was actually drawn from (after temperature / top-k / top-p; under the raw model for greedy), which
+is what importance-sampling corrections need.
+
+Public API: ``RolloutBatch`` (plain data handed to scoring and learning), ``rollout`` and
+``from_completions`` (off-policy batches: dataset references or any given texts), ``sample_tokens``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache, PreTrainedTokenizerBase
+
+from .config import RolloutConfig
+from .data import Prompt, encode_prompt
+from .models import LoadedModel, forward_hidden, head_logits
+
+
+@dataclass
+class RolloutBatch:
+    """Prompts (left-padded) followed by completions (right-padded), ``(B, L)`` each.
+
+    ``completion_mask`` is True at completion tokens (EOS included); position ``j`` of the model's
+    output predicts token ``j + 1``, so ``target_mask = completion_mask[:, 1:]`` selects the states
+    whose next-token distributions are distilled.
+    """
+
+    prompts: list[Prompt]
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    completion_mask: torch.Tensor
+    sampler_logprobs: torch.Tensor
+    completions: list[str]
+    truncated: list[bool]
+    source: str = "student"  # "student" | "teacher" | "dataset"
+
+    @property
+    def target_mask(self) -> torch.Tensor:
+        return self.completion_mask[:, 1:]
+
+    @property
+    def targets(self) -> torch.Tensor:
+        """Completion token ids in the row-major order every stage uses."""
+        return self.input_ids[:, 1:][self.target_mask]
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.completion_mask.sum())
+
+    def completion_lengths(self) -> list[int]:
+        return self.completion_mask.sum(1).tolist()
+
+
+def sample_tokens(
+    logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw one token per row; return ``(tokens, log-probs under the sampling distribution)``."""
+    if temperature == 0:
+        tokens = logits.argmax(-1)
+        return tokens, torch.log_softmax(logits, -1).gather(-1, tokens[:, None]).squeeze(-1)
+    z = logits / temperature
+    if 0 < top_k < z.shape[-1]:
+        kth = torch.topk(z, top_k, dim=-1).values[:, -1:]
+        z = z.masked_fill(z < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_z, order = torch.sort(z, descending=True, dim=-1)
+        probs = torch.softmax(sorted_z, -1)
+        drop = probs.cumsum(-1) - probs >= top_p  # mass before this token already reaches top_p
+        z = z.scatter(-1, order, sorted_z.masked_fill(drop, float("-inf")))
+    logp = torch.log_softmax(z, -1)
+    tokens = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)
+    return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
+
+
+def _eos_ids(lm: LoadedModel) -> list[int]:
+    ids = {lm.tokenizer.eos_token_id}
+    gen_eos = getattr(getattr(lm.model, "generation_config", None), "eos_token_id", None)
+    ids.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
+    return sorted(i for i in ids if i is not None)
+
+
+def _cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
+    cuts = [text.index(s) for s in stop if s in text]
+    return (text[: min(cuts)], True) if cuts else (text, False)
+
+
+def assemble(
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[Prompt],
+    prompt_ids: list[list[int]],
+    completion_ids: list[list[int]],
+    logprobs: list[list[float]] | None,
+    truncated: list[bool],
+    stop: list[str],
+    source: str,
+) -> RolloutBatch:
+    """Pack token lists into a left-padded-prompt / right-padded-completion ``RolloutBatch``."""
+    pad = tokenizer.pad_token_id
+    p_len = max(len(p) for p in prompt_ids)
+    c_len = max(1, max(len(c) for c in completion_ids))
+    b = len(prompts)
+    input_ids = torch.full((b, p_len + c_len), pad, dtype=torch.long)
+    attention = torch.zeros((b, p_len + c_len), dtype=torch.long)
+    completion = torch.zeros((b, p_len + c_len), dtype=torch.bool)
+    lps = torch.zeros((b, p_len + c_len), dtype=torch.float32)
+    for i, (p, c) in enumerate(zip(prompt_ids, completion_ids, strict=True)):
+        input_ids[i, p_len - len(p): p_len] = torch.tensor(p, dtype=torch.long)
+        attention[i, p_len - len(p): p_len + len(c)] = 1
+        if c:
+            input_ids[i, p_len: p_len + len(c)] = torch.tensor(c, dtype=torch.long)
+            completion[i, p_len: p_len + len(c)] = True
+            if logprobs is not None:
+                lps[i, p_len: p_len + len(c)] = torch.tensor(logprobs[i], dtype=torch.float32)
+    texts = [_cut_at_stop(tokenizer.decode(c, skip_special_tokens=True), stop)[0] for c in completion_ids]
+    return RolloutBatch(prompts, input_ids, attention, completion, lps, texts, truncated, source)
+
+
+@torch.no_grad()
+def rollout(
+    lm: LoadedModel,
+    prompts: list[Prompt],
+    cfg: RolloutConfig,
+    generator: torch.Generator | None = None,
+    *,
+    chat_template: bool = False,
+    source: str = "student",
+) -> RolloutBatch:
+    """Sample one completion per prompt with ``lm`` (student, or a teacher for off-policy batches)."""
+    tok = lm.tokenizer
+    prompt_ids = [encode_prompt(tok, p.prompt, chat_template) for p in prompts]
+    device = lm.device
+    pad = tok.pad_token_id
+    b, p_len = len(prompts), max(len(p) for p in prompt_ids)
+    step_ids = torch.full((b, p_len), pad, dtype=torch.long, device=device)
+    attn = torch.zeros((b, p_len), dtype=torch.long, device=device)
+    for i, p in enumerate(prompt_ids):
+        step_ids[i, p_len - len(p):] = torch.tensor(p, device=device)
+        attn[i, p_len - len(p):] = 1
+    eos = torch.tensor(_eos_ids(lm), device=device)
+    was_training = lm.model.training
+    lm.model.eval()
+    cache, head = DynamicCache(), lm.head
+    done = torch.zeros(b, dtype=torch.bool, device=device)
+    stopped = torch.zeros(b, dtype=torch.bool, device=device)
+    so_far: list[list[int]] = [[] for _ in range(b)]  # decoded for stop strings only
+    steps: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    for _ in range(cfg.max_new_tokens):
+        hidden, cache = forward_hidden(lm, step_ids, attn, cache=cache)
+        tokens, lps = sample_tokens(head_logits(hidden[:, -1], head), cfg.temperature, cfg.top_k, cfg.top_p, generator)
+        active = ~done
+        tokens = torch.where(active, tokens, torch.full_like(tokens, pad))
+        steps.append((tokens, lps, active))
+        for i in active.nonzero().squeeze(1).tolist() if cfg.stop else ():
+            so_far[i].append(int(tokens[i]))
+            stopped[i] = _cut_at_stop(tok.decode(so_far[i], skip_special_tokens=True), cfg.stop)[1]
+        done = done | torch.isin(tokens, eos) | stopped
+        attn = torch.cat([attn, active.long()[:, None]], dim=1)
+        step_ids = tokens[:, None]
+        if bool(done.all()):
+            break
+    lm.model.train(was_training)
+    all_tokens, all_lps, all_active = (torch.stack(x, 1).cpu() for x in zip(*steps, strict=True))
+    out_tokens = [all_tokens[i][all_active[i]].tolist() for i in range(b)]
+    out_lps = [all_lps[i][all_active[i]].tolist() for i in range(b)]
+    truncated = [not bool(d) for d in done.tolist()]
+    return assemble(tok, prompts, prompt_ids, out_tokens, out_lps, truncated, cfg.stop, source)
+
+
+def from_completions(
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[Prompt],
+    texts: list[str],
+    cfg: RolloutConfig,
+    *,
+    chat_template: bool = False,
+    source: str = "dataset",
+) -> RolloutBatch:
+    """A batch whose completions are given texts (+ EOS), cut to ``max_new_tokens``; no sampler log-probs."""
+    prompt_ids = [encode_prompt(tokenizer, p.prompt, chat_template) for p in prompts]
+    completions, truncated = [], []
+    for text in texts:
+        ids = [*tokenizer(text, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
+        truncated.append(len(ids) > cfg.max_new_tokens)
+        completions.append(ids[: cfg.max_new_tokens])
+    return assemble(tokenizer, prompts, prompt_ids, completions, None, truncated, cfg.stop, source)

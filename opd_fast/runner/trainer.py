@@ -1,0 +1,243 @@
+"""The on-policy distillation loop: prompt -> rollout -> score -> learn -> step.
+
+``train(config)`` runs it serially. Each step draws a prompt group from the ``PromptSource``; the
+student samples completions micro-batch by micro-batch (``rollout``), or, on a fraction ``lmbda`` of
+steps, the batch uses off-policy completions (dataset references or teacher samples); the global
+completion-token count of the step fixes the loss normalization; each micro-batch is then scored by
+its domain's teacher (``score``) and learned from (``Learner.micro_step``); one optimizer step ends
+the step. Stages only pass plain data (``Prompt`` lists, ``RolloutBatch``, ``ScoredBatch``), so a
+pipelined runner can overlap them without changing what they compute.
+
+Public API (stable): ``train(config, *, resume=False, stop_after=None) -> dict`` (summary: steps,
+final_loss, steps_per_s, tokens_per_s, skipped_steps, run_dir, checkpoint, eval, interrupted) and
+``Trainer`` (built pieces, for callers that want to drive steps themselves).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoint import latest_checkpoint, load_state, rng_state, save_checkpoint, set_rng_state
+from .config import RunConfig, config_to_dict
+from .data import Prompt, load_examples, prompt_source
+from .evaluate import Verifiers, evaluate
+from .learn import Learner, MicroStats
+from .metrics import MetricsLogger
+from .models import load_run_models
+from .rollout import RolloutBatch, from_completions, rollout
+from .score import Router, score
+
+
+def _chunks(items: list[Prompt], size: int) -> list[list[Prompt]]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+class Trainer:
+    """Everything a run needs, loaded and checked at start-up (models, routing, data, learner)."""
+
+    def __init__(self, config: RunConfig, checkpoint: Path | None = None) -> None:
+        self.config = c = config
+        torch.manual_seed(c.run.seed)
+        random.seed(c.run.seed)
+        ckpt = None if checkpoint is None else str(checkpoint)
+        self.student, self.teachers, self.vocab_sizes = load_run_models(c, ckpt)
+        self.router = Router(c.teachers)
+        self.source = prompt_source(c.data, c.run.seed)
+        self.router.check(self.source.domains)
+        self.learner = Learner(self.student, c.loss, c.optim, {n: t.weight for n, t in c.teachers.items()},
+                               self.vocab_sizes)  # fmt: skip
+        self.verifiers = Verifiers(c.loss.verifiers, c.data.task)
+        self.generator = torch.Generator(c.run.device).manual_seed(c.run.seed)
+        self.mix_rng = random.Random(c.run.seed + 1)
+        self.step = 0
+        if checkpoint is not None:
+            state = load_state(checkpoint)
+            self.learner.load_state_dict(state["learner"])
+            self.source.load_state_dict(state["sampler"])
+            self.mix_rng.setstate(state["mix_rng"])
+            set_rng_state(state["rng"], self.generator)
+            self.step = state["step"]
+
+    # -- stages ---------------------------------------------------------------------------------
+    def make_batch(self, prompts: list[Prompt], off_policy: bool) -> RolloutBatch:
+        """Rollout stage: student samples, or off-policy completions on an ``lmbda`` step."""
+        c = self.config
+        if not off_policy:
+            return rollout(self.student, prompts, c.rollout, self.generator, chat_template=c.data.chat_template)
+        if c.loss.off_policy_source == "dataset":
+            return from_completions(self.student.tokenizer, prompts, [p.reference or "" for p in prompts], c.rollout,
+                                    chat_template=c.data.chat_template)  # fmt: skip
+        routed = self.router.route([p.domain for p in prompts])
+        parts = {name: rollout(self.teachers[name], [prompts[i] for i in rows], c.rollout, self.generator,
+                               chat_template=c.data.chat_template, source="teacher")
+                 for name, rows in routed.items()}  # fmt: skip
+        order = [(name, k) for name, rows in routed.items() for k in range(len(rows))]
+        texts = [""] * len(prompts)
+        for (name, k), i in zip(order, [i for rows in routed.values() for i in rows], strict=True):
+            texts[i] = parts[name].completions[k]
+        return from_completions(self.student.tokenizer, prompts, texts, c.rollout,
+                                chat_template=c.data.chat_template, source="teacher")  # fmt: skip
+
+    def advantages(self, batches: list[RolloutBatch]) -> list[torch.Tensor | None]:
+        """Verifier reward minus the mean of its prompt group (consecutive ``group_size`` samples)."""
+        if self.config.loss.verifier_weight <= 0:
+            return [None] * len(batches)
+        samples = [(p, text) for b in batches for p, text in zip(b.prompts, b.completions, strict=True)]
+        rewards = torch.tensor([self.verifiers(p.domain, p.prompt, text, p.reference or "") for p, text in samples])
+        groups = rewards.view(-1, self.config.data.group_size)
+        adv = (groups - groups.mean(1, keepdim=True)).view(-1)
+        return list(torch.split(adv, [len(b.prompts) for b in batches]))
+
+    def sft_batches(self, micro: list[list[Prompt]]) -> tuple[list[RolloutBatch | None], float]:
+        """Reference completions for the optional hard-label term, and their token count."""
+        c = self.config
+        if c.loss.sft_weight <= 0:
+            return [None] * len(micro), 1.0
+        batches = [from_completions(self.student.tokenizer, mb, [p.reference or "" for p in mb], c.rollout,
+                                    chat_template=c.data.chat_template) for mb in micro]  # fmt: skip
+        return list(batches), float(sum(b.num_tokens for b in batches))
+
+    def train_step(self) -> dict[str, Any]:
+        """One optimizer step; returns its metrics row."""
+        c, times = self.config, {"rollout": 0.0, "score": 0.0, "learn": 0.0}
+        t_start = time.perf_counter()
+        prompts = self.source.next_batch()
+        off_policy = c.loss.lmbda > 0 and self.mix_rng.random() < c.loss.lmbda
+        micro = _chunks(prompts, c.rollout.micro_batch_size)
+        t = time.perf_counter()
+        batches = [self.make_batch(mb, off_policy) for mb in micro]
+        times["rollout"] = time.perf_counter() - t
+        num_items = float(sum(b.num_tokens for b in batches))
+        advantages = self.advantages(batches)
+        sft, sft_items = self.sft_batches(micro)
+        stats: list[MicroStats] = []
+        for batch, adv, ref in zip(batches, advantages, sft, strict=True):
+            t = time.perf_counter()
+            scored = score(batch, self.teachers, self.router, signal=c.loss.signal, topk=c.loss.topk,
+                           temperature=c.loss.temperature)  # fmt: skip
+            times["score"] += time.perf_counter() - t
+            t = time.perf_counter()
+            stats.append(self.learner.micro_step(scored, num_items, adv, ref, sft_items))
+            times["learn"] += time.perf_counter() - t
+        t = time.perf_counter()
+        update = self.learner.step()
+        times["learn"] += time.perf_counter() - t
+        self.source.update([p.index for b in batches for p in b.prompts],
+                           [d for s in stats for d in s.per_sample_divergence])  # fmt: skip
+        self.step += 1
+        elapsed = time.perf_counter() - t_start
+        lengths = [n for b in batches for n in b.completion_lengths()]
+        row: dict[str, Any] = {
+            "step": self.step,
+            "loss": sum(s.loss for s in stats),
+            "source": batches[0].source,
+            "completion_len": sum(lengths) / len(lengths),
+            "truncation_rate": sum(t for b in batches for t in b.truncated) / len(lengths),
+            "tokens": int(num_items),
+            "tokens_per_s": num_items / elapsed,
+            "step_time": elapsed,
+            **{f"time/{k}": v for k, v in times.items()},
+            "grad_norm": update["grad_norm"],
+            "lr": update["lr"],
+            "skipped_steps": self.learner.skipped,
+        }
+        entropy = sum(s.entropy_sum for s in stats)
+        if entropy:
+            row["student_entropy"] = entropy / num_items
+        keys = {k for s in stats for k in s.divergence_sum}
+        for key in sorted(keys):
+            total = sum(s.divergence_sum.get(key, 0.0) for s in stats)
+            count = sum(s.divergence_tokens.get(key, 0) for s in stats)
+            row[f"divergence/{key}"] = total / max(1, count)
+        return row
+
+    # -- bookkeeping ----------------------------------------------------------------------------
+    def save(self) -> Path:
+        state = {"learner": self.learner.state_dict(), "sampler": self.source.state_dict(),
+                 "mix_rng": self.mix_rng.getstate(), "rng": rng_state(self.generator)}  # fmt: skip
+        return save_checkpoint(self.config.run.out_dir, self.step, self.student, state, self.config.checkpoint.keep)
+
+    def evaluate(self) -> dict[str, float]:
+        c = self.config
+        examples = load_examples(c.data, "eval", c.eval.num_prompts, c.run.seed)
+        self.router.check(sorted({ex.domain for ex in examples}))
+        # Evaluation must not perturb the training RNG streams (resume exactness).
+        with torch.random.fork_rng(devices=[]):
+            return evaluate(self.student, self.teachers, self.router, examples, c.rollout, self.verifiers,
+                            self.vocab_sizes, sampled=c.eval.sampled, seed=c.run.seed + 7,
+                            chat_template=c.data.chat_template)  # fmt: skip
+
+
+@contextlib.contextmanager
+def _stop_on_signals() -> Iterator[threading.Event]:
+    """SIGINT/SIGTERM set a flag: the loop finishes its step, checkpoints and returns."""
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def train(config: RunConfig, *, resume: bool = False, stop_after: int | None = None) -> dict[str, Any]:
+    """Run (or with ``resume`` continue) training; ``stop_after`` ends early after that step, checkpointed."""
+    out = Path(config.run.out_dir)
+    checkpoint = latest_checkpoint(out) if resume else None
+    if resume and checkpoint is None:
+        print(f"opd-fast: no checkpoint under {out}/checkpoints; starting from scratch")
+    trainer = Trainer(config, checkpoint)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(config_to_dict(config), indent=2))
+    c, start = config, trainer.step
+    logger = MetricsLogger(out, c.optim.steps, start, progress=c.metrics.progress, tensorboard=c.metrics.tensorboard)
+    last_ckpt, eval_results, interrupted, row = checkpoint, {}, False, {}
+    tokens, t0 = 0, time.perf_counter()
+    try:
+        with _stop_on_signals() as stop:
+            while trainer.step < c.optim.steps:
+                row = trainer.train_step()
+                tokens += row["tokens"]
+                logger.log(row)
+                at_end = trainer.step == c.optim.steps
+                if c.checkpoint.every and trainer.step % c.checkpoint.every == 0 and not at_end:
+                    last_ckpt = trainer.save()
+                if c.eval.every and trainer.step % c.eval.every == 0 and not at_end:
+                    logger.log({"step": trainer.step, "kind": "eval", **trainer.evaluate()}, advance=False)
+                if stop.is_set() or (stop_after is not None and trainer.step >= stop_after):
+                    interrupted = stop.is_set()
+                    break
+            elapsed = time.perf_counter() - t0
+            if trainer.step > start:
+                last_ckpt = trainer.save()
+            if trainer.step == c.optim.steps and c.eval.at_end and not interrupted:
+                eval_results = trainer.evaluate()
+                logger.log({"step": trainer.step, "kind": "eval", **eval_results}, advance=False)
+    finally:
+        logger.close()
+    steps_done = trainer.step - start
+    return {
+        "steps": trainer.step,
+        "steps_run": steps_done,
+        "final_loss": row.get("loss"),
+        "steps_per_s": steps_done / elapsed if elapsed > 0 else 0.0,
+        "tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0,
+        "skipped_steps": trainer.learner.skipped,
+        "run_dir": str(out),
+        "checkpoint": None if last_ckpt is None else str(last_ckpt),
+        "eval": eval_results,
+        "interrupted": interrupted,
+    }
