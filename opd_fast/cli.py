@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 
 # One entry per module in opd_fast/commands/ (add yours here).
-SUBCOMMAND_MODULES: tuple[str, ...] = ("demo", "train", "eval", "generate", "plot")
+SUBCOMMAND_MODULES: tuple[str, ...] = ("demo", "bench", "train", "eval", "generate", "plot", "kernels")
 
 
 def build_parser() -> argparse.ArgumentParser:

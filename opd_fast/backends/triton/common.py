@@ -37,6 +37,12 @@ class BlockConfig:
     block_k: int
     num_warps: int = 4
     num_stages: int = 3
+    maxnreg: int | None = None
+
+    def launch_options(self) -> dict[str, int]:
+        """Keyword options of a launch / ``triton.compile`` (warps, pipeline depth, register cap)."""
+        opts = {"num_warps": self.num_warps, "num_stages": self.num_stages}
+        return opts if self.maxnreg is None else {**opts, "maxnreg": self.maxnreg}
 
     def constexprs(self) -> dict[str, int]:
         return {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "BLOCK_K": self.block_k}
@@ -218,5 +224,4 @@ def compile_for_target(kernel: triton.runtime.Heuristics, args: dict[str, Any], 
         if isinstance(value, torch.Tensor) or name in ("HS", "HT"):
             attrs[(i,)] = [["tt.divisibility", 16]]
     source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-    options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
-    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=config.launch_options())

@@ -120,5 +120,5 @@ def launch_grad(
     args = grad_arguments(hs, ws, bs, ht, wt, bt, lse_s, lse_t, coef, row_scale, opts, want, n_splits, filter_eps)
     grid = (triton.cdiv(hs.shape[0], config.block_m), n_splits)
     if hs.shape[0]:  # an all-masked batch launches nothing
-        grad_kernel[grid](**args, **config.constexprs(), num_warps=config.num_warps, num_stages=config.num_stages)
+        grad_kernel[grid](**args, **config.constexprs(), **config.launch_options())
     return args["grad_h_ptr"], args["grad_w_ptr"], args["grad_b_ptr"]

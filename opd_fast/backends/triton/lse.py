@@ -59,5 +59,5 @@ def launch_lse(hs, ws, bs, ht, wt, bt, opts: LossOptions, config: BlockConfig, n
     args = lse_arguments(hs, ws, bs, ht, wt, bt, opts, n_splits)
     grid = (triton.cdiv(hs.shape[0], config.block_m), n_splits)
     if hs.shape[0]:  # an all-masked batch launches nothing
-        lse_kernel[grid](**args, **config.constexprs(), num_warps=config.num_warps, num_stages=config.num_stages)
+        lse_kernel[grid](**args, **config.constexprs(), **config.launch_options())
     return torch.logsumexp(args["lse_s_ptr"], 0), torch.logsumexp(args["lse_t_ptr"], 0)

@@ -69,5 +69,5 @@ def launch_terms(hs, ws, bs, ht, wt, bt, lse_s, lse_t, opts: LossOptions, config
     args = terms_arguments(hs, ws, bs, ht, wt, bt, lse_s, lse_t, opts, n_splits)
     grid = (triton.cdiv(hs.shape[0], config.block_m), n_splits)
     if hs.shape[0]:  # an all-masked batch launches nothing
-        terms_kernel[grid](**args, **config.constexprs(), num_warps=config.num_warps, num_stages=config.num_stages)
+        terms_kernel[grid](**args, **config.constexprs(), **config.launch_options())
     return args["div_ptr"].sum(0), args["coef_ptr"].sum(0), args["ent_ptr"].sum(0)

@@ -1,0 +1,167 @@
+"""``opd-fast kernels check``: compile every Triton kernel for real NVIDIA targets, no GPU needed.
+
+For each kernel x launch config x dtype x architecture (sm_80, sm_90a) it compiles with
+``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`` and reports what
+decides whether the kernel can run fast: registers and spill stores (``ptxas-blackwell -v``
+on the emitted PTX: triton 3.9 emits PTX 9.x, which only that ptxas accepts), shared memory
+against the architecture's per-block limit, and whether the SASS (``cuobjdump -sass``) uses
+tensor cores (``HMMA`` on sm_80, ``HGMMA`` i.e. wgmma on sm_90a). Kernels are compiled in
+their heaviest specialization (JSD, biases, softcaps, gradient filtering, odd-free shapes of
+Liger's benchmark) so the register figures bound every other variant's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+ARCHS = (80, 90)
+DTYPES = ("float32", "float16", "bfloat16")
+# Max shared memory per block (opt-in): A100 164 KB, H100 227 KB.
+SMEM_LIMIT = {80: 166912, 90: 232448}
+TENSOR_CORE_OP = {80: "HMMA", 90: "HGMMA"}
+# Liger's published benchmark shape (docs/performance.md).
+SHAPE = {"n": 8192, "hs": 2048, "ht": 4096, "vocab": 128256}
+
+
+@dataclass
+class KernelReport:
+    kernel: str
+    config: str
+    dtype: str
+    arch: str
+    registers: int
+    spill_stores: int
+    spill_loads: int
+    shared_bytes: int
+    shared_limit: int
+    tensor_core_op: str
+    tensor_core_count: int
+
+    @property
+    def ok(self) -> bool:
+        return self.spill_stores == 0 and self.shared_bytes <= self.shared_limit and self.tensor_core_count > 0
+
+
+def _tool(name: str) -> str:
+    import triton
+
+    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
+
+
+def _kernel_arguments(kernel: str, dtype):
+    """Launcher keyword arguments on meta tensors (shapes only): what a real launch would pass."""
+    import torch
+
+    from ..backends.triton.grad import grad_arguments
+    from ..backends.triton.lse import lse_arguments
+    from ..backends.triton.terms import terms_arguments
+    from ..validation import HeadSpec, LossOptions
+
+    n, hs_dim, ht_dim, vocab = SHAPE["n"], SHAPE["hs"], SHAPE["ht"], SHAPE["vocab"]
+    meta = {"dtype": dtype, "device": "meta"}
+    hs, ws, bs = torch.empty(n, hs_dim, **meta), torch.empty(vocab, hs_dim, **meta), torch.empty(vocab, **meta)
+    ht, wt, bt = torch.empty(n, ht_dim, **meta), torch.empty(vocab, ht_dim, **meta), torch.empty(vocab, **meta)
+    opts = LossOptions(
+        divergence="jsd", beta=0.5, temperature=2.0, temperature_sq_scaling=False, reduction="mean",
+        num_items=None, student=HeadSpec(1.0, 30.0), teacher=HeadSpec(1.0, 30.0), vocab_size=vocab,
+    )  # fmt: skip
+    rows = torch.empty(n, dtype=torch.float32, device="meta")
+    if kernel == "lse":
+        return lse_arguments(hs, ws, bs, ht, wt, bt, opts, 1)
+    if kernel == "terms":
+        return terms_arguments(hs, ws, bs, ht, wt, bt, rows, rows, opts, 1)
+    return grad_arguments(hs, ws, bs, ht, wt, bt, rows, rows, rows, rows, opts, (True, True, True), 1, 1e-6)
+
+
+def _ptxas_stats(ptx: str, arch: int) -> tuple[int, int, int]:
+    """(registers, spill store bytes, spill load bytes) from ``ptxas-blackwell -v``."""
+    gpu = "sm_90a" if arch == 90 else f"sm_{arch}"
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "k.ptx"
+        src.write_text(ptx)
+        out = subprocess.run(
+            [_tool("ptxas-blackwell"), "-v", f"--gpu-name={gpu}", str(src), "-o", str(Path(tmp) / "k.cubin")],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+    log = out.stdout + out.stderr
+    regs = re.search(r"Used (\d+) registers", log)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    if regs is None or spills is None:
+        raise RuntimeError(f"unexpected ptxas output:\n{log}")
+    return int(regs.group(1)), int(spills.group(1)), int(spills.group(2))
+
+
+def _tensor_core_count(cubin: bytes, op: str) -> int:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        sass = subprocess.run([_tool("cuobjdump"), "-sass", f.name], capture_output=True, text=True, check=True).stdout
+    return len(re.findall(rf"\b{op}\b", sass))
+
+
+def check_kernels(
+    kernels: tuple[str, ...] | None = None,
+    archs: tuple[int, ...] = ARCHS,
+    dtypes: tuple[str, ...] = DTYPES,
+    default_only: bool = False,
+) -> list[KernelReport]:
+    """Compile and inspect every (kernel, config, dtype, arch); ``default_only``: first config per arch."""
+    import torch
+
+    from ..backends.triton import CONFIGS, KERNELS
+    from ..backends.triton.common import compile_for_target
+
+    reports = []
+    for name in kernels or tuple(KERNELS):
+        for arch in archs:
+            configs = CONFIGS[name][arch][:1] if default_only else CONFIGS[name][arch]
+            for config in configs:
+                for dtype_name in dtypes:
+                    args = _kernel_arguments(name, getattr(torch, dtype_name))
+                    compiled = compile_for_target(KERNELS[name], args, config, arch)
+                    regs, spill_st, spill_ld = _ptxas_stats(compiled.asm["ptx"], arch)
+                    op = TENSOR_CORE_OP[arch]
+                    reports.append(KernelReport(
+                        kernel=name, config=config.label(), dtype=dtype_name,
+                        arch="sm_90a" if arch == 90 else f"sm_{arch}", registers=regs, spill_stores=spill_st,
+                        spill_loads=spill_ld, shared_bytes=compiled.metadata.shared, shared_limit=SMEM_LIMIT[arch],
+                        tensor_core_op=op, tensor_core_count=_tensor_core_count(compiled.asm["cubin"], op),
+                    ))  # fmt: skip
+    return reports
+
+
+def format_table(reports: list[KernelReport]) -> str:
+    head = ("kernel", "config", "dtype", "arch", "regs", "spill st", "smem KB", "tensor cores", "ok")
+    rows = [
+        (r.kernel, r.config, r.dtype, r.arch, str(r.registers), str(r.spill_stores),
+         f"{r.shared_bytes / 1024:.0f}/{r.shared_limit / 1024:.0f}", f"{r.tensor_core_op} x{r.tensor_core_count}",
+         "yes" if r.ok else "NO")
+        for r in reports
+    ]  # fmt: skip
+    widths = [max(len(x) for x in col) for col in zip(head, *rows, strict=True)]
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
+    return "\n".join([line(head), line(tuple("-" * w for w in widths)), *map(line, rows)])
+
+
+def _run(args: argparse.Namespace) -> int:
+    reports = check_kernels(default_only=args.default_only)
+    if args.json:
+        print(json.dumps([{**asdict(r), "ok": r.ok} for r in reports], indent=2))
+    else:
+        print(format_table(reports))
+    return 0 if all(r.ok for r in reports) else 1
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    kernels = sub.add_parser("kernels", help="inspect the Triton kernels (compile for sm_80 / sm_90a, no GPU needed)")
+    action = kernels.add_subparsers(dest="kernels_command", required=True)
+    check = action.add_parser("check", help="compile every kernel x config x dtype; report regs, spills, smem, MMA")
+    check.add_argument("--json", action="store_true", help="print the reports as JSON")
+    check.add_argument("--default-only", action="store_true", help="only the default (first) config per arch")
+    check.set_defaults(func=_run)
