@@ -29,6 +29,10 @@ __all__ = ["FusedRows", "RowKernel", "RowSetup", "fused_linear_logprobs", "sweep
 
 Upstream = Sequence[torch.Tensor | None]
 
+# fp32 chunk x V tiles alive at once in the row kernels (final logits, gradient, a temporary of
+# the reductions, and log q / q for the entropy), besides the GEMM's scratch buffer.
+_LIVE_TILES = 4
+
 
 class RowKernel(Protocol):
     """Per-row math on one chunk of final student logits ``z`` (fp32/fp64, ``(n, V)``).
@@ -72,13 +76,17 @@ def sweep_rows(
     within ``tuning.memory_budget_mb`` (the vocabulary is never tiled here).
     """
     n, vocab = hs.shape[0], setup.vocab
-    chunk, _ = plan_chunks(n, vocab, replace(setup.tuning, chunk_vocab=vocab))
+    live_bytes = _LIVE_TILES * accum_dtype(hs.dtype).itemsize + hs.dtype.itemsize
+    chunk, _ = plan_chunks(n, vocab, replace(setup.tuning, chunk_vocab=vocab), live_bytes)
     head = Head(ws, bs, setup.spec.scale)
+    buffer = torch.empty(chunk * vocab, dtype=hs.dtype, device=hs.device)
+    if upstream is not None and head.scale != 1.0:
+        upstream = [None if u is None else u * head.scale for u in upstream]  # the sink takes dL/d(h W^T + b)
     outs = [torch.zeros(n, dtype=accum_dtype(hs.dtype), device=hs.device) for _ in range(kernel.n_outputs)]
     for i0 in range(0, n, chunk):
         rows = slice(i0, min(i0 + chunk, n))
         h = hs[rows]
-        z = finish_logits(head.logits(h, 0, vocab), setup.spec, setup.temperature)
+        z = finish_logits(head.logits(h, 0, vocab, buffer), setup.spec, setup.temperature)
         chunk_up = None if upstream is None else [None if u is None else u[rows] for u in upstream]
         values, grad = kernel(z, rows, chunk_up)
         for out, value in zip(outs, values, strict=True):
@@ -126,9 +134,10 @@ class FusedRows(torch.autograd.Function):
             g = grads[0]
             if g is None:
                 return (*none, None, None, None)
-            grad_h = None if grad_h is None else grad_h * g.to(grad_h.dtype)
-            grad_w = None if grad_w is None else grad_w * g
-            grad_b = None if grad_b is None else grad_b * g
+            if bool(g != 1):  # a plain loss.backward() passes 1: skip three full-size passes
+                grad_h = None if grad_h is None else grad_h * g.to(grad_h.dtype)
+                grad_w = None if grad_w is None else grad_w * g
+                grad_b = None if grad_b is None else grad_b * g
         else:
             hs, ws, bs = ctx.saved_tensors
             acc = accum_dtype(hs.dtype)
