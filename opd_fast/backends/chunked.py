@@ -32,10 +32,10 @@ import torch
 from ..validation import LossOptions
 from .tile_math import RowTerms, accum_dtype, finish_logits, grad_from_terms, logits_grad_to_raw, tile_terms
 
-# fp32 n x v buffers alive at once in the torch tile math (two logits tiles, q, p, a and
-# temporaries); the native kernel needs fewer, but one plan serves both.
-_LIVE_TILES = 6
 _MIN_CHUNK_TOKENS = 16
+# Rows of the grad-weight product computed per call when its output needs a dtype change
+# (bf16 GEMM -> fp32 accumulator): bounds that temporary to ~32 MB whatever V is.
+_GRAD_W_SLICE_ELEMS = 16 * 2**20
 
 
 @dataclass(frozen=True)
@@ -69,14 +69,18 @@ class Tuning:
 class TileMath(Protocol):
     name: str
 
+    def live_bytes_per_logit(self, dtype: torch.dtype) -> int:
+        """Bytes alive per (token, vocab) element of a chunk for logits of ``dtype`` (sizes chunks)."""
+        ...
+
     def full_rows(
         self, raw_s: torch.Tensor, raw_t: torch.Tensor, opts: LossOptions, row_scale: torch.Tensor | None
     ) -> tuple[RowTerms, torch.Tensor, torch.Tensor, torch.Tensor | None]: ...
 
 
-def plan_chunks(n_tokens: int, vocab: int, tuning: Tuning) -> tuple[int, int]:
-    """(chunk_tokens, chunk_vocab) keeping ``_LIVE_TILES`` fp32 tiles within the budget."""
-    budget_elems = int(tuning.memory_budget_mb * 2**20) // (4 * _LIVE_TILES)
+def plan_chunks(n_tokens: int, vocab: int, tuning: Tuning, bytes_per_logit: int) -> tuple[int, int]:
+    """(chunk_tokens, chunk_vocab) keeping a chunk's live tiles (``bytes_per_logit`` each element) in budget."""
+    budget_elems = int(tuning.memory_budget_mb * 2**20) // bytes_per_logit
     chunk_vocab = min(tuning.chunk_vocab or vocab, vocab)
     if tuning.chunk_vocab is None and budget_elems // vocab < _MIN_CHUNK_TOKENS:
         chunk_vocab = max(256, budget_elems // _MIN_CHUNK_TOKENS // 256 * 256)
@@ -101,16 +105,26 @@ class Head:
     bias: torch.Tensor | None
     scale: float
 
-    def logits(self, h: torch.Tensor, v0: int, v1: int) -> torch.Tensor:
+    def logits(self, h: torch.Tensor, v0: int, v1: int, buffer: torch.Tensor) -> torch.Tensor:
+        """The (n, v1 - v0) tile, written into the front of the flat scratch ``buffer``.
+
+        Reusing one buffer per sweep avoids a fresh multi-MB allocation (and its page faults)
+        per chunk; the caller consumes the tile before the next call overwrites it.
+        """
         w = self.weight[v0:v1]
+        out = buffer[: h.shape[0] * (v1 - v0)].view(h.shape[0], v1 - v0)
         if self.bias is None:
-            out = h @ w.T
+            torch.mm(h, w.T, out=out)
             return out.mul_(self.scale) if self.scale != 1.0 else out
-        return torch.addmm(self.bias[v0:v1], h, w.T, beta=self.scale, alpha=self.scale)
+        return torch.addmm(self.bias[v0:v1], h, w.T, beta=self.scale, alpha=self.scale, out=out)
 
 
 class GradSink:
-    """Student gradient accumulators: grad-hidden per chunk, fp32 grad-weight and grad-bias."""
+    """Student gradient accumulators: grad-hidden per chunk, fp32 grad-weight and grad-bias.
+
+    Tiles arrive already multiplied by the head's logit scale (``sweep`` folds it into the
+    per-row scale), in fp32 or in the GEMM dtype when the tile math wrote them in place.
+    """
 
     def __init__(self, hs: torch.Tensor, head: Head, want: tuple[bool, bool, bool], tuning: Tuning) -> None:
         self.want_h, self.want_w, self.want_b = want
@@ -119,12 +133,10 @@ class GradSink:
         self.grad_w = torch.zeros(head.weight.shape, **acc) if self.want_w else None
         self.grad_b = torch.zeros(head.weight.shape[0], **acc) if self.want_b else None
         self.weight = head.weight
-        self.scale = head.scale
         self.tuning = tuning
 
-    def add(self, grad_raw: torch.Tensor, h: torch.Tensor, rows: slice, v0: int) -> None:
-        """Accumulate one tile's dL/d(raw logits) (fp32, (n, v)) over vocab ``v0:v0+v``."""
-        g = grad_raw.mul_(self.scale) if self.scale != 1.0 else grad_raw
+    def add(self, g: torch.Tensor, h: torch.Tensor, rows: slice, v0: int) -> None:
+        """Accumulate one tile's dL/d(logits before the scale) ((n, v)) over vocab ``v0:v0+v``."""
         cols = self._kept_columns(g)
         if cols is not None:
             g = g.index_select(1, cols)
@@ -132,20 +144,25 @@ class GradSink:
         else:
             w = self.weight[v0 : v0 + g.shape[1]]
         if self.grad_b is not None:
-            b = g.sum(0)
+            b = g.sum(0, dtype=self.grad_b.dtype)
             if cols is None:
                 self.grad_b[v0 : v0 + g.shape[1]] += b
             else:
                 self.grad_b.index_add_(0, cols + v0, b)
         g = g.to(h.dtype)
         if self.grad_h is not None:
-            self.grad_h[rows] += g @ w
-        if self.grad_w is not None:
-            gw = g.T @ h
-            if cols is None:
-                self.grad_w[v0 : v0 + g.shape[1]] += gw
-            else:
-                self.grad_w.index_add_(0, cols + v0, gw.to(self.grad_w.dtype))
+            self.grad_h[rows].addmm_(g, w)
+        if self.grad_w is None:
+            return
+        if cols is not None:
+            self.grad_w.index_add_(0, cols + v0, (g.T @ h).to(self.grad_w.dtype))
+        elif g.dtype == self.grad_w.dtype:
+            self.grad_w[v0 : v0 + g.shape[1]].addmm_(g.T, h)  # accumulates in place, no temporary
+        else:  # low-precision GEMM: its output is converted into the fp32 accumulator slice by slice
+            step = max(1, _GRAD_W_SLICE_ELEMS // h.shape[1])
+            for c0 in range(0, g.shape[1], step):
+                c1 = min(c0 + step, g.shape[1])
+                self.grad_w[v0 + c0 : v0 + c1] += g[:, c0:c1].T @ h
 
     def _kept_columns(self, g: torch.Tensor) -> torch.Tensor | None:
         """Columns of the vocab blocks whose gradient is not negligible (None: keep all)."""
@@ -163,15 +180,32 @@ class GradSink:
         return cols[cols < col_max.numel()]
 
 
-def _online_lse(h_s, h_t, student: Head, teacher: Head, opts: LossOptions, chunk_vocab: int):
-    k = opts.vocab_size
-    n = h_s.shape[0]
-    lse_s = torch.full((n,), float("-inf"), dtype=accum_dtype(h_s.dtype), device=h_s.device)
-    lse_t = torch.full((n,), float("-inf"), dtype=accum_dtype(h_s.dtype), device=h_s.device)
+class _ChunkLogits(NamedTuple):
+    """A chunk's student and teacher logits tiles, from GEMMs into reused scratch buffers."""
+
+    h_s: torch.Tensor
+    h_t: torch.Tensor
+    student: Head
+    teacher: Head
+    opts: LossOptions
+    buffers: tuple[torch.Tensor, torch.Tensor]
+
+    def raw(self, v0: int, v1: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return (self.student.logits(self.h_s, v0, v1, self.buffers[0]),
+                self.teacher.logits(self.h_t, v0, v1, self.buffers[1]))  # fmt: skip
+
+    def final(self, v0: int, v1: int) -> tuple[torch.Tensor, torch.Tensor]:
+        raw_s, raw_t = self.raw(v0, v1)
+        o = self.opts
+        return finish_logits(raw_s, o.student, o.temperature), finish_logits(raw_t, o.teacher, o.temperature)
+
+
+def _online_lse(chunk: _ChunkLogits, chunk_vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    k, n = chunk.opts.vocab_size, chunk.h_s.shape[0]
+    lse_s = torch.full((n,), float("-inf"), dtype=accum_dtype(chunk.h_s.dtype), device=chunk.h_s.device)
+    lse_t = lse_s.clone()
     for v0 in range(0, k, chunk_vocab):
-        v1 = min(v0 + chunk_vocab, k)
-        z_s = finish_logits(student.logits(h_s, v0, v1), opts.student, opts.temperature)
-        z_t = finish_logits(teacher.logits(h_t, v0, v1), opts.teacher, opts.temperature)
+        z_s, z_t = chunk.final(v0, min(v0 + chunk_vocab, k))
         lse_s = torch.logaddexp(lse_s, torch.logsumexp(z_s, -1))
         lse_t = torch.logaddexp(lse_t, torch.logsumexp(z_t, -1))
     return lse_s, lse_t
@@ -196,43 +230,39 @@ def sweep(
     regime skip its statistics passes.
     """
     n, k = hs.shape[0], opts.vocab_size
-    chunk_tokens, chunk_vocab = plan_chunks(n, k, tuning)
+    chunk_tokens, chunk_vocab = plan_chunks(n, k, tuning, tiles.live_bytes_per_logit(hs.dtype))
     acc = dict(dtype=accum_dtype(hs.dtype), device=hs.device)
     out = SweepResult(*(torch.zeros(n, **acc) for _ in range(5))) if known is None else known
+    if row_scale is not None and student.scale != 1.0:
+        row_scale = row_scale * student.scale  # the sink then takes tiles as they come
+    buffers = tuple(torch.empty(chunk_tokens * chunk_vocab, dtype=h.dtype, device=h.device) for h in (hs, ht))
     for i0 in range(0, n, chunk_tokens):
         rows = slice(i0, min(i0 + chunk_tokens, n))
-        h_s, h_t = hs[rows], ht[rows]
+        chunk = _ChunkLogits(hs[rows], ht[rows], student, teacher, opts, buffers)
         scale = None if row_scale is None else row_scale[rows]
         if chunk_vocab >= k:
-            terms, lse_s, lse_t, grad = tiles.full_rows(
-                student.logits(h_s, 0, k), teacher.logits(h_t, 0, k), opts, scale
-            )
+            terms, lse_s, lse_t, grad = tiles.full_rows(*chunk.raw(0, k), opts, scale)
             if known is None:
                 for dst, src in zip(out, (terms.divergence, lse_s, lse_t, terms.entropy, terms.coef), strict=True):
                     dst[rows] = src
             if grad is not None and sink is not None:
-                sink.add(grad, h_s, rows, 0)
+                sink.add(grad, chunk.h_s, rows, 0)
             continue
         if known is None:
-            lse_s, lse_t = _online_lse(h_s, h_t, student, teacher, opts, chunk_vocab)
+            lse_s, lse_t = _online_lse(chunk, chunk_vocab)
             out.student_lse[rows], out.teacher_lse[rows] = lse_s, lse_t
             for v0 in range(0, k, chunk_vocab):
-                v1 = min(v0 + chunk_vocab, k)
-                z_s = finish_logits(student.logits(h_s, v0, v1), opts.student, opts.temperature)
-                z_t = finish_logits(teacher.logits(h_t, v0, v1), opts.teacher, opts.temperature)
-                terms, _, _ = tile_terms(z_s, z_t, lse_s, lse_t, opts)
+                terms, _, _ = tile_terms(*chunk.final(v0, min(v0 + chunk_vocab, k)), lse_s, lse_t, opts)
                 out.divergence[rows] += terms.divergence
                 out.entropy[rows] += terms.entropy
                 out.coef[rows] += terms.coef
         if scale is None or sink is None:
             continue
         for v0 in range(0, k, chunk_vocab):
-            v1 = min(v0 + chunk_vocab, k)
-            z_s = finish_logits(student.logits(h_s, v0, v1), opts.student, opts.temperature)
-            z_t = finish_logits(teacher.logits(h_t, v0, v1), opts.teacher, opts.temperature)
+            z_s, z_t = chunk.final(v0, min(v0 + chunk_vocab, k))
             _, a, q = tile_terms(z_s, z_t, out.student_lse[rows], out.teacher_lse[rows], opts)
             grad = grad_from_terms(a, q, out.coef[rows], scale)
-            sink.add(logits_grad_to_raw(grad, z_s, opts.student, opts.temperature), h_s, rows, v0)
+            sink.add(logits_grad_to_raw(grad, z_s, opts.student, opts.temperature), chunk.h_s, rows, v0)
     return out
 
 
@@ -267,9 +297,10 @@ class ChunkedDivergence(torch.autograd.Function):
         opts, tiles, tuning, scalar, want = ctx.meta
         if scalar:
             grad_h, grad_w, grad_b = ctx.saved_tensors
-            grad_h = None if grad_h is None else grad_h * grad_value.to(grad_h.dtype)
-            grad_w = None if grad_w is None else (grad_w * grad_value)
-            grad_b = None if grad_b is None else (grad_b * grad_value)
+            if bool(grad_value != 1):  # a plain loss.backward() passes 1: skip three full-size passes
+                grad_h = None if grad_h is None else grad_h * grad_value.to(grad_h.dtype)
+                grad_w = None if grad_w is None else (grad_w * grad_value)
+                grad_b = None if grad_b is None else (grad_b * grad_value)
         else:
             hs, ws, bs, ht, wt, bt, row_weights, *res = ctx.saved_tensors
             student = Head(ws, bs, opts.student.scale)

@@ -125,6 +125,10 @@ class TorchTileMath:
 
     name = "torch"
 
+    def live_bytes_per_logit(self, dtype: torch.dtype) -> int:
+        """Six accumulation-dtype tiles are alive at once (two logits tiles, q, p, a, temporaries)."""
+        return 6 * accum_dtype(dtype).itemsize
+
     def full_rows(
         self,
         raw_s: torch.Tensor,
@@ -135,7 +139,8 @@ class TorchTileMath:
         """Everything for rows whose whole compared vocabulary is in the tile.
 
         Returns (terms, student_lse, teacher_lse, grad) where ``grad`` is dL/d(raw_s)
-        per row scaled by ``row_scale`` (None when no gradient is wanted), in fp32.
+        per row scaled by ``row_scale`` (None when no gradient is wanted), in fp32 (the
+        native kernel may instead return it in ``raw_s``'s dtype, written over ``raw_s``).
         """
         z_s = finish_logits(raw_s, opts.student, opts.temperature)
         z_t = finish_logits(raw_t, opts.teacher, opts.temperature)
