@@ -1,0 +1,171 @@
+"""Triton backend: interpreter numerics against the float64 reference, and the compile check.
+
+The kernels run under ``TRITON_INTERPRET=1`` (set by ``tests/conftest.py`` when no GPU is
+present) on CPU tensors at tiny, odd shapes. Normal dispatch never offers Triton for CPU
+tensors, so the ``triton_loss`` fixture routes ``backend="triton"`` to the Triton runner;
+everything else (validation, compaction, reductions, stats) is the public ``fused_linear_kl``.
+bf16 is covered by the compile check only: ``tl.dot`` on bf16 is broken in the interpreter.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+from opd_fast import loss, reference
+from opd_fast.backends import availability
+from opd_fast.backends.chunked import Tuning
+
+pytestmark = pytest.mark.skipif(
+    torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1",
+    reason="interpreter numerics run on CPU tensors with TRITON_INTERPRET=1",
+)
+
+N, HS, HT, V = 13, 24, 40, 70  # odd rows, a hidden size off the 16-wide K tile, 3 vocab tiles
+TOL = {torch.float32: dict(rtol=2e-4, atol=2e-5), torch.float16: dict(rtol=3e-2, atol=3e-3)}
+HEADS = dict(
+    temperature=1.5, student_softcap=6.0, teacher_softcap=9.0, student_logit_scale=0.8, teacher_logit_scale=1.2
+)
+
+
+@pytest.fixture
+def triton_loss(monkeypatch):
+    """``fused_linear_kl`` whose ``backend="triton"`` reaches the Triton runner on CPU tensors."""
+    real = loss.resolve
+    monkeypatch.setattr(loss, "resolve", lambda name, device: "triton" if name == "triton" else real(name, device))
+    warnings.filterwarnings("ignore", category=RuntimeWarning)  # numpy inf - inf in masked lanes
+    return loss.fused_linear_kl
+
+
+def make(dtype=torch.float32, v_s=V, v_t=V, bias=True):
+    g = lambda *shape, s=1.0: (torch.randn(*shape) * s).to(dtype)
+    t = dict(
+        student_hidden=g(N, HS).requires_grad_(), student_weight=g(v_s, HS, s=0.5).requires_grad_(),
+        teacher_hidden=g(N, HT), teacher_weight=g(v_t, HT, s=0.5),
+    )  # fmt: skip
+    if bias:
+        t["student_bias"] = g(v_s).requires_grad_()
+        t["teacher_bias"] = g(v_t)
+    return t
+
+
+def student_leaves(t):
+    return [t[k] for k in ("student_hidden", "student_weight", "student_bias") if k in t]
+
+
+def compare(fn, t, dtype=torch.float32, upstream=None, **kw):
+    """Loss, gradients and stats of the Triton path against the reference, at ``dtype``'s tolerance."""
+    tensors = dict(t)
+    args = [tensors.pop(k) for k in ("student_hidden", "student_weight", "teacher_hidden", "teacher_weight")]
+    out, stats = fn(*args, backend="triton", return_stats=True, **tensors, **kw)
+    ref, ref_stats = reference.fused_linear_kl(*args, return_stats=True, **tensors, **kw)
+    leaves = student_leaves(t)
+    weight = upstream if upstream is not None else torch.ones_like(ref)
+    grads = torch.autograd.grad((out * weight.to(out.dtype)).sum(), leaves)
+    ref_grads = torch.autograd.grad((ref * weight.double()).sum(), leaves)
+    tol = TOL[dtype]
+    torch.testing.assert_close(out.double(), ref, **tol)
+    for name in ref_stats:
+        torch.testing.assert_close(stats[name].double(), ref_stats[name], **tol, msg=name)
+    for g, r in zip(grads, ref_grads, strict=True):
+        assert g.dtype == dtype
+        scale = r.double().abs().max().clamp_min(1e-12)  # gradients of a mean are small: compare relative to the max
+        torch.testing.assert_close(g.double() / scale, r.double() / scale, **tol)
+    return out, grads
+
+
+@pytest.mark.parametrize(
+    ("divergence", "beta"),
+    [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.3), ("jsd", 0.0), ("jsd", 1.0), ("tvd", 0.5)],
+)
+def test_every_divergence_fp32(triton_loss, seed, divergence, beta):
+    compare(triton_loss, make(), divergence=divergence, beta=beta, **HEADS)
+
+
+def test_jsd_beta_endpoints_are_exactly_the_kls(triton_loss, seed):
+    t = make(bias=False)
+    args = [t[k] for k in ("student_hidden", "student_weight", "teacher_hidden", "teacher_weight")]
+    for beta, same in ((0.0, "forward_kl"), (1.0, "reverse_kl")):
+        jsd = triton_loss(*args, divergence="jsd", beta=beta, backend="triton")
+        assert torch.equal(jsd, triton_loss(*args, divergence=same, backend="triton"))
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
+def test_fp16(triton_loss, seed, divergence):
+    compare(triton_loss, make(torch.float16), dtype=torch.float16, divergence=divergence, temperature=2.0)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_mask_weights_and_reductions(triton_loss, seed, reduction):
+    t = make()
+    mask = torch.rand(N) > 0.3
+    weights = torch.rand(N) + 0.5
+    upstream = torch.randn(N) if reduction == "none" else None
+    compare(triton_loss, t, upstream=upstream, divergence="reverse_kl", mask=mask, token_weights=weights,
+            reduction=reduction, **HEADS)  # fmt: skip
+
+
+def test_mean_with_num_items_and_leading_shape(triton_loss, seed):
+    t = make(bias=False)
+    t["student_hidden"] = t["student_hidden"].detach()[:12].reshape(3, 4, HS).requires_grad_()
+    t["teacher_hidden"] = t["teacher_hidden"][:12].reshape(3, 4, HT)
+    compare(triton_loss, t, divergence="tvd", num_items=40.0, mask=torch.rand(3, 4) > 0.2)
+
+
+def test_all_masked_gives_zero_and_zero_grads(triton_loss, seed):
+    t = make()
+    out, grads = compare(triton_loss, t, divergence="jsd", mask=torch.zeros(N, dtype=torch.bool))
+    assert out.item() == 0.0
+    assert all(torch.count_nonzero(g) == 0 for g in grads)
+
+
+def test_padded_heads_with_vocab_size_and_neg_inf_logits(triton_loss, seed):
+    t = make(v_s=V, v_t=V + 5)
+    with torch.no_grad():  # masked vocabulary entries on both heads: -inf logits are legal
+        t["student_bias"][[3, 40]] = float("-inf")
+        t["teacher_bias"][[3, 40]] = float("-inf")
+    compare(triton_loss, t, divergence="jsd", beta=0.7, vocab_size=V - 3)
+
+
+def test_gradient_filter(triton_loss, seed):
+    t = make()
+    args = [t[k] for k in ("student_hidden", "student_weight", "teacher_hidden", "teacher_weight")]
+    kw = dict(student_bias=t["student_bias"], teacher_bias=t["teacher_bias"], backend="triton", divergence="tvd")
+    exact = torch.autograd.grad(triton_loss(*args, **kw), student_leaves(t))
+    tiny = torch.autograd.grad(triton_loss(*args, tuning=Tuning(grad_filter_eps=1e-30), **kw), student_leaves(t))
+    huge = torch.autograd.grad(triton_loss(*args, tuning=Tuning(grad_filter_eps=1e30), **kw), student_leaves(t))
+    for e, s, h in zip(exact, tiny, huge, strict=True):
+        torch.testing.assert_close(s, e)
+        assert torch.count_nonzero(h) == 0
+
+
+def test_rejects_float64_and_is_never_auto_on_cpu(triton_loss, seed):
+    t = make(torch.float64, bias=False)
+    with pytest.raises(ValueError, match=r"float64"):
+        triton_loss(*t.values(), backend="triton")
+    assert not availability("triton", torch.device("cpu"))[0]
+    assert loss.resolve("auto", torch.device("cpu")) != "triton"
+
+
+def test_compile_check_default_configs():
+    """Every kernel's default config compiles for sm_80 and sm_90a spill-free, in shared memory, on tensor cores."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run(
+        [sys.executable, "-m", "opd_fast.cli", "kernels", "check", "--json", "--default-only"],
+        capture_output=True, text=True, env=env, timeout=600,
+    )  # fmt: skip
+    reports = json.loads(out.stdout)
+    dtypes = ("float32", "float16", "bfloat16")
+    expected = {(k, a, d) for k in ("lse", "terms", "grad") for a in ("sm_80", "sm_90a") for d in dtypes}
+    assert {(r["kernel"], r["arch"], r["dtype"]) for r in reports} == expected
+    for r in reports:
+        assert r["spill_stores"] == 0, r
+        assert r["shared_bytes"] <= r["shared_limit"], r
+        assert r["tensor_core_count"] > 0, r
+    assert out.returncode == 0, out.stderr[-2000:]
