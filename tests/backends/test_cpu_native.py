@@ -1,0 +1,214 @@
+"""The native CPU backend: against the float64 reference and the torch backend, ISA variants,
+thread-count determinism, -inf / extreme logits, the unavailable-library path, and ctest."""
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+import opd_fast
+from opd_fast import Tuning
+from opd_fast.backends import cpu_native, resolve
+from opd_fast.backends.tile_math import TorchTileMath
+from opd_fast.validation import HeadSpec, LossOptions
+
+AVAILABLE, WHY = cpu_native.availability()
+needs_lib = pytest.mark.skipif(not AVAILABLE, reason=f"native library not built: {WHY}")
+DIVERGENCES = [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.3), ("tvd", 0.5)]
+REPO = Path(__file__).resolve().parents[2]
+
+
+def make_case(n=13, h_s=8, h_t=11, v=67, dtype=torch.float32, seed=0, scale=1.0, bias=True):
+    g = torch.Generator().manual_seed(seed)
+    t = lambda *s: (torch.randn(*s, generator=g, dtype=torch.float64) * scale).to(dtype)
+    case = dict(student_hidden=t(n, h_s).requires_grad_(), student_weight=t(v, h_s).requires_grad_(),
+                teacher_hidden=t(n, h_t), teacher_weight=t(v, h_t))  # fmt: skip
+    if bias:
+        case.update(student_bias=t(v).requires_grad_(), teacher_bias=t(v))
+    return case
+
+
+def run(case, backend, **kw):
+    """(loss, stats, grads) of sum(loss * fixed random upstream), all in float64."""
+    grad_names = [k for k in ("student_hidden", "student_weight", "student_bias") if k in case]
+    for name in grad_names:
+        case[name].grad = None
+    loss, stats = opd_fast.fused_linear_kl(**case, backend=backend, return_stats=True, **kw)
+    gen = torch.Generator().manual_seed(5)
+    upstream = (torch.rand(loss.shape, generator=gen, dtype=torch.float64) + 0.5).to(loss.dtype)
+    (loss * upstream).sum().backward()
+    grads = [case[k].grad.double().clone() for k in grad_names]
+    return loss.double().detach(), {k: v.double() for k, v in stats.items()}, grads
+
+
+def assert_close(got, want, rtol, atol):
+    torch.testing.assert_close(got[0], want[0], rtol=rtol, atol=atol)
+    for k in want[1]:
+        torch.testing.assert_close(got[1][k], want[1][k], rtol=rtol, atol=atol, msg=k)
+    for a, b in zip(got[2], want[2], strict=True):
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol * max(1.0, float(b.abs().max())))
+
+
+def reference_of(case, **kw):
+    """The float64 reference on the same (possibly bf16-rounded) inputs."""
+    as64 = {k: v.detach().double().requires_grad_(v.requires_grad) for k, v in case.items()}
+    return run(as64, "reference", **kw)
+
+
+@needs_lib
+@pytest.mark.parametrize("divergence,beta", DIVERGENCES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("temperature,softcap", [(1.0, None), (0.7, 3.0)])
+def test_matches_reference_fp32(divergence, beta, reduction, temperature, softcap):
+    case = make_case(seed=len(divergence) + 7 * len(reduction))
+    mask = torch.rand(13, generator=torch.Generator().manual_seed(1)) > 0.3
+    weights = torch.rand(13, generator=torch.Generator().manual_seed(2))
+    kw = dict(divergence=divergence, beta=beta, reduction=reduction, temperature=temperature, mask=mask,
+              token_weights=weights, student_softcap=softcap, teacher_softcap=softcap and 2 * softcap,
+              student_logit_scale=1.3, teacher_logit_scale=0.8)  # fmt: skip
+    assert_close(run(case, "cpu", **kw), reference_of(case, **kw), rtol=2e-4, atol=2e-5)
+
+
+@needs_lib
+@pytest.mark.parametrize("divergence,beta", DIVERGENCES)
+def test_matches_reference_bf16(divergence, beta):
+    case = make_case(n=24, v=300, dtype=torch.bfloat16, seed=3)
+    kw = dict(divergence=divergence, beta=beta, temperature=1.5, student_softcap=6.0)
+    # bf16 tiles and a bf16 gradient tile: the tolerance is bf16's, not fp32's
+    assert_close(run(case, "cpu", **kw), reference_of(case, **kw), rtol=3e-2, atol=3e-3)
+
+
+@needs_lib
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("divergence,beta", DIVERGENCES)
+def test_agrees_with_torch_backend(dtype, divergence, beta):
+    case = make_case(n=40, h_s=16, h_t=24, v=1001, dtype=dtype, seed=11)
+    kw = dict(divergence=divergence, beta=beta, temperature=1.2, student_softcap=20.0, num_items=50)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-3)
+    assert_close(run(case, "cpu", **kw), run(case, "torch", **kw), **tol)
+
+
+@needs_lib
+@pytest.mark.parametrize("n,v,h_s,h_t", [(1, 5, 3, 3), (1, 1000, 17, 5), (37, 3, 1, 2), (64, 257, 33, 31)])
+def test_odd_shapes_and_tiny_chunks(n, v, h_s, h_t):
+    case = make_case(n=n, v=v, h_s=h_s, h_t=h_t, seed=n + v)
+    for div, beta in DIVERGENCES:
+        want = reference_of(case, divergence=div, beta=beta)
+        for tuning in (None, Tuning(chunk_tokens=16), Tuning(chunk_tokens=16, chunk_vocab=64)):
+            assert_close(run(case, "cpu", divergence=div, beta=beta, tuning=tuning), want, rtol=2e-4, atol=2e-5)
+
+
+@needs_lib
+@pytest.mark.parametrize("endpoint,same_as", [(0.0, "forward_kl"), (1.0, "reverse_kl")])
+def test_jsd_endpoints_are_exactly_kl(endpoint, same_as):
+    case = make_case(seed=4)
+    got = run(case, "cpu", divergence="jsd", beta=endpoint)
+    want = run(case, "cpu", divergence=same_as)
+    assert torch.equal(got[0], want[0]) and all(torch.equal(a, b) for a, b in zip(got[2], want[2], strict=True))
+
+
+def _tile_inputs(dtype, n=9, k=1003, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, k, generator=g) * 4).to(dtype), (torch.randn(n, k, generator=g) * 4).to(dtype)
+
+
+def _options(divergence="jsd", beta=0.3, temperature=1.3, softcap=7.0, k=1003):
+    return LossOptions(divergence, beta, temperature, False, "mean", None, HeadSpec(softcap=softcap),
+                       HeadSpec(softcap=None), k)  # fmt: skip
+
+
+def _full_rows(math, raw_s, raw_t, opts):
+    terms, lse_s, lse_t, grad = math.full_rows(raw_s.clone(), raw_t.clone(), opts, torch.linspace(0.5, 1.5, 9))
+    return [*terms, lse_s, lse_t, grad.float()]
+
+
+@needs_lib
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_threads_one_and_two_are_bitwise_identical(dtype):
+    raw_s, raw_t = _tile_inputs(dtype)
+    for div, beta in DIVERGENCES:
+        opts = _options(div, beta)
+        one = _full_rows(cpu_native.NativeTileMath(threads=1), raw_s, raw_t, opts)
+        two = _full_rows(cpu_native.NativeTileMath(threads=2), raw_s, raw_t, opts)
+        assert all(torch.equal(a, b) for a, b in zip(one, two, strict=True)), div
+
+
+@needs_lib
+def test_isa_variants_agree_with_torch_tile_math():
+    raw_s, raw_t = _tile_inputs(torch.float32, seed=1)
+    for div, beta in DIVERGENCES:
+        opts = _options(div, beta)
+        want = _full_rows(TorchTileMath(), raw_s, raw_t, opts)
+        for isa in ("generic", "avx2", "avx512"):
+            if cpu_native.isa_supported(isa):
+                for a, b in zip(_full_rows(cpu_native.NativeTileMath(isa=isa), raw_s, raw_t, opts), want, strict=True):
+                    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"{div} {isa}")
+
+
+@needs_lib
+@pytest.mark.parametrize("divergence,beta", DIVERGENCES)
+def test_neg_inf_logits_have_zero_mass(divergence, beta):
+    case = make_case(n=6, v=40, seed=8)
+    for name in ("student_bias", "teacher_bias"):
+        case[name].data[::5] = float("-inf")  # masked vocabulary entries in both heads
+    kw = dict(divergence=divergence, beta=beta, reduction="none")
+    got = run(case, "cpu", **kw)
+    assert torch.isfinite(got[0]).all() and all(torch.isfinite(g).all() for g in got[2][:2])
+    assert_close(got, run(case, "torch", **kw), rtol=1e-5, atol=1e-6)
+
+
+@needs_lib
+def test_one_sided_neg_inf_matches_torch_backend():
+    """Student-only zero mass: forward KL is infinite there, the others stay finite; no NaN anywhere."""
+    raw_s, raw_t = _tile_inputs(torch.float32, n=9, k=50, seed=2)
+    raw_s[:, 3] = float("-inf")
+    raw_t[:, 7] = float("-inf")
+    for div, beta in DIVERGENCES:
+        opts = _options(div, beta, softcap=None, k=50)
+        got = _full_rows(cpu_native.NativeTileMath(), raw_s, raw_t, opts)
+        want = _full_rows(TorchTileMath(), raw_s, raw_t, opts)
+        for a, b in zip(got[:5], want[:5], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, equal_nan=True, msg=div)
+        assert not any(t.isnan().any() for t in got[:5]), div
+
+
+@needs_lib
+@pytest.mark.parametrize("divergence,beta", DIVERGENCES)
+def test_extreme_logits(divergence, beta):
+    case = make_case(n=10, v=200, seed=9, scale=30.0)  # logits in the thousands: one-hot softmaxes
+    kw = dict(divergence=divergence, beta=beta)
+    got = run(case, "cpu", **kw)
+    assert torch.isfinite(got[0]).all() and all(torch.isfinite(g).all() for g in got[2])
+    assert_close(got, reference_of(case, **kw), rtol=1e-4, atol=1e-3)
+
+
+def test_missing_library_gives_clear_error(monkeypatch):
+    monkeypatch.setattr(cpu_native, "_load", lambda: (None, "the native library was not built (test)"))
+    with pytest.raises(RuntimeError, match="backend='cpu' is unavailable: the native library was not built"):
+        resolve("cpu", torch.device("cpu"))
+    assert resolve("auto", torch.device("cpu")) == "torch"
+
+
+@needs_lib
+def test_auto_prefers_native_on_cpu():
+    assert resolve("auto", torch.device("cpu")) == "cpu"
+
+
+def _have_toolchain() -> bool:
+    return shutil.which("cmake") is not None and any(shutil.which(c) for c in ("c++", "g++", "clang++"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _have_toolchain(), reason="cmake or a C++ compiler is not installed")
+def test_ctest_passes(tmp_path):
+    """Configure, build and run the C++ test of kernels/ (CI runs only pytest)."""
+    env = {**os.environ, "CMAKE_BUILD_PARALLEL_LEVEL": "2"}
+    build = tmp_path / "build"
+    for cmd in (["cmake", "-S", str(REPO), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release"],
+                ["cmake", "--build", str(build)],
+                ["ctest", "--test-dir", str(build), "--output-on-failure"]):  # fmt: skip
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+        assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
