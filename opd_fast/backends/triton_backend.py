@@ -59,7 +59,7 @@ def _splits(device: torch.device, n_rows: int, vocab: int, block_m: int, block_n
 
 def _student_grads(hs, ws, bs, ht, wt, bt, lse_s, lse_t, coef, row_scale, opts, want, tuning: Tuning):
     n, k = hs.shape[0], opts.vocab_size
-    config = pick_config("grad", _arch(hs.device), n)
+    config = pick_config("grad", _arch(hs.device), hs.dtype, n)
     splits = _splits(hs.device, n, k, config.block_m, config.block_n)
     return launch_grad(hs, ws, bs, ht, wt, bt, lse_s, lse_t, coef, row_scale, opts, want, config, splits,
                        tuning.grad_filter_eps)
@@ -72,7 +72,7 @@ class TritonDivergence(torch.autograd.Function):
     def forward(ctx, hs, ws, bs, ht, wt, bt, row_weights, opts: LossOptions, tuning: Tuning, scalar: bool):
         want = (hs.requires_grad, ws.requires_grad, bs is not None and bs.requires_grad)
         n, k = hs.shape[0], opts.vocab_size
-        config = pick_config("lse", _arch(hs.device), n)
+        config = pick_config("lse", _arch(hs.device), hs.dtype, n)
         splits = _splits(hs.device, n, k, config.block_m, config.block_n)
         row_weights = row_weights.float()
         with torch.no_grad():

@@ -114,16 +114,20 @@ def check_kernels(
     """Compile and inspect every (kernel, config, dtype, arch); ``default_only``: first config per arch."""
     import torch
 
-    from ..backends.triton import CONFIGS, KERNELS
-    from ..backends.triton.common import compile_for_target
+    from ..backends.triton import KERNELS, configs_for
+    from ..backends.triton.common import INTERPRET, compile_for_target
+
+    if INTERPRET:
+        raise RuntimeError("kernels check compiles real GPU code: unset TRITON_INTERPRET (it swaps in the interpreter)")
 
     reports = []
     for name in kernels or tuple(KERNELS):
         for arch in archs:
-            configs = CONFIGS[name][arch][:1] if default_only else CONFIGS[name][arch]
-            for config in configs:
-                for dtype_name in dtypes:
-                    args = _kernel_arguments(name, getattr(torch, dtype_name))
+            for dtype_name in dtypes:
+                dtype = getattr(torch, dtype_name)
+                configs = configs_for(name, arch, dtype)
+                for config in configs[:1] if default_only else configs:
+                    args = _kernel_arguments(name, dtype)
                     compiled = compile_for_target(KERNELS[name], args, config, arch)
                     regs, spill_st, spill_ld = _ptxas_stats(compiled.asm["ptx"], arch)
                     op = TENSOR_CORE_OP[arch]

@@ -12,6 +12,8 @@ by a shape heuristic rather than autotuning, so the first call pays no benchmark
 
 from __future__ import annotations
 
+import torch
+
 from .common import INTERPRET, INTERPRETER_CONFIG, BlockConfig
 from .grad import grad_kernel, launch_grad
 from .lse import launch_lse, lse_kernel
@@ -19,31 +21,43 @@ from .terms import launch_terms, terms_kernel
 
 # Two fp32 logit tiles (and the gradient tile in pass 3) must stay in registers. ptxas caps
 # registers for occupancy unless told otherwise and then spills, so every config lifts the cap
-# (maxnreg 255) and uses 8 warps: a 64x64 fp32 tile costs 16 registers per thread. Each
-# (config, dtype, arch) compiles spill-free: `opd-fast kernels check`.
+# (maxnreg 255) and uses 8 warps: a 64x64 fp32 tile costs 16 registers per thread. fp32 inputs
+# run three TF32 MMAs per product (hi/lo operand splits live in registers), hence K slices of 16.
+# Every (config, dtype, arch) compiles spill-free: `opd-fast kernels check`.
 _FORWARD = {
-    80: (BlockConfig(64, 64, 64, 8, 3, 255), BlockConfig(64, 128, 64, 8, 3, 255)),
-    90: (BlockConfig(64, 64, 64, 8, 3, 255), BlockConfig(64, 128, 64, 8, 3, 255)),
+    (80, "16-bit"): (BlockConfig(64, 64, 64, 8, 3, 255), BlockConfig(64, 128, 64, 8, 3, 255)),
+    (90, "16-bit"): (BlockConfig(64, 64, 64, 8, 3, 255), BlockConfig(64, 128, 64, 8, 3, 255)),
+    (80, "fp32"): (BlockConfig(64, 64, 16, 8, 3, 255),),
+    (90, "fp32"): (BlockConfig(64, 64, 16, 8, 3, 255),),
 }
 _GRAD = {
-    80: (BlockConfig(64, 64, 32, 8, 2, 255), BlockConfig(64, 128, 32, 8, 1, 255)),
-    90: (BlockConfig(64, 64, 64, 8, 2, 255), BlockConfig(64, 128, 32, 8, 2, 255)),
+    (80, "16-bit"): (BlockConfig(64, 64, 32, 8, 2, 255), BlockConfig(64, 128, 32, 8, 1, 255)),
+    (90, "16-bit"): (BlockConfig(64, 64, 64, 8, 2, 255), BlockConfig(64, 128, 32, 8, 2, 255)),
+    (80, "fp32"): (BlockConfig(64, 64, 16, 8, 2, 255),),
+    (90, "fp32"): (BlockConfig(64, 64, 16, 8, 1, 255),),
 }
-CONFIGS: dict[str, dict[int, tuple[BlockConfig, ...]]] = {"lse": _FORWARD, "terms": _FORWARD, "grad": _GRAD}
+CONFIGS: dict[str, dict[tuple[int, str], tuple[BlockConfig, ...]]] = {"lse": _FORWARD, "terms": _FORWARD, "grad": _GRAD}
 KERNELS = {"lse": lse_kernel, "terms": terms_kernel, "grad": grad_kernel}
 
 
-def pick_config(kernel: str, arch: int | None, n_rows: int) -> BlockConfig:
-    """The launch config of ``kernel`` on compute capability ``arch`` (None: the interpreter).
+def configs_for(kernel: str, arch: int, dtype: torch.dtype) -> tuple[BlockConfig, ...]:
+    """The launch configs of ``kernel`` for compute capability ``arch`` (80+) and input ``dtype``."""
+    return CONFIGS[kernel][(90 if arch >= 90 else 80, "fp32" if dtype == torch.float32 else "16-bit")]
 
-    Heuristic: the first config of the architecture (the compile-checked default); the second
-    (wider vocabulary tile, more warps) when there are enough rows to keep every SM busy without
-    vocabulary splitting.
+
+def pick_config(kernel: str, arch: int | None, dtype: torch.dtype, n_rows: int) -> BlockConfig:
+    """The launch config of ``kernel`` (``arch`` None: the interpreter).
+
+    Heuristic instead of autotuning (no benchmarking sweep on the first call): the first config
+    (the compile-checked default); the second (a wider vocabulary tile) when there are enough
+    rows to fill every SM without splitting the vocabulary.
     """
     if arch is None or INTERPRET:
         return INTERPRETER_CONFIG
-    choices = CONFIGS[kernel][90 if arch >= 90 else 80]
-    return choices[1] if n_rows >= 16384 else choices[0]
+    choices = configs_for(kernel, arch, dtype)
+    return choices[-1] if n_rows >= 16384 else choices[0]
 
 
-__all__ = ["CONFIGS", "KERNELS", "BlockConfig", "launch_grad", "launch_lse", "launch_terms", "pick_config"]
+__all__ = [
+    "CONFIGS", "KERNELS", "BlockConfig", "configs_for", "launch_grad", "launch_lse", "launch_terms", "pick_config",
+]

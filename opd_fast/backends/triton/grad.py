@@ -75,7 +75,7 @@ def grad_kernel(
             keep = tl.max(tl.max(tl.abs(g), 1), 0) >= filter_eps
         if keep:
             if NEED_B:
-                tl.atomic_add(grad_b_ptr + cols, tl.sum(g, 0), mask=col_ok)
+                tl.atomic_add(grad_b_ptr + cols, tl.sum(g, 0), mask=col_ok, sem="relaxed")
             g_op = g.to(ws_ptr.dtype.element_ty)
             for k0 in range(0, HS, BLOCK_K):
                 ks = k0 + tl.arange(0, BLOCK_K)
@@ -84,13 +84,14 @@ def grad_kernel(
                     w = tl.load(ws_ptr + cols[:, None] * HS + ks[None, :], mask=col_ok[:, None] & k_ok[None, :],
                                 other=0.0)
                     tl.atomic_add(grad_h_ptr + rows[:, None] * HS + ks[None, :],
-                                  tl.dot(g_op, w, input_precision=DOT_PRECISION), mask=row_ok[:, None] & k_ok[None, :])
+                                  tl.dot(g_op, w, input_precision=DOT_PRECISION),
+                                  mask=row_ok[:, None] & k_ok[None, :], sem="relaxed")
                 if NEED_W:
                     h = tl.load(hs_ptr + rows[:, None] * HS + ks[None, :], mask=row_ok[:, None] & k_ok[None, :],
                                 other=0.0)
                     tl.atomic_add(grad_w_ptr + cols[:, None] * HS + ks[None, :],
                                   tl.dot(tl.trans(g_op), h, input_precision=DOT_PRECISION),
-                                  mask=col_ok[:, None] & k_ok[None, :])
+                                  mask=col_ok[:, None] & k_ok[None, :], sem="relaxed")
 
 
 def grad_arguments(
