@@ -1,4 +1,7 @@
-"""Plots: time and extra peak memory against N and V, log axes, one line per implementation."""
+"""Plots: time and extra peak memory against N and V, log axes, one line per implementation.
+
+Colour names the implementation, line style the dtype (solid fp32, dashed bf16).
+"""
 
 from __future__ import annotations
 
@@ -30,10 +33,11 @@ def _draw(ax, results: list[CaseResult], axis: str, fixed: str, metric: Metric, 
         return
     at = max(getattr(r.shape, fixed) for r in results)
     chosen = [r for r in results if getattr(r.shape, fixed) == at and metric(r) is not None]
-    for key in sorted({(r.impl, r.dtype) for r in chosen}):
-        pts = sorted((getattr(r.shape, axis), metric(r)) for r in chosen if (r.impl, r.dtype) == key)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], _STYLES.get(key[1], "-"), marker="o",
-                label=f"{key[0]} {key[1]}")  # fmt: skip
+    impls = sorted({r.impl for r in results})
+    for impl, dtype in sorted({(r.impl, r.dtype) for r in chosen}):
+        pts = sorted((getattr(r.shape, axis), metric(r)) for r in chosen if (r.impl, r.dtype) == (impl, dtype))
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], _STYLES.get(dtype, "-"), marker="o",
+                color=plt.get_cmap("tab10")(impls.index(impl) % 10), label=f"{impl} {dtype}")  # fmt: skip
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel(f"{axis.upper()} ({fixed.upper()}={at})")

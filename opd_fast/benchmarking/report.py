@@ -9,13 +9,14 @@ import json
 import platform
 import shlex
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
 
 from . import correctness, inputs
 from .runner import BenchConfig, CaseResult
+from .shapes import Shape
 
 HEADERS = ("N", "V", "H", "dtype", "implementation", "fwd+bwd s (median, min-max)", "x floor",
            "first call s", "extra peak MB", "status")  # fmt: skip
@@ -127,3 +128,14 @@ def write_csv(path: str | Path, results: list[CaseResult]) -> None:
         writer.writeheader()
         for rec in records:
             writer.writerow({k: v for k, v in rec.items() if k != "runs_s"})
+
+
+def load_json(path: str | Path) -> tuple[dict, list[CaseResult]]:
+    """Metadata and results of a ``write_json`` file (to merge runs into one table or plot)."""
+    data = json.loads(Path(path).read_text())
+    names = {f.name for f in fields(CaseResult)} - {"shape"}
+    results = [
+        CaseResult(shape=Shape(rec["n"], rec["v"], rec["h_s"], rec["h_t"]), **{k: rec[k] for k in names if k in rec})
+        for rec in data.pop("results")
+    ]
+    return data, results

@@ -51,10 +51,25 @@ def _implementations(args: argparse.Namespace):
     return select(args.backends if args.backends is not None else default_backends(device), args.peers, device)
 
 
+def _argv(args: argparse.Namespace) -> list[str]:
+    """The full effective command line (defaults spelled out), so a JSON file says how to rerun it."""
+    argv = ["bench", args.bench_command]
+    for key, value in vars(args).items():
+        if key in ("command", "bench_command", "func") or value is None:
+            continue
+        if key == "check":
+            argv += [] if value else ["--no-check"]
+        elif isinstance(value, bool):
+            argv += [f"--{key}"] if value else []
+        else:
+            argv += [f"--{key.replace('_', '-')}", ",".join(value) if isinstance(value, list) else str(value)]
+    return argv
+
+
 def _emit(args: argparse.Namespace, results, cfg, plot_fn, title: str) -> int:
     from ..benchmarking import report
 
-    meta = report.metadata(cfg)
+    meta = report.metadata(cfg, _argv(args))
     print(f"# {meta['date_utc']} UTC, {meta['cpu']}, {meta['cpu_threads']} threads; {meta['command']}")
     print(report.format_markdown(results) if args.markdown else report.format_table(results))
     if args.json:
@@ -92,6 +107,22 @@ def _run_memory(args: argparse.Namespace) -> int:
     return _emit(args, results, cfg, plot_memory, f"extra peak memory vs N, V={args.vocab}, {dtype}")
 
 
+def _run_report(args: argparse.Namespace) -> int:
+    from ..benchmarking import report
+    from ..benchmarking.plot import plot_loss
+
+    loaded = [report.load_json(path) for path in args.files]
+    results = [res for _, batch in loaded for res in batch]
+    for path, (meta, _) in zip(args.files, loaded, strict=True):
+        print(f"# {path}: {meta['date_utc']} UTC, {meta['cpu']}; {meta['command']}")
+    print(report.format_markdown(results) if args.markdown else report.format_table(results))
+    if args.csv:
+        report.write_csv(args.csv, results)
+    if args.plot:
+        plot_loss(results, args.plot, f"fused loss fwd+bwd - {loaded[0][0]['cpu']} - {loaded[0][0]['date_utc']} UTC")
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     bench = sub.add_parser("bench", help="benchmark the fused loss against the GEMM floor and peers")
     kinds = bench.add_subparsers(dest="bench_command", required=True)
@@ -111,3 +142,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     memory.add_argument("--dtype", default="bf16")
     _common(memory)
     memory.set_defaults(func=_run_memory)
+
+    merged = kinds.add_parser("report", help="merge JSON files of earlier runs into one table, CSV and plot")
+    merged.add_argument("files", nargs="+")
+    merged.add_argument("--csv")
+    merged.add_argument("--plot")
+    merged.add_argument("--markdown", action="store_true")
+    merged.set_defaults(func=_run_report)
