@@ -2,14 +2,15 @@
 
 ``run`` has the registry's uniform signature (compacted 2-D rows, per-row coefficients; see
 ``opd_fast/backends/__init__.py``). Passes (``backends/triton/``): 1 log-sum-exps, 2 per-row
-divergence / coefficient / entropy, 3 student gradients. For scalar reductions (mean, sum)
-pass 3 runs inside the forward with the row coefficients, and backward only scales the stored
-gradients; with ``reduction="none"`` the forward keeps per-row statistics and backward runs
-pass 3 with ``incoming gradient x row coefficient``.
+divergence / coefficient / entropy (one sweep does both for the KLs), 3 student gradients. For
+scalar reductions (mean, sum) pass 3 runs inside the forward with the row coefficients, and
+backward only scales the stored gradients; with ``reduction="none"`` the forward keeps
+per-row statistics and backward runs pass 3 with ``incoming gradient x row coefficient``.
 
 Under ``TRITON_INTERPRET=1`` the same kernels run on CPU tensors (tests only); normal dispatch
 never offers Triton for CPU tensors (the registry refuses non-CUDA devices before asking here),
-so the tests route ``backend="triton"`` to ``run`` explicitly.
+so the tests route ``backend="triton"`` to ``run`` explicitly
+(``tests/backends/test_triton.py``, fixture ``triton_loss``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 
 from ..validation import LossOptions
 from .chunked import Tuning
-from .triton import launch_grad, launch_lse, launch_terms, pick_config
+from .triton import launch_grad, launch_row_stats, pick_config
 from .triton.common import INTERPRET
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -76,8 +77,7 @@ class TritonDivergence(torch.autograd.Function):
         splits = _splits(hs.device, n, k, config.block_m, config.block_n)
         row_weights = row_weights.float()
         with torch.no_grad():
-            lse_s, lse_t = launch_lse(hs, ws, bs, ht, wt, bt, opts, config, splits)
-            div, coef, entropy = launch_terms(hs, ws, bs, ht, wt, bt, lse_s, lse_t, opts, config, splits)
+            lse_s, lse_t, div, coef, entropy = launch_row_stats(hs, ws, bs, ht, wt, bt, opts, config, splits)
             if scalar:
                 value = (div * row_weights).sum()
                 grads = (None, None, None)

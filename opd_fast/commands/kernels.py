@@ -25,6 +25,9 @@ DTYPES = ("float32", "float16", "bfloat16")
 # Max shared memory per block (opt-in): A100 164 KB, H100 227 KB.
 SMEM_LIMIT = {80: 166912, 90: 232448}
 TENSOR_CORE_OP = {80: "HMMA", 90: "HGMMA"}
+# (kernel, divergence) specializations compiled: the heaviest one per code path. The terms
+# kernel has two (after pass 1 for JSD/TVD; one-pass online KL).
+VARIANTS = (("lse", "jsd"), ("terms", "jsd"), ("terms", "forward_kl"), ("grad", "jsd"))
 # Liger's published benchmark shape (docs/performance.md).
 SHAPE = {"n": 8192, "hs": 2048, "ht": 4096, "vocab": 128256}
 
@@ -54,7 +57,7 @@ def _tool(name: str) -> str:
     return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
 
 
-def _kernel_arguments(kernel: str, dtype):
+def _kernel_arguments(kernel: str, divergence: str, dtype):
     """Launcher keyword arguments on meta tensors (shapes only): what a real launch would pass."""
     import torch
 
@@ -68,14 +71,15 @@ def _kernel_arguments(kernel: str, dtype):
     hs, ws, bs = torch.empty(n, hs_dim, **meta), torch.empty(vocab, hs_dim, **meta), torch.empty(vocab, **meta)
     ht, wt, bt = torch.empty(n, ht_dim, **meta), torch.empty(vocab, ht_dim, **meta), torch.empty(vocab, **meta)
     opts = LossOptions(
-        divergence="jsd", beta=0.5, temperature=2.0, temperature_sq_scaling=False, reduction="mean",
+        divergence=divergence, beta=0.5, temperature=2.0, temperature_sq_scaling=False, reduction="mean",
         num_items=None, student=HeadSpec(1.0, 30.0), teacher=HeadSpec(1.0, 30.0), vocab_size=vocab,
     )  # fmt: skip
     rows = torch.empty(n, dtype=torch.float32, device="meta")
     if kernel == "lse":
         return lse_arguments(hs, ws, bs, ht, wt, bt, opts, 1)
     if kernel == "terms":
-        return terms_arguments(hs, ws, bs, ht, wt, bt, rows, rows, opts, 1)
+        lse = (None, None) if divergence.endswith("_kl") else (rows, rows)
+        return terms_arguments(hs, ws, bs, ht, wt, bt, *lse, opts, 1)
     return grad_arguments(hs, ws, bs, ht, wt, bt, rows, rows, rows, rows, opts, (True, True, True), 1, 1e-6)
 
 
@@ -106,12 +110,12 @@ def _tensor_core_count(cubin: bytes, op: str) -> int:
 
 
 def check_kernels(
-    kernels: tuple[str, ...] | None = None,
+    variants: tuple[tuple[str, str], ...] = VARIANTS,
     archs: tuple[int, ...] = ARCHS,
     dtypes: tuple[str, ...] = DTYPES,
     default_only: bool = False,
 ) -> list[KernelReport]:
-    """Compile and inspect every (kernel, config, dtype, arch); ``default_only``: first config per arch."""
+    """Compile and inspect every (kernel variant, config, dtype, arch); ``default_only``: first config."""
     import torch
 
     from ..backends.triton import KERNELS, configs_for
@@ -121,18 +125,18 @@ def check_kernels(
         raise RuntimeError("kernels check compiles real GPU code: unset TRITON_INTERPRET (it swaps in the interpreter)")
 
     reports = []
-    for name in kernels or tuple(KERNELS):
+    for name, divergence in variants:
         for arch in archs:
             for dtype_name in dtypes:
                 dtype = getattr(torch, dtype_name)
                 configs = configs_for(name, arch, dtype)
                 for config in configs[:1] if default_only else configs:
-                    args = _kernel_arguments(name, dtype)
+                    args = _kernel_arguments(name, divergence, dtype)
                     compiled = compile_for_target(KERNELS[name], args, config, arch)
                     regs, spill_st, spill_ld = _ptxas_stats(compiled.asm["ptx"], arch)
                     op = TENSOR_CORE_OP[arch]
                     reports.append(KernelReport(
-                        kernel=name, config=config.label(), dtype=dtype_name,
+                        kernel=f"{name}[{divergence}]", config=config.label(), dtype=dtype_name,
                         arch="sm_90a" if arch == 90 else f"sm_{arch}", registers=regs, spill_stores=spill_st,
                         spill_loads=spill_ld, shared_bytes=compiled.metadata.shared, shared_limit=SMEM_LIMIT[arch],
                         tensor_core_op=op, tensor_core_count=_tensor_core_count(compiled.asm["cubin"], op),

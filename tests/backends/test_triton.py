@@ -125,12 +125,23 @@ def test_all_masked_gives_zero_and_zero_grads(triton_loss, seed):
     assert all(torch.count_nonzero(g) == 0 for g in grads)
 
 
-def test_padded_heads_with_vocab_size_and_neg_inf_logits(triton_loss, seed):
+@pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])  # one-pass and two-pass row statistics
+def test_padded_heads_with_vocab_size_and_neg_inf_logits(triton_loss, seed, divergence):
     t = make(v_s=V, v_t=V + 5)
     with torch.no_grad():  # masked vocabulary entries on both heads: -inf logits are legal
         t["student_bias"][[3, 40]] = float("-inf")
         t["teacher_bias"][[3, 40]] = float("-inf")
-    compare(triton_loss, t, divergence="jsd", beta=0.7, vocab_size=V - 3)
+    compare(triton_loss, t, divergence=divergence, beta=0.7, vocab_size=V - 3)
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl"])
+def test_identical_heads_give_zero(triton_loss, seed, divergence):
+    """The one-pass KL is a difference of log-sum-exps: it must not lose a zero to cancellation."""
+    h, w = torch.randn(N, HS) * 3, torch.randn(V, HS)
+    value = triton_loss(h.requires_grad_(), w, h.detach(), w, divergence=divergence, backend="triton")
+    (grad,) = torch.autograd.grad(value, h)
+    assert abs(value.item()) < 2e-5
+    assert grad.abs().max().item() < 1e-5
 
 
 def test_gradient_filter(triton_loss, seed):
@@ -162,7 +173,8 @@ def test_compile_check_default_configs():
     )  # fmt: skip
     reports = json.loads(out.stdout)
     dtypes = ("float32", "float16", "bfloat16")
-    expected = {(k, a, d) for k in ("lse", "terms", "grad") for a in ("sm_80", "sm_90a") for d in dtypes}
+    kernels = ("lse[jsd]", "terms[jsd]", "terms[forward_kl]", "grad[jsd]")
+    expected = {(k, a, d) for k in kernels for a in ("sm_80", "sm_90a") for d in dtypes}
     assert {(r["kernel"], r["arch"], r["dtype"]) for r in reports} == expected
     for r in reports:
         assert r["spill_stores"] == 0, r

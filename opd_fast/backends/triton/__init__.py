@@ -1,7 +1,8 @@
 """Fused Triton kernels of the teacher-student divergence (one kernel per module).
 
 * ``lse``   - pass 1: online log-sum-exp of both heads, split over the vocabulary.
-* ``terms`` - pass 2: per-row divergence, gradient coefficient ``c`` and entropy.
+* ``terms`` - pass 2: per-row divergence, gradient coefficient ``c`` and entropy (for the KLs
+  in one sweep without pass 1).
 * ``grad``  - pass 3: recompute tiles, dL/dlogits in registers, fp32 atomic grad GEMMs.
 
 Logit tiles are produced by ``tl.dot`` K-loops in on-chip memory; no ``N x V`` or
@@ -17,7 +18,7 @@ import torch
 from .common import INTERPRET, INTERPRETER_CONFIG, BlockConfig
 from .grad import grad_kernel, launch_grad
 from .lse import launch_lse, lse_kernel
-from .terms import launch_terms, terms_kernel
+from .terms import launch_row_stats, terms_kernel
 
 # Two fp32 logit tiles (and the gradient tile in pass 3) must stay in registers. ptxas caps
 # registers for occupancy unless told otherwise and then spills, so every config lifts the cap
@@ -59,5 +60,5 @@ def pick_config(kernel: str, arch: int | None, dtype: torch.dtype, n_rows: int) 
 
 
 __all__ = [
-    "CONFIGS", "KERNELS", "BlockConfig", "configs_for", "launch_grad", "launch_lse", "launch_terms", "pick_config",
+    "CONFIGS", "KERNELS", "BlockConfig", "configs_for", "launch_grad", "launch_lse", "launch_row_stats", "pick_config",
 ]

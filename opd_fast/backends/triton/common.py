@@ -142,12 +142,21 @@ def head_tile(
 
 
 @triton.jit
-def online_lse(m, s, z):
-    """Fold a tile of logits into a running (max, sum of exp) per row; all -inf rows stay (-inf, 0)."""
+def online_step(m, z):
+    """New running row max, the rescale factor of older sums, and ``exp(z - max)`` of a tile.
+
+    Rows that are all -inf so far keep max -inf and use 0 as the shift, so no inf - inf appears.
+    """
     m_new = tl.maximum(m, tl.max(z, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(z - m_safe[:, None]), 1)
-    return m_new, s
+    return m_new, tl.exp(m - m_safe), tl.exp(z - m_safe[:, None])
+
+
+@triton.jit
+def online_lse(m, s, z):
+    """Fold a tile of logits into a running (max, sum of exp) per row."""
+    m_new, alpha, e = online_step(m, z)
+    return m_new, s * alpha + tl.sum(e, 1)
 
 
 @triton.jit

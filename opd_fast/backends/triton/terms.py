@@ -1,10 +1,18 @@
 """Pass 2: per-row divergence, gradient coefficient ``c`` and entropy, split over the vocabulary.
 
-With the full-row log-sum-exps of pass 1, every tile's ``q`` and ``p`` are exact, so the
-row sums are plain additions: each program ``(i, s)`` accumulates its vocabulary blocks in
-fp32 registers and writes one partial per row and split; the merge is a sum over splits.
-``c`` (the row sum of the gradient numerator ``a``, see ``backends/tile_math.py``) is what
-the gradient pass needs to form ``a - q c`` tile by tile without another sweep.
+Two modes of one kernel (``ONLINE`` constexpr):
+
+* **after pass 1** (JSD, TVD): with the full-row log-sum-exps every tile's ``q`` and ``p``
+  are exact, so the row sums are plain fp32 additions.
+* **one pass** (forward / reverse KL, no pass 1): the KLs and the entropy are linear in the
+  logits under one softmax, ``KL(p||q) = E_p[z_t - z_s] - lse_t + lse_s`` and
+  ``H(q) = lse_s - E_q[z_s]``, so the expectations ride along the online log-sum-exp with the
+  same rescaling. This saves one of the three sweeps over ``V x (H_s + H_t)`` for the default
+  divergence. ``c`` is then -1 (forward) or the KL itself (reverse).
+
+Either way each program ``(i, s)`` writes one partial per row and split; the merge over the
+``n_splits`` partials is done in torch (``n_splits x N`` tensors: cheap). ``c`` (the row sum of
+the gradient numerator ``a``, see ``backends/tile_math.py``) is what the gradient pass needs.
 """
 
 from __future__ import annotations
@@ -14,60 +22,120 @@ import triton
 import triton.language as tl
 
 from ...validation import LossOptions
-from .common import HEAD_HEURISTICS, BlockConfig, divergence_code, head_arguments, head_tile, jsd_logs, tile_terms
+from .common import (
+    FORWARD_KL,
+    HEAD_HEURISTICS,
+    REVERSE_KL,
+    BlockConfig,
+    divergence_code,
+    finish_lse,
+    head_arguments,
+    head_tile,
+    jsd_logs,
+    online_step,
+    tile_terms,
+)  # fmt: skip
+from .lse import launch_lse
 
 
-@triton.heuristics(HEAD_HEURISTICS)
+@triton.heuristics({**HEAD_HEURISTICS, "ONLINE": lambda args: args["DIVERGENCE"] in (FORWARD_KL, REVERSE_KL)})
 @triton.jit
 def terms_kernel(
     hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, lse_s_ptr, lse_t_ptr, div_ptr, coef_ptr, ent_ptr,
     N, K, HS, HT, n_splits, scale_s, scale_t, cap_s, cap_t, inv_temp, beta, log_beta, log_1m_beta,
     DIVERGENCE: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_PRECISION_T: tl.constexpr,
     HAS_BIAS_S: tl.constexpr, HAS_BIAS_T: tl.constexpr, HAS_SOFTCAP_S: tl.constexpr, HAS_SOFTCAP_T: tl.constexpr,
-    EVEN_KS: tl.constexpr, EVEN_KT: tl.constexpr,
+    EVEN_KS: tl.constexpr, EVEN_KT: tl.constexpr, ONLINE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
+    """ONLINE: ``lse_*_ptr`` receive per-split partial LSEs, ``div_ptr`` / ``ent_ptr`` the split's
+    softmax-weighted means of ``z_t - z_s`` (forward) or ``z_s - z_t`` (reverse) and of ``z_s``."""
     pid_m = tl.program_id(0)
     split = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < N
-    lse_s = tl.load(lse_s_ptr + rows, mask=row_ok, other=0.0)
-    lse_t = tl.load(lse_t_ptr + rows, mask=row_ok, other=0.0)
+    out = split * N + rows
     div = tl.zeros((BLOCK_M,), tl.float32)
     coef = tl.zeros((BLOCK_M,), tl.float32)
-    neg_ent = tl.zeros((BLOCK_M,), tl.float32)
+    ent = tl.zeros((BLOCK_M,), tl.float32)
+    if ONLINE:
+        m_s = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        m_t = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        sum_s = tl.zeros((BLOCK_M,), tl.float32)
+        sum_t = tl.zeros((BLOCK_M,), tl.float32)
+    else:
+        lse_s = tl.load(lse_s_ptr + rows, mask=row_ok, other=0.0)
+        lse_t = tl.load(lse_t_ptr + rows, mask=row_ok, other=0.0)
     for vb in range(split, tl.cdiv(K, BLOCK_N), n_splits):
         cols = vb * BLOCK_N + tl.arange(0, BLOCK_N)
         z_s = head_tile(hs_ptr, ws_ptr, bs_ptr, rows, cols, N, K, HS, scale_s, cap_s, inv_temp,
                         HAS_BIAS_S, HAS_SOFTCAP_S, EVEN_KS, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
         z_t = head_tile(ht_ptr, wt_ptr, bt_ptr, rows, cols, N, K, HT, scale_t, cap_t, inv_temp,
                         HAS_BIAS_T, HAS_SOFTCAP_T, EVEN_KT, DOT_PRECISION_T, BLOCK_M, BLOCK_N, BLOCK_K)
-        value, a, _q, q_log_q = tile_terms(z_s, z_t, lse_s, lse_t, beta, log_beta, log_1m_beta, DIVERGENCE)
-        div += tl.sum(value, 1)
-        coef += tl.sum(a, 1)
-        neg_ent += tl.sum(q_log_q, 1)
-    out = split * N + rows
+        if ONLINE:
+            m_s, alpha_s, e_s = online_step(m_s, z_s)
+            m_t, alpha_t, e_t = online_step(m_t, z_t)
+            sum_s = sum_s * alpha_s + tl.sum(e_s, 1)
+            sum_t = sum_t * alpha_t + tl.sum(e_t, 1)
+            ent = ent * alpha_s + tl.sum(tl.where(e_s > 0, e_s * z_s, 0.0), 1)
+            if DIVERGENCE == 0:
+                div = div * alpha_t + tl.sum(tl.where(e_t > 0, e_t * (z_t - z_s), 0.0), 1)
+            else:
+                div = div * alpha_s + tl.sum(tl.where(e_s > 0, e_s * (z_s - z_t), 0.0), 1)
+        else:
+            value, a, _q, q_log_q = tile_terms(z_s, z_t, lse_s, lse_t, beta, log_beta, log_1m_beta, DIVERGENCE)
+            div += tl.sum(value, 1)
+            coef += tl.sum(a, 1)
+            ent -= tl.sum(q_log_q, 1)
+    if ONLINE:
+        norm = sum_t if DIVERGENCE == 0 else sum_s
+        div = tl.where(norm > 0, div / norm, 0.0)
+        ent = tl.where(sum_s > 0, ent / sum_s, 0.0)
+        tl.store(lse_s_ptr + out, finish_lse(m_s, sum_s), mask=row_ok)
+        tl.store(lse_t_ptr + out, finish_lse(m_t, sum_t), mask=row_ok)
     tl.store(div_ptr + out, div, mask=row_ok)
     tl.store(coef_ptr + out, coef, mask=row_ok)
-    tl.store(ent_ptr + out, -neg_ent, mask=row_ok)
+    tl.store(ent_ptr + out, ent, mask=row_ok)
 
 
 def terms_arguments(hs, ws, bs, ht, wt, bt, lse_s, lse_t, opts: LossOptions, n_splits: int) -> dict:
-    """Keyword arguments of ``terms_kernel`` (partial outputs allocated on ``hs``'s device)."""
-    partial = torch.empty((3, n_splits, hs.shape[0]), dtype=torch.float32, device=hs.device)
+    """Keyword arguments of ``terms_kernel``; ``lse_s`` / ``lse_t`` None: one-pass mode outputs."""
+    partial = torch.empty((5, n_splits, hs.shape[0]), dtype=torch.float32, device=hs.device)
     log_beta, log_1m_beta = jsd_logs(opts.beta)
     return {
         **head_arguments(hs, ws, bs, ht, wt, bt, opts, n_splits),
-        "lse_s_ptr": lse_s, "lse_t_ptr": lse_t, "div_ptr": partial[0], "coef_ptr": partial[1], "ent_ptr": partial[2],
+        "lse_s_ptr": partial[3] if lse_s is None else lse_s, "lse_t_ptr": partial[4] if lse_t is None else lse_t,
+        "div_ptr": partial[0], "coef_ptr": partial[1], "ent_ptr": partial[2],
         "beta": opts.beta, "log_beta": log_beta, "log_1m_beta": log_1m_beta,
         "DIVERGENCE": divergence_code(opts.divergence, opts.beta),
     }  # fmt: skip
 
 
-def launch_terms(hs, ws, bs, ht, wt, bt, lse_s, lse_t, opts: LossOptions, config: BlockConfig, n_splits: int):
-    """Per-row (divergence, coefficient c, student entropy), fp32 ``(N,)`` each."""
-    args = terms_arguments(hs, ws, bs, ht, wt, bt, lse_s, lse_t, opts, n_splits)
+def _merge_online(args: dict) -> tuple[torch.Tensor, ...]:
+    """Combine one-pass partials: LSEs by logsumexp, softmax-weighted means by their split's mass."""
+    part_s, part_t = args["lse_s_ptr"], args["lse_t_ptr"]
+    lse_s, lse_t = torch.logsumexp(part_s, 0), torch.logsumexp(part_t, 0)
+    mass = lambda part, lse: torch.where(part == float("-inf"), 0.0, (part - lse).exp())
+    w_s, w_t = mass(part_s, lse_s), mass(part_t, lse_t)
+    entropy = lse_s - (w_s * args["ent_ptr"]).sum(0)
+    if args["DIVERGENCE"] == FORWARD_KL:
+        div = (w_t * args["div_ptr"]).sum(0) - lse_t + lse_s
+        return lse_s, lse_t, div, torch.full_like(div, -1.0), entropy
+    div = (w_s * args["div_ptr"]).sum(0) - lse_s + lse_t
+    return lse_s, lse_t, div, div, entropy
+
+
+def launch_row_stats(hs, ws, bs, ht, wt, bt, opts: LossOptions, config: BlockConfig, n_splits: int):
+    """Per-row (student_lse, teacher_lse, divergence, coefficient c, student entropy), fp32 ``(N,)``.
+
+    One sweep for the KLs, two (pass 1, then this kernel) for JSD and TVD.
+    """
+    online = divergence_code(opts.divergence, opts.beta) in (FORWARD_KL, REVERSE_KL)
+    lse = (None, None) if online else launch_lse(hs, ws, bs, ht, wt, bt, opts, config, n_splits)
+    args = terms_arguments(hs, ws, bs, ht, wt, bt, *lse, opts, n_splits)
     grid = (triton.cdiv(hs.shape[0], config.block_m), n_splits)
     if hs.shape[0]:  # an all-masked batch launches nothing
         terms_kernel[grid](**args, **config.constexprs(), **config.launch_options())
-    return args["div_ptr"].sum(0), args["coef_ptr"].sum(0), args["ent_ptr"].sum(0)
+    if online:
+        return _merge_online(args)
+    return (*lse, args["div_ptr"].sum(0), args["coef_ptr"].sum(0), args["ent_ptr"].sum(0))
