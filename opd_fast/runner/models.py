@@ -15,14 +15,12 @@ from __future__ import annotations
 import functools
 import inspect
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 import opd_fast
@@ -158,29 +156,10 @@ def head_logits(hidden: torch.Tensor, head: Head, temperature: float = 1.0) -> t
     return z / temperature
 
 
-def _chunk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tokens: torch.Tensor,
-                    scale: float, softcap: float | None, temperature: float) -> torch.Tensor:  # fmt: skip
-    z = head_logits(hidden, Head(weight, bias, scale, softcap), temperature)
-    return z.gather(-1, tokens[:, None]).squeeze(-1) - torch.logsumexp(z, dim=-1)
-
-
-def token_logprobs(
-    hidden: torch.Tensor, head: Head, tokens: torch.Tensor, temperature: float = 1.0, chunk: int = 1024
-) -> torch.Tensor:
-    """Differentiable log-prob of ``tokens`` ``(N,)`` under the head at ``hidden`` ``(N, H)``.
-
-    Uses ``opd_fast.fused_linear_logprobs`` when it exists; otherwise a token-chunked fallback whose
-    chunks are recomputed in backward (activation checkpointing), so no ``N x V`` tensor is kept.
-    """
-    fused: Callable | None = getattr(opd_fast, "fused_linear_logprobs", None)
-    if fused is not None:
-        return fused(hidden, head.weight, tokens, temperature=temperature, bias=head.bias,
-                     logit_scale=head.scale, softcap=head.softcap)  # fmt: skip
-    parts = []
-    for i in range(0, hidden.shape[0], chunk):
-        parts.append(checkpoint(_chunk_logprobs, hidden[i:i + chunk], head.weight, head.bias, tokens[i:i + chunk],
-                                head.scale, head.softcap, temperature, use_reentrant=False))  # fmt: skip
-    return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
+def token_logprobs(hidden: torch.Tensor, head: Head, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Differentiable log-prob of ``tokens`` ``(N,)`` under ``head`` at ``hidden`` ``(N, H)``, no logits kept."""
+    return opd_fast.fused_linear_logprobs(hidden, head.weight, tokens, temperature=temperature, bias=head.bias,
+                                          logit_scale=head.scale, softcap=head.softcap)  # fmt: skip
 
 
 def _first_diff(a: dict[str, int], b: dict[str, int]) -> list[str]:

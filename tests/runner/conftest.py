@@ -1,0 +1,66 @@
+"""Fixtures for the runner tests: tiny Llama/Qwen2 models on disk and small configs around them."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from opd_fast.models.tiny import char_tokenizer, save_model, tiny_causal_lm
+from opd_fast.runner.config import RunConfig, config_from_dict
+
+ALPHABET = "abcdefgh =\n"
+
+
+def make_model(path: Path, arch: str, seed: int, alphabet: str = ALPHABET, hidden: int = 32) -> str:
+    tok = char_tokenizer(alphabet)
+    save_model(tiny_causal_lm(tok, arch=arch, hidden_size=hidden, num_layers=1, num_heads=2, seed=seed), tok, path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """student (llama), two teachers (qwen2, wider), and a teacher with a different tokenizer."""
+    root = tmp_path_factory.mktemp("models")
+    return {
+        "student": make_model(root / "student", "llama", 0),
+        "teacher_a": make_model(root / "teacher_a", "qwen2", 1, hidden=48),
+        "teacher_b": make_model(root / "teacher_b", "llama", 2, hidden=48),
+        "other_tok": make_model(root / "other_tok", "qwen2", 3, alphabet="hgfedcba =\n"),
+    }
+
+
+@pytest.fixture(scope="session")
+def prompts_file(tmp_path_factory: pytest.TempPathFactory) -> str:
+    path = tmp_path_factory.mktemp("data") / "prompts.jsonl"
+    rows = [{"prompt": f"{w}=", "domain": dom, "reference": w if dom == "a" else w[::-1]}
+            for w in ("abc", "bad", "cafe", "dead", "face", "head") for dom in ("a", "b")]  # fmt: skip
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def _make_config(models: dict[str, str], prompts: str, out_dir: Path, **sections: dict) -> RunConfig:
+    """A two-teacher config (domain a -> teacher_a, b -> teacher_b), small and fast; sections override."""
+    data = {
+        "run": {"out_dir": str(out_dir), "seed": 0},
+        "student": {"path": models["student"]},
+        "teachers": {"ta": {"path": models["teacher_a"], "domains": ["a"]},
+                     "tb": {"path": models["teacher_b"], "domains": ["b"]}},  # fmt: skip
+        "data": {"prompts": prompts, "eval_prompts": prompts, "prompts_per_step": 2, "group_size": 2},
+        "rollout": {"max_new_tokens": 6, "micro_batch_size": 2},
+        "optim": {"steps": 3, "lr": 1e-2},
+        "checkpoint": {"every": 0, "keep": 2},
+        "metrics": {"progress": False, "tensorboard": False},
+        "eval": {"num_prompts": 4, "at_end": False},
+    }
+    for name, values in sections.items():
+        data[name] = {**data.get(name, {}), **values}
+    return config_from_dict(data)
+
+
+@pytest.fixture
+def make_config(models: dict[str, str], prompts_file: str) -> Callable[..., RunConfig]:
+    """``make_config(out_dir, **sections)``: the two-teacher test config with overridden sections."""
+    return lambda out_dir, **sections: _make_config(models, prompts_file, out_dir, **sections)

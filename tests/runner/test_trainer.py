@@ -1,0 +1,121 @@
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from opd_fast.runner import checkpoint as ckpt_mod
+from opd_fast.runner.checkpoint import latest_checkpoint
+from opd_fast.runner.metrics import plot_metrics, read_metrics
+from opd_fast.runner.trainer import Trainer, train
+
+
+def step_rows(run_dir: Path) -> list[dict]:
+    return [r for r in read_metrics(run_dir) if r.get("kind") != "eval"]
+
+
+def test_end_to_end_metrics_checkpoints_eval_and_plots(make_config, models: dict, tmp_path: Path) -> None:
+    config = make_config(tmp_path / "run", checkpoint={"every": 1, "keep": 2},
+                         eval={"at_end": True, "num_prompts": 4})  # fmt: skip
+    summary = train(config)
+    assert summary["steps"] == 3 and not summary["interrupted"] and summary["tokens_per_s"] > 0
+    rows = step_rows(tmp_path / "run")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for key in ("loss", "divergence/teacher/ta", "divergence/domain/b", "student_entropy", "completion_len",
+                "truncation_rate", "tokens_per_s", "time/rollout", "time/score", "time/learn", "grad_norm", "lr",
+                "skipped_steps"):  # fmt: skip
+        assert key in rows[0] or key in rows[1] or key in rows[2], key
+    ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert ckpts == ["step-00000002", "step-00000003"]  # keep = 2
+    assert (tmp_path / "run/checkpoints/step-00000003/student/model.safetensors").is_file()
+    for key in ("greedy/accuracy", "sampled/accuracy", "greedy/accuracy/a", "reverse_kl", "reverse_kl/b"):
+        assert key in summary["eval"], key
+    assert summary["eval"]["reverse_kl"] >= 0
+    assert {p.name for p in plot_metrics(tmp_path / "run")} >= {"loss.png", "eval_reverse_kl.png"}
+
+
+def test_resume_continues_exactly(make_config, models: dict, tmp_path: Path) -> None:
+    opts = {"optim": {"steps": 4, "lr": 1e-2, "warmup_steps": 1}, "loss": {"lmbda": 0.5}}
+    train(make_config(tmp_path / "full", **opts))
+    train(make_config(tmp_path / "split", **opts), stop_after=2)
+    assert [r["step"] for r in step_rows(tmp_path / "split")] == [1, 2]
+    summary = train(make_config(tmp_path / "split", **opts), resume=True)
+    assert summary["steps_run"] == 2
+    full, split = step_rows(tmp_path / "full"), step_rows(tmp_path / "split")
+    assert [r["step"] for r in split] == [1, 2, 3, 4]
+    for a, b in zip(full, split, strict=True):
+        assert (a["loss"], a["tokens"], a["lr"], a["source"]) == (b["loss"], b["tokens"], b["lr"], b["source"])
+
+
+def test_interrupted_checkpoint_write_keeps_the_previous_one(make_config, models: dict, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    config = make_config(tmp_path / "run", checkpoint={"every": 1, "keep": 3})
+    real_rename = ckpt_mod._rename
+
+    def killed_at_step_3(src: Path, dst: Path) -> None:
+        if dst.name.endswith("3"):
+            raise KeyboardInterrupt("killed between write and rename")
+        real_rename(src, dst)
+
+    monkeypatch.setattr(ckpt_mod, "_rename", killed_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        train(config)
+    root = tmp_path / "run" / "checkpoints"
+    assert any(p.name.startswith(".tmp-") for p in root.iterdir())  # the half-written step 3
+    assert latest_checkpoint(tmp_path / "run").name == "step-00000002"
+    assert not any(p.name.startswith(".tmp-") for p in root.iterdir())  # cleaned up
+    monkeypatch.setattr(ckpt_mod, "_rename", real_rename)
+    summary = train(config, resume=True)
+    assert summary["steps"] == 3 and summary["steps_run"] == 1
+
+
+def test_sigterm_checkpoints_and_exits_cleanly(make_config, models: dict, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    real_step = Trainer.train_step
+
+    def step_then_sigterm(self: Trainer) -> dict:
+        row = real_step(self)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return row
+
+    monkeypatch.setattr(Trainer, "train_step", step_then_sigterm)
+    summary = train(make_config(tmp_path / "run"))
+    assert summary["interrupted"] and summary["steps"] == 1
+    assert latest_checkpoint(tmp_path / "run").name == "step-00000001"
+
+
+@pytest.mark.parametrize(("lmbda", "source"), [(0.0, {"student"}), (1.0, {"dataset"}), (0.5, {"student", "dataset"})])
+def test_lmbda_mixes_off_policy_batches(make_config, models: dict, tmp_path: Path, lmbda: float,
+                                        source: set) -> None:  # fmt: skip
+    config = make_config(tmp_path, loss={"lmbda": lmbda}, optim={"steps": 8})
+    trainer = Trainer(config)
+    trainer.learner.step = lambda: {"grad_norm": 0.0, "lr": 0.0, "skipped": 0.0}  # only the data path matters
+    rows = [trainer.train_step() for _ in range(8)]
+    assert {r["source"] for r in rows} == source
+    dataset_rows = [r for r in rows if r["source"] == "dataset"]
+    # dataset batches train on the references (+ EOS): their lengths are the references' lengths + 1
+    assert all(r["completion_len"] in (4.0, 5.0, 4.5) for r in dataset_rows)
+
+
+def test_teacher_samples_as_off_policy_source(make_config, models: dict, tmp_path: Path) -> None:
+    config = make_config(tmp_path, loss={"lmbda": 1.0, "off_policy_source": "teacher"})
+    trainer = Trainer(config)
+    assert trainer.train_step()["source"] == "teacher"
+
+
+def test_startup_errors_name_the_problem(make_config, models: dict, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="tokenizer mismatch"):
+        Trainer(make_config(tmp_path, teachers={"tb": {"path": models["other_tok"]}}))
+    with pytest.raises(ValueError, match="domain 'b' has no teacher"):
+        Trainer(make_config(tmp_path, teachers={"tb": {"path": models["teacher_b"], "domains": ["c"]}}))
+    with pytest.raises(ValueError, match="cannot load"):
+        Trainer(make_config(tmp_path, student={"path": str(tmp_path / "missing")}))
+
+
+def test_sft_and_verifier_terms_run(make_config, models: dict, tmp_path: Path) -> None:
+    config = make_config(tmp_path, loss={"sft_weight": 0.5, "verifier_weight": 1.0})
+    trainer = Trainer(config)
+    base = make_config(tmp_path / "base")
+    plain = Trainer(base).train_step()
+    row = trainer.train_step()
+    assert row["loss"] > plain["loss"] + 0.1  # the SFT NLL on references dominates the tiny KL
