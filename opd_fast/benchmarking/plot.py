@@ -32,7 +32,7 @@ def _draw(ax, results: list[CaseResult], axis: str, fixed: str, metric: Metric, 
     if not results:
         return
     at = max(getattr(r.shape, fixed) for r in results)
-    chosen = [r for r in results if getattr(r.shape, fixed) == at and metric(r) is not None]
+    chosen = [r for r in results if getattr(r.shape, fixed) == at and (metric(r) or 0) > 0]  # log axes
     impls = sorted({r.impl for r in results})
     for impl, dtype in sorted({(r.impl, r.dtype) for r in chosen}):
         pts = sorted((getattr(r.shape, axis), metric(r)) for r in chosen if (r.impl, r.dtype) == (impl, dtype))

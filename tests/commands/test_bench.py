@@ -4,7 +4,13 @@ from opd_fast.benchmarking import runner, worker
 from opd_fast.cli import main
 
 
-def test_bench_loss_end_to_end_writes_json_csv_and_plot(tmp_path, capsys):
+def _in_process_worker(monkeypatch):
+    """The subprocess path is covered by tests/benchmarking/test_worker.py; here it is skipped for speed."""
+    monkeypatch.setattr(runner, "run_in_subprocess", lambda spec, timeout=None: worker.measure(spec))
+
+
+def test_bench_loss_end_to_end_writes_json_csv_and_plot(tmp_path, capsys, monkeypatch):
+    _in_process_worker(monkeypatch)
     out = tmp_path / "r"
     code = main(["bench", "loss", "--shapes", "32x256x16", "--dtypes", "fp32", "--backends", "torch",
                  "--peers", "naive", "--repeats", "2", "--seed", "5",
@@ -24,7 +30,7 @@ def test_bench_loss_end_to_end_writes_json_csv_and_plot(tmp_path, capsys):
 
 
 def test_bench_memory_reports_every_n(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(runner, "run_in_subprocess", lambda spec, timeout=None: worker.measure(spec))
+    _in_process_worker(monkeypatch)
     code = main(["bench", "memory", "--ns", "64,128", "--vocab", "512", "--hidden", "16", "--dtype", "fp32",
                  "--backends", "torch", "--peers", "naive", "--json", str(tmp_path / "m.json")])  # fmt: skip
     assert code == 0
@@ -37,7 +43,7 @@ def test_bench_memory_reports_every_n(tmp_path, capsys, monkeypatch):
 
 
 def test_bench_report_merges_runs(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(runner, "run_in_subprocess", lambda spec, timeout=None: worker.measure(spec))
+    _in_process_worker(monkeypatch)
     for n in (32, 64):
         main(["bench", "loss", "--shapes", f"{n}x256x16", "--dtypes", "fp32", "--backends", "torch", "--peers", "",
               "--repeats", "1", "--json", str(tmp_path / f"{n}.json")])  # fmt: skip
