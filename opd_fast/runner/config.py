@@ -38,6 +38,9 @@ class RunSection:
     seed: int = 0
     device: str = "cpu"
     dtype: str = "float32"
+    # torch intra-op threads for the run; 0 = torch's default. Small models on shared CPUs run far
+    # faster with 1 (thread spin-waits dominate tiny GEMMs when cores are oversubscribed).
+    threads: int = 0
 
 
 @dataclass
@@ -277,6 +280,7 @@ def _choice(key: str, value: str, options: tuple[str, ...]) -> None:
 def validate_config(c: RunConfig) -> None:
     """Check value ranges and cross-field rules; every error names the dotted key."""
     _choice("run.dtype", c.run.dtype, DTYPES)
+    _require(c.run.threads >= 0, "run.threads", "must be >= 0 (0 = torch default)", c.run.threads)
     _require(bool(c.student.path), "student.path", "must name a model directory", c.student.path)
     _require(bool(c.teachers), "teachers", "must configure at least one teacher ([teachers.NAME])", c.teachers)
     for name, t in c.teachers.items():

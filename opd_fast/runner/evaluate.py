@@ -24,7 +24,7 @@ import opd_fast
 from ..tasks import Example, get_task
 from .config import RolloutConfig, RunConfig
 from .data import Prompt, load_examples
-from .models import LoadedModel, forward_hidden, load_run_models
+from .models import LoadedModel, forward_hidden, load_run_models, torch_threads
 from .rollout import rollout
 from .score import Router, score
 
@@ -118,11 +118,12 @@ def evaluate(
 
 def evaluate_run(config: RunConfig, checkpoint: str | Path | None = None) -> dict[str, float]:
     """Load the student (from ``checkpoint`` if given) and teachers per ``config`` and evaluate."""
-    student, teachers, vocab = load_run_models(config, None if checkpoint is None else str(checkpoint),
-                                               trainable=False)  # fmt: skip
-    router = Router(config.teachers)
-    examples = load_examples(config.data, "eval", config.eval.num_prompts, config.run.seed)
-    router.check(sorted({ex.domain for ex in examples}))
-    return evaluate(student, teachers, router, examples, config.rollout, Verifiers(config.loss.verifiers,
-                    config.data.task), vocab, sampled=config.eval.sampled, seed=config.run.seed,
-                    chat_template=config.data.chat_template)  # fmt: skip
+    with torch_threads(config.run.threads):
+        student, teachers, vocab = load_run_models(config, None if checkpoint is None else str(checkpoint),
+                                                   trainable=False)  # fmt: skip
+        router = Router(config.teachers)
+        examples = load_examples(config.data, "eval", config.eval.num_prompts, config.run.seed)
+        router.check(sorted({ex.domain for ex in examples}))
+        verifiers = Verifiers(config.loss.verifiers, config.data.task)
+        return evaluate(student, teachers, router, examples, config.rollout, verifiers, vocab,
+                        sampled=config.eval.sampled, seed=config.run.seed, chat_template=config.data.chat_template)

@@ -7,14 +7,17 @@ what turns hidden states into logits (weight, bias, the logit scale or softcap a
 tied embeddings need nothing special because ``get_output_embeddings()`` returns the tied module.
 
 Public API: ``LoadedModel``, ``Head``, ``load_model``, ``forward_hidden``, ``position_ids``,
-``head_logits`` (rollout/eval sampling only), ``token_logprobs``, ``check_compatible``.
+``head_logits`` (rollout/eval sampling only), ``token_logprobs``, ``check_compatible``,
+``load_run_models``, ``torch_threads``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -115,6 +118,18 @@ def load_model(
     model.train(trainable)
     decoder = getattr(lm, lm.base_model_prefix)
     return LoadedModel(name=name, model=model, decoder=decoder, tokenizer=tokenizer, path=path)
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """Use ``threads`` intra-op threads for the run (0 = leave torch's setting), restored afterwards."""
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:

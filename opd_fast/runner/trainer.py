@@ -33,7 +33,7 @@ from .data import Prompt, load_examples, prompt_source
 from .evaluate import Verifiers, evaluate
 from .learn import Learner, MicroStats
 from .metrics import MetricsLogger
-from .models import load_run_models
+from .models import load_run_models, torch_threads
 from .rollout import RolloutBatch, from_completions, rollout
 from .score import Router, score
 
@@ -195,6 +195,11 @@ def _stop_on_signals() -> Iterator[threading.Event]:
 
 def train(config: RunConfig, *, resume: bool = False, stop_after: int | None = None) -> dict[str, Any]:
     """Run (or with ``resume`` continue) training; ``stop_after`` ends early after that step, checkpointed."""
+    with torch_threads(config.run.threads):
+        return _train(config, resume, stop_after)
+
+
+def _train(config: RunConfig, resume: bool, stop_after: int | None) -> dict[str, Any]:
     out = Path(config.run.out_dir)
     checkpoint = latest_checkpoint(out) if resume else None
     if resume and checkpoint is None:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from opd_fast.models.tiny import char_tokenizer, save_model, tiny_causal_lm
 from opd_fast.runner.config import RunConfig, config_from_dict
@@ -18,6 +19,15 @@ def make_model(path: Path, arch: str, seed: int, alphabet: str = ALPHABET, hidde
     tok = char_tokenizer(alphabet)
     save_model(tiny_causal_lm(tok, arch=arch, hidden_size=hidden, num_layers=1, num_heads=2, seed=seed), tok, path)
     return str(path)
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """Tiny models run fastest single-threaded on the shared CI cores; restore torch's setting after."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="session")
@@ -46,8 +56,10 @@ def _make_config(models: dict[str, str], prompts: str, out_dir: Path, **sections
     data = {
         "run": {"out_dir": str(out_dir), "seed": 0},
         "student": {"path": models["student"]},
-        "teachers": {"ta": {"path": models["teacher_a"], "domains": ["a"]},
-                     "tb": {"path": models["teacher_b"], "domains": ["b"]}},  # fmt: skip
+        "teachers": {
+            "ta": {"path": models["teacher_a"], "domains": ["a"]},
+            "tb": {"path": models["teacher_b"], "domains": ["b"]},
+        },
         "data": {"prompts": prompts, "eval_prompts": prompts, "prompts_per_step": 2, "group_size": 2},
         "rollout": {"max_new_tokens": 6, "micro_batch_size": 2},
         "optim": {"steps": 3, "lr": 1e-2},

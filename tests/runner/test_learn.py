@@ -1,3 +1,5 @@
+import itertools
+
 import pytest
 import torch
 
@@ -90,4 +92,4 @@ def test_non_finite_loss_skips_and_consecutive_skips_abort(models: dict) -> None
 def test_warmup_then_cosine_schedule() -> None:
     values = [lr_lambda(s, 4, 20, 0.1) for s in range(21)]
     assert values[:4] == pytest.approx([0.2, 0.4, 0.6, 0.8]) and values[4] == pytest.approx(1.0)
-    assert values[-1] == pytest.approx(0.1) and all(a >= b for a, b in zip(values[4:], values[5:], strict=False))
+    assert values[-1] == pytest.approx(0.1) and all(a >= b for a, b in itertools.pairwise(values[4:]))
