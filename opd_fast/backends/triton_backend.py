@@ -15,6 +15,8 @@ so the tests route ``backend="triton"`` to ``run`` explicitly
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from ..validation import LossOptions
@@ -48,6 +50,16 @@ def _arch(device: torch.device) -> int | None:
     return 10 * major + minor
 
 
+def _tile_dtype(hs: torch.Tensor, ht: torch.Tensor) -> torch.dtype:
+    """The dtype that sizes the tiles: fp32 (tf32x3 products, K slices of 16) if either head is fp32."""
+    return torch.float32 if torch.float32 in (hs.dtype, ht.dtype) else hs.dtype
+
+
+def _on(device: torch.device) -> contextlib.AbstractContextManager:
+    """Launch on the tensors' GPU (Triton launches on the current device), no-op elsewhere."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _splits(device: torch.device, n_rows: int, vocab: int, block_m: int, block_n: int) -> int:
     """Vocabulary splits so that (row blocks x splits) covers the GPU; 1 when rows alone do."""
     if _arch(device) is None:
@@ -60,7 +72,7 @@ def _splits(device: torch.device, n_rows: int, vocab: int, block_m: int, block_n
 
 def _student_grads(hs, ws, bs, ht, wt, bt, lse_s, lse_t, coef, row_scale, opts, want, tuning: Tuning):
     n, k = hs.shape[0], opts.vocab_size
-    config = pick_config("grad", _arch(hs.device), hs.dtype, n)
+    config = pick_config("grad", _arch(hs.device), _tile_dtype(hs, ht), n)
     splits = _splits(hs.device, n, k, config.block_m, config.block_n)
     return launch_grad(hs, ws, bs, ht, wt, bt, lse_s, lse_t, coef, row_scale, opts, want, config, splits,
                        tuning.grad_filter_eps)
@@ -73,10 +85,10 @@ class TritonDivergence(torch.autograd.Function):
     def forward(ctx, hs, ws, bs, ht, wt, bt, row_weights, opts: LossOptions, tuning: Tuning, scalar: bool):
         want = (hs.requires_grad, ws.requires_grad, bs is not None and bs.requires_grad)
         n, k = hs.shape[0], opts.vocab_size
-        config = pick_config("lse", _arch(hs.device), hs.dtype, n)
+        config = pick_config("lse", _arch(hs.device), _tile_dtype(hs, ht), n)
         splits = _splits(hs.device, n, k, config.block_m, config.block_n)
         row_weights = row_weights.float()
-        with torch.no_grad():
+        with torch.no_grad(), _on(hs.device):
             lse_s, lse_t, div, coef, entropy = launch_row_stats(hs, ws, bs, ht, wt, bt, opts, config, splits)
             if scalar:
                 value = (div * row_weights).sum()
@@ -101,7 +113,7 @@ class TritonDivergence(torch.autograd.Function):
         else:
             hs, ws, bs, ht, wt, bt, row_weights, lse_s, lse_t, coef = ctx.saved_tensors
             row_scale = (grad_value.float() * row_weights).contiguous()
-            with torch.no_grad():
+            with torch.no_grad(), _on(hs.device):
                 grads = _student_grads(hs, ws, bs, ht, wt, bt, lse_s, lse_t, coef, row_scale, opts, want, tuning)
         grads = [None if g is None else g.to(dtype) for g, dtype in zip(grads, ctx.dtypes, strict=True)]
         return (*grads, None, None, None, None, None, None, None)

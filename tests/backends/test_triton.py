@@ -101,6 +101,12 @@ def test_fp16(triton_loss, seed, divergence):
     compare(triton_loss, make(torch.float16), dtype=torch.float16, divergence=divergence, temperature=2.0)
 
 
+def test_fp16_teacher_fp32_student(triton_loss, seed):
+    t = make(bias=False)
+    t["teacher_hidden"], t["teacher_weight"] = t["teacher_hidden"].half(), t["teacher_weight"].half()
+    compare(triton_loss, t, divergence="reverse_kl")
+
+
 @pytest.mark.parametrize("reduction", ["sum", "none"])
 def test_mask_weights_and_reductions(triton_loss, seed, reduction):
     t = make()

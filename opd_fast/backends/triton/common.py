@@ -111,29 +111,35 @@ def tanh(x):
 
 @triton.jit
 def head_tile(
-    h_ptr, w_ptr, b_ptr, rows, cols, n_rows, n_cols, hidden, scale, softcap, inv_temp,
+    h_ptr, w_ptr, b_ptr, row0, col0, n_rows, n_cols, hidden, scale, softcap, inv_temp,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """Final fp32 logits ``softcap(scale (h W^T + b)) / T`` of one (BLOCK_M, BLOCK_N) tile.
+    """Final fp32 logits ``softcap(scale (h W^T + b)) / T`` of the tile at rows ``row0:``, columns ``col0:``.
 
     Columns at or beyond ``n_cols`` (the compared vocabulary) come back as -inf: zero mass.
+    The block's base addresses are formed in int64 (``V x H`` may exceed 2^31 elements); the
+    per-element offsets inside a block stay int32.
     """
-    row_ok = rows < n_rows
-    col_ok = cols < n_cols
+    r = tl.arange(0, BLOCK_M)
+    c = tl.arange(0, BLOCK_N)
+    row_ok = row0 + r < n_rows
+    col_ok = col0 + c < n_cols
+    h_ptr += tl.cast(row0, tl.int64) * hidden
+    w_ptr += tl.cast(col0, tl.int64) * hidden
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, hidden, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         if EVEN_K:
-            h = tl.load(h_ptr + rows[:, None] * hidden + ks[None, :], mask=row_ok[:, None], other=0.0)
-            w = tl.load(w_ptr + cols[:, None] * hidden + ks[None, :], mask=col_ok[:, None], other=0.0)
+            h = tl.load(h_ptr + r[:, None] * hidden + ks[None, :], mask=row_ok[:, None], other=0.0)
+            w = tl.load(w_ptr + c[:, None] * hidden + ks[None, :], mask=col_ok[:, None], other=0.0)
         else:
             k_ok = ks < hidden
-            h = tl.load(h_ptr + rows[:, None] * hidden + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            w = tl.load(w_ptr + cols[:, None] * hidden + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+            h = tl.load(h_ptr + r[:, None] * hidden + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_ptr + c[:, None] * hidden + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
         acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
     if HAS_BIAS:
-        acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(b_ptr + col0 + c, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     acc = acc * scale
     if HAS_SOFTCAP:
         acc = softcap * tanh(acc / softcap)

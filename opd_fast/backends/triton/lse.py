@@ -36,11 +36,10 @@ def lse_kernel(
     sum_s = tl.zeros((BLOCK_M,), tl.float32)
     sum_t = tl.zeros((BLOCK_M,), tl.float32)
     for vb in range(split, tl.cdiv(K, BLOCK_N), n_splits):
-        cols = vb * BLOCK_N + tl.arange(0, BLOCK_N)
-        z = head_tile(hs_ptr, ws_ptr, bs_ptr, rows, cols, N, K, HS, scale_s, cap_s, inv_temp,
+        z = head_tile(hs_ptr, ws_ptr, bs_ptr, pid_m * BLOCK_M, vb * BLOCK_N, N, K, HS, scale_s, cap_s, inv_temp,
                       HAS_BIAS_S, HAS_SOFTCAP_S, EVEN_KS, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
         m_s, sum_s = online_lse(m_s, sum_s, z)
-        z = head_tile(ht_ptr, wt_ptr, bt_ptr, rows, cols, N, K, HT, scale_t, cap_t, inv_temp,
+        z = head_tile(ht_ptr, wt_ptr, bt_ptr, pid_m * BLOCK_M, vb * BLOCK_N, N, K, HT, scale_t, cap_t, inv_temp,
                       HAS_BIAS_T, HAS_SOFTCAP_T, EVEN_KT, DOT_PRECISION_T, BLOCK_M, BLOCK_N, BLOCK_K)
         m_t, sum_t = online_lse(m_t, sum_t, z)
     out = split * N + rows

@@ -67,10 +67,9 @@ def terms_kernel(
         lse_s = tl.load(lse_s_ptr + rows, mask=row_ok, other=0.0)
         lse_t = tl.load(lse_t_ptr + rows, mask=row_ok, other=0.0)
     for vb in range(split, tl.cdiv(K, BLOCK_N), n_splits):
-        cols = vb * BLOCK_N + tl.arange(0, BLOCK_N)
-        z_s = head_tile(hs_ptr, ws_ptr, bs_ptr, rows, cols, N, K, HS, scale_s, cap_s, inv_temp,
+        z_s = head_tile(hs_ptr, ws_ptr, bs_ptr, pid_m * BLOCK_M, vb * BLOCK_N, N, K, HS, scale_s, cap_s, inv_temp,
                         HAS_BIAS_S, HAS_SOFTCAP_S, EVEN_KS, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
-        z_t = head_tile(ht_ptr, wt_ptr, bt_ptr, rows, cols, N, K, HT, scale_t, cap_t, inv_temp,
+        z_t = head_tile(ht_ptr, wt_ptr, bt_ptr, pid_m * BLOCK_M, vb * BLOCK_N, N, K, HT, scale_t, cap_t, inv_temp,
                         HAS_BIAS_T, HAS_SOFTCAP_T, EVEN_KT, DOT_PRECISION_T, BLOCK_M, BLOCK_N, BLOCK_K)
         if ONLINE:
             m_s, alpha_s, e_s = online_step(m_s, z_s)
