@@ -9,6 +9,9 @@ from .train import add_config_args
 
 
 def _run(args: argparse.Namespace) -> int:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # keep the run's own progress bar readable
     from ..runner.checkpoint import latest_checkpoint
     from ..runner.config import load_config
     from ..runner.evaluate import evaluate_run

@@ -14,6 +14,9 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # keep the run's own progress bar readable
     from ..runner.config import load_config
     from ..runner.trainer import train
 

@@ -54,6 +54,12 @@ class Trainer:
         self.router = Router(c.teachers)
         self.source = prompt_source(c.data, c.run.seed)
         self.router.check(self.source.domains)
+        needs_refs = {"loss.sft_weight": c.loss.sft_weight > 0,
+                      "loss.off_policy_source": c.loss.lmbda > 0 and c.loss.off_policy_source == "dataset"}  # fmt: skip
+        missing = sum(not ex.reference for ex in self.source.examples)
+        for key, needed in needs_refs.items():
+            if needed and missing:
+                raise ValueError(f"config key {key!r} trains on dataset references, but {missing} prompts have none")
         self.learner = Learner(self.student, c.loss, c.optim, {n: t.weight for n, t in c.teachers.items()},
                                self.vocab_sizes)  # fmt: skip
         self.verifiers = Verifiers(c.loss.verifiers, c.data.task)

@@ -3,6 +3,7 @@ import signal
 from pathlib import Path
 
 import pytest
+import torch
 
 from opd_fast.runner import checkpoint as ckpt_mod
 from opd_fast.runner.checkpoint import latest_checkpoint
@@ -119,3 +120,30 @@ def test_sft_and_verifier_terms_run(make_config, models: dict, tmp_path: Path) -
     plain = Trainer(base).train_step()
     row = trainer.train_step()
     assert row["loss"] > plain["loss"] + 0.1  # the SFT NLL on references dominates the tiny KL
+
+
+@pytest.mark.parametrize("signal_name", ["topk", "sampled"])
+def test_topk_and_sampled_signals_train(make_config, tmp_path: Path, signal_name: str) -> None:
+    trainer = Trainer(make_config(tmp_path, loss={"signal": signal_name, "topk": 4}))
+    before = trainer.student.head.weight.detach().clone()
+    row = trainer.train_step()
+    assert row["skipped_steps"] == 0 and row["grad_norm"] > 0
+    assert not torch.equal(before, trainer.student.head.weight)
+
+
+def test_lora_student_trains_and_resumes(make_config, tmp_path: Path) -> None:
+    pytest.importorskip("peft")
+    lora = {"lora": {"r": 2, "alpha": 4, "target_modules": ["q_proj", "v_proj"]}}
+    opts = {"student": lora, "optim": {"steps": 2}}
+    train(make_config(tmp_path / "run", **opts), stop_after=1)
+    saved = tmp_path / "run" / "checkpoints" / "step-00000001" / "student"
+    assert (saved / "adapter_model.safetensors").is_file() and not (saved / "model.safetensors").exists()
+    summary = train(make_config(tmp_path / "run", **opts), resume=True)
+    assert (summary["steps"], summary["steps_run"]) == (2, 1)
+
+
+def test_reference_terms_need_references(make_config, tmp_path: Path) -> None:
+    path = tmp_path / "no_refs.jsonl"
+    path.write_text('{"prompt": "ab=", "domain": "a"}\n{"prompt": "ba=", "domain": "b"}\n')
+    with pytest.raises(ValueError, match=r"'loss\.sft_weight' trains on dataset references, but 2 prompts"):
+        Trainer(make_config(tmp_path, data={"prompts": str(path)}, loss={"sft_weight": 1.0}))
