@@ -103,7 +103,9 @@ class LossConfig:
     signal: str = "hidden"  # "hidden" (full vocab) | "topk" | "sampled"
     topk: int = 32
     backend: str = "auto"
-    lmbda: float = 0.0  # fraction of steps trained on off-policy completions instead of student samples
+    # Fraction of steps trained on off-policy completions instead of student samples (issue 9's
+    # definition; note TRL's GKD ``lmbda`` is the complementary, on-policy fraction).
+    lmbda: float = 0.0
     off_policy_source: str = "dataset"  # "dataset" (references) | "teacher" (teacher samples)
     sft_weight: float = 0.0
     verifier_weight: float = 0.0

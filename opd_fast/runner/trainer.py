@@ -95,8 +95,10 @@ class Trainer:
                                 chat_template=c.data.chat_template, source="teacher")  # fmt: skip
 
     def advantages(self, batches: list[RolloutBatch]) -> list[torch.Tensor | None]:
-        """Verifier reward minus the mean of its prompt group (consecutive ``group_size`` samples)."""
-        if self.config.loss.verifier_weight <= 0:
+        """Verifier reward minus the mean of its prompt group (consecutive ``group_size`` samples).
+
+        Only student samples get the policy-gradient term: it is an on-policy estimator."""
+        if self.config.loss.verifier_weight <= 0 or batches[0].source != "student":
             return [None] * len(batches)
         samples = [(p, text) for b in batches for p, text in zip(b.prompts, b.completions, strict=True)]
         rewards = torch.tensor([self.verifiers(p.domain, p.prompt, text, p.reference or "") for p, text in samples])
