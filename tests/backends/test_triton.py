@@ -19,15 +19,16 @@ import pytest
 import torch
 
 from opd_fast import loss, reference
-from opd_fast.backends import availability
+from opd_fast.backends import availability, triton_backend
 from opd_fast.backends.chunked import Tuning
+from opd_fast.backends.triton import configs_for, pick_config
 
 pytestmark = pytest.mark.skipif(
     torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1",
     reason="interpreter numerics run on CPU tensors with TRITON_INTERPRET=1",
 )
 
-N, HS, HT, V = 13, 24, 40, 70  # odd rows, a hidden size off the 16-wide K tile, 3 vocab tiles
+N, HS, HT, V = 13, 24, 48, 70  # odd rows; student K-loop masked (24), teacher's not (48); 3 vocab tiles
 TOL = {torch.float32: dict(rtol=2e-4, atol=2e-5), torch.float16: dict(rtol=3e-2, atol=3e-3)}
 HEADS = dict(
     temperature=1.5, student_softcap=6.0, teacher_softcap=9.0, student_logit_scale=0.8, teacher_logit_scale=1.2
@@ -168,6 +169,21 @@ def test_rejects_float64_and_is_never_auto_on_cpu(triton_loss, seed):
         triton_loss(*t.values(), backend="triton")
     assert not availability("triton", torch.device("cpu"))[0]
     assert loss.resolve("auto", torch.device("cpu")) != "triton"
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+def test_gpu_configs_in_the_interpreter(triton_loss, seed, monkeypatch, arch):
+    """The tile sizes shipped for GPUs (not the interpreter's minimum) give the same numbers."""
+    chosen = {kernel: configs_for(kernel, arch, torch.float16)[-1] for kernel in ("lse", "grad")}
+    monkeypatch.setattr(triton_backend, "pick_config", lambda kernel, *_: chosen[kernel])
+    compare(triton_loss, make(), divergence="tvd", **HEADS)
+
+
+def test_config_heuristic():
+    wide = pick_config("grad", 90, torch.bfloat16, 8192)
+    assert wide == configs_for("grad", 90, torch.bfloat16)[-1] and wide.block_n == 128
+    assert pick_config("lse", 80, torch.bfloat16, 100) == configs_for("lse", 80, torch.bfloat16)[0]
+    assert all(c.block_k == 16 for c in configs_for("grad", 86, torch.float32))
 
 
 def test_compile_check_default_configs():

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import INTERPRET, INTERPRETER_CONFIG, BlockConfig
+from .common import INTERPRETER_CONFIG, BlockConfig
 from .grad import grad_kernel, launch_grad
 from .lse import launch_lse, lse_kernel
 from .terms import launch_row_stats, terms_kernel
@@ -53,7 +53,7 @@ def pick_config(kernel: str, arch: int | None, dtype: torch.dtype, n_rows: int) 
     (the compile-checked default) for small batches, where the vocabulary split fills the GPU;
     the second (a wider vocabulary tile: a third less L2 traffic per logit) from 4096 rows on.
     """
-    if arch is None or INTERPRET:
+    if arch is None:
         return INTERPRETER_CONFIG
     choices = configs_for(kernel, arch, dtype)
     return choices[-1] if n_rows >= 4096 else choices[0]
