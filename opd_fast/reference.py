@@ -289,11 +289,12 @@ def fused_linear_kl_topk(
         return loss
     with torch.no_grad():
         keep = ids != TOPK_PAD_ID
-        log_q = torch.log_softmax(z[counted], -1).gather(-1, ids.clamp_min(0).long())
+        log_q = torch.log_softmax(z[counted], -1)
         rows = {
             "divergence": per_token[counted],
             "student_lse": torch.logsumexp(z[counted], -1),
-            "student_topk_mass": torch.where(keep, log_q.exp(), 0.0).sum(-1),
+            "student_entropy": -(log_q.exp() * torch.where(log_q > float("-inf"), log_q, 0.0)).sum(-1),
+            "student_topk_mass": torch.where(keep, log_q.gather(-1, ids.clamp_min(0).long()).exp(), 0.0).sum(-1),
             "teacher_topk_mass": torch.where(keep, log_p.double().clamp_max(0.0).exp(), 0.0).sum(-1),
         }
         zeros = torch.zeros(leading, dtype=torch.float64, device=z.device)

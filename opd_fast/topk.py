@@ -36,17 +36,20 @@ _NEG_INF = float("-inf")
 
 
 class _TopKRows:
-    """Row kernel: divergence over the top-k categories, student LSE and top-k mass per row.
+    """Row kernel: divergence over the top-k categories, student LSE, top-k mass (and entropy) per row.
 
     Padding slots point at a real id of their row (or 0 in an all-padding row) so that every
     gather/scatter is in range; their category is -inf on both sides, so they add no value and
     no gradient.
     """
 
-    n_outputs = 3
     n_differentiable = 1
 
-    def __init__(self, ids: torch.Tensor, logprobs: torch.Tensor, opts: LossOptions, tail: str) -> None:
+    def __init__(
+        self, ids: torch.Tensor, logprobs: torch.Tensor, opts: LossOptions, tail: str, entropy: bool
+    ) -> None:
+        self.entropy = entropy
+        self.n_outputs = 4 if entropy else 3
         self.valid = ids != TOPK_PAD_ID
         self.any_valid = self.valid.any(-1, keepdim=True)
         self.ids = torch.where(self.valid, ids, ids.amax(-1, keepdim=True).clamp_min(0))
@@ -83,7 +86,7 @@ class _TopKRows:
         if upstream is None or upstream[0] is None:
             if self.bucket:
                 z.scatter_(1, ids, z_ids)
-            return outs, None
+            return self._with_entropy(outs, z, lse), None
         grad_cat = grad_from_terms(a, q, terms.coef, upstream[0])
         k = ids.shape[1]
         if self.bucket:
@@ -92,7 +95,13 @@ class _TopKRows:
             z.scatter_(1, ids, z_ids)
         else:
             grad = torch.zeros_like(z)
-        return outs, grad.scatter_add_(1, ids, grad_cat[:, :k])
+        return self._with_entropy(outs, z, lse), grad.scatter_add_(1, ids, grad_cat[:, :k])
+
+    def _with_entropy(self, outs: list[torch.Tensor], z: torch.Tensor, lse: torch.Tensor) -> list[torch.Tensor]:
+        """Append the student's full-vocabulary entropy when asked (one more pass over the tile)."""
+        if self.entropy:
+            outs.append(torch.special.entr((z - lse[:, None]).exp_()).sum(-1))
+        return outs
 
 
 def fused_linear_kl_topk(
@@ -165,7 +174,8 @@ def fused_linear_kl_topk(
             materialized). ``"cpu"``/``"triton"`` raise ``NotImplementedError``: no native kernel
             exists for this loss yet.
         return_stats: also return detached per-token ``divergence``, ``student_lse``,
-            ``student_topk_mass`` and ``teacher_topk_mass`` (leading shape, 0 where masked).
+            ``student_entropy`` (full vocabulary), ``student_topk_mass`` and ``teacher_topk_mass``
+            (leading shape, 0 where masked).
         tuning: chunk size / memory budget (``Tuning.chunk_vocab`` is not used: rows are whole).
 
     Returns:
@@ -203,17 +213,17 @@ def fused_linear_kl_topk(
         rows = mask.reshape(-1).nonzero().squeeze(1)
         hs, ids, log_p, weights = (t.index_select(0, rows) for t in (hs, ids, log_p, weights))
     validate_topk_values(ids, log_p, opts.vocab_size, tail)
-    kernel = _TopKRows(ids.long(), log_p, opts, tail)
+    kernel = _TopKRows(ids.long(), log_p, opts, tail, entropy=return_stats)
     setup = RowSetup(opts.student, opts.temperature, opts.vocab_size, tuning or Tuning())
     operands = (
         hs.contiguous(), student_weight.contiguous(), None if student_bias is None else student_bias.contiguous()
     )
     row_weights = _row_weights(weights, opts)
     if opts.reduction == "none":
-        div, lse, top_mass = FusedRows.apply(*operands, kernel, setup, None)
+        div, *per_row = FusedRows.apply(*operands, kernel, setup, None)
         value = div * row_weights
     else:
-        value, div, lse, top_mass = FusedRows.apply(*operands, kernel, setup, row_weights)
+        value, div, *per_row = FusedRows.apply(*operands, kernel, setup, row_weights)
 
     def expand(per_row: torch.Tensor) -> torch.Tensor:
         if rows is not None:
@@ -223,9 +233,11 @@ def fused_linear_kl_topk(
     loss = expand(value) if opts.reduction == "none" else value
     if not return_stats:
         return loss
+    lse, top_mass, entropy = per_row
     stats = {
         "divergence": div.detach(),
         "student_lse": lse,
+        "student_entropy": entropy,
         "student_topk_mass": top_mass,
         "teacher_topk_mass": kernel.teacher_topk_mass.to(lse.dtype),
     }

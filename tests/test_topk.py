@@ -55,7 +55,8 @@ def _compare(student, ids, log_p, atol=1e-10, rtol=1e-9, **opts):
     upstream = torch.randn(out.shape, dtype=torch.float64)
     for got, want in zip(_grads(out, upstream.to(out.dtype), student), _grads(ref, upstream, student), strict=True):
         torch.testing.assert_close(got.double(), want, atol=atol, rtol=rtol)
-    assert set(stats) == set(ref_stats) == {"divergence", "student_lse", "student_topk_mass", "teacher_topk_mass"}
+    assert set(stats) == set(ref_stats) == {"divergence", "student_lse", "student_entropy",
+                                             "student_topk_mass", "teacher_topk_mass"}
     for name, value in stats.items():
         torch.testing.assert_close(value.double(), ref_stats[name], atol=atol, rtol=rtol)
     return out
