@@ -11,8 +11,9 @@ Why atomics rather than a two-kernel scheme: a kernel that owns grad-hidden rows
 over the vocabulary) and a second that owns grad-weight rows (looping over tokens) would each
 have to recompute *both* logit tiles; with the teacher usually the wider head (H_t = 2 H_s at
 Liger's shape) that is ~1.6x the FLOPs of this pass. Atomics recompute once and never
-materialize a ``chunk x V`` gradient. The price is atomic traffic (``N H_s (V/BLOCK_N +
-V/BLOCK_M ...)``, see docs/performance.md) and run-to-run non-determinism of the fp32 sums at
+materialize a ``chunk x V`` gradient. The price is atomic traffic (``N H_s V / BLOCK_N`` fp32
+adds into grad-hidden plus ``V H_s N / BLOCK_M`` into grad-weight, relaxed fire-and-forget
+reductions; see docs/performance.md) and run-to-run non-determinism of the fp32 sums at
 rounding level.
 
 Gradient filtering (``Tuning.grad_filter_eps``): a tile whose largest ``|g|`` is below ``eps``
