@@ -1,11 +1,15 @@
-"""Built-in task ``reverse_add``: multi-digit addition written least-significant digit first, with a retry token.
+"""Built-in task ``column_add``: multi-digit addition column by column, units first, with a retry token.
 
-Prompt ``"{a}+{b}="`` and answer ``"{a+b}"``, every number written with its digits reversed and
-zero-padded (``n`` digits for the operands, ``n + 1`` for the sum), so each answer digit depends on the
-aligned operand digits and the carry from the previous one: a short chain where one slip ruins the
-answer. The answer may use ``<`` to delete the previous character, so a model that notices a wrong
-digit can take it back (``"13<2"`` reads ``"12"``). The verifier grades the answer after applying the
-deletions, by exact match.
+The prompt lists the columns of ``a + b`` from the units up, each tagged with a letter: 357 + 468 with
+3 digits is ``"A78B56C34="`` (column A holds 7 and 8, ...). The answer gives the sum's digits under the
+same tags, one more column for the final carry: ``"A5B2C8D0"`` (825). Each answer digit depends on its
+column and the carry from the previous one: a short chain where one slip ruins the answer.
+
+The answer may use ``<`` to delete the previous character, so a model that notices a wrong digit can
+take it back (``"A5B3<2C8D0"`` reads ``"A5B2C8D0"``). The verifier grades the answer after applying the
+deletions, by exact match. The tags are what make retries learnable for a tiny model: a retry shifts
+every later position, so a model that located columns by position would lose its place, while a tag
+lets it find the column by content.
 
 The retry token is what gives on-policy distillation something to win here: a teacher that knows how
 to recover can show the student recovery on the student's *own* slips, which no dataset of clean
@@ -14,13 +18,15 @@ answers contains (see examples/demo/README.md). ``with_retries`` writes such dem
 
 from __future__ import annotations
 
+import hashlib
 import random
 from dataclasses import dataclass
 
 from . import Example, register_task
 
 RETRY = "<"
-ALPHABET = "0123456789+=" + RETRY
+TAGS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+ALPHABET = "0123456789=" + RETRY + TAGS
 _SPLIT_SALT = {"train": 0, "eval": 1}
 
 
@@ -38,7 +44,7 @@ def apply_retries(text: str) -> str:
 
 def with_retries(answer: str, rate: float, rng: random.Random) -> list[tuple[str, bool]]:
     """``answer`` as (text, learn) pieces where each digit is, with probability ``rate``, first written
-    wrong and taken back: ``[(wrong, False), ("<" + right, True)]``.
+    wrong and taken back: ``[(wrong, False), ("<" + right, True)]``; other characters never slip.
 
     ``learn=False`` marks the slip itself: a model trained on these pieces learns to recover from a
     wrong digit without learning to write one.
@@ -47,7 +53,7 @@ def with_retries(answer: str, rate: float, rng: random.Random) -> list[tuple[str
         raise ValueError(f"rate must be in [0, 1], got {rate!r}")
     pieces: list[tuple[str, bool]] = []
     for digit in answer:
-        if rng.random() < rate:
+        if digit.isdigit() and rng.random() < rate:
             wrong = rng.choice([d for d in "0123456789" if d != digit])
             pieces += [(wrong, False), (RETRY + digit, True)]
         else:
@@ -56,24 +62,27 @@ def with_retries(answer: str, rate: float, rng: random.Random) -> list[tuple[str
 
 
 @dataclass(frozen=True)
-class ReverseAdd:
-    """``n``-digit reversed addition; train and eval splits are disjoint by construction."""
+class ColumnAdd:
+    """``n``-digit column addition; train and eval splits are disjoint by construction."""
 
-    digits: int = 6
-    name: str = "reverse_add"
+    digits: int = 4
+    name: str = "column_add"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.digits, int) or self.digits < 1:
-            raise ValueError(f"digits must be an int >= 1, got {self.digits!r}")
+        if not isinstance(self.digits, int) or not 1 <= self.digits < len(TAGS):
+            raise ValueError(f"digits must be an int in [1, {len(TAGS) - 1}], got {self.digits!r}")
 
     def _is_eval(self, a: int, b: int) -> bool:
-        # A fixed hash of the operand pair decides the split, so no eval prompt is ever trained on.
-        return (a * 7919 + b * 104729) % 10 == 0
+        # A fixed hash of the operand pair puts 10% of all pairs in eval, so no eval prompt is ever
+        # trained on. A cryptographic hash, because arithmetic ones correlate with the digits (e.g.
+        # (7919a + 104729b) % 10 == 0 is exactly "the units column sums to 0 or 10").
+        return int.from_bytes(hashlib.blake2b(f"{a}+{b}".encode(), digest_size=4).digest(), "big") % 10 == 0
 
     def example(self, a: int, b: int) -> Example:
         n = self.digits
-        prompt = f"{str(a).zfill(n)[::-1]}+{str(b).zfill(n)[::-1]}="
-        return Example(prompt=prompt, reference=str(a + b).zfill(n + 1)[::-1])
+        a_digits, b_digits, total = str(a).zfill(n)[::-1], str(b).zfill(n)[::-1], str(a + b).zfill(n + 1)[::-1]
+        prompt = "".join(TAGS[i] + a_digits[i] + b_digits[i] for i in range(n)) + "="
+        return Example(prompt=prompt, reference="".join(TAGS[i] + total[i] for i in range(n + 1)))
 
     def examples(self, split: str, n: int, seed: int) -> list[Example]:
         if split not in _SPLIT_SALT:
@@ -94,6 +103,6 @@ class ReverseAdd:
         return float(apply_retries(completion.strip()) == reference)
 
 
-@register_task("reverse_add")
-def _reverse_add() -> ReverseAdd:
-    return ReverseAdd()
+@register_task("column_add")
+def _column_add() -> ColumnAdd:
+    return ColumnAdd()
