@@ -72,8 +72,9 @@ def load_examples(data: DataConfig, split: str, n: int, seed: int) -> list[Examp
 def encode_prompt(tokenizer: PreTrainedTokenizerBase, text: str, chat_template: bool = False) -> list[int]:
     """Prompt ids; a BOS is prepended when the tokenizer has one and did not add it."""
     if chat_template:
-        return list(tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                                  tokenize=True))  # fmt: skip
+        messages = [{"role": "user", "content": text}]
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        return list(ids)
     ids = tokenizer(text, add_special_tokens=True)["input_ids"]
     bos = tokenizer.bos_token_id
     if bos is not None and (not ids or ids[0] != bos):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import json
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,11 +25,18 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
 
 import opd_fast
 
 from .config import LoraConfig, RunConfig
+from .data import encode_prompt
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -79,6 +87,20 @@ def _causal_lm(model: nn.Module) -> PreTrainedModel:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def _load_tokenizer(path: str, trust_remote_code: bool) -> PreTrainedTokenizerBase:
+    """The tokenizer class the directory declares.
+
+    transformers 5's ``AutoTokenizer`` prefers the model type's tokenizer class (e.g. ``Qwen2Tokenizer``
+    for a qwen2 config) over a generic fast tokenizer saved beside it, which re-segments text (a
+    character tokenizer loses its spaces); a declared generic class is loaded as such.
+    """
+    config_file = Path(path) / "tokenizer_config.json"
+    declared = json.loads(config_file.read_text()).get("tokenizer_class") if config_file.is_file() else None
+    if declared in ("TokenizersBackend", "PreTrainedTokenizerFast"):
+        return PreTrainedTokenizerFast.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+
+
 def load_model(
     path: str,
     *,
@@ -96,7 +118,7 @@ def load_model(
         lm = AutoModelForCausalLM.from_pretrained(
             path, dtype=DTYPES[dtype], attn_implementation=attn_implementation, trust_remote_code=trust_remote_code
         )
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        tokenizer = _load_tokenizer(path, trust_remote_code)
     except OSError as exc:
         raise ValueError(f"{name}: cannot load a model/tokenizer from {path!r}: {exc}") from exc
     lm.to(device)
@@ -208,9 +230,15 @@ def check_compatible(student: LoadedModel, teacher: LoadedModel, chat_template: 
             f"head vocab sizes (student {v_s}, teacher {teacher.name!r} {v_t}) must cover the tokenizer's "
             f"{n_tok} tokens"
         )
+    probe = "Hello world 12+3=15\n"
+    if s_tok(probe)["input_ids"] != t_tok(probe)["input_ids"]:
+        warnings.warn(
+            f"student and teacher {teacher.name!r} tokenizers segment {probe!r} differently: "
+            f"{s_tok(probe)['input_ids']} vs {t_tok(probe)['input_ids']}; the runner tokenizes with the student's",
+            stacklevel=2,
+        )
     if chat_template:
-        probe = [{"role": "user", "content": "2+2?"}]
-        ids = [tok.apply_chat_template(probe, add_generation_prompt=True, tokenize=True) for tok in (s_tok, t_tok)]
+        ids = [encode_prompt(tok, probe, chat_template=True) for tok in (s_tok, t_tok)]
         if ids[0] != ids[1]:
             warnings.warn(
                 f"chat templates of student and teacher {teacher.name!r} render differently: {ids[0]} vs {ids[1]}; "

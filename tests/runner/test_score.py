@@ -1,8 +1,10 @@
+import warnings
+
 import pytest
 import torch
 
 from opd_fast.runner.config import RolloutConfig, TeacherConfig
-from opd_fast.runner.data import Prompt
+from opd_fast.runner.data import Prompt, encode_prompt
 from opd_fast.runner.models import check_compatible, forward_hidden, load_model
 from opd_fast.runner.rollout import rollout
 from opd_fast.runner.score import Router, score
@@ -59,3 +61,16 @@ def test_tokenizer_mismatch_names_the_tokens(models: dict) -> None:
     with pytest.raises(ValueError, match=r"tokenizer mismatch.*'odd'.*first differences: 'a': \d+ vs \d+"):
         check_compatible(student, other)
     assert check_compatible(student, load_model(models["teacher_a"], name="ta")) == student.head.weight.shape[0]
+
+
+def test_chat_templates_render_prompts_and_differences_warn(models: dict) -> None:
+    student, teacher = load_model(models["student"]), load_model(models["teacher_a"], name="ta")
+    template = "{% for m in messages %}{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}={% endif %}"
+    student.tokenizer.chat_template = teacher.tokenizer.chat_template = template
+    assert encode_prompt(student.tokenizer, "ab", chat_template=True) == student.tokenizer("ab=")["input_ids"]
+    with warnings.catch_warnings():  # same segmentation (llama and qwen2 dirs alike) and rendering: silent
+        warnings.simplefilter("error")
+        check_compatible(student, teacher, chat_template=True)
+    teacher.tokenizer.chat_template = template.replace("=", " =")
+    with pytest.warns(UserWarning, match="chat templates of student and teacher 'ta' render differently"):
+        check_compatible(student, teacher, chat_template=True)
