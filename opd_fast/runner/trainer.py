@@ -182,7 +182,7 @@ class Trainer:
         # Evaluation must not perturb the training RNG streams (resume exactness).
         with torch.random.fork_rng(devices=[]):
             return evaluate(self.student, self.teachers, self.router, examples, c.rollout, self.verifiers,
-                            self.vocab_sizes, sampled=c.eval.sampled, seed=c.run.seed + 7,
+                            self.vocab_sizes, sampled=c.eval.sampled, seed=c.run.seed,
                             chat_template=c.data.chat_template)  # fmt: skip
 
 

@@ -48,6 +48,7 @@ def test_train_eval_generate_plot_commands(models: dict, prompts_file: str, tmp_
     assert main(["eval", str(config), "--checkpoint", "latest"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert set(result) >= {"greedy/accuracy", "reverse_kl"} and "sampled/accuracy" not in result
+    assert result == summary["eval"]  # the saved checkpoint evaluates exactly like the in-memory student
     checkpoint = tmp_path / "out" / "checkpoints" / "step-00000002" / "student"
     assert main(["generate", str(checkpoint), "--prompt", "ab=", "--max-new-tokens", "3"]) == 0
     assert "'ab=' -> " in capsys.readouterr().out
