@@ -83,14 +83,12 @@ class Trainer:
         if c.loss.off_policy_source == "dataset":
             return from_completions(self.student.tokenizer, prompts, [p.reference or "" for p in prompts], c.rollout,
                                     chat_template=c.data.chat_template)  # fmt: skip
-        routed = self.router.route([p.domain for p in prompts])
-        parts = {name: rollout(self.teachers[name], [prompts[i] for i in rows], c.rollout, self.generator,
-                               chat_template=c.data.chat_template, source="teacher")
-                 for name, rows in routed.items()}  # fmt: skip
-        order = [(name, k) for name, rows in routed.items() for k in range(len(rows))]
         texts = [""] * len(prompts)
-        for (name, k), i in zip(order, [i for rows in routed.values() for i in rows], strict=True):
-            texts[i] = parts[name].completions[k]
+        for name, rows in self.router.route([p.domain for p in prompts]).items():
+            part = rollout(self.teachers[name], [prompts[i] for i in rows], c.rollout, self.generator,
+                           chat_template=c.data.chat_template, source="teacher")  # fmt: skip
+            for i, text in zip(rows, part.completions, strict=True):
+                texts[i] = text
         return from_completions(self.student.tokenizer, prompts, texts, c.rollout,
                                 chat_template=c.data.chat_template, source="teacher")  # fmt: skip
 
