@@ -4,4 +4,8 @@ Read in the order a step runs: ``config`` (TOML -> dataclasses) -> ``models`` (H
 states, heads, compatibility checks) -> ``data`` (prompts and the sampler) -> ``rollout`` (student
 samples, KV cache) -> ``score`` (teachers, routed by domain) -> ``learn`` (fused loss, optimizer) ->
 ``checkpoint`` / ``metrics`` / ``evaluate`` -> ``trainer`` (the loop; ``train(config) -> summary``).
+
+Stable entry points: ``config.load_config`` / ``config.RunConfig`` (+ sections), ``trainer.train``,
+``trainer.Trainer``, ``evaluate.evaluate_run`` / ``evaluate.evaluate``, ``metrics.read_metrics``,
+``models.load_model``, ``rollout.rollout``. The CLI wraps them: ``opd-fast train|eval|generate|plot``.
 """
