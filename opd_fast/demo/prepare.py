@@ -97,6 +97,16 @@ def _cached(path: Path) -> dict | None:
     return json.loads(recipe.read_text()) if recipe.is_file() else None
 
 
+def _link(path: Path, name: str) -> None:
+    """A stable name (``CACHE/teacher``, ``CACHE/student-seed0``) for the last prepared model, so configs
+    such as ``examples/demo/on_policy.toml`` can point at it without knowing the recipe hash."""
+    link = path.parent / name
+    tmp = path.parent / f".{name}.link"
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(path.name)
+    tmp.replace(link)
+
+
 def prepare_teacher(profile: Profile, cache: Path) -> tuple[Path, dict]:
     """The teacher's directory (trained now unless cached) and its recipe."""
     path = Path(cache) / f"teacher-{profile.teacher_key()}"
@@ -107,6 +117,7 @@ def prepare_teacher(profile: Profile, cache: Path) -> tuple[Path, dict]:
             batch=profile.teacher_batch, max_steps=profile.teacher_max_steps, target=profile.teacher_target,
             need_sampled=True,
         )  # fmt: skip
+    _link(path, "teacher")
     return path, recipe
 
 
@@ -120,6 +131,7 @@ def prepare_student(profile: Profile, cache: Path, seed: int) -> tuple[Path, dic
             lr=profile.student_lr, batch=profile.student_batch, max_steps=profile.student_max_steps,
             target=profile.student_target, need_sampled=False,
         )  # fmt: skip
+    _link(path, f"student-seed{seed}")
     return path, recipe
 
 

@@ -59,7 +59,8 @@ def test_prepared_models_are_cached(demo_run):
     again, recipe_again = prepare_teacher(TINY, cache)
     assert again == path and recipe_again == recipe
     assert (path / "model.safetensors").stat().st_mtime_ns == stamp
-    assert sorted(p.name.split("-")[0] for p in cache.iterdir()) == ["student", "teacher"]
+    assert (cache / "teacher").resolve() == path.resolve()
+    assert (cache / "student-seed0" / "recipe.json").is_file()
 
 
 def test_cli_options():
