@@ -62,3 +62,17 @@ def test_from_completions_appends_eos_and_truncates(models: dict) -> None:
     assert batch.completion_lengths() == [4, 5] and batch.truncated == [False, True]
     assert batch.completions == ["abc", "abcde"]
     assert batch.targets[:4].tolist() == [*tok("abc", add_special_tokens=False)["input_ids"], tok.eos_token_id]
+
+
+def test_recorded_logprobs_are_those_of_the_filtered_sampling_distribution(models: dict) -> None:
+    lm = load_model(models["student"])
+    cfg = RolloutConfig(max_new_tokens=6, temperature=0.7, top_k=3)
+    batch = rollout(lm, PROMPTS, cfg, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        hidden, _ = forward_hidden(lm, batch.input_ids, batch.attention_mask)
+        z = head_logits(hidden, lm.head, 0.7)[:, :-1][batch.target_mask]
+    kth = z.topk(3, dim=-1).values[:, -1:]
+    logp = torch.log_softmax(z.masked_fill(z < kth, float("-inf")), -1)
+    expected = logp.gather(-1, batch.targets[:, None]).squeeze(-1)
+    assert torch.isfinite(expected).all()  # every sampled token was inside the top 3
+    torch.testing.assert_close(batch.sampler_logprobs[:, 1:][batch.target_mask], expected, atol=1e-4, rtol=1e-4)
