@@ -1,3 +1,4 @@
+import contextlib
 import os
 import signal
 from pathlib import Path
@@ -9,6 +10,7 @@ from opd_fast.runner import checkpoint as ckpt_mod
 from opd_fast.runner.checkpoint import latest_checkpoint
 from opd_fast.runner.metrics import plot_metrics, read_metrics
 from opd_fast.runner.trainer import Trainer, train
+from opd_fast.tasks import Example, register_task
 
 
 def step_rows(run_dir: Path) -> list[dict]:
@@ -147,3 +149,29 @@ def test_reference_terms_need_references(make_config, tmp_path: Path) -> None:
     path.write_text('{"prompt": "ab=", "domain": "a"}\n{"prompt": "ba=", "domain": "b"}\n')
     with pytest.raises(ValueError, match=r"'loss\.sft_weight' trains on dataset references, but 2 prompts"):
         Trainer(make_config(tmp_path, data={"prompts": str(path)}, loss={"sft_weight": 1.0}))
+
+
+class _EchoTask:
+    """Prompts ``w=`` with reference ``w``; domains by the first letter (a test-local built-in task)."""
+
+    name = "runner-test-echo"
+    words = ("ab", "ba", "cafe", "bead", "face", "dead", "hag", "egg")
+
+    def examples(self, split: str, n: int, seed: int) -> list[Example]:
+        words = self.words[:6] if split == "train" else self.words[6:]
+        return [Example(f"{w}=", w, "a" if w < "c" else "b") for w in words][:n]
+
+    def verify(self, prompt: str, completion: str, reference: str) -> float:
+        return float(completion.startswith(reference))
+
+
+def test_builtin_task_as_prompt_source_and_verifier(make_config, tmp_path: Path) -> None:
+    with contextlib.suppress(ValueError):  # already registered by an earlier run in this process
+        register_task(_EchoTask.name)(_EchoTask)
+    config = make_config(tmp_path, data={"prompts": "", "eval_prompts": "", "task": _EchoTask.name, "num_prompts": 6},
+                         eval={"at_end": True, "num_prompts": 2})  # fmt: skip
+    trainer = Trainer(config)
+    assert sorted(ex.prompt for ex in trainer.source.examples) == sorted(f"{w}=" for w in _EchoTask.words[:6])
+    assert trainer.verifiers("a", "ab=", "abzz", "ab") == 1.0  # the task's verify, not exact match
+    result = trainer.evaluate()
+    assert set(result) >= {"greedy/accuracy/b", "reverse_kl/b"}
