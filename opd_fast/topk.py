@@ -142,10 +142,11 @@ def fused_linear_kl_topk(
     * ``tail="renormalize"``: both distributions renormalized over the k ids.
 
     Reverse KL over a truncated support: with ``"renormalize"`` the objective only sees the
-    student's *shape* on the top-k, not how much mass it puts there. Reverse KL (and JSD near
-    beta=1) is mode-seeking and its gradient on the renormalized support is blind to mass leaking
-    out, so the student can drift mass onto tokens outside the teacher's top-k at no cost; this
-    is unstable when k is small or the teacher is flat (top-k mass far from one). The bucket
+    student's *shape* on the top-k, not how much mass it puts there, so nothing stops mass from
+    drifting onto tokens outside the teacher's top-k. With reverse KL (and JSD near beta=1),
+    mode-seeking and trained on the student's own samples, that drift feeds itself: the student
+    samples the outside tokens more, and there the teacher gives no signal at all. It is
+    unstable when k is small or the teacher is flat (top-k mass far from one). The bucket
     closes the hole: mass moved outside the top-k lands in the tail category, which the teacher
     scores with its small tail mass, so reverse KL penalizes it like any other mismatch. Forward
     KL with the bucket also pulls the student's tail mass toward the teacher's.
