@@ -100,7 +100,7 @@ def _peer(name: str) -> Implementation:
     table = {
         "naive": Implementation(
             "naive", "full logits + fp32 log_softmax + F.kl_div", peers.naive_loss,
-            divergences=("forward_kl", "reverse_kl"), logit_bytes=lambda item: 2 * item + 3 * 4,
+            divergences=("forward_kl", "reverse_kl"), logit_bytes=lambda item: 2 * item + 4 * 4,
         ),
         "trl": Implementation(
             "trl", "TRL GKDTrainer.generalized_jsd_loss on full logits", peers.trl_loss,

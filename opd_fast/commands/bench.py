@@ -25,6 +25,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-case-seconds", type=float, default=240.0,
                    help="time budget per case: fewer timed rounds beyond it; an implementation whose "
                         "first call exceeds it is reported too-slow")
+    p.add_argument("--no-floor", dest="floor", action="store_false",
+                   help="do not measure the bare-GEMM floor (no x-floor ratios)")
     p.add_argument("--no-check", dest="check", action="store_false",
                    help="skip the correctness check against the reference (not recommended)")
     p.add_argument("--json", help="write results + metadata (command line included) as JSON")
@@ -45,10 +47,11 @@ def _config(args: argparse.Namespace, **overrides):
 def _implementations(args: argparse.Namespace):
     import torch
 
-    from ..benchmarking.implementations import default_backends, select
+    from ..benchmarking.implementations import FLOOR, default_backends, select
 
     device = torch.device(args.device)
-    return select(args.backends if args.backends is not None else default_backends(device), args.peers, device)
+    chosen = select(args.backends if args.backends is not None else default_backends(device), args.peers, device)
+    return chosen if args.floor else [impl for impl in chosen if impl.name != FLOOR]
 
 
 def _argv(args: argparse.Namespace) -> list[str]:
@@ -57,8 +60,8 @@ def _argv(args: argparse.Namespace) -> list[str]:
     for key, value in vars(args).items():
         if key in ("command", "bench_command", "func") or value is None:
             continue
-        if key == "check":
-            argv += [] if value else ["--no-check"]
+        if key in ("check", "floor"):
+            argv += [] if value else [f"--no-{key}"]
         elif isinstance(value, bool):
             argv += [f"--{key}"] if value else []
         else:
