@@ -107,6 +107,7 @@ class LossConfig:
     # definition; note TRL's GKD ``lmbda`` is the complementary, on-policy fraction).
     lmbda: float = 0.0
     off_policy_source: str = "dataset"  # "dataset" (references) | "teacher" (teacher samples)
+    kd_weight: float = 1.0  # weight of the teacher term; 0 = no teacher scoring (pure SFT / verifier runs)
     sft_weight: float = 0.0
     verifier_weight: float = 0.0
     verifiers: dict[str, str] = field(default_factory=dict)  # domain -> "module:function"
@@ -313,8 +314,11 @@ def validate_config(c: RunConfig) -> None:
     _require(lo.temperature > 0, "loss.temperature", "must be > 0", lo.temperature)
     _require(lo.topk >= 1, "loss.topk", "must be >= 1", lo.topk)
     _require(0 <= lo.lmbda <= 1, "loss.lmbda", "must be in [0, 1]", lo.lmbda)
+    _require(lo.kd_weight >= 0, "loss.kd_weight", "must be >= 0", lo.kd_weight)
     _require(lo.sft_weight >= 0, "loss.sft_weight", "must be >= 0", lo.sft_weight)
     _require(lo.verifier_weight >= 0, "loss.verifier_weight", "must be >= 0", lo.verifier_weight)
+    _require(lo.kd_weight + lo.sft_weight + lo.verifier_weight > 0, "loss.kd_weight",
+             "+ loss.sft_weight + loss.verifier_weight must be > 0 (nothing to learn)", lo.kd_weight)  # fmt: skip
     for dom, spec in lo.verifiers.items():
         _require(":" in spec, f"loss.verifiers.{dom}", "must be 'module:function'", spec)
     o = c.optim

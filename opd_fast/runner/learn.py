@@ -84,7 +84,7 @@ class Learner:
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """One teacher's weighted loss and per-token (divergence, entropy) stats for its rows."""
         cfg, head = self.loss_cfg, self.student.head
-        weight = self.teacher_weights[ts.teacher]
+        weight = self.teacher_weights[ts.teacher] * cfg.kd_weight
         if cfg.signal == "hidden":
             loss, st = opd_fast.fused_linear_kl(
                 hs, head.weight, ts.hidden, ts.head.weight, divergence=cfg.divergence, beta=cfg.beta,

@@ -35,7 +35,7 @@ from .learn import Learner, MicroStats
 from .metrics import MetricsLogger
 from .models import load_run_models, torch_threads
 from .rollout import RolloutBatch, from_completions, rollout
-from .score import Router, score
+from .score import Router, ScoredBatch, score
 
 
 def _chunks(items: list[Prompt], size: int) -> list[list[Prompt]]:
@@ -129,8 +129,10 @@ class Trainer:
         stats: list[MicroStats] = []
         for batch, adv, ref in zip(batches, advantages, sft, strict=True):
             t = time.perf_counter()
-            scored = score(batch, self.teachers, self.router, signal=c.loss.signal, topk=c.loss.topk,
-                           temperature=c.loss.temperature)  # fmt: skip
+            scored = ScoredBatch(batch)  # no teacher term (kd_weight = 0): nothing to score
+            if c.loss.kd_weight > 0:
+                scored = score(batch, self.teachers, self.router, signal=c.loss.signal, topk=c.loss.topk,
+                               temperature=c.loss.temperature)
             times["score"] += time.perf_counter() - t
             t = time.perf_counter()
             stats.append(self.learner.micro_step(scored, num_items, adv, ref, sft_items))

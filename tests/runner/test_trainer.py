@@ -175,3 +175,13 @@ def test_builtin_task_as_prompt_source_and_verifier(make_config, tmp_path: Path)
     assert trainer.verifiers("a", "ab=", "abzz", "ab") == 1.0  # the task's verify, not exact match
     result = trainer.evaluate()
     assert set(result) >= {"greedy/accuracy/b", "reverse_kl/b"}
+
+
+def test_kd_weight_zero_is_pure_sft_on_references(make_config, tmp_path: Path) -> None:
+    config = make_config(tmp_path, loss={"kd_weight": 0.0, "sft_weight": 1.0, "lmbda": 1.0})
+    row = Trainer(config).train_step()
+    assert row["source"] == "dataset"
+    assert not any(key.startswith("divergence/") for key in row)  # no teacher was consulted
+    assert row["loss"] > 1.0  # the NLL of untrained tiny models on the references (ln V ~ 2.7)
+    with pytest.raises(ValueError, match="nothing to learn"):
+        make_config(tmp_path, loss={"kd_weight": 0.0})
