@@ -1,0 +1,40 @@
+import json
+import sys
+import types
+from pathlib import Path
+from typing import ClassVar
+
+import pytest
+
+from opd_fast.runner.metrics import MetricsLogger, plot_metrics, read_metrics
+
+
+class FakeWriter:
+    scalars: ClassVar[list[tuple[str, float, int]]] = []
+
+    def __init__(self, log_dir: str) -> None:
+        self.log_dir = log_dir
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        self.scalars.append((tag, value, step))
+
+    def close(self) -> None:
+        pass
+
+
+def test_rows_tensorboard_resume_truncation_and_plots(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=FakeWriter))
+    log = MetricsLogger(tmp_path, total_steps=3, progress=False)
+    for step in (1, 2, 3):
+        log.log({"step": step, "loss": 1.0 / step, "source": "student"})
+    log.log({"step": 3, "kind": "eval", "reverse_kl": 0.5}, advance=False)
+    log.close()
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3, 3]
+    assert ("loss", 0.5, 2) in FakeWriter.scalars and ("eval/reverse_kl", 0.5, 3) in FakeWriter.scalars
+    assert not any(tag == "source" for tag, _, _ in FakeWriter.scalars)  # strings are not scalars
+    # resuming from the step-2 checkpoint drops the rows of the steps that will be redone
+    MetricsLogger(tmp_path, total_steps=3, start_step=2, progress=False, tensorboard=False).close()
+    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert {p.name for p in plot_metrics(tmp_path, tmp_path / "png")} == {"loss.png"}
+    with pytest.raises(ValueError, match="no metrics"):
+        plot_metrics(tmp_path / "empty")
