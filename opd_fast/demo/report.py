@@ -108,6 +108,22 @@ def write_results(results: Sequence[ArmResult], out: Path, meta: dict[str, Any])
     return rows
 
 
+def merge_results(dirs: Sequence[Path], out: Path) -> list[dict[str, Any]]:
+    """Combine the runs of several demo outputs (e.g. one process per seed) into one report under ``out``."""
+    payloads = [json.loads((Path(d) / "results.json").read_text()) for d in dirs]
+    profiles = {p["meta"]["profile"] for p in payloads}
+    if len(profiles) != 1:
+        raise ValueError(f"cannot merge results of different profiles: {sorted(profiles)} from {list(dirs)}")
+    runs = [ArmResult(**{**r, "curve": [tuple(c) for c in r["curve"]]}) for p in payloads for r in p["runs"]]
+    seen = [(r.arm, r.seed) for r in runs]
+    if len(set(seen)) != len(seen):
+        repeated = sorted({x for x in seen if seen.count(x) > 1})
+        raise ValueError(f"the merged outputs repeat (arm, seed) pairs: {repeated}")
+    runs.sort(key=lambda r: r.seed)  # stable: arms keep their order within a seed
+    meta = {**payloads[0]["meta"], "merged_from": [str(d) for d in dirs], "seeds": sorted({r.seed for r in runs})}
+    return write_results(runs, out, meta)
+
+
 def plot_curves(results: Sequence[ArmResult], path: Path) -> None:
     """T=1 accuracy against teacher-scored tokens, one line per arm (mean over seeds at each evaluation).
     Arms that never query the teacher (SFT) are drawn as a horizontal line at their final accuracy."""

@@ -9,6 +9,7 @@ from opd_fast.cli import build_parser
 from opd_fast.demo.arms import DEFAULT_ARMS
 from opd_fast.demo.prepare import prepare_teacher
 from opd_fast.demo.profiles import QUICK
+from opd_fast.demo.report import merge_results
 from opd_fast.demo.run import run_demo
 
 TINY = replace(QUICK, name="tiny", teacher_max_steps=4, student_max_steps=4, check_every=2, dev_prompts=8,
@@ -61,6 +62,13 @@ def test_prepared_models_are_cached(demo_run):
     assert (path / "model.safetensors").stat().st_mtime_ns == stamp
     assert (cache / "teacher").resolve() == path.resolve()
     assert (cache / "student-seed0" / "recipe.json").is_file()
+
+
+def test_merge(demo_run, tmp_path):
+    root, rows = demo_run
+    assert merge_results([root / "out"], tmp_path / "merged") == rows
+    with pytest.raises(ValueError, match="repeat"):
+        merge_results([root / "out", root / "out"], tmp_path / "twice")
 
 
 def test_cli_options():
