@@ -23,6 +23,7 @@ from .timing import Timing, interleaved
 from .worker import WorkerSpec, run_in_subprocess
 
 Log = Callable[[str], None]
+OnCase = Callable[[list["CaseResult"]], None]
 
 
 @dataclass
@@ -159,15 +160,26 @@ def run_case(
     return results
 
 
+def _over_cases(cases, impls, cfg: BenchConfig, log: Log, timed: bool, on_case: OnCase | None) -> list[CaseResult]:
+    results: list[CaseResult] = []
+    for shape, dtype in cases:
+        results += run_case(impls, shape, dtype, cfg, log, timed=timed)
+        if on_case is not None:
+            on_case(results)
+    return results
+
+
 def run_loss_bench(
-    impls: list[Implementation], shapes: list[Shape], dtypes: list[str], cfg: BenchConfig, log: Log = print
-) -> list[CaseResult]:
-    """``run_case`` over shapes x dtypes, in the given order."""
-    return [res for shape in shapes for dtype in dtypes for res in run_case(impls, shape, dtype, cfg, log)]
+    impls: list[Implementation], shapes: list[Shape], dtypes: list[str], cfg: BenchConfig, log: Log = print,
+    on_case: OnCase | None = None,
+) -> list[CaseResult]:  # fmt: skip
+    """``run_case`` over shapes x dtypes, in the given order; ``on_case(results so far)`` after each."""
+    return _over_cases([(s, d) for s in shapes for d in dtypes], impls, cfg, log, True, on_case)
 
 
 def run_memory_bench(
-    impls: list[Implementation], shapes: list[Shape], dtype: str, cfg: BenchConfig, log: Log = print
-) -> list[CaseResult]:
+    impls: list[Implementation], shapes: list[Shape], dtype: str, cfg: BenchConfig, log: Log = print,
+    on_case: OnCase | None = None,
+) -> list[CaseResult]:  # fmt: skip
     """Extra peak memory (and first-call time) per shape, no timed rounds."""
-    return [res for shape in shapes for res in run_case(impls, shape, dtype, cfg, log, timed=False)]
+    return _over_cases([(s, dtype) for s in shapes], impls, cfg, log, False, on_case)

@@ -69,6 +69,19 @@ def _argv(args: argparse.Namespace) -> list[str]:
     return argv
 
 
+def _saver(args: argparse.Namespace, cfg):
+    """Rewrites the JSON/CSV after every case, so a long run that is stopped keeps what it finished."""
+    from ..benchmarking import report
+
+    def save(results) -> None:
+        if args.json:
+            report.write_json(args.json, results, report.metadata(cfg, _argv(args)))
+        if args.csv:
+            report.write_csv(args.csv, results)
+
+    return save
+
+
 def _emit(args: argparse.Namespace, results, cfg, plot_fn, title: str) -> int:
     from ..benchmarking import report
 
@@ -93,7 +106,7 @@ def _run_loss(args: argparse.Namespace) -> int:
     shapes, dtypes = parse_shapes(args.shapes), parse_dtypes(args.dtypes)
     cfg = _config(args, warmup=args.warmup, repeats=args.repeats)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)
-    results = run_loss_bench(_implementations(args), shapes, dtypes, cfg, log)
+    results = run_loss_bench(_implementations(args), shapes, dtypes, cfg, log, _saver(args, cfg))
     return _emit(args, results, cfg, plot_loss, f"fused loss fwd+bwd, {args.divergence}")
 
 
@@ -106,7 +119,7 @@ def _run_memory(args: argparse.Namespace) -> int:
     shapes = grid([int(n) for n in _csv(args.ns)], [args.vocab], args.hidden)
     cfg = _config(args)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)
-    results = run_memory_bench(_implementations(args), shapes, dtype, cfg, log)
+    results = run_memory_bench(_implementations(args), shapes, dtype, cfg, log, _saver(args, cfg))
     return _emit(args, results, cfg, plot_memory, f"extra peak memory vs N, V={args.vocab}, {dtype}")
 
 
