@@ -11,23 +11,12 @@ from torch import nn
 
 from . import reference
 from .backends import Tuning, resolve, runner
-from .backends.tile_math import accum_dtype
-from .validation import LossOptions, validate_kl_call
+from .compaction import TokenRows
+from .validation import validate_kl_call
 
 __all__ = ["FusedLinearKL", "fused_linear_kl"]
 
 Stats = dict[str, torch.Tensor]
-
-
-def _row_weights(
-    counted_weights: torch.Tensor, opts: LossOptions
-) -> torch.Tensor:
-    """Per-row coefficient c_i such that the loss is sum_i c_i D_i (or c_i D_i per row)."""
-    w = counted_weights * opts.loss_scale
-    if opts.reduction != "mean":
-        return w
-    denom = opts.num_items if opts.num_items is not None else float(counted_weights.sum())
-    return w / denom if denom > 0 else w
 
 
 def fused_linear_kl(
@@ -103,37 +92,22 @@ def fused_linear_kl(
         student_softcap=student_softcap, teacher_softcap=teacher_softcap, vocab_size=vocab_size,
     )  # fmt: skip
     run = runner(resolve(backend, student_hidden.device))
-    leading = tuple(student_hidden.shape[:-1])
-    hs = student_hidden.reshape(-1, student_hidden.shape[-1])
-    ht = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])
-    acc = accum_dtype(student_hidden.dtype)
-    weights = (
-        torch.ones(hs.shape[0], dtype=acc, device=hs.device)
-        if token_weights is None
-        else token_weights.reshape(-1).to(acc)
+    tokens = TokenRows.build(
+        tuple(student_hidden.shape[:-1]), student_hidden.dtype, student_hidden.device, mask, token_weights
     )
-    rows = None
-    if mask is not None:
-        rows = mask.reshape(-1).nonzero().squeeze(1)
-        hs, ht, weights = hs.index_select(0, rows), ht.index_select(0, rows), weights.index_select(0, rows)
     value, *stat_values = run(
-        hs.contiguous(), student_weight.contiguous(),
+        tokens.take(student_hidden).contiguous(), student_weight.contiguous(),
         None if student_bias is None else student_bias.contiguous(),
-        ht.contiguous(), teacher_weight.detach().contiguous(),
+        tokens.take(teacher_hidden.detach()).contiguous(), teacher_weight.detach().contiguous(),
         None if teacher_bias is None else teacher_bias.detach().contiguous(),
-        _row_weights(weights, opts), opts, tuning or Tuning(), opts.reduction != "none",
+        tokens.coefficients(opts), opts, tuning or Tuning(), opts.reduction != "none",
     )  # fmt: skip
 
-    def expand(per_row: torch.Tensor) -> torch.Tensor:
-        if rows is not None:
-            per_row = per_row.new_zeros(mask.numel()).index_copy(0, rows, per_row)
-        return per_row.reshape(leading)
-
-    loss = expand(value) if opts.reduction == "none" else value
+    loss = tokens.expand(value) if opts.reduction == "none" else value
     if not return_stats:
         return loss
     names = ("divergence", "student_lse", "teacher_lse", "student_entropy")
-    return loss, {name: expand(v) for name, v in zip(names, stat_values, strict=True)}
+    return loss, {name: tokens.expand(v) for name, v in zip(names, stat_values, strict=True)}
 
 
 class FusedLinearKL(nn.Module):

@@ -19,8 +19,8 @@ import torch
 from . import reference
 from .backends.chunked import Tuning
 from .backends.tile_math import accum_dtype, grad_from_terms, tile_terms
+from .compaction import TokenRows
 from .logprobs import FusedRows, RowSetup, Upstream
-from .loss import _row_weights
 from .validation import (
     TOPK_PAD_ID,
     LossOptions,
@@ -198,40 +198,24 @@ def fused_linear_kl_topk(
         student_bias=student_bias, student_logit_scale=student_logit_scale, student_softcap=student_softcap,
         vocab_size=vocab_size,
     )  # fmt: skip
-    leading = tuple(student_hidden.shape[:-1])
-    k = teacher_topk_ids.shape[-1]
-    hs = student_hidden.reshape(-1, student_hidden.shape[-1])
-    ids = teacher_topk_ids.reshape(-1, k)
-    log_p = teacher_topk_logprobs.detach().reshape(-1, k)
-    acc = accum_dtype(student_hidden.dtype)
-    weights = (
-        torch.ones(hs.shape[0], dtype=acc, device=hs.device)
-        if token_weights is None
-        else token_weights.reshape(-1).to(acc)
+    tokens = TokenRows.build(
+        tuple(student_hidden.shape[:-1]), student_hidden.dtype, student_hidden.device, mask, token_weights
     )
-    rows = None
-    if mask is not None:
-        rows = mask.reshape(-1).nonzero().squeeze(1)
-        hs, ids, log_p, weights = (t.index_select(0, rows) for t in (hs, ids, log_p, weights))
+    hs, ids, log_p = (tokens.take(t) for t in (student_hidden, teacher_topk_ids, teacher_topk_logprobs.detach()))
     validate_topk_values(ids, log_p, opts.vocab_size, tail)
     kernel = _TopKRows(ids.long(), log_p, opts, tail, entropy=return_stats)
     setup = RowSetup(opts.student, opts.temperature, opts.vocab_size, tuning or Tuning())
     operands = (
         hs.contiguous(), student_weight.contiguous(), None if student_bias is None else student_bias.contiguous()
     )
-    row_weights = _row_weights(weights, opts)
+    row_weights = tokens.coefficients(opts)
     if opts.reduction == "none":
         div, *per_row = FusedRows.apply(*operands, kernel, setup, None)
         value = div * row_weights
     else:
         value, div, *per_row = FusedRows.apply(*operands, kernel, setup, row_weights)
 
-    def expand(per_row: torch.Tensor) -> torch.Tensor:
-        if rows is not None:
-            per_row = per_row.new_zeros(mask.numel()).index_copy(0, rows, per_row)
-        return per_row.reshape(leading)
-
-    loss = expand(value) if opts.reduction == "none" else value
+    loss = tokens.expand(value) if opts.reduction == "none" else value
     if not return_stats:
         return loss
     lse, top_mass, entropy = per_row
@@ -242,4 +226,4 @@ def fused_linear_kl_topk(
         "student_topk_mass": top_mass,
         "teacher_topk_mass": kernel.teacher_topk_mass.to(lse.dtype),
     }
-    return loss, {name: expand(v) for name, v in stats.items()}
+    return loss, {name: tokens.expand(v) for name, v in stats.items()}
