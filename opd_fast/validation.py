@@ -59,24 +59,24 @@ def _check_float(name: str, t: torch.Tensor) -> None:
 
 
 def _check_head(
-    side: str, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    prefix: str, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 ) -> tuple[int, int]:
-    _check_float(f"{side}_hidden", hidden)
-    _check_float(f"{side}_weight", weight)
+    _check_float(f"{prefix}hidden", hidden)
+    _check_float(f"{prefix}weight", weight)
     if hidden.dim() < 1:
-        raise ValueError(f"{side}_hidden must have shape (..., H), got a 0-d tensor")
+        raise ValueError(f"{prefix}hidden must have shape (..., H), got a 0-d tensor")
     if weight.dim() != 2:
-        raise ValueError(f"{side}_weight must have shape (V, H), got shape {_shape(weight)}")
+        raise ValueError(f"{prefix}weight must have shape (V, H), got shape {_shape(weight)}")
     if hidden.shape[-1] != weight.shape[1]:
         raise ValueError(
-            f"{side}_hidden has hidden size {hidden.shape[-1]} but {side}_weight has shape "
+            f"{prefix}hidden has hidden size {hidden.shape[-1]} but {prefix}weight has shape "
             f"{_shape(weight)} (expected (V, {hidden.shape[-1]}))"
         )
     if bias is not None:
-        _check_float(f"{side}_bias", bias)
+        _check_float(f"{prefix}bias", bias)
         if bias.dim() != 1 or bias.shape[0] != weight.shape[0]:
             raise ValueError(
-                f"{side}_bias must have shape ({weight.shape[0]},) to match {side}_weight, "
+                f"{prefix}bias must have shape ({weight.shape[0]},) to match {prefix}weight, "
                 f"got {_shape(bias)}"
             )
     return weight.shape[0], weight.shape[1]
@@ -99,8 +99,8 @@ def validate_heads(
     vocab_size: int | None,
 ) -> int:
     """Check the tensors of both heads; return the number of vocabulary entries compared."""
-    v_s, _ = _check_head("student", student_hidden, student_weight, student_bias)
-    v_t, _ = _check_head("teacher", teacher_hidden, teacher_weight, teacher_bias)
+    v_s, _ = _check_head("student_", student_hidden, student_weight, student_bias)
+    v_t, _ = _check_head("teacher_", teacher_hidden, teacher_weight, teacher_bias)
     if student_hidden.shape[:-1] != teacher_hidden.shape[:-1]:
         raise ValueError(
             f"student_hidden and teacher_hidden must share their leading shape, got "
@@ -211,10 +211,11 @@ def validate_common(
     return num_items
 
 
-def validate_head_spec(side: str, scale: float, softcap: float | None) -> HeadSpec:
+def validate_head_spec(prefix: str, scale: float, softcap: float | None) -> HeadSpec:
+    """Check one head's logit scale and softcap; ``prefix`` names the arguments ("student_", "")."""
     if not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale == 0:
-        raise ValueError(f"{side}_logit_scale must be a finite non-zero number, got {scale!r}")
-    _check_positive(f"{side}_softcap", softcap, allow_none=True)
+        raise ValueError(f"{prefix}logit_scale must be a finite non-zero number, got {scale!r}")
+    _check_positive(f"{prefix}softcap", softcap, allow_none=True)
     return HeadSpec(scale=float(scale), softcap=None if softcap is None else float(softcap))
 
 
@@ -257,8 +258,8 @@ def validate_kl_call(
         temperature_sq_scaling=bool(temperature_sq_scaling),
         reduction=reduction,
         num_items=num,
-        student=validate_head_spec("student", student_logit_scale, student_softcap),
-        teacher=validate_head_spec("teacher", teacher_logit_scale, teacher_softcap),
+        student=validate_head_spec("student_", student_logit_scale, student_softcap),
+        teacher=validate_head_spec("teacher_", teacher_logit_scale, teacher_softcap),
         vocab_size=k,
     )
     return options, mask, token_weights
@@ -321,7 +322,7 @@ def validate_topk_call(
     )
     if tail not in TAILS:
         raise ValueError(f"tail must be one of {TAILS}, got {tail!r}")
-    v_s, _ = _check_head("student", student_hidden, student_weight, student_bias)
+    v_s, _ = _check_head("student_", student_hidden, student_weight, student_bias)
     if student_weight.dtype != student_hidden.dtype:
         raise ValueError(
             f"student_hidden ({student_hidden.dtype}) and student_weight ({student_weight.dtype}) must share a dtype"
@@ -350,7 +351,7 @@ def validate_topk_call(
         temperature_sq_scaling=bool(temperature_sq_scaling),
         reduction=reduction,
         num_items=num,
-        student=validate_head_spec("student", student_logit_scale, student_softcap),
+        student=validate_head_spec("student_", student_logit_scale, student_softcap),
         teacher=HeadSpec(),  # the teacher arrives as log-probs: no head
         vocab_size=resolve_vocab(v_s, None, vocab_size),
     )
@@ -408,11 +409,8 @@ def validate_logprobs_call(
     softcap: float | None,
 ) -> HeadSpec:
     """Validate a ``fused_linear_logprobs`` call; return its head spec."""
-    try:
-        vocab, _ = _check_head("student", hidden, weight, bias)
-        spec = validate_head_spec("student", logit_scale, softcap)
-    except (TypeError, ValueError) as exc:  # the shared helpers prefix a side; these arguments have none
-        raise type(exc)(str(exc).replace("student_", "")) from None
+    vocab, _ = _check_head("", hidden, weight, bias)
+    spec = validate_head_spec("", logit_scale, softcap)
     if weight.dtype != hidden.dtype:
         raise ValueError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must share a dtype")
     _check_positive("temperature", temperature)
