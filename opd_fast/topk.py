@@ -18,9 +18,9 @@ import torch
 
 from . import reference
 from .backends.chunked import Tuning
+from .backends.rows import FusedRows, RowSetup, Upstream
 from .backends.tile_math import accum_dtype, grad_from_terms, tile_terms
 from .compaction import TokenRows
-from .logprobs import FusedRows, RowSetup, Upstream
 from .validation import (
     TOPK_PAD_ID,
     LossOptions,
