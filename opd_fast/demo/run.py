@@ -32,6 +32,12 @@ def _evaluate_start(profile: Profile, student: Path, teacher: Path, out: Path, s
                      teacher_generated_tokens=0, student_grad_tokens=0, wall_s=0.0)  # fmt: skip
 
 
+def _trained(recipe: dict) -> str:
+    attempts = len(recipe.get("attempts", [None]))
+    redrawn = f" (initialization {attempts}; earlier ones missed the target)" if attempts > 1 else ""
+    return f"{recipe['steps']} SFT steps{redrawn}, dev accuracy {recipe['dev_accuracy']}"
+
+
 def run_demo(
     profile: Profile, seeds: Sequence[int], arms: Sequence[str], out: Path, cache: Path
 ) -> list[dict[str, Any]]:
@@ -50,15 +56,13 @@ def _run(profile: Profile, seeds: Sequence[int], arms: Sequence[str], out: Path,
     print(f"[demo] profile {profile.name}: task column_add ({profile.digits} digits), arms {', '.join(arms)}, "
           f"seeds {list(seeds)}; cache {cache}")  # fmt: skip
     teacher, t_recipe = prepare_teacher(profile, cache)
-    print(f"[demo] teacher: {parameter_count(teacher):,} parameters, {t_recipe['steps']} SFT steps, "
-          f"dev accuracy {t_recipe['dev_accuracy']}")  # fmt: skip
+    print(f"[demo] teacher: {parameter_count(teacher):,} parameters, {_trained(t_recipe)}")
     results: list[ArmResult] = []
     students: dict[int, dict] = {}
     for seed in seeds:
         student, s_recipe = prepare_student(profile, cache, seed)
         students[seed] = s_recipe
-        print(f"[demo] seed {seed}: initial student {parameter_count(student):,} parameters, "
-              f"{s_recipe['steps']} SFT steps, dev accuracy {s_recipe['dev_accuracy']}")  # fmt: skip
+        print(f"[demo] seed {seed}: initial student {parameter_count(student):,} parameters, {_trained(s_recipe)}")
         results.append(_evaluate_start(profile, student, teacher, out / f"seed{seed}" / "start", seed))
         for name in arms:
             print(f"[demo] seed {seed}: arm {name}")
@@ -68,6 +72,9 @@ def _run(profile: Profile, seeds: Sequence[int], arms: Sequence[str], out: Path,
     rows = write_results(results, out, meta)
     print()
     print(text_table(rows))
+    if profile.name == "quick":
+        print("[demo] quick profile: a smoke test of the pipeline; its models are barely trained, so these numbers "
+              "mean nothing. Run `opd-fast demo` for the real comparison.")
     print(f"\n[demo] {time.perf_counter() - t0:.0f} s; results in {out}/results.json, results.md, "
           "accuracy_vs_tokens.png")
     (out / "meta.json").write_text(json.dumps(meta, indent=2))
