@@ -136,10 +136,12 @@ def plot_curves(results: Sequence[ArmResult], path: Path) -> None:
     for r in results:
         arms.setdefault(r.arm, []).append(r)
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    flat_styles = iter([("black", ":"), ("grey", "--"), ("grey", "-."), ("grey", ":")])
     for runs in arms.values():
         label = runs[0].label
         if all(r.teacher_scored_tokens == 0 for r in runs):
-            ax.axhline(_mean_std([r.sampled_accuracy for r in runs])[0], ls="--", color="grey", label=label)
+            color, style = next(flat_styles, ("grey", "--"))
+            ax.axhline(_mean_std([r.sampled_accuracy for r in runs])[0], ls=style, color=color, label=label)
             continue
         length = min(len(r.curve) for r in runs)
         xs = [_mean_std([r.curve[i][0] for r in runs])[0] for i in range(length)]
