@@ -179,7 +179,7 @@ struct Sums { float value, coef, entropy; };
 
 // Pass 3: writes a over zt and q into qbuf; returns the row sums.
 Sums divergence_row(const Job &job, const float *zs, float *zt, float *qbuf, int64_t kp, float lse_s, float lse_t) {
-    V value = splat(0.0f), value2 = splat(0.0f), coef = splat(0.0f), ent = splat(0.0f);
+    V value = splat(0.0f), kl_p = splat(0.0f), coef = splat(0.0f), ent = splat(0.0f);
     const float log_b = std::log(job.beta), log_1mb = std::log1p(-job.beta), one_m_beta = 1.0f - job.beta;
     for (int64_t j = 0; j < kp; j += W) {
         V log_q = load(zs + j) - lse_s;
@@ -201,7 +201,7 @@ Sums divergence_row(const Job &job, const float *zs, float *zt, float *qbuf, int
                 V hi = vmax(la, lb), lo = vmin(la, lb);
                 V d = select(hi == -kInf, splat(0.0f), lo - hi);
                 V log_m = hi + vlog(vexp(d) + 1.0f);
-                value2 += where_pos(p, log_p - log_m);  // KL(p || M)
+                kl_p += where_pos(p, log_p - log_m);  // KL(p || M)
                 a = where_pos(q, log_q - log_m);
                 value += a;                             // KL(q || M)
                 a = a * one_m_beta;
@@ -223,7 +223,7 @@ Sums divergence_row(const Job &job, const float *zs, float *zt, float *qbuf, int
         case OPD_REVERSE_KL: s.coef = s.value; break;
         case OPD_JSD: {
             const float kl_q = s.value;
-            s.value = job.beta * hsum(value2) + one_m_beta * kl_q;
+            s.value = job.beta * hsum(kl_p) + one_m_beta * kl_q;
             s.coef = kl_q * one_m_beta;
             break;
         }

@@ -134,6 +134,7 @@ class GradSink:
         self.grad_b = torch.zeros(head.weight.shape[0], **acc) if self.want_b else None
         self.weight = head.weight
         self.tuning = tuning
+        self._slice: torch.Tensor | None = None  # reused grad-weight GEMM output (see ``add``)
 
     def add(self, g: torch.Tensor, h: torch.Tensor, rows: slice, v0: int) -> None:
         """Accumulate one tile's dL/d(logits before the scale) ((n, v)) over vocab ``v0:v0+v``."""
@@ -160,9 +161,11 @@ class GradSink:
             self.grad_w[v0 : v0 + g.shape[1]].addmm_(g.T, h)  # accumulates in place, no temporary
         else:  # low-precision GEMM: its output is converted into the fp32 accumulator slice by slice
             step = max(1, _GRAD_W_SLICE_ELEMS // h.shape[1])
+            if self._slice is None or self._slice.dtype != g.dtype:
+                self._slice = torch.empty(min(step, self.grad_w.shape[0]), h.shape[1], dtype=g.dtype, device=g.device)
             for c0 in range(0, g.shape[1], step):
                 c1 = min(c0 + step, g.shape[1])
-                self.grad_w[v0 + c0 : v0 + c1] += g[:, c0:c1].T @ h
+                self.grad_w[v0 + c0 : v0 + c1] += torch.mm(g[:, c0:c1].T, h, out=self._slice[: c1 - c0])
 
     def _kept_columns(self, g: torch.Tensor) -> torch.Tensor | None:
         """Columns of the vocab blocks whose gradient is not negligible (None: keep all)."""

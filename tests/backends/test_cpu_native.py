@@ -11,7 +11,7 @@ import torch
 
 import opd_fast
 from opd_fast import Tuning
-from opd_fast.backends import cpu_native, resolve
+from opd_fast.backends import chunked, cpu_native, resolve
 from opd_fast.backends.tile_math import TorchTileMath
 from opd_fast.validation import HeadSpec, LossOptions
 
@@ -89,6 +89,16 @@ def test_agrees_with_torch_backend(dtype, divergence, beta):
     kw = dict(divergence=divergence, beta=beta, temperature=1.2, student_softcap=20.0, num_items=50)
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-3)
     assert_close(run(case, "cpu", **kw), run(case, "torch", **kw), **tol)
+
+
+@needs_lib
+def test_bf16_chunked_and_sliced_grad_weight_matches_one_chunk(monkeypatch):
+    """Several token chunks and grad-weight slices (the reused bf16 slice buffer) change nothing."""
+    case = make_case(n=40, h_s=16, h_t=24, v=1001, dtype=torch.bfloat16, seed=12)
+    whole = run(case, "cpu", divergence="reverse_kl")
+    monkeypatch.setattr(chunked, "_GRAD_W_SLICE_ELEMS", 16 * 100)  # 100-row slices, the last one partial
+    assert_close(run(case, "cpu", divergence="reverse_kl", tuning=Tuning(chunk_tokens=16)), whole,
+                 rtol=1e-2, atol=1e-3)  # fmt: skip
 
 
 @needs_lib
