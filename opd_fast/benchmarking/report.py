@@ -66,11 +66,16 @@ def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _secs(x: float) -> str:
+    return f"{x:.3f}" if x < 10 else f"{x:.1f}"
+
+
 def _time_cell(res: CaseResult) -> str:
     t = res.timed
     if t is None:
         return "-"
-    return f"{t.median:.3f} ({t.min:.3f}-{t.max:.3f})"
+    spread = "1 run" if len(t.runs) == 1 else f"{_secs(t.min)}-{_secs(t.max)}"
+    return f"{_secs(t.median)} ({spread})"
 
 
 def _status_cell(res: CaseResult) -> str:

@@ -126,9 +126,14 @@ def _run_memory(args: argparse.Namespace) -> int:
 def _run_report(args: argparse.Namespace) -> int:
     from ..benchmarking import report
     from ..benchmarking.plot import plot_loss
+    from ..benchmarking.shapes import DTYPES
 
     loaded = [report.load_json(path) for path in args.files]
-    results = [res for _, batch in loaded for res in batch]
+    dtype_rank = {name: i for i, name in enumerate(DTYPES)}
+    results = sorted(  # stable: implementations keep their run order within a shape x dtype
+        (res for _, batch in loaded for res in batch),
+        key=lambda r: (r.shape.n * r.shape.v, r.shape.n, r.shape.h_s, dtype_rank.get(r.dtype, 99)),
+    )
     for path, (meta, _) in zip(args.files, loaded, strict=True):
         print(f"# {path}: {meta['date_utc']} UTC, {meta['cpu']}; {meta['command']}")
     print(report.format_markdown(results) if args.markdown else report.format_table(results))

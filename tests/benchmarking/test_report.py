@@ -47,3 +47,8 @@ def test_csv_has_one_row_per_result(tmp_path):
     rows = list(csv.DictReader(path.open()))
     assert [r["impl"] for r in rows] == ["gemm-floor", "opd_fast:torch", "naive"]
     assert rows[2]["status"] == "oom" and rows[1]["median_s"] == "4.0" and "runs_s" not in rows[0]
+
+
+def test_a_single_run_is_labelled_as_such():
+    res = CaseResult(SHAPE, "bf16", "opd_fast:cpu", runs_s=[51.14])
+    assert report.rows([res])[0][5] == "51.1 (1 run)"
