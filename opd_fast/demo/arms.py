@@ -5,7 +5,8 @@ the arm's ``loss`` settings, trained with ``opd_fast.runner.trainer.train``. The
 fraction of steps trained on off-policy completions (dataset references or teacher samples), so
 on-policy arms have ``lmbda=0`` and the supervised / sequence-level KD arms ``lmbda=1``. The SFT arm has
 no teacher term, which the runner cannot switch off, so it uses the demo's SFT loop (``sft.train_sft``)
-with the runner's optimizer settings and schedule at the same step count and batch size.
+with the runner's optimizer settings and schedule at the same step count and batch size, on the data the
+initial student was trained on (ground truth with the profile's small share of retry demonstrations).
 """
 
 from __future__ import annotations
