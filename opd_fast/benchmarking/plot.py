@@ -28,10 +28,13 @@ def _memory(r: CaseResult) -> float | None:
 
 
 def _draw(ax, results: list[CaseResult], axis: str, fixed: str, metric: Metric, ylabel: str) -> None:
-    """Lines of ``metric`` vs ``axis`` ("n"/"v") at the largest value of ``fixed`` in the results."""
+    """Lines of ``metric`` vs ``axis`` ("n"/"v") at the value of ``fixed`` measured most often."""
     if not results:
         return
-    at = max(getattr(r.shape, fixed) for r in results)
+    values = [getattr(r.shape, fixed) for r in results if metric(r)]
+    if not values:
+        return
+    at = max(set(values), key=lambda x: (values.count(x), x))  # the slice with the most measurements
     chosen = [r for r in results if getattr(r.shape, fixed) == at and (metric(r) or 0) > 0]  # log axes
     impls = sorted({r.impl for r in results})
     for impl, dtype in sorted({(r.impl, r.dtype) for r in chosen}):
