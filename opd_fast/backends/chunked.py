@@ -43,10 +43,12 @@ class Tuning:
     """Chunking knobs of the chunked backends. ``None`` means "choose from the shapes".
 
     ``grad_filter_eps``: skip the gradient GEMMs of every ``filter_block``-wide vocab block in
-    which all |dL/dlogit| of the chunk are below ``eps`` times the largest row scale (Cut
-    Cross-Entropy's gradient filtering). The error it introduces on grad-hidden is at most
-    ``eps * rows * sum_v |W_v|`` over skipped blocks; it is off by default because no fixed eps
-    keeps that bound under every dtype's tolerance for every input.
+    which all |dL/dlogit| of the chunk are below ``eps`` (an absolute threshold on the gradient
+    of the *reduced* loss, so it already includes the reduction's 1/num_items; Cut
+    Cross-Entropy's gradient filtering). The error it introduces is at most
+    ``eps * sum_v |W_v|`` per row of grad-hidden and ``eps * sum_i |h_i|`` per row of
+    grad-weight, summed over skipped blocks; it is off by default because no fixed eps keeps
+    that bound under every dtype's tolerance for every input.
     """
 
     chunk_tokens: int | None = None

@@ -2,7 +2,10 @@
 
 Nothing can be downloaded here, so tests and the demo build their models from configs and a
 character-level tokenizer that round-trips any text over its alphabet. Models and tokenizers
-save and load with the standard ``save_pretrained`` / ``from_pretrained`` (safetensors).
+save with the standard ``save_pretrained`` (safetensors). Load the tokenizer with
+``PreTrainedTokenizerFast.from_pretrained`` (as ``opd_fast.runner.models`` does): transformers
+5's ``AutoTokenizer`` picks the model type's class for a qwen2 directory (``Qwen2Tokenizer``),
+which splits this character vocabulary differently.
 """
 
 from __future__ import annotations
