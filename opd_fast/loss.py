@@ -73,24 +73,17 @@ def fused_linear_kl(
     Returns:
         The loss (fp32, float64 for float64 inputs; per token for ``reduction="none"``), and the stats when asked.
     """
-    if backend == "reference":
-        return reference.fused_linear_kl(
-            student_hidden, student_weight, teacher_hidden, teacher_weight,
-            divergence=divergence, beta=beta, temperature=temperature,
-            temperature_sq_scaling=temperature_sq_scaling, mask=mask, token_weights=token_weights,
-            reduction=reduction, num_items=num_items, student_bias=student_bias, teacher_bias=teacher_bias,
-            student_logit_scale=student_logit_scale, teacher_logit_scale=teacher_logit_scale,
-            student_softcap=student_softcap, teacher_softcap=teacher_softcap, vocab_size=vocab_size,
-            return_stats=return_stats,
-        )  # fmt: skip
-    opts, mask, token_weights = validate_kl_call(
-        student_hidden, student_weight, teacher_hidden, teacher_weight,
-        divergence=divergence, beta=beta, temperature=temperature,
-        temperature_sq_scaling=temperature_sq_scaling, mask=mask, token_weights=token_weights,
-        reduction=reduction, num_items=num_items, student_bias=student_bias, teacher_bias=teacher_bias,
-        student_logit_scale=student_logit_scale, teacher_logit_scale=teacher_logit_scale,
-        student_softcap=student_softcap, teacher_softcap=teacher_softcap, vocab_size=vocab_size,
+    heads = (student_hidden, student_weight, teacher_hidden, teacher_weight)
+    options = dict(
+        divergence=divergence, beta=beta, temperature=temperature, temperature_sq_scaling=temperature_sq_scaling,
+        mask=mask, token_weights=token_weights, reduction=reduction, num_items=num_items,
+        student_bias=student_bias, teacher_bias=teacher_bias, student_logit_scale=student_logit_scale,
+        teacher_logit_scale=teacher_logit_scale, student_softcap=student_softcap, teacher_softcap=teacher_softcap,
+        vocab_size=vocab_size,
     )  # fmt: skip
+    if backend == "reference":
+        return reference.fused_linear_kl(*heads, **options, return_stats=return_stats)
+    opts, mask, token_weights = validate_kl_call(*heads, **options)
     run = runner(resolve(backend, student_hidden.device))
     tokens = TokenRows.build(
         tuple(student_hidden.shape[:-1]), student_hidden.dtype, student_hidden.device, mask, token_weights
