@@ -1,8 +1,9 @@
 """Supervised fine-tuning for the demo's preparation: the teacher and the student's shared start.
 
-The runner distils: its loss always includes the teacher term, so it has no pure hard-label mode.
-Preparing the demo's models needs one (there is no teacher yet when the teacher is trained), so this
-module holds a small, separate cross-entropy loop built on the runner's public pieces (prompt
+Preparing the demo's models needs plain cross-entropy on demonstrations whose taken-back wrong
+digits are *not* targets; the runner's ``loss.sft_weight`` term trains on every token of a reference
+completion, so this module holds a small, separate cross-entropy loop built on the runner's public
+pieces (prompt
 encoding, hidden states, the head). It tokenizes exactly as the runner does
 (``BOS prompt completion EOS``), so what the models learn here is what the runner later feeds them.
 
