@@ -73,6 +73,30 @@ def _where_pos(weight: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     return torch.where(weight > 0, weight * value, torch.zeros((), dtype=value.dtype, device=value.device))
 
 
+def _rowdot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """sum_v x y per row as a batched GEMV: one read of each tile, no (n, v) temporary."""
+    return torch.bmm(x.unsqueeze(1), y.unsqueeze(2)).view(-1)
+
+
+class _Products:
+    """Element-wise and row-summed ``weight * value`` with the -inf guard only where needed.
+
+    The guard (``_where_pos``) costs about as much as the rest of the tile math; it only
+    matters where a logit is -inf (log-probability -inf, mass 0), so finite tiles skip it.
+    ``value`` arguments are temporaries the callers give away (they may be overwritten).
+    """
+
+    def __init__(self, *logits: torch.Tensor) -> None:
+        # amin is NaN-propagating: a NaN tile takes the guarded path too.
+        self.finite = all(bool(z.amin() > float("-inf")) for z in logits)
+
+    def tile(self, weight: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        return value.mul_(weight) if self.finite else _where_pos(weight, value)
+
+    def row_sum(self, weight: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        return _rowdot(weight, value) if self.finite else _where_pos(weight, value).sum(-1)
+
+
 def tile_terms(
     z_s: torch.Tensor, z_t: torch.Tensor, lse_s: torch.Tensor, lse_t: torch.Tensor, opts: LossOptions
 ) -> tuple[RowTerms, torch.Tensor, torch.Tensor]:
@@ -84,7 +108,8 @@ def tile_terms(
     log_p = z_t - lse_t[:, None]
     q = log_q.exp()
     p = log_p.exp()
-    entropy = -_where_pos(q, log_q).sum(-1)
+    prod = _Products(log_q, log_p)
+    entropy = -prod.row_sum(q, log_q)
     beta, div = opts.beta, opts.divergence
     if div == "jsd" and beta == 0.0:
         div = "forward_kl"
@@ -92,17 +117,18 @@ def tile_terms(
         div = "reverse_kl"
 
     if div == "forward_kl":
-        value = _where_pos(p, log_p - log_q).sum(-1)
+        # two row dots instead of a (log p - log q) tile; identical rows still give exactly 0
+        value = prod.row_sum(p, log_p) - prod.row_sum(p, log_q)
         a = p.neg_()
         coef = a.sum(-1)
     elif div == "reverse_kl":
-        a = _where_pos(q, log_q - log_p)
+        a = prod.tile(q, log_q - log_p)
         value = a.sum(-1)
         coef = value
     elif div == "jsd":
         log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
-        kl_p = _where_pos(p, log_p - log_m).sum(-1)
-        a = _where_pos(q, log_q - log_m)
+        kl_p = prod.row_sum(p, log_p - log_m)
+        a = prod.tile(q, log_q - log_m)
         kl_q = a.sum(-1)
         value = beta * kl_p + (1.0 - beta) * kl_q
         a.mul_(1.0 - beta)
