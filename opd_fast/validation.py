@@ -72,6 +72,8 @@ def _check_head(
             f"{prefix}hidden has hidden size {hidden.shape[-1]} but {prefix}weight has shape "
             f"{_shape(weight)} (expected (V, {hidden.shape[-1]}))"
         )
+    if weight.dtype != hidden.dtype:  # one GEMM reads both
+        raise ValueError(f"{prefix}hidden ({hidden.dtype}) and {prefix}weight ({weight.dtype}) must share a dtype")
     if bias is not None:
         _check_float(f"{prefix}bias", bias)
         if bias.dim() != 1 or bias.shape[0] != weight.shape[0]:
@@ -105,16 +107,6 @@ def validate_heads(
         raise ValueError(
             f"student_hidden and teacher_hidden must share their leading shape, got "
             f"{_shape(student_hidden)} and {_shape(teacher_hidden)}"
-        )
-    if student_weight.dtype != student_hidden.dtype:
-        raise ValueError(
-            f"student_hidden ({student_hidden.dtype}) and student_weight ({student_weight.dtype}) "
-            "must share a dtype"
-        )
-    if teacher_weight.dtype != teacher_hidden.dtype:
-        raise ValueError(
-            f"teacher_hidden ({teacher_hidden.dtype}) and teacher_weight ({teacher_weight.dtype}) "
-            "must share a dtype"
         )
     named = {
         "student_hidden": student_hidden,
@@ -323,10 +315,6 @@ def validate_topk_call(
     if tail not in TAILS:
         raise ValueError(f"tail must be one of {TAILS}, got {tail!r}")
     v_s, _ = _check_head("student_", student_hidden, student_weight, student_bias)
-    if student_weight.dtype != student_hidden.dtype:
-        raise ValueError(
-            f"student_hidden ({student_hidden.dtype}) and student_weight ({student_weight.dtype}) must share a dtype"
-        )
     leading = tuple(student_hidden.shape[:-1])
     ids, logprobs = teacher_topk_ids, teacher_topk_logprobs
     _check_ids("teacher_topk_ids", ids, leading, student_hidden.device)
@@ -411,8 +399,6 @@ def validate_logprobs_call(
     """Validate a ``fused_linear_logprobs`` call; return its head spec."""
     vocab, _ = _check_head("", hidden, weight, bias)
     spec = validate_head_spec("", logit_scale, softcap)
-    if weight.dtype != hidden.dtype:
-        raise ValueError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must share a dtype")
     _check_positive("temperature", temperature)
     leading = tuple(hidden.shape[:-1])
     _check_ids("token_ids", token_ids, leading, hidden.device)
