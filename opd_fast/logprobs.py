@@ -15,9 +15,13 @@ import torch
 from . import reference
 from .backends.chunked import Tuning
 from .backends.rows import FusedRows, RowSetup, Upstream
-from .validation import resolve_torch_only_backend, validate_logprobs_call
+from .backends import resolve
+from .validation import validate_logprobs_call
 
 __all__ = ["fused_linear_logprobs"]
+
+# Backends this function has (``backends.resolve``'s ``implemented``): "auto" picks among them.
+IMPLEMENTED = ("torch", "reference")
 
 
 class _LogProbRows:
@@ -86,7 +90,8 @@ def fused_linear_logprobs(
         asked. Both are differentiable; any incoming gradient (e.g. importance weights) is honoured
         by recomputing the logits chunk by chunk in backward.
     """
-    if resolve_torch_only_backend("fused_linear_logprobs", backend) == "reference":
+    name = resolve(backend, hidden.device, IMPLEMENTED, "fused_linear_logprobs")
+    if name == "reference":
         return reference.fused_linear_logprobs(
             hidden, weight, token_ids, temperature=temperature, bias=bias, logit_scale=logit_scale,
             softcap=softcap, return_entropy=return_entropy,

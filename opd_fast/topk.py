@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from . import reference
+from .backends import resolve
 from .backends.chunked import Tuning
 from .backends.rows import FusedRows, RowSetup, Upstream
 from .backends.tile_math import accum_dtype, grad_from_terms, tile_terms
@@ -24,12 +25,14 @@ from .compaction import TokenRows
 from .validation import (
     TOPK_PAD_ID,
     LossOptions,
-    resolve_torch_only_backend,
     validate_topk_call,
     validate_topk_values,
 )
 
 __all__ = ["fused_linear_kl_topk"]
+
+# Backends this function has (``backends.resolve``'s ``implemented``): "auto" picks among them.
+IMPLEMENTED = ("torch", "reference")
 
 Stats = dict[str, torch.Tensor]
 _NEG_INF = float("-inf")
@@ -183,7 +186,8 @@ def fused_linear_kl_topk(
         The loss (fp32, float64 for float64 inputs; per token for ``reduction="none"``), and the
         stats when asked.
     """
-    if resolve_torch_only_backend("fused_linear_kl_topk", backend) == "reference":
+    name = resolve(backend, student_hidden.device, IMPLEMENTED, "fused_linear_kl_topk")
+    if name == "reference":
         return reference.fused_linear_kl_topk(
             student_hidden, student_weight, teacher_topk_ids, teacher_topk_logprobs,
             divergence=divergence, beta=beta, temperature=temperature, temperature_sq_scaling=temperature_sq_scaling,

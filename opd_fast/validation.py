@@ -40,6 +40,7 @@ class LossOptions:
     student: HeadSpec
     teacher: HeadSpec
     vocab_size: int
+    hard_weight: float = 0.0  # weight of the hard-label cross-entropy (fused_linear_kl with labels)
 
     @property
     def loss_scale(self) -> float:
@@ -203,6 +204,41 @@ def validate_common(
     return num_items
 
 
+def validate_labels(
+    labels: torch.Tensor | None,
+    hard_weight: float,
+    ignore_index: int,
+    leading: tuple[int, ...],
+    device: torch.device,
+    mask: torch.Tensor | None,
+    vocab: int,
+) -> float:
+    """Check the hard-label arguments of ``fused_linear_kl``; return ``hard_weight`` as a float.
+
+    Label values are checked on the counted tokens only (masked tokens are never read).
+    """
+    if not isinstance(hard_weight, (int, float)) or isinstance(hard_weight, bool) or not math.isfinite(hard_weight) \
+            or hard_weight < 0:
+        raise ValueError(f"hard_weight must be a finite number >= 0, got {hard_weight!r}")
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
+    if labels is None:
+        if hard_weight != 0:
+            raise ValueError(f"hard_weight={hard_weight!r} needs labels: pass labels=(ground-truth ids, shape {leading})")
+        return 0.0
+    _check_ids("labels", labels, leading, device)
+    if labels.dim() != len(leading):
+        raise ValueError(f"labels must have the leading shape {leading} of the hidden states, got {_shape(labels)}")
+    counted = labels if mask is None else labels[mask]
+    bad = (counted != ignore_index) & ((counted < 0) | (counted >= vocab))
+    if bool(bad.any()):
+        raise ValueError(
+            f"labels must be in [0, {vocab}) (the compared vocabulary) or ignore_index={ignore_index}, got "
+            f"{int(counted[bad][0])}"
+        )
+    return float(hard_weight)
+
+
 def validate_head_spec(prefix: str, scale: float, softcap: float | None) -> HeadSpec:
     """Check one head's logit scale and softcap; ``prefix`` names the arguments ("student_", "")."""
     if not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale == 0:
@@ -232,6 +268,9 @@ def validate_kl_call(
     student_softcap: float | None,
     teacher_softcap: float | None,
     vocab_size: int | None,
+    labels: torch.Tensor | None = None,
+    hard_weight: float = 0.0,
+    ignore_index: int = -100,
 ) -> tuple[LossOptions, torch.Tensor | None, torch.Tensor | None]:
     """Validate a ``fused_linear_kl`` call; return (options, mask, token_weights) normalized."""
     num = validate_common(
@@ -240,9 +279,9 @@ def validate_kl_call(
     k = validate_heads(
         student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias, teacher_bias, vocab_size
     )
-    mask, token_weights = validate_token_tensors(
-        tuple(student_hidden.shape[:-1]), student_hidden.device, mask, token_weights
-    )
+    leading = tuple(student_hidden.shape[:-1])
+    mask, token_weights = validate_token_tensors(leading, student_hidden.device, mask, token_weights)
+    hard = validate_labels(labels, hard_weight, ignore_index, leading, student_hidden.device, mask, k)
     options = LossOptions(
         divergence=divergence,
         beta=float(beta),
@@ -253,6 +292,7 @@ def validate_kl_call(
         student=validate_head_spec("student_", student_logit_scale, student_softcap),
         teacher=validate_head_spec("teacher_", teacher_logit_scale, teacher_softcap),
         vocab_size=k,
+        hard_weight=hard,
     )
     return options, mask, token_weights
 
@@ -261,20 +301,6 @@ def validate_kl_call(
 
 TAILS = ("bucket", "renormalize")
 TOPK_PAD_ID = -1  # a top-k slot holding this id is padding: it is ignored, whatever its log-prob
-
-
-def resolve_torch_only_backend(function: str, backend: str) -> str:
-    """"torch" or "reference" for the losses that have no native-CPU or Triton kernel yet."""
-    if backend in ("auto", "torch"):
-        return "torch"
-    if backend == "reference":
-        return "reference"
-    if backend in ("cpu", "triton"):
-        raise NotImplementedError(
-            f"{function} has no backend={backend!r} yet: only the chunked-torch path ('auto'/'torch') "
-            "and 'reference' are implemented"
-        )
-    raise ValueError(f"backend must be one of ('auto', 'torch', 'reference') for {function}, got {backend!r}")
 
 
 def _check_ids(name: str, ids: torch.Tensor, leading: tuple[int, ...], device: torch.device) -> None:
