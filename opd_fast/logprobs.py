@@ -13,9 +13,9 @@ from __future__ import annotations
 import torch
 
 from . import reference
+from .backends import resolve
 from .backends.chunked import Tuning
 from .backends.rows import FusedRows, RowSetup, Upstream
-from .backends import resolve
 from .validation import validate_logprobs_call
 
 __all__ = ["fused_linear_logprobs"]

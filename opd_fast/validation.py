@@ -224,7 +224,7 @@ def validate_labels(
         raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
     if labels is None:
         if hard_weight != 0:
-            raise ValueError(f"hard_weight={hard_weight!r} needs labels: pass labels=(ground-truth ids, shape {leading})")
+            raise ValueError(f"hard_weight={hard_weight!r} needs labels (ground-truth ids of shape {leading})")
         return 0.0
     _check_ids("labels", labels, leading, device)
     if labels.dim() != len(leading):

@@ -69,9 +69,8 @@ def resolve(
         preferred = {"cuda": ("triton", "torch"), "cpu": ("cpu", "torch")}.get(device.type, ("torch",))
         return next(b for b in preferred if b in implemented and availability(b, device)[0])
     if name in BACKEND_NAMES and name not in implemented:
-        raise NotImplementedError(
-            f"{function} has no backend={name!r} yet; implemented: {tuple(b for b in BACKEND_NAMES if b in implemented)}"
-        )
+        have = tuple(b for b in BACKEND_NAMES if b in implemented)
+        raise NotImplementedError(f"{function} has no backend={name!r} yet; implemented: {have}")
     ok, reason = availability(name, device)
     if not ok:
         raise RuntimeError(f"backend={name!r} is unavailable: {reason}")
