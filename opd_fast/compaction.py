@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .backends.tile_math import accum_dtype
+from .backends.tile_math import NO_LABEL, HardLabels, accum_dtype
 from .validation import LossOptions
 
 
@@ -54,8 +54,20 @@ class TokenRows:
 
     def coefficients(self, opts: LossOptions) -> torch.Tensor:
         """Per-row c_i such that the loss is sum_i c_i D_i ("mean"/"sum") or c_i D_i ("none")."""
-        w = self.weights * opts.loss_scale
-        if opts.reduction != "mean":
-            return w
-        denom = opts.num_items if opts.num_items is not None else float(self.weights.sum())
-        return w / denom if denom > 0 else w
+        return _reduction_coefficients(self.weights, opts) * opts.loss_scale
+
+    def labels(self, labels: torch.Tensor, ignore_index: int, opts: LossOptions) -> HardLabels:
+        """The counted rows' labels (``NO_LABEL`` for ``ignore_index``) and the coefficients of their
+        cross-entropy *before* ``hard_weight``: "mean" averages over the labelled tokens only."""
+        ids = self.take(labels).long()
+        labelled = ids != ignore_index
+        weights = self.weights * labelled
+        return HardLabels(torch.where(labelled, ids, NO_LABEL), _reduction_coefficients(weights, opts))
+
+
+def _reduction_coefficients(weights: torch.Tensor, opts: LossOptions) -> torch.Tensor:
+    """Per-row token weights divided by the "mean" denominator (num_items, or their sum when > 0)."""
+    if opts.reduction != "mean":
+        return weights
+    denom = opts.num_items if opts.num_items is not None else float(weights.sum())
+    return weights / denom if denom > 0 else weights

@@ -40,6 +40,9 @@ def fused_linear_kl(
     student_softcap: float | None = None,
     teacher_softcap: float | None = None,
     vocab_size: int | None = None,
+    labels: torch.Tensor | None = None,
+    hard_weight: float = 0.0,
+    ignore_index: int = -100,
     backend: str = "auto",
     return_stats: bool = False,
     tuning: Tuning | None = None,
@@ -64,10 +67,20 @@ def fused_linear_kl(
         reduction: ``"mean"`` (weighted sum / sum of counted weights, or / ``num_items`` for
             gradient accumulation and data parallelism), ``"sum"``, or ``"none"`` (leading
             shape, weighted per-token values, 0 where masked).
+        labels, hard_weight, ignore_index: hard-label mixing. ``labels`` (integer, leading shape,
+            values in ``[0, K)`` or ``ignore_index``) adds ``hard_weight`` times the student's
+            cross-entropy on them, computed in the same sweep over the vocabulary: the loss is
+            ``soft + hard_weight * hard`` where ``hard`` is the cross-entropy of the student's
+            logits at temperature 1 (temperature and ``temperature_sq_scaling`` shape the soft
+            part only), reduced like the divergence over the counted tokens whose label is not
+            ``ignore_index`` (``"mean"`` averages over those, or divides by ``num_items``).
         backend: ``"auto"`` (Triton on CUDA, native kernel on CPU when built, else torch),
             ``"torch"``, ``"cpu"``, ``"triton"``, ``"reference"``.
         return_stats: also return detached per-token ``divergence``, ``student_lse``,
-            ``teacher_lse`` and ``student_entropy`` (leading shape, 0 where masked).
+            ``teacher_lse`` and ``student_entropy`` (leading shape, 0 where masked); with
+            ``labels`` also ``cross_entropy`` (per token, 0 where masked or ignored) and the two
+            parts of the loss, ``soft_loss`` and ``hard_loss``, reduced like the loss
+            (``loss = soft_loss + hard_weight * hard_loss``).
         tuning: chunk sizes / memory budget / gradient filtering of the chunked backends.
 
     Returns:
@@ -79,7 +92,7 @@ def fused_linear_kl(
         mask=mask, token_weights=token_weights, reduction=reduction, num_items=num_items,
         student_bias=student_bias, teacher_bias=teacher_bias, student_logit_scale=student_logit_scale,
         teacher_logit_scale=teacher_logit_scale, student_softcap=student_softcap, teacher_softcap=teacher_softcap,
-        vocab_size=vocab_size,
+        vocab_size=vocab_size, labels=labels, hard_weight=hard_weight, ignore_index=ignore_index,
     )  # fmt: skip
     if backend == "reference":
         return reference.fused_linear_kl(*heads, **options, return_stats=return_stats)
@@ -88,19 +101,29 @@ def fused_linear_kl(
     tokens = TokenRows.build(
         tuple(student_hidden.shape[:-1]), student_hidden.dtype, student_hidden.device, mask, token_weights
     )
+    hard = None if labels is None else tokens.labels(labels, ignore_index, opts)
+    row_weights = tokens.coefficients(opts)
     value, *stat_values = run(
         tokens.take(student_hidden).contiguous(), student_weight.contiguous(),
         None if student_bias is None else student_bias.contiguous(),
         tokens.take(teacher_hidden.detach()).contiguous(), teacher_weight.detach().contiguous(),
         None if teacher_bias is None else teacher_bias.detach().contiguous(),
-        tokens.coefficients(opts), opts, tuning or Tuning(), opts.reduction != "none",
+        row_weights, opts, tuning or Tuning(), opts.reduction != "none",
+        None if hard is None else hard._replace(scale=hard.scale * opts.hard_weight),
     )  # fmt: skip
 
     loss = tokens.expand(value) if opts.reduction == "none" else value
     if not return_stats:
         return loss
-    names = ("divergence", "student_lse", "teacher_lse", "student_entropy")
-    return loss, {name: tokens.expand(v) for name, v in zip(names, stat_values, strict=True)}
+    names = ("divergence", "student_lse", "teacher_lse", "student_entropy", "cross_entropy")
+    stats = {name: tokens.expand(v) for name, v in zip(names, stat_values, strict=True)}
+    if hard is None:
+        del stats["cross_entropy"]
+        return loss, stats
+    divergence, *_, ce = stat_values
+    for name, part in (("soft_loss", divergence * row_weights), ("hard_loss", ce * hard.scale)):
+        stats[name] = tokens.expand(part) if opts.reduction == "none" else part.sum()
+    return loss, stats
 
 
 class FusedLinearKL(nn.Module):

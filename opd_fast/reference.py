@@ -19,6 +19,13 @@ jsd            beta KL(p||M) + (1-beta) KL(q||M),               beta=0 is forwar
 tvd            0.5 sum |p - q|                                 bounded in [0, 1]
 =============  ==============================================  ===========================
 
+Hard labels (``labels``, ``hard_weight``): the cross-entropy of the student on ground-truth
+tokens, ``CE = logsumexp(y) - y[label]`` on the student's logits at temperature 1
+(``y = softcap(scale * (h @ W[:K]^T + b[:K]))``: temperature is a distillation device and the
+T^2 rescaling belongs to the soft part only), is added as ``loss = soft + hard_weight * hard``
+where ``hard`` is reduced like the divergence over the counted tokens whose label is not
+``ignore_index`` ("mean" divides by those tokens' weight sum, or ``num_items``).
+
 Reductions: with per-token weights ``w = token_weights * mask`` (each defaulting to 1),
 ``"sum"`` is ``sum w d``, ``"mean"`` is ``sum w d / (num_items or sum w)`` and ``"none"``
 returns ``w d`` per token (0 where masked). ``temperature_sq_scaling`` multiplies by T^2.
@@ -129,6 +136,9 @@ def fused_linear_kl(
     student_softcap: float | None = None,
     teacher_softcap: float | None = None,
     vocab_size: int | None = None,
+    labels: torch.Tensor | None = None,
+    hard_weight: float = 0.0,
+    ignore_index: int = -100,
     backend: str = "reference",
     return_stats: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -144,6 +154,7 @@ def fused_linear_kl(
         reduction=reduction, num_items=num_items, student_bias=student_bias, teacher_bias=teacher_bias,
         student_logit_scale=student_logit_scale, teacher_logit_scale=teacher_logit_scale,
         student_softcap=student_softcap, teacher_softcap=teacher_softcap, vocab_size=vocab_size,
+        labels=labels, hard_weight=hard_weight, ignore_index=ignore_index,
     )  # fmt: skip
     leading = student_hidden.shape[:-1]
     k, t = opts.vocab_size, opts.temperature
@@ -159,15 +170,14 @@ def fused_linear_kl(
         counted, divergence_from_logits(z_s[counted], z_t[counted], opts.divergence, opts.beta)
     )
     weights = counted.double() if token_weights is None else token_weights.double() * counted
-    weighted = weights * per_token * opts.loss_scale
-
-    if opts.reduction == "none":
-        loss = weighted
-    elif opts.reduction == "sum":
-        loss = weighted.sum()
-    else:
-        denom = opts.num_items if opts.num_items is not None else weights.sum()
-        loss = weighted.sum() / denom if opts.num_items is not None or weights.sum() > 0 else weighted.sum()
+    loss = soft = _reduce(weights * per_token * opts.loss_scale, weights, opts)
+    if labels is not None:
+        labeled = counted & (labels != ignore_index)
+        y = head_logits(student_hidden, student_weight, student_bias, opts.student, 1.0, k)[labeled]
+        ce = torch.zeros(leading, dtype=torch.float64, device=z_s.device)
+        ce = ce.masked_scatter(labeled, torch.logsumexp(y, -1) - y.gather(-1, labels[labeled].long()[:, None])[:, 0])
+        hard = _reduce(weights * labeled * ce, weights * labeled, opts)
+        loss = soft + opts.hard_weight * hard
 
     if not return_stats:
         return loss
@@ -183,7 +193,19 @@ def fused_linear_kl(
             "teacher_lse": torch.where(counted, torch.logsumexp(z_t, -1), zero),
             "student_entropy": torch.where(counted, entropy, zero).detach(),
         }
+        if labels is not None:
+            stats.update(cross_entropy=ce.detach(), soft_loss=soft.detach(), hard_loss=hard.detach())
     return loss, stats
+
+
+def _reduce(weighted: torch.Tensor, weights: torch.Tensor, opts: LossOptions) -> torch.Tensor:
+    """The contract's reduction of per-token ``weighted`` values whose token weights are ``weights``."""
+    if opts.reduction == "none":
+        return weighted
+    if opts.reduction == "sum":
+        return weighted.sum()
+    denom = opts.num_items if opts.num_items is not None else weights.sum()
+    return weighted.sum() / denom if opts.num_items is not None or weights.sum() > 0 else weighted.sum()
 
 
 # ---- teachers that return top-k log-probs ------------------------------------------------------
@@ -231,18 +253,6 @@ def topk_divergence_from_logits(
     return torch.stack(values) if values else log_q.new_zeros(0)
 
 
-def _reduce(per_token: torch.Tensor, counted: torch.Tensor, token_weights: torch.Tensor | None,
-            opts: LossOptions) -> torch.Tensor:
-    """The contract's reduction of per-token values (see the module docstring)."""
-    weights = counted.double() if token_weights is None else token_weights.double() * counted
-    weighted = weights * per_token * opts.loss_scale
-    if opts.reduction == "none":
-        return weighted
-    if opts.reduction == "sum" or (opts.num_items is None and weights.sum() == 0):
-        return weighted.sum()
-    return weighted.sum() / (opts.num_items if opts.num_items is not None else weights.sum())
-
-
 def fused_linear_kl_topk(
     student_hidden: torch.Tensor,
     student_weight: torch.Tensor,
@@ -284,7 +294,8 @@ def fused_linear_kl_topk(
     per_token = torch.zeros(leading, dtype=torch.float64, device=z.device).masked_scatter(
         counted, topk_divergence_from_logits(z[counted], ids, log_p, opts.divergence, opts.beta, tail)
     )
-    loss = _reduce(per_token, counted, token_weights, opts)
+    weights = counted.double() if token_weights is None else token_weights.double() * counted
+    loss = _reduce(weights * per_token * opts.loss_scale, weights, opts)
     if not return_stats:
         return loss
     with torch.no_grad():

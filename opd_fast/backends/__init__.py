@@ -3,9 +3,12 @@
 ``resolve(name, device)`` is the single dispatch point of every public loss. A backend
 module registers a ``run`` callable with the uniform signature used by ``opd_fast.loss``:
 
-    run(hs, ws, bs, ht, wt, bt, row_weights, opts, tuning, scalar) -> (value, div, lse_s, lse_t, entropy)
+    run(hs, ws, bs, ht, wt, bt, row_weights, opts, tuning, scalar, hard=None)
+        -> (value, divergence, student_lse, teacher_lse, student_entropy, cross_entropy)
 
-on compacted 2-D rows (masked tokens already removed).
+on compacted 2-D rows (masked tokens already removed). ``hard`` (``tile_math.HardLabels``)
+adds each labelled row's cross-entropy with its coefficient to the value (``cross_entropy`` is
+0 for rows without a label, and everywhere without ``hard``).
 """
 
 from __future__ import annotations
@@ -15,15 +18,15 @@ from collections.abc import Callable
 import torch
 
 from .chunked import ChunkedDivergence, Tuning
-from .tile_math import TorchTileMath
+from .tile_math import HardLabels, TorchTileMath
 
 BACKEND_NAMES = ("auto", "torch", "cpu", "triton", "reference")
 
 Runner = Callable[..., tuple[torch.Tensor, ...]]
 
 
-def _torch_run(hs, ws, bs, ht, wt, bt, row_weights, opts, tuning: Tuning, scalar: bool):
-    return ChunkedDivergence.apply(hs, ws, bs, ht, wt, bt, row_weights, opts, TorchTileMath(), tuning, scalar)
+def _torch_run(hs, ws, bs, ht, wt, bt, row_weights, opts, tuning: Tuning, scalar: bool, hard: HardLabels | None = None):
+    return ChunkedDivergence.apply(hs, ws, bs, ht, wt, bt, row_weights, opts, TorchTileMath(), tuning, scalar, hard)
 
 
 def _cpu_availability(device: torch.device) -> tuple[bool, str]:

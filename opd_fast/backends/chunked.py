@@ -30,7 +30,17 @@ from typing import NamedTuple, Protocol
 import torch
 
 from ..validation import LossOptions
-from .tile_math import RowTerms, accum_dtype, finish_logits, grad_from_terms, logits_grad_to_raw, tile_terms
+from .tile_math import (
+    HardLabels,
+    RowTerms,
+    accum_dtype,
+    add_hard_grad,
+    finish_logits,
+    grad_from_terms,
+    label_logits,
+    logits_grad_to_raw,
+    tile_terms,
+)
 
 _MIN_CHUNK_TOKENS = 16
 # Rows of the grad-weight product computed per call when its output needs a dtype change
@@ -76,7 +86,12 @@ class TileMath(Protocol):
         ...
 
     def full_rows(
-        self, raw_s: torch.Tensor, raw_t: torch.Tensor, opts: LossOptions, row_scale: torch.Tensor | None
+        self,
+        raw_s: torch.Tensor,
+        raw_t: torch.Tensor,
+        opts: LossOptions,
+        row_scale: torch.Tensor | None,
+        hard: HardLabels | None = None,
     ) -> tuple[RowTerms, torch.Tensor, torch.Tensor, torch.Tensor | None]: ...
 
 
@@ -97,6 +112,8 @@ class SweepResult(NamedTuple):
     teacher_lse: torch.Tensor
     entropy: torch.Tensor
     coef: torch.Tensor
+    cross_entropy: torch.Tensor  # hard-label CE per row (0 without labels)
+    hard_lse: torch.Tensor  # log-sum-exp of the temperature-1 student logits (2-D regime with labels)
 
 
 @dataclass
@@ -205,15 +222,18 @@ class _ChunkLogits(NamedTuple):
         return finish_logits(raw_s, o.student, o.temperature), finish_logits(raw_t, o.teacher, o.temperature)
 
 
-def _online_lse(chunk: _ChunkLogits, chunk_vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
-    k, n = chunk.opts.vocab_size, chunk.h_s.shape[0]
+def _online_lse(chunk: _ChunkLogits, chunk_vocab: int, hard: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Row log-sum-exps of the student, the teacher and (``hard``) the temperature-1 student logits."""
+    k, n, t = chunk.opts.vocab_size, chunk.h_s.shape[0], chunk.opts.temperature
     lse_s = torch.full((n,), float("-inf"), dtype=accum_dtype(chunk.h_s.dtype), device=chunk.h_s.device)
-    lse_t = lse_s.clone()
+    lse_t, lse_y = lse_s.clone(), lse_s.clone()
     for v0 in range(0, k, chunk_vocab):
         z_s, z_t = chunk.final(v0, min(v0 + chunk_vocab, k))
         lse_s = torch.logaddexp(lse_s, torch.logsumexp(z_s, -1))
         lse_t = torch.logaddexp(lse_t, torch.logsumexp(z_t, -1))
-    return lse_s, lse_t
+        if hard and t != 1.0:
+            lse_y = torch.logaddexp(lse_y, torch.logsumexp(z_s * t, -1))
+    return lse_s, lse_t, lse_s if t == 1.0 else lse_y
 
 
 def sweep(
@@ -227,73 +247,97 @@ def sweep(
     row_scale: torch.Tensor | None = None,
     sink: GradSink | None = None,
     known: SweepResult | None = None,
+    hard: HardLabels | None = None,
 ) -> SweepResult:
     """One pass of the chunk loop over all (compacted) rows.
 
-    With ``row_scale`` and ``sink`` the student gradient of ``sum_i row_scale_i * D_i`` is
+    With ``row_scale`` and ``sink`` the student gradient of ``sum_i row_scale_i * D_i`` (plus
+    ``hard.scale_i * CE_i`` with hard labels; ``hard.scale`` is None when ``row_scale`` is) is
     accumulated into ``sink``. ``known`` (per-row stats of an earlier sweep) lets the 2-D
     regime skip its statistics passes.
     """
-    n, k = hs.shape[0], opts.vocab_size
+    n, k, t = hs.shape[0], opts.vocab_size, opts.temperature
     chunk_tokens, chunk_vocab = plan_chunks(n, k, tuning, tiles.live_bytes_per_logit(hs.dtype))
     acc = dict(dtype=accum_dtype(hs.dtype), device=hs.device)
-    out = SweepResult(*(torch.zeros(n, **acc) for _ in range(5))) if known is None else known
+    out = SweepResult(*(torch.zeros(n, **acc) for _ in SweepResult._fields)) if known is None else known
     if row_scale is not None and student.scale != 1.0:
         row_scale = row_scale * student.scale  # the sink then takes tiles as they come
+        hard = None if hard is None else HardLabels(hard.labels, hard.scale * student.scale)
     buffers = tuple(torch.empty(chunk_tokens * chunk_vocab, dtype=h.dtype, device=h.device) for h in (hs, ht))
     for i0 in range(0, n, chunk_tokens):
         rows = slice(i0, min(i0 + chunk_tokens, n))
         chunk = _ChunkLogits(hs[rows], ht[rows], student, teacher, opts, buffers)
         scale = None if row_scale is None else row_scale[rows]
+        chunk_hard = None if hard is None else hard.chunk(rows, None if scale is None else hard.scale[rows])
         if chunk_vocab >= k:
-            terms, lse_s, lse_t, grad = tiles.full_rows(*chunk.raw(0, k), opts, scale)
+            terms, lse_s, lse_t, grad = tiles.full_rows(*chunk.raw(0, k), opts, scale, chunk_hard)
             if known is None:
-                for dst, src in zip(out, (terms.divergence, lse_s, lse_t, terms.entropy, terms.coef), strict=True):
+                for dst, src in zip(out, (terms.divergence, lse_s, lse_t, terms.entropy, terms.coef), strict=False):
                     dst[rows] = src
+                if hard is not None:
+                    out.cross_entropy[rows] = terms.cross_entropy
             if grad is not None and sink is not None:
                 sink.add(grad, chunk.h_s, rows, 0)
             continue
         if known is None:
-            lse_s, lse_t = _online_lse(chunk, chunk_vocab)
-            out.student_lse[rows], out.teacher_lse[rows] = lse_s, lse_t
+            lse_s, lse_t, lse_y = _online_lse(chunk, chunk_vocab, hard is not None)
+            out.student_lse[rows], out.teacher_lse[rows], out.hard_lse[rows] = lse_s, lse_t, lse_y
             for v0 in range(0, k, chunk_vocab):
-                terms, _, _ = tile_terms(*chunk.final(v0, min(v0 + chunk_vocab, k)), lse_s, lse_t, opts)
+                z_s, z_t = chunk.final(v0, min(v0 + chunk_vocab, k))
+                if hard is not None:
+                    out.cross_entropy[rows] -= label_logits(z_s, chunk_hard.labels, v0)[0] * t
+                terms, _, _ = tile_terms(z_s, z_t, lse_s, lse_t, opts)
                 out.divergence[rows] += terms.divergence
                 out.entropy[rows] += terms.entropy
                 out.coef[rows] += terms.coef
+            if hard is not None:
+                labeled = chunk_hard.labels >= 0
+                out.cross_entropy[rows] = torch.where(labeled, out.cross_entropy[rows] + lse_y, 0.0)
         if scale is None or sink is None:
             continue
         for v0 in range(0, k, chunk_vocab):
             z_s, z_t = chunk.final(v0, min(v0 + chunk_vocab, k))
             _, a, q = tile_terms(z_s, z_t, out.student_lse[rows], out.teacher_lse[rows], opts)
             grad = grad_from_terms(a, q, out.coef[rows], scale)
-            sink.add(logits_grad_to_raw(grad, z_s, opts.student, opts.temperature), chunk.h_s, rows, v0)
+            if chunk_hard is not None:
+                grad = add_hard_grad(grad, z_s, out.hard_lse[rows], chunk_hard, t, v0)
+            sink.add(logits_grad_to_raw(grad, z_s, opts.student, t), chunk.h_s, rows, v0)
     return out
 
 
 class ChunkedDivergence(torch.autograd.Function):
-    """Autograd glue: inputs are compacted 2-D rows; returns (values, *per-row stats)."""
+    """Autograd glue: inputs are compacted 2-D rows; returns (values, *per-row stats).
+
+    ``hard`` (optional ``HardLabels``): labels and each row's coefficient of its cross-entropy,
+    so the value is ``sum_i row_weights_i D_i + hard.scale_i CE_i`` (per row for ``"none"``).
+    """
 
     @staticmethod
-    def forward(ctx, hs, ws, bs, ht, wt, bt, row_weights, opts, tiles, tuning, scalar):
+    def forward(ctx, hs, ws, bs, ht, wt, bt, row_weights, opts, tiles, tuning, scalar, hard=None):
         want = (hs.requires_grad, ws.requires_grad, bs is not None and bs.requires_grad)
         student = Head(ws, bs, opts.student.scale)
         teacher = Head(wt, bt, opts.teacher.scale)
         with torch.no_grad():
             if scalar:
                 sink = GradSink(hs, student, want, tuning) if any(want) else None
-                res = sweep(hs, student, ht, teacher, opts, tiles, tuning, row_scale=row_weights, sink=sink)
-                value = (res.divergence * row_weights).sum()
+                res = sweep(hs, student, ht, teacher, opts, tiles, tuning, row_scale=row_weights if sink else None,
+                            sink=sink, hard=None if hard is None else hard._replace(scale=hard.scale if sink else None))
                 grads = (None, None, None) if sink is None else (sink.grad_h, sink.grad_w, sink.grad_b)
                 ctx.save_for_backward(*grads)
             else:
-                res = sweep(hs, student, ht, teacher, opts, tiles, tuning)
-                value = res.divergence * row_weights
+                res = sweep(hs, student, ht, teacher, opts, tiles, tuning,
+                            hard=None if hard is None else hard._replace(scale=None))
                 ctx.save_for_backward(hs, ws, bs, ht, wt, bt, row_weights, *res)
+                ctx.hard = hard
+            value = res.divergence * row_weights
+            if hard is not None:
+                value += res.cross_entropy * hard.scale
+            if scalar:
+                value = value.sum()
         ctx.meta = (opts, tiles, tuning, scalar, want)
         ctx.weight_dtype = ws.dtype
         ctx.bias_dtype = None if bs is None else bs.dtype
-        stats = (res.divergence, res.student_lse, res.teacher_lse, res.entropy)
+        stats = (res.divergence, res.student_lse, res.teacher_lse, res.entropy, res.cross_entropy)
         ctx.mark_non_differentiable(*stats)
         return (value, *stats)
 
@@ -310,13 +354,15 @@ class ChunkedDivergence(torch.autograd.Function):
             hs, ws, bs, ht, wt, bt, row_weights, *res = ctx.saved_tensors
             student = Head(ws, bs, opts.student.scale)
             sink = GradSink(hs, student, want, tuning)
+            grad_value = grad_value.to(row_weights.dtype)
+            hard = None if ctx.hard is None else ctx.hard._replace(scale=grad_value * ctx.hard.scale)
             with torch.no_grad():
                 sweep(hs, student, ht, Head(wt, bt, opts.teacher.scale), opts, tiles, tuning,
-                      row_scale=grad_value.to(row_weights.dtype) * row_weights, sink=sink, known=SweepResult(*res))
+                      row_scale=grad_value * row_weights, sink=sink, known=SweepResult(*res), hard=hard)
             grad_h, grad_w, grad_b = sink.grad_h, sink.grad_w, sink.grad_b
         return (
             grad_h,
             None if grad_w is None else grad_w.to(ctx.weight_dtype),
             None if grad_b is None else grad_b.to(ctx.bias_dtype),
-            None, None, None, None, None, None, None, None,
+            None, None, None, None, None, None, None, None, None,
         )  # fmt: skip

@@ -20,7 +20,7 @@ import torch
 
 from ..validation import LossOptions
 from .chunked import ChunkedDivergence, Tuning
-from .tile_math import RowTerms, TorchTileMath
+from .tile_math import HardLabels, RowTerms, TorchTileMath
 
 __all__ = ["ISA_NAMES", "NativeTileMath", "availability", "run"]
 
@@ -131,11 +131,16 @@ class NativeTileMath:
         return 2 * (2 if dtype == torch.bfloat16 else 4) + (8 if dtype not in _DTYPES else 0)
 
     def full_rows(
-        self, raw_s: torch.Tensor, raw_t: torch.Tensor, opts: LossOptions, row_scale: torch.Tensor | None
+        self,
+        raw_s: torch.Tensor,
+        raw_t: torch.Tensor,
+        opts: LossOptions,
+        row_scale: torch.Tensor | None,
+        hard: HardLabels | None = None,
     ) -> tuple[RowTerms, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """``TileMath.full_rows``; the gradient overwrites ``raw_s`` (returned in its dtype)."""
-        if raw_s.dtype == torch.float64:
-            return TorchTileMath().full_rows(raw_s, raw_t, opts, row_scale)
+        if raw_s.dtype == torch.float64 or hard is not None:
+            return TorchTileMath().full_rows(raw_s, raw_t, opts, row_scale, hard)
         lib, reason = _load()
         if lib is None:
             raise RuntimeError(f"backend='cpu' is unavailable: {reason}")
@@ -161,6 +166,6 @@ class NativeTileMath:
         return RowTerms(divergence, coef, entropy), lse_s, lse_t, None if scale is None else raw_s
 
 
-def run(hs, ws, bs, ht, wt, bt, row_weights, opts, tuning: Tuning, scalar: bool):
+def run(hs, ws, bs, ht, wt, bt, row_weights, opts, tuning: Tuning, scalar: bool, hard: HardLabels | None = None):
     """The registry's runner: the shared chunk loop with the native tile math."""
-    return ChunkedDivergence.apply(hs, ws, bs, ht, wt, bt, row_weights, opts, NativeTileMath(), tuning, scalar)
+    return ChunkedDivergence.apply(hs, ws, bs, ht, wt, bt, row_weights, opts, NativeTileMath(), tuning, scalar, hard)

@@ -16,6 +16,12 @@ jsd            (1-beta) q (log q - log M)           (1-beta) KL(q||M)
 tvd            0.5 q sign(q - p)                    its row sum
 =============  ===================================  =====================================
 
+Hard labels (``fused_linear_kl(labels=...)``) add the cross-entropy at temperature 1,
+``CE = lse(y) - y[label]`` with ``y = T z``, whose gradient is ``dCE/dz = T (softmax(y) - onehot)``.
+With ``T = 1`` that is ``q - onehot`` and folds into the same form: a row with divergence scale
+``s`` and hard scale ``h`` has ``dL/dz = s a - q (s c - h) - h onehot``, so no extra pass over
+the tile is needed; with ``T != 1`` the tile pays one more exp for ``softmax(y)``.
+
 Logits arrive *raw*: ``scale * (h W^T + b)`` comes from the caller's GEMM (which also
 applies ``scale`` to the gradient); softcap and temperature are applied here, and their
 derivative is chained in before the gradient tile goes back to the gradient GEMMs.
@@ -37,6 +43,25 @@ class RowTerms(NamedTuple):
     divergence: torch.Tensor
     coef: torch.Tensor  # c = sum_v a_v
     entropy: torch.Tensor  # -sum q log q
+    cross_entropy: torch.Tensor | None = None  # hard-label CE at temperature 1 (with labels only)
+
+
+class HardLabels(NamedTuple):
+    """Ground-truth labels of compacted rows for the hard-label cross-entropy.
+
+    ``scale`` is each row's coefficient of ``CE_i`` (in the loss at the backend's entry; the
+    gradient scale at the tile level), 0 where the row has no label; None = no gradient wanted.
+    """
+
+    labels: torch.Tensor  # (n,) int64, NO_LABEL where the row has none
+    scale: torch.Tensor | None
+
+    def chunk(self, rows: slice, scale: torch.Tensor | None) -> HardLabels:
+        """The rows ``rows`` with the gradient scale ``scale`` (already sliced, or None)."""
+        return HardLabels(self.labels[rows], scale)
+
+
+NO_LABEL = -1  # a compacted row without a ground-truth label (ignore_index, or no labels at all)
 
 
 def accum_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -146,6 +171,40 @@ def grad_from_terms(a: torch.Tensor, q: torch.Tensor, coef: torch.Tensor, row_sc
     return a.sub_(q.mul_(coef[:, None])).mul_(row_scale[:, None])
 
 
+def hard_lse(z: torch.Tensor, lse: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Log-sum-exp of the temperature-1 logits ``y = T z`` of a tile (``lse`` itself when T = 1)."""
+    return lse if temperature == 1.0 else torch.logsumexp(z * temperature, -1)
+
+
+def label_logits(z: torch.Tensor, labels: torch.Tensor, v0: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``z[row, label]`` for labels inside this tile's columns ``v0:v0 + v`` (0 elsewhere) and that mask."""
+    inside = (labels >= v0) & (labels < v0 + z.shape[1])
+    column = torch.where(inside, labels - v0, 0)
+    return torch.where(inside, z.gather(1, column[:, None])[:, 0], 0.0), inside
+
+
+def add_hard_grad(
+    grad: torch.Tensor, z: torch.Tensor, lse_y: torch.Tensor, hard: HardLabels, temperature: float, v0: int = 0,
+    softmax_done: bool = False,
+) -> torch.Tensor:  # fmt: skip
+    """``grad += h T (softmax(T z) - onehot(label))`` on the tile's columns ``v0:``, in place.
+
+    ``softmax_done``: the ``softmax`` part is already in ``grad`` (T = 1 fold, see the module docstring).
+    """
+    h_t = hard.scale * temperature
+    if not softmax_done:
+        grad.add_((z * temperature).sub_(lse_y[:, None]).exp_().mul_(h_t[:, None]))
+    _, inside = label_logits(z, hard.labels, v0)
+    column = torch.where(inside, hard.labels - v0, 0)
+    return grad.scatter_add_(1, column[:, None], torch.where(inside, -h_t, 0.0)[:, None].to(grad.dtype))
+
+
+def cross_entropy(z: torch.Tensor, lse_y: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Per-row ``lse(y) - y[label]`` (``y = T z``) over a full row; 0 where the row has no label."""
+    z_label, inside = label_logits(z, labels)
+    return torch.where(inside, lse_y - z_label * temperature, 0.0)
+
+
 class TorchTileMath:
     """Full-row tile math in torch: what the native CPU kernel replaces."""
 
@@ -161,20 +220,31 @@ class TorchTileMath:
         raw_t: torch.Tensor,
         opts: LossOptions,
         row_scale: torch.Tensor | None,
+        hard: HardLabels | None = None,
     ) -> tuple[RowTerms, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Everything for rows whose whole compared vocabulary is in the tile.
 
-        Returns (terms, student_lse, teacher_lse, grad) where ``grad`` is dL/d(raw_s)
-        per row scaled by ``row_scale`` (None when no gradient is wanted), in fp32 (the
-        native kernel may instead return it in ``raw_s``'s dtype, written over ``raw_s``).
+        Returns (terms, student_lse, teacher_lse, grad) where ``grad`` is dL/d(raw_s) of
+        ``sum_i row_scale_i D_i + hard.scale_i CE_i`` (None when no gradient is wanted: then
+        ``hard.scale`` is None too), in fp32 (the native kernel may instead return it in
+        ``raw_s``'s dtype, written over ``raw_s``). ``terms.cross_entropy`` is set with ``hard``.
         """
-        z_s = finish_logits(raw_s, opts.student, opts.temperature)
-        z_t = finish_logits(raw_t, opts.teacher, opts.temperature)
+        t = opts.temperature
+        z_s = finish_logits(raw_s, opts.student, t)
+        z_t = finish_logits(raw_t, opts.teacher, t)
         lse_s = torch.logsumexp(z_s, -1)
         lse_t = torch.logsumexp(z_t, -1)
         terms, a, q = tile_terms(z_s, z_t, lse_s, lse_t, opts)
-        grad = None
-        if row_scale is not None:
-            grad = logits_grad_to_raw(grad_from_terms(a, q, terms.coef, row_scale), z_s, opts.student,
-                                      opts.temperature)
-        return terms, lse_s, lse_t, grad
+        if hard is not None:
+            lse_y = hard_lse(z_s, lse_s, t)
+            terms = terms._replace(cross_entropy=cross_entropy(z_s, lse_y, hard.labels, t))
+        if row_scale is None:
+            return terms, lse_s, lse_t, None
+        if hard is not None and t == 1.0:  # s a - q (s c - h): the CE's softmax part rides along
+            grad = a.mul_(row_scale[:, None]).sub_(q.mul_((row_scale * terms.coef - hard.scale)[:, None]))
+            grad = add_hard_grad(grad, z_s, lse_y, hard, t, softmax_done=True)
+        else:
+            grad = grad_from_terms(a, q, terms.coef, row_scale)
+            if hard is not None:
+                grad = add_hard_grad(grad, z_s, lse_y, hard, t)
+        return terms, lse_s, lse_t, logits_grad_to_raw(grad, z_s, opts.student, t)

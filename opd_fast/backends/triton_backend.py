@@ -119,9 +119,12 @@ class TritonDivergence(torch.autograd.Function):
         return (*grads, None, None, None, None, None, None, None)
 
 
-def run(hs, ws, bs, ht, wt, bt, row_weights, opts: LossOptions, tuning: Tuning, scalar: bool):
-    """Registry entry point: (value, divergence, student_lse, teacher_lse, entropy) on compacted rows."""
+def run(hs, ws, bs, ht, wt, bt, row_weights, opts: LossOptions, tuning: Tuning, scalar: bool, hard=None):
+    """Registry entry point: (value, divergence, student_lse, teacher_lse, entropy, cross_entropy) on compacted rows."""
+    if hard is not None:
+        raise NotImplementedError("backend='triton' does not compute the hard-label cross-entropy yet")
     for name, t in (("student_hidden", hs), ("teacher_hidden", ht)):
         if t.dtype not in _DTYPES:
             raise ValueError(f"backend='triton' supports fp32, fp16 and bf16 inputs; {name} is {t.dtype}")
-    return TritonDivergence.apply(hs, ws, bs, ht, wt, bt, row_weights, opts, tuning, scalar)
+    value, *stats = TritonDivergence.apply(hs, ws, bs, ht, wt, bt, row_weights, opts, tuning, scalar)
+    return (value, *stats, torch.zeros_like(stats[0]))

@@ -132,7 +132,7 @@ def _options(divergence="jsd", beta=0.3, temperature=1.3, softcap=7.0, k=1003):
 
 def _full_rows(math, raw_s, raw_t, opts):
     terms, lse_s, lse_t, grad = math.full_rows(raw_s.clone(), raw_t.clone(), opts, torch.linspace(0.5, 1.5, 9))
-    return [*terms, lse_s, lse_t, grad.float()]
+    return [*(t for t in terms if t is not None), lse_s, lse_t, grad.float()]
 
 
 @needs_lib
