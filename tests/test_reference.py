@@ -225,3 +225,75 @@ def test_matches_trl_generalized_jsd(beta, temperature):
     ours_all = reference.fused_linear_kl(hs, ws, ht, wt, divergence="jsd", beta=beta, temperature=temperature,
                                          reduction="sum")
     assert ours_all.item() / b == pytest.approx(theirs_nolab.item(), rel=1e-10)
+
+
+# ---- hard-label mixing ----------------------------------------------------------------------------
+
+
+def test_hard_labels_equal_divergence_plus_weighted_cross_entropy():
+    """loss = KL (at T, with T^2) + w * CE (torch's own cross_entropy at T = 1, mean over labelled tokens)."""
+    g = torch.Generator().manual_seed(5)
+    hs, ws, ht, wt = (torch.randn(*s, generator=g, dtype=torch.float64) for s in ((2, 5, 4), (9, 4), (2, 5, 6), (9, 6)))
+    labels = torch.randint(0, 9, (2, 5), generator=g)
+    labels[0, 1] = labels[1, 4] = -100
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    mask[1, 0] = False
+    opts = dict(divergence="forward_kl", temperature=2.0, temperature_sq_scaling=True, student_softcap=3.0, mask=mask)
+    loss, stats = reference.fused_linear_kl(hs, ws, ht, wt, labels=labels, hard_weight=0.3, return_stats=True, **opts)
+    soft = reference.fused_linear_kl(hs, ws, ht, wt, **opts)
+    y = 3.0 * torch.tanh(hs @ ws.T / 3.0)  # temperature 1, softcap kept
+    ce = torch.nn.functional.cross_entropy(y[mask], labels[mask], ignore_index=-100)  # mean over labelled
+    torch.testing.assert_close(loss, soft + 0.3 * ce)
+    torch.testing.assert_close(stats["soft_loss"], soft)
+    torch.testing.assert_close(stats["hard_loss"], ce)
+    per_token = torch.nn.functional.cross_entropy(y.transpose(1, 2), labels, ignore_index=-100, reduction="none")
+    torch.testing.assert_close(stats["cross_entropy"], per_token * mask)
+
+
+def test_hard_labels_reductions_and_num_items():
+    g = torch.Generator().manual_seed(6)
+    hs, ws, ht, wt = (torch.randn(*s, generator=g, dtype=torch.float64) for s in ((6, 4), (7, 4), (6, 5), (7, 5)))
+    labels = torch.tensor([0, 6, -1, 3, 2, -1])
+    w = torch.rand(6, generator=g, dtype=torch.float64)
+    common = dict(labels=labels, ignore_index=-1, token_weights=w, return_stats=True)
+    none, s_none = reference.fused_linear_kl(hs, ws, ht, wt, reduction="none", hard_weight=2.0, **common)
+    total, _ = reference.fused_linear_kl(hs, ws, ht, wt, reduction="sum", hard_weight=2.0, **common)
+    torch.testing.assert_close(none.sum(), total)
+    torch.testing.assert_close(none, s_none["soft_loss"] + 2.0 * s_none["hard_loss"])
+    labelled = labels != -1
+    mean, s_mean = reference.fused_linear_kl(hs, ws, ht, wt, reduction="mean", hard_weight=2.0, **common)
+    torch.testing.assert_close(s_mean["hard_loss"], (w * s_none["cross_entropy"]).sum() / w[labelled].sum())
+    torch.testing.assert_close(s_mean["soft_loss"], s_none["soft_loss"].sum() / w.sum())
+    torch.testing.assert_close(mean, s_mean["soft_loss"] + 2.0 * s_mean["hard_loss"])
+    items, _ = reference.fused_linear_kl(hs, ws, ht, wt, reduction="mean", hard_weight=2.0, num_items=10, **common)
+    torch.testing.assert_close(items, total / 10)
+    # labels given with hard_weight 0: the loss is the divergence alone, the stats still report the CE
+    zero, s_zero = reference.fused_linear_kl(hs, ws, ht, wt, **common)
+    torch.testing.assert_close(zero, s_zero["soft_loss"])
+    assert bool((s_zero["cross_entropy"][labelled] > 0).all())
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(hard_weight=1.0), "hard_weight=1.0 needs labels"),
+        (dict(labels=torch.zeros(3, dtype=torch.long), hard_weight=-1.0), "hard_weight must be a finite number >= 0"),
+        (dict(labels=torch.zeros(3, 1, dtype=torch.long)), r"labels must have the leading shape \(3,\)"),
+        (dict(labels=torch.zeros(2, dtype=torch.long)), r"labels must start with the leading shape \(3,\)"),
+        (dict(labels=torch.zeros(3)), "labels must be an integer tensor"),
+        (dict(labels=torch.tensor([0, 7, 1])), r"labels must be in \[0, 7\) .* or ignore_index=-100, got 7"),
+        (dict(labels=torch.tensor([0, -5, 1])), "got -5"),
+        (dict(labels=torch.zeros(3, dtype=torch.long), ignore_index=1.5), "ignore_index must be an int"),
+    ],
+)
+def test_bad_labels_name_the_argument(kwargs, match):
+    hs, ws, ht, wt = torch.randn(3, 4), torch.randn(7, 4), torch.randn(3, 4), torch.randn(7, 4)
+    with pytest.raises(ValueError, match=match):
+        reference.fused_linear_kl(hs, ws, ht, wt, **kwargs)
+
+
+def test_labels_of_masked_tokens_are_not_read():
+    hs, ws, ht, wt = torch.randn(3, 4), torch.randn(7, 4), torch.randn(3, 4), torch.randn(7, 4)
+    mask = torch.tensor([True, False, True])
+    loss = reference.fused_linear_kl(hs, ws, ht, wt, labels=torch.tensor([1, 999, 2]), hard_weight=1.0, mask=mask)
+    assert torch.isfinite(loss)

@@ -222,3 +222,55 @@ def test_trl_and_liger_cross_checks():
         theirs = loss_fn(hs, ws, ht, wt, labels)
         ours = opd_fast.fused_linear_kl(hs, ws, ht, wt, divergence="jsd", beta=beta, backend="torch")
         torch.testing.assert_close(ours, theirs.float(), atol=1e-5, rtol=1e-5)
+
+
+# ---- hard-label mixing: the cross-entropy rides in the same sweep ---------------------------------
+
+
+def _labels(n, v, seed, ignore=-100):
+    labels = torch.randint(0, v, (n,), generator=torch.Generator().manual_seed(seed))
+    labels[::4] = ignore
+    labels[1] = v - 1  # a label in the last (partial) vocab tile
+    return labels
+
+
+@pytest.mark.parametrize("tuning", TUNINGS.values(), ids=TUNINGS.keys())
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("temperature", [1.0, 1.6])
+def test_hard_labels_match_reference_fp64(tuning, divergence, reduction, temperature):
+    case = make_case(seed=hash((divergence, reduction, temperature, "hard")) % 1000)
+    mask = torch.rand(11, generator=torch.Generator().manual_seed(3)) > 0.2
+    kw = dict(divergence=divergence, beta=0.3, reduction=reduction, temperature=temperature, mask=mask,
+              labels=_labels(11, 29, 4), hard_weight=0.6, student_softcap=4.0, student_logit_scale=1.3,
+              temperature_sq_scaling=True)  # fmt: skip
+    assert_close(run(case, "torch", tuning=tuning, **kw), run(case, "reference", **kw), 1e-9)
+
+
+@pytest.mark.parametrize("tuning", TUNINGS.values(), ids=TUNINGS.keys())
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 2e-5), (torch.bfloat16, 3e-2)])
+def test_hard_labels_low_precision_and_vocab_size(tuning, dtype, tol):
+    case = make_case(dtype=dtype, v=31, seed=9)
+    kw = dict(divergence="jsd", temperature=1.0, labels=_labels(11, 27, 5, ignore=-1), ignore_index=-1,
+              hard_weight=1.5, vocab_size=27, num_items=20.0)  # fmt: skip
+    ref = run({k: v.double().detach().requires_grad_(v.requires_grad) for k, v in case.items()}, "reference", **kw)
+    assert_close(run(case, "torch", tuning=tuning, **kw), ref, tol)
+
+
+def test_hard_labels_all_ignored_or_masked_give_the_divergence_alone():
+    case = make_case(seed=11)
+    plain = run(case, "torch")
+    ignored = run(case, "torch", labels=torch.full((11,), -100), hard_weight=2.0)
+    torch.testing.assert_close(ignored[0], plain[0])
+    for a, b in zip(ignored[2], plain[2], strict=True):
+        torch.testing.assert_close(a, b)
+    masked = run(case, "torch", labels=_labels(11, 29, 6), hard_weight=2.0, mask=torch.zeros(11, dtype=torch.bool))
+    assert masked[0] == 0 and all(bool((g == 0).all()) for g in masked[2])
+
+
+def test_hard_labels_without_gradients_give_the_value():
+    case = {k: v.detach() for k, v in make_case(seed=12).items()}
+    kw = dict(labels=_labels(11, 29, 7), hard_weight=0.5, reduction="sum")
+    with torch.no_grad():
+        got = opd_fast.fused_linear_kl(**case, backend="torch", **kw)
+    torch.testing.assert_close(got.double(), opd_fast.fused_linear_kl(**case, backend="reference", **kw))
