@@ -21,7 +21,7 @@ from .validation import validate_logprobs_call
 __all__ = ["fused_linear_logprobs"]
 
 # Backends this function has (``backends.resolve``'s ``implemented``): "auto" picks among them.
-IMPLEMENTED = ("torch", "reference")
+IMPLEMENTED = ("torch", "triton", "reference")
 
 
 class _LogProbRows:
@@ -80,9 +80,10 @@ def fused_linear_logprobs(
         hidden: ``(..., H)``; gets a gradient, as do ``weight`` ``(V, H)`` and ``bias`` ``(V,)``.
         token_ids: integer, the leading shape of ``hidden``, values in ``[0, V)``.
         return_entropy: also return the entropy of the whole distribution per token.
-        backend: ``"auto"``/``"torch"`` (token-chunked torch, ``chunk x V`` tiles) or
-            ``"reference"`` (float64, materialized). ``"cpu"``/``"triton"`` raise
-            ``NotImplementedError``: no native kernel exists for this function yet.
+        backend: ``"auto"``/``"torch"`` (token-chunked torch, ``chunk x V`` tiles), ``"triton"``
+            (CUDA; fused kernels, no ``chunk x V`` tensor: ``backends/triton_rows.py``) or
+            ``"reference"`` (float64, materialized). ``"cpu"`` raises ``NotImplementedError``:
+            no native CPU kernel exists for this function yet.
         tuning: chunk size / memory budget (``Tuning.chunk_vocab`` is not used: rows are whole).
 
     Returns:
@@ -100,10 +101,14 @@ def fused_linear_logprobs(
         hidden, weight, token_ids, temperature=temperature, bias=bias, logit_scale=logit_scale, softcap=softcap
     )
     setup = RowSetup(spec, float(temperature), weight.shape[0], tuning or Tuning())
-    outs = FusedRows.apply(
+    fused, rows = FusedRows, _LogProbRows(token_ids.reshape(-1).long(), return_entropy)
+    if name == "triton":
+        from .backends.triton_rows import LogProbMath, TritonRows
+
+        fused, rows = TritonRows, LogProbMath(rows)
+    outs = fused.apply(
         hidden.reshape(-1, hidden.shape[-1]).contiguous(), weight.contiguous(),
-        None if bias is None else bias.contiguous(),
-        _LogProbRows(token_ids.reshape(-1).long(), return_entropy), setup, None,
+        None if bias is None else bias.contiguous(), rows, setup, None,
     )  # fmt: skip
     logprobs, *entropy = (out.reshape(token_ids.shape) for out in outs)
     return (logprobs, entropy[0]) if return_entropy else logprobs

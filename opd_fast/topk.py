@@ -32,7 +32,7 @@ from .validation import (
 __all__ = ["fused_linear_kl_topk"]
 
 # Backends this function has (``backends.resolve``'s ``implemented``): "auto" picks among them.
-IMPLEMENTED = ("torch", "reference")
+IMPLEMENTED = ("torch", "triton", "reference")
 
 Stats = dict[str, torch.Tensor]
 _NEG_INF = float("-inf")
@@ -174,9 +174,10 @@ def fused_linear_kl_topk(
         mask, token_weights, reduction, num_items: as ``fused_linear_kl``. The teacher entries
             of masked tokens are never read (not even validated).
         vocab_size: compare only the first K student logits (padded heads); ids must be < K.
-        backend: ``"auto"``/``"torch"`` (token-chunked torch) or ``"reference"`` (float64,
-            materialized). ``"cpu"``/``"triton"`` raise ``NotImplementedError``: no native kernel
-            exists for this loss yet.
+        backend: ``"auto"``/``"torch"`` (token-chunked torch), ``"triton"`` (CUDA; fused kernels,
+            no ``chunk x V`` tensor: ``backends/triton_rows.py``) or ``"reference"`` (float64,
+            materialized). ``"cpu"`` raises ``NotImplementedError``: no native CPU kernel exists
+            for this loss yet.
         return_stats: also return detached per-token ``divergence``, ``student_lse``,
             ``student_entropy`` (full vocabulary), ``student_topk_mass`` and ``teacher_topk_mass``
             (leading shape, 0 where masked).
@@ -213,11 +214,16 @@ def fused_linear_kl_topk(
         hs.contiguous(), student_weight.contiguous(), None if student_bias is None else student_bias.contiguous()
     )
     row_weights = tokens.coefficients(opts)
+    fused, rows = FusedRows, kernel
+    if name == "triton":
+        from .backends.triton_rows import TopKMath, TritonRows
+
+        fused, rows = TritonRows, TopKMath(kernel)
     if opts.reduction == "none":
-        div, *per_row = FusedRows.apply(*operands, kernel, setup, None)
+        div, *per_row = fused.apply(*operands, rows, setup, None)
         value = div * row_weights
     else:
-        value, div, *per_row = FusedRows.apply(*operands, kernel, setup, row_weights)
+        value, div, *per_row = fused.apply(*operands, rows, setup, row_weights)
 
     loss = tokens.expand(value) if opts.reduction == "none" else value
     if not return_stats:

@@ -231,7 +231,7 @@ def test_backend_choices():
     ids, log_p, _ = _teacher()
     ref = opd_fast.fused_linear_kl_topk(hidden, weight, ids, log_p, backend="reference")
     torch.testing.assert_close(opd_fast.fused_linear_kl_topk(hidden, weight, ids, log_p, backend="auto"), ref)
-    for name in ("cpu", "triton"):
+    for name in ("cpu",):
         with pytest.raises(NotImplementedError, match=f"fused_linear_kl_topk has no backend='{name}' yet"):
             opd_fast.fused_linear_kl_topk(hidden, weight, ids, log_p, backend=name)
 

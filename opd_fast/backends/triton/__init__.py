@@ -4,6 +4,8 @@
 * ``terms`` - pass 2: per-row divergence, gradient coefficient ``c`` and entropy (for the KLs
   in one sweep without pass 1).
 * ``grad``  - pass 3: recompute tiles, dL/dlogits in registers, fp32 atomic grad GEMMs.
+* ``tail_lse`` / ``tail_grad`` - the single-head losses (per-token log-probs, top-k teacher):
+  log-sum-exp outside a per-row id set plus the ids' logits, and the gradient outside the ids.
 
 Logit tiles are produced by ``tl.dot`` K-loops in on-chip memory; no ``N x V`` or
 ``chunk x V`` tensor ever reaches GPU memory. ``CONFIGS`` lists each kernel's launch configs
@@ -18,6 +20,8 @@ import torch
 from .common import INTERPRETER_CONFIG, BlockConfig
 from .grad import grad_kernel, launch_grad
 from .lse import launch_lse, lse_kernel
+from .tail_grad import launch_tail_grad, tail_grad_kernel
+from .tail_lse import launch_tail_lse, tail_lse_kernel
 from .terms import launch_row_stats, terms_kernel
 
 # Two fp32 logit tiles (and the gradient tile in pass 3) must stay in registers. ptxas caps
@@ -37,8 +41,13 @@ _GRAD = {
     (80, "fp32"): (BlockConfig(64, 64, 16, 8, 2, 255),),
     (90, "fp32"): (BlockConfig(64, 64, 16, 8, 1, 255),),
 }
-CONFIGS: dict[str, dict[tuple[int, str], tuple[BlockConfig, ...]]] = {"lse": _FORWARD, "terms": _FORWARD, "grad": _GRAD}
-KERNELS = {"lse": lse_kernel, "terms": terms_kernel, "grad": grad_kernel}
+CONFIGS: dict[str, dict[tuple[int, str], tuple[BlockConfig, ...]]] = {
+    "lse": _FORWARD, "terms": _FORWARD, "grad": _GRAD, "tail_lse": _FORWARD, "tail_grad": _GRAD,
+}
+KERNELS = {
+    "lse": lse_kernel, "terms": terms_kernel, "grad": grad_kernel, "tail_lse": tail_lse_kernel,
+    "tail_grad": tail_grad_kernel,
+}
 
 
 def configs_for(kernel: str, arch: int, dtype: torch.dtype) -> tuple[BlockConfig, ...]:
@@ -60,5 +69,6 @@ def pick_config(kernel: str, arch: int | None, dtype: torch.dtype, n_rows: int) 
 
 
 __all__ = [
-    "CONFIGS", "KERNELS", "BlockConfig", "configs_for", "launch_grad", "launch_lse", "launch_row_stats", "pick_config",
+    "CONFIGS", "KERNELS", "BlockConfig", "configs_for", "launch_grad", "launch_lse", "launch_row_stats",
+    "launch_tail_grad", "launch_tail_lse", "pick_config",
 ]

@@ -205,6 +205,26 @@ def tile_terms(z_s, z_t, lse_s, lse_t, beta, log_beta, log_1m_beta, DIVERGENCE: 
     return value, a, q, q_log_q
 
 
+# Hard labels: ``labels_ptr`` (int64 compacted rows, -1 = no label) switches the cross-entropy on;
+# ``HARD_LSE`` marks T != 1, where the CE needs the log-sum-exp of ``T z`` (at T = 1 it is the
+# student's own). Without labels both are False and the kernels compile to their label-free code.
+LABEL_HEURISTICS: dict[str, Callable[[dict[str, Any]], Any]] = {
+    "HAS_LABELS": lambda args: args["labels_ptr"] is not None,
+    "HARD_LSE": lambda args: args["labels_ptr"] is not None and args["temperature"] != 1.0,
+}
+
+
+@triton.jit
+def label_hit(labels_ptr, rows, row_ok, col0, BLOCK_N: tl.constexpr):
+    """``(BLOCK_M, BLOCK_N)`` mask of each row's label column in the tile at columns ``col0:``.
+
+    The labels are reloaded per tile (a few bytes, L1-resident) rather than kept live in
+    registers across the tile loop, where the gradient pass has none to spare.
+    """
+    labels = tl.load(labels_ptr + rows, mask=row_ok, other=-1).to(tl.int32)
+    return (col0 + tl.arange(0, BLOCK_N))[None, :] == labels[:, None]
+
+
 def _signature_type(value: Any) -> str:
     if isinstance(value, torch.Tensor):
         return "*" + {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[value.dtype]
@@ -240,3 +260,78 @@ def compile_for_target(kernel: triton.runtime.Heuristics, args: dict[str, Any], 
             attrs[(i,)] = [["tt.divisibility", 16]]
     source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=config.launch_options())
+
+
+# ---- single-head rows with a per-row id set (``tail_lse``, ``tail_grad``) ----------------------
+
+# Id of an empty top-k slot / a cursor past the end of a row's ids: above every column, never matched.
+NO_ID = tl.constexpr(2**31 - 1)
+
+
+@triton.jit
+def next_id(ids_ptr, rows, row_ok, n_ids, cur):
+    """Each row's id at its cursor into its ascending id list; ``NO_ID`` past the end and on padded rows."""
+    return tl.load(ids_ptr + tl.cast(rows, tl.int64) * n_ids + cur, mask=row_ok & (cur < n_ids), other=NO_ID)
+
+
+@triton.jit
+def drop_ids(
+    z, ids_ptr, z_ids_ptr, rows, row_ok, n_ids, cur, nxt, col0, GATHER: tl.constexpr, BLOCK_N: tl.constexpr
+):  # fmt: skip
+    """Remove each row's ids from the logit tile at columns ``col0:``: their logits become -inf.
+
+    Ids are ascending per row (``NO_ID`` padded) and a program walks its vocabulary tiles in
+    ascending order, so a cursor per row (``cur``, with ``nxt`` the id under it) finds the ids
+    of a tile in one step per id. Ids below the tile belong to another split's tiles and are
+    skipped. ``GATHER``: write the removed logits to ``z_ids_ptr`` at the id's slot (each id
+    lies in exactly one tile, so every slot is written once). The loop runs while any row of
+    the block still has an id before the tile's end: usually zero or one step per tile.
+    """
+    cols = col0 + tl.arange(0, BLOCK_N)
+    end = col0 + BLOCK_N
+    while tl.max((nxt < end).to(tl.int32), 0) > 0:
+        here = nxt[:, None] == cols[None, :]
+        if GATHER:
+            slot = z_ids_ptr + tl.cast(rows, tl.int64) * n_ids + cur
+            tl.store(slot, tl.sum(tl.where(here, z, 0.0), 1), mask=(nxt >= col0) & (nxt < end))
+        z = tl.where(here, float("-inf"), z)
+        cur += (nxt < end).to(tl.int32)
+        nxt = next_id(ids_ptr, rows, row_ok, n_ids, cur)
+    return z, cur, nxt
+
+
+@triton.jit
+def grad_gemms(
+    g, h_ptr, w_ptr, grad_h_ptr, grad_w_ptr, grad_b_ptr, row0, col0, n_rows, n_cols, hidden,
+    NEED_H: tl.constexpr, NEED_W: tl.constexpr, NEED_B: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """Push a dL/d(h W^T + b) tile through the gradient GEMMs with relaxed fp32 atomics.
+
+    ``grad_h[rows] += g @ W[cols]``, ``grad_w[cols] += g^T @ h[rows]`` (streaming ``hidden`` in
+    ``BLOCK_K`` slices) and ``grad_b[cols] += sum_rows g``; int64 block bases as in ``head_tile``.
+    """
+    r = tl.arange(0, BLOCK_M)
+    c = tl.arange(0, BLOCK_N)
+    row_ok = row0 + r < n_rows
+    col_ok = col0 + c < n_cols
+    if NEED_B:
+        tl.atomic_add(grad_b_ptr + col0 + c, tl.sum(g, 0), mask=col_ok, sem="relaxed")
+    g_op = g.to(w_ptr.dtype.element_ty)
+    row_base = tl.cast(row0, tl.int64) * hidden
+    col_base = tl.cast(col0, tl.int64) * hidden
+    for k0 in range(0, hidden, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < hidden
+        if NEED_H:
+            w = tl.load((w_ptr + col_base) + c[:, None] * hidden + ks[None, :], mask=col_ok[:, None] & k_ok[None, :],
+                        other=0.0)
+            tl.atomic_add((grad_h_ptr + row_base) + r[:, None] * hidden + ks[None, :],
+                          tl.dot(g_op, w, input_precision=DOT_PRECISION), mask=row_ok[:, None] & k_ok[None, :],
+                          sem="relaxed")
+        if NEED_W:
+            h = tl.load((h_ptr + row_base) + r[:, None] * hidden + ks[None, :], mask=row_ok[:, None] & k_ok[None, :],
+                        other=0.0)
+            tl.atomic_add((grad_w_ptr + col_base) + c[:, None] * hidden + ks[None, :],
+                          tl.dot(tl.trans(g_op), h, input_precision=DOT_PRECISION),
+                          mask=col_ok[:, None] & k_ok[None, :], sem="relaxed")

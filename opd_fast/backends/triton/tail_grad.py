@@ -1,0 +1,104 @@
+"""Single-head gradient over the columns outside a per-row id set (log-probs, top-k teacher loss).
+
+Both single-head losses have, outside the row's ids, a gradient of one shape in the final logits:
+
+    g_v = exp(z_v - lse_ref) * (coef + slope * (z_v - lse_ref))        (v not an id of the row)
+
+* top-k, ``tail="bucket"``: ``lse_ref`` the tail's log-sum-exp, ``coef`` the tail category's
+  gradient, no slope (``exp(z_v - lse_tail)`` is the chain rule of the tail's log-sum-exp);
+* log-probs: ``lse_ref`` the row's log-sum-exp, ``coef = -(u_lp + u_ent H)``, ``slope = -u_ent``
+  (from ``d log q(y)/dz = onehot(y) - q`` and ``dH/dz = -q (log q + H)``).
+
+The ids' own columns are left out (``common.drop_ids``) and handled exactly by the caller as a
+k-sparse correction in torch: adding a dense term there and cancelling it afterwards would lose
+precision (``exp(z_id - lse_tail)`` can be huge). Per tile: recompute the logits, form ``g`` in
+registers, chain temperature / softcap / scale, and push it through the gradient GEMMs with
+fp32 atomics (``common.grad_gemms``; the design of ``grad``, with its gradient filter).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..rows import RowSetup
+from .common import BlockConfig, drop_ids, grad_gemms, head_tile, next_id
+from .tail_lse import ROW_HEURISTICS, row_head_arguments
+
+
+@triton.heuristics({
+    **ROW_HEURISTICS,
+    "HAS_SLOPE": lambda args: args["slope_ptr"] is not None,
+    "HAS_FILTER": lambda args: args["filter_eps"] > 0,
+    "NEED_H": lambda args: args["grad_h_ptr"] is not None,
+    "NEED_W": lambda args: args["grad_w_ptr"] is not None,
+    "NEED_B": lambda args: args["grad_b_ptr"] is not None,
+})  # fmt: skip
+@triton.jit
+def tail_grad_kernel(
+    hs_ptr, ws_ptr, bs_ptr, ids_ptr, lse_ptr, coef_ptr, slope_ptr, grad_h_ptr, grad_w_ptr, grad_b_ptr,
+    N, K, HS, n_ids, n_splits, scale_s, cap_s, inv_temp, filter_eps,
+    DOT_PRECISION: tl.constexpr, HAS_BIAS_S: tl.constexpr, HAS_SOFTCAP_S: tl.constexpr, EVEN_KS: tl.constexpr,
+    HAS_SLOPE: tl.constexpr, HAS_FILTER: tl.constexpr, NEED_H: tl.constexpr, NEED_W: tl.constexpr,
+    NEED_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """``lse_ptr`` must be finite (the caller puts 0 where a row's tail is empty)."""
+    pid_m = tl.program_id(0)
+    split = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < N
+    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+    coef = tl.load(coef_ptr + rows, mask=row_ok, other=0.0)
+    if HAS_SLOPE:
+        slope = tl.load(slope_ptr + rows, mask=row_ok, other=0.0)
+    cur = tl.zeros((BLOCK_M,), tl.int32)
+    nxt = next_id(ids_ptr, rows, row_ok, n_ids, cur)
+    for vb in range(split, tl.cdiv(K, BLOCK_N), n_splits):
+        z = head_tile(hs_ptr, ws_ptr, bs_ptr, pid_m * BLOCK_M, vb * BLOCK_N, N, K, HS, scale_s, cap_s, inv_temp,
+                      HAS_BIAS_S, HAS_SOFTCAP_S, EVEN_KS, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+        z, cur, nxt = drop_ids(z, ids_ptr, ids_ptr, rows, row_ok, n_ids, cur, nxt, vb * BLOCK_N, False, BLOCK_N)
+        live = row_ok[:, None] & (z != float("-inf"))  # zero mass (ids, padded columns / rows) gets zero gradient
+        d = tl.where(live, z - lse[:, None], 0.0)
+        factor = coef[:, None]
+        if HAS_SLOPE:
+            factor = factor + slope[:, None] * d
+        g = tl.exp(d) * factor * inv_temp
+        if HAS_SOFTCAP_S:
+            t = tl.where(live, z * (1.0 / (cap_s * inv_temp)), 0.0)
+            g = g * (1.0 - t * t)
+        g = tl.where(live, g * scale_s, 0.0)
+        keep = True
+        if HAS_FILTER:
+            keep = tl.max(tl.max(tl.abs(g), 1), 0) >= filter_eps
+        if keep:
+            grad_gemms(g, hs_ptr, ws_ptr, grad_h_ptr, grad_w_ptr, grad_b_ptr, pid_m * BLOCK_M, vb * BLOCK_N, N, K, HS,
+                       NEED_H, NEED_W, NEED_B, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+
+
+def tail_grad_arguments(
+    hs, ws, bs, ids: torch.Tensor, lse, coef, slope, setup: RowSetup, want: tuple[bool, bool, bool], n_splits: int,
+) -> dict:  # fmt: skip
+    """Keyword arguments of ``tail_grad_kernel``; zeroed fp32 accumulators for the wanted gradients."""
+    acc = {"dtype": torch.float32, "device": hs.device}
+    want_h, want_w, want_b = want
+    return {
+        **row_head_arguments(hs, ws, bs, ids, setup, n_splits),
+        "lse_ptr": lse, "coef_ptr": coef, "slope_ptr": slope,
+        "grad_h_ptr": torch.zeros(hs.shape, **acc) if want_h else None,
+        "grad_w_ptr": torch.zeros(ws.shape, **acc) if want_w else None,
+        "grad_b_ptr": torch.zeros(ws.shape[0], **acc) if want_b and bs is not None else None,
+        "filter_eps": setup.tuning.grad_filter_eps or 0.0,
+    }  # fmt: skip
+
+
+def launch_tail_grad(
+    hs, ws, bs, ids: torch.Tensor, lse, coef, slope, setup: RowSetup, want: tuple[bool, bool, bool],
+    config: BlockConfig, n_splits: int,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:  # fmt: skip
+    """fp32 (grad_h, grad_w, grad_b) of the dense part; None where not wanted (``slope`` may be None)."""
+    args = tail_grad_arguments(hs, ws, bs, ids, lse, coef, slope, setup, want, n_splits)
+    grid = (triton.cdiv(hs.shape[0], config.block_m), n_splits)
+    if hs.shape[0]:
+        tail_grad_kernel[grid](**args, **config.constexprs(), **config.launch_options())
+    return args["grad_h_ptr"], args["grad_w_ptr"], args["grad_b_ptr"]
