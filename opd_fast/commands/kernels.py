@@ -26,8 +26,16 @@ DTYPES = ("float32", "float16", "bfloat16")
 SMEM_LIMIT = {80: 166912, 90: 232448}
 TENSOR_CORE_OP = {80: "HMMA", 90: "HGMMA"}
 # (kernel, divergence) specializations compiled: the heaviest one per code path. The terms
-# kernel has two (after pass 1 for JSD/TVD; one-pass online KL).
-VARIANTS = (("lse", "jsd"), ("terms", "jsd"), ("terms", "forward_kl"), ("grad", "jsd"))
+# kernel has two (after pass 1 for JSD/TVD; one-pass online KL). The single-head kernels have
+# no divergence: their heaviest variant is the log-probs' with entropy (tail mean; gradient slope).
+# "+labels": with hard labels at T != 1 (label gather plus the extra log-sum-exp of T z).
+VARIANTS = (
+    ("lse", "jsd"), ("terms", "jsd"), ("terms", "forward_kl"), ("grad", "jsd"),
+    ("terms", "jsd+labels"), ("terms", "forward_kl+labels"), ("grad", "jsd+labels"),
+    ("tail_lse", "entropy"), ("tail_grad", "entropy"),
+)
+# Ids per row of the single-head kernels (a served teacher's top-k).
+TOPK = 20
 # Liger's published benchmark shape (docs/performance.md).
 SHAPE = {"n": 8192, "hs": 2048, "ht": 4096, "vocab": 128256}
 
@@ -61,11 +69,17 @@ def _kernel_arguments(kernel: str, divergence: str, dtype):
     """Launcher keyword arguments on meta tensors (shapes only): what a real launch would pass."""
     import torch
 
+    from ..backends.chunked import Tuning
+    from ..backends.rows import RowSetup
+    from ..backends.tile_math import HardLabels
     from ..backends.triton.grad import grad_arguments
     from ..backends.triton.lse import lse_arguments
+    from ..backends.triton.tail_grad import tail_grad_arguments
+    from ..backends.triton.tail_lse import tail_lse_arguments
     from ..backends.triton.terms import terms_arguments
     from ..validation import HeadSpec, LossOptions
 
+    divergence, _, labelled = divergence.partition("+")
     n, hs_dim, ht_dim, vocab = SHAPE["n"], SHAPE["hs"], SHAPE["ht"], SHAPE["vocab"]
     meta = {"dtype": dtype, "device": "meta"}
     hs, ws, bs = torch.empty(n, hs_dim, **meta), torch.empty(vocab, hs_dim, **meta), torch.empty(vocab, **meta)
@@ -75,12 +89,20 @@ def _kernel_arguments(kernel: str, divergence: str, dtype):
         num_items=None, student=HeadSpec(1.0, 30.0), teacher=HeadSpec(1.0, 30.0), vocab_size=vocab,
     )  # fmt: skip
     rows = torch.empty(n, dtype=torch.float32, device="meta")
+    labels = torch.empty(n, dtype=torch.int64, device="meta") if labelled else None
+    if kernel.startswith("tail_"):
+        ids = torch.empty(n, TOPK, dtype=torch.int32, device="meta")
+        setup = RowSetup(opts.student, opts.temperature, vocab, Tuning(grad_filter_eps=1e-6))
+        if kernel == "tail_lse":
+            return tail_lse_arguments(hs, ws, bs, ids, setup, True, 1)
+        return tail_grad_arguments(hs, ws, bs, ids, rows, rows, rows, setup, (True, True, True), 1)
     if kernel == "lse":
         return lse_arguments(hs, ws, bs, ht, wt, bt, opts, 1)
     if kernel == "terms":
         lse = (None, None) if divergence.endswith("_kl") else (rows, rows)
-        return terms_arguments(hs, ws, bs, ht, wt, bt, *lse, opts, 1)
-    return grad_arguments(hs, ws, bs, ht, wt, bt, rows, rows, rows, rows, opts, (True, True, True), 1, 1e-6)
+        return terms_arguments(hs, ws, bs, ht, wt, bt, *lse, opts, 1, labels)
+    hard = None if labels is None else HardLabels(labels, rows)
+    return grad_arguments(hs, ws, bs, ht, wt, bt, rows, rows, rows, rows, opts, (True, True, True), 1, 1e-6, hard, rows)
 
 
 def _ptxas_stats(ptx: str, arch: int) -> tuple[int, int, int]:

@@ -195,7 +195,7 @@ def test_compile_check_default_configs():
     )  # fmt: skip
     reports = json.loads(out.stdout)
     dtypes = ("float32", "float16", "bfloat16")
-    kernels = ("lse[jsd]", "terms[jsd]", "terms[forward_kl]", "grad[jsd]")
+    kernels = ("lse[jsd]", "terms[jsd]", "terms[forward_kl]", "grad[jsd]", "tail_lse[entropy]", "tail_grad[entropy]")
     expected = {(k, a, d) for k in kernels for a in ("sm_80", "sm_90a") for d in dtypes}
     assert {(r["kernel"], r["arch"], r["dtype"]) for r in reports} == expected
     for r in reports:

@@ -227,7 +227,9 @@ def label_hit(labels_ptr, rows, row_ok, col0, BLOCK_N: tl.constexpr):
 
 def _signature_type(value: Any) -> str:
     if isinstance(value, torch.Tensor):
-        return "*" + {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[value.dtype]
+        names = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int32: "i32",
+                 torch.int64: "i64"}
+        return "*" + names[value.dtype]
     if isinstance(value, bool):
         return "i1"
     return "i32" if isinstance(value, int) else "fp32"
