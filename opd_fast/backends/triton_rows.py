@@ -92,7 +92,9 @@ class LogProbMath:
     def _values(self, state: RowState) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         z_y = state.z_ids[:, 0]
         lse = torch.logaddexp(state.lse_tail, z_y)
-        return lse, z_y - lse, _entropy(state, lse) if self.entropy else None
+        # log q(y) = -softplus(lse_tail - z_y): no cancellation when y holds almost all the mass
+        logprob = torch.nn.functional.softplus(state.lse_tail - z_y).neg_()
+        return lse, logprob, _entropy(state, lse) if self.entropy else None
 
     def outputs(self, state: RowState) -> list[torch.Tensor]:
         _, logprob, entropy = self._values(state)
@@ -170,8 +172,8 @@ def _sweep(hs, ws, bs, ids, order, math: RowMath, setup: RowSetup) -> RowState:
 
 def _gradients(hs, ws, bs, ids, math: RowMath, state: RowState, setup: RowSetup, upstream: Upstream, want):
     """fp32 (grad_h, grad_w, grad_b): the dense tail kernel plus the k-sparse id columns."""
-    dense, at_ids = math.gradient(state, upstream)
     n, hidden = hs.shape
+    dense, at_ids = math.gradient(state, upstream) if n else (None, state.z_ids)
     want_b = want[2] and bs is not None
     if dense is None:
         acc = {"dtype": torch.float32, "device": hs.device}
@@ -219,7 +221,7 @@ class TritonRows(torch.autograd.Function):
         with torch.no_grad(), _on(hs.device):
             ids, order = _sorted_ids(math)
             state = _sweep(hs, ws, bs, ids, order, math, setup)
-            outs = math.outputs(state)
+            outs = math.outputs(state) if hs.shape[0] else [state.lse_tail.clone() for _ in range(math.n_outputs)]
             if row_weights is None:
                 ctx.save_for_backward(hs, ws, bs)
                 ctx.meta = (math, setup, want, ids, state)
