@@ -22,7 +22,7 @@ import torch
 from ..validation import LossOptions
 from .rows import RowSetup, Upstream
 from .tile_math import grad_from_terms, logits_grad_to_raw, tile_terms
-from .triton import launch_tail_grad, launch_tail_lse, pick_config
+from .triton import BlockConfig, launch_tail_grad, launch_tail_lse, pick_config
 from .triton.common import NO_ID
 from .triton_backend import _arch, _on, _splits
 
@@ -150,7 +150,7 @@ class TopKMath:
         return dense, grad_cat[:, :k]
 
 
-def _tile_config(kernel: str, hs: torch.Tensor):
+def _tile_config(kernel: str, hs: torch.Tensor) -> BlockConfig:
     return pick_config(kernel, _arch(hs.device), hs.dtype, hs.shape[0])
 
 
