@@ -1,287 +1,83 @@
-// Per-row fused divergence math, written once with GCC/Clang vector extensions and
-// compiled once per instruction set (CMake sets OPD_ISA_NS and OPD_WIDTH, plus -m flags).
+// opd_full_rows' per-row math: the fused teacher-student divergence (plus the hard-label
+// cross-entropy), compiled once per instruction set (see row_math.h).
 //
 // Four passes over one row, all on thread-private scratch that stays in cache:
 //   1. read raw logits (fp32/bf16), apply softcap and temperature -> z_s, z_t; row maxima
-//   2. sum of exponentials -> lse_s, lse_t
+//   2. sum of exponentials -> lse_s, lse_t (and, for a labelled row at T != 1, lse of y = T z_s
+//      with exp(y - max y) kept for the gradient: the only extra exp of hard labels)
 //   3. q, p, the divergence, entropy, a and c = sum a        (tile_math.py's table)
-//   4. grad = row_scale (a - q c) / T * (1 - tanh^2), written as fp32 or bf16
-// Every sum runs lane-wise in index order and its lanes are folded in a fixed order, so a
-// row's result does not depend on which thread computes it.
-#include <cmath>
-#include <cstring>
-#include <limits>
-
-#include "tile_job.h"
-
-#ifndef OPD_ISA_NS
-#error "compile with -DOPD_ISA_NS=<name> -DOPD_WIDTH=<lanes>"
-#endif
+//   4. grad = s (a - q c) + h T (softmax(y) - onehot(label)), chained through temperature and
+//      softcap, written as fp32 or bf16 (s = row_scale, h = hard_scale); at T = 1 softmax(y) is
+//      q, already in cache, so the cross-entropy adds one multiply-add per element and no exp
+#include "row_math.h"
 
 namespace opd {
 namespace OPD_ISA_NS {
 namespace {
 
-constexpr int W = OPD_WIDTH;
-typedef float V __attribute__((vector_size(4 * W)));
-typedef int32_t VI __attribute__((vector_size(4 * W)));
-typedef uint16_t VH __attribute__((vector_size(2 * W)));
-typedef uint32_t VU __attribute__((vector_size(4 * W)));
-
-constexpr float kInf = std::numeric_limits<float>::infinity();
-
-inline V splat(float x) { return V{} + x; }
-inline V load(const float *p) { V v; std::memcpy(&v, p, sizeof(V)); return v; }
-inline void store(float *p, V v) { std::memcpy(p, &v, sizeof(V)); }
-inline V bits_to_float(VI i) { V v; std::memcpy(&v, &i, sizeof(V)); return v; }
-inline VI float_to_bits(V v) { VI i; std::memcpy(&i, &v, sizeof(V)); return i; }
-inline V select(VI mask, V a, V b) { return mask ? a : b; }
-inline V vmax(V a, V b) { return select(a > b, a, b); }
-inline V vmin(V a, V b) { return select(a < b, a, b); }
-inline V vabs(V x) { return bits_to_float(float_to_bits(x) & 0x7fffffff); }
-
-inline V load_bf16(const uint16_t *p) {
-    VH h; std::memcpy(&h, p, sizeof(VH));
-    VU u = __builtin_convertvector(h, VU) << 16;
-    V v; std::memcpy(&v, &u, sizeof(V)); return v;
-}
-
-inline void store_bf16(uint16_t *p, V v) {  // round to nearest even; NaN stays NaN
-    VU u; std::memcpy(&u, &v, sizeof(V));
-    VU rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-    VU nan = (u >> 16) | 0x40u;
-    VI is_nan = (float_to_bits(v) & 0x7fffffff) > 0x7f800000;
-    VU out = is_nan ? nan : rounded;
-    VH h = __builtin_convertvector(out, VH);
-    std::memcpy(p, &h, sizeof(VH));
-}
-
-// exp(x) with ~1 ulp error (Cephes polynomial); exactly 0 below -87.3 (so -inf gives 0).
-inline V vexp(V x) {
-    V xc = vmin(vmax(x, splat(-87.3f)), splat(88.3f));
-    V fx = xc * 1.44269504088896341f;
-    fx = (fx + 12582912.0f) - 12582912.0f;  // round to nearest integer
-    V r = xc - fx * 0.693359375f;
-    r = r - fx * -2.12194440e-4f;
-    V y = splat(1.9875691500e-4f);
-    y = y * r + 1.3981999507e-3f;
-    y = y * r + 8.3334519073e-3f;
-    y = y * r + 4.1665795894e-2f;
-    y = y * r + 1.6666665459e-1f;
-    y = y * r + 5.0000001201e-1f;
-    y = y * (r * r) + r + 1.0f;
-    VI n = __builtin_convertvector(fx, VI);
-    y = y * bits_to_float((n + 127) << 23);
-    y = select(x < -87.3f, splat(0.0f), y);
-    return select(x > 88.3f, splat(kInf), y);
-}
-
-// log(x) for finite x > 0 (Cephes polynomial, ~1 ulp).
-inline V vlog(V x) {
-    VI bits = float_to_bits(x);
-    VI e = ((bits >> 23) & 0xff) - 126;
-    V m = bits_to_float((bits & 0x007fffff) | 0x3f000000);  // [0.5, 1)
-    VI small = m < 0.707106781186547524f;
-    e = e + small;  // true lanes are -1
-    m = select(small, m + m, m) - 1.0f;
-    V z = m * m;
-    V y = splat(7.0376836292e-2f);
-    y = y * m - 1.1514610310e-1f;
-    y = y * m + 1.1676998740e-1f;
-    y = y * m - 1.2420140846e-1f;
-    y = y * m + 1.4249322787e-1f;
-    y = y * m - 1.6668057665e-1f;
-    y = y * m + 2.0000714765e-1f;
-    y = y * m - 2.4999993993e-1f;
-    y = y * m + 3.3333331174e-1f;
-    y = y * m * z;
-    V ef = __builtin_convertvector(e, V);
-    y = y + ef * -2.12194440e-4f;
-    y = y - z * 0.5f;
-    return m + y + ef * 0.693359375f;
-}
-
-// tanh(x): odd polynomial near 0 (Cephes), 1 - 2 / (exp(2|x|) + 1) elsewhere.
-inline V vtanh(V x) {
-    V ax = vabs(x);
-    V s = ax * ax;
-    V p = splat(-5.70498872745e-3f);
-    p = p * s + 2.06390887954e-2f;
-    p = p * s - 5.37397155531e-2f;
-    p = p * s + 1.33314422036e-1f;
-    p = p * s - 3.33332819422e-1f;
-    p = p * s * ax + ax;
-    V big = 1.0f - 2.0f / (vexp(ax + ax) + 1.0f);
-    V t = select(ax < 0.625f, p, big);
-    return bits_to_float(float_to_bits(t) | (float_to_bits(x) & int32_t(0x80000000u)));
-}
-
-inline float hsum(V v) {
-    float s = 0.0f;
-    for (int i = 0; i < W; ++i) s += v[i];
-    return s;
-}
-
-inline float hmax(V v) {
-    float m = v[0];
-    for (int i = 1; i < W; ++i) m = v[i] > m ? v[i] : m;
-    return m;
-}
-
-inline V load_any(const opd_tile &t, int64_t row, int64_t j) {
-    if (t.dtype == OPD_BF16) return load_bf16(static_cast<const uint16_t *>(t.data) + row * t.ld + j);
-    return load(static_cast<const float *>(t.data) + row * t.ld + j);
-}
-
-// Pass 1: z = softcap(raw) / T into the padded scratch row (padding = -inf, zero mass);
-// returns the row max.
-float stage_row(const opd_tile &t, int64_t row, int64_t k, float softcap, float temperature, float *z) {
-    V mx = splat(-kInf);
-    for (int64_t j = 0; j < k; j += W) {
-        V v;
-        const int64_t valid = k - j < W ? k - j : W;
-        if (valid == W) {
-            v = load_any(t, row, j);
-        } else {  // tail: widen the valid elements through a small buffer
-            alignas(64) float buf[W];
-            for (int64_t i = 0; i < valid; ++i) {
-                if (t.dtype == OPD_BF16) {
-                    uint32_t u = uint32_t(static_cast<const uint16_t *>(t.data)[row * t.ld + j + i]) << 16;
-                    std::memcpy(buf + i, &u, 4);
-                } else {
-                    buf[i] = static_cast<const float *>(t.data)[row * t.ld + j + i];
-                }
-            }
-            v = load(buf);
-        }
-        if (softcap > 0.0f) v = vtanh(v / softcap) * softcap;
-        if (temperature != 1.0f) v = v / temperature;
-        if (valid < W) {
-            for (int64_t i = valid; i < W; ++i) v[i] = -kInf;
-        }
-        store(z + j, v);
-        mx = vmax(mx, v);
-    }
-    for (int64_t j = (k + W - 1) / W * W; j < padded(k); ++j) z[j] = -kInf;
-    return hmax(mx);
-}
-
-float row_lse(const float *z, int64_t kp, float mx) {
-    if (mx == -kInf) return -kInf;
+// Log-sum-exp of y = T z (max y = T max z since T > 0); exp(y - max y) into `ey` when given.
+float hard_lse_row(const float *z, int64_t kp, float mx, float T, float *ey, float &sum) {
+    const float ymx = mx * T;
     V acc = splat(0.0f);
-    for (int64_t j = 0; j < kp; j += W) acc += vexp(load(z + j) - mx);
-    return mx + std::log(hsum(acc));
-}
-
-inline V where_pos(V weight, V value) { return select(weight > 0.0f, weight * value, splat(0.0f)); }
-
-struct Sums { float value, coef, entropy; };
-
-// Pass 3: writes a over zt and q into qbuf; returns the row sums.
-Sums divergence_row(const Job &job, const float *zs, float *zt, float *qbuf, int64_t kp, float lse_s, float lse_t) {
-    V value = splat(0.0f), kl_p = splat(0.0f), coef = splat(0.0f), ent = splat(0.0f);
-    const float log_b = std::log(job.beta), log_1mb = std::log1p(-job.beta), one_m_beta = 1.0f - job.beta;
     for (int64_t j = 0; j < kp; j += W) {
-        V log_q = load(zs + j) - lse_s;
-        V log_p = load(zt + j) - lse_t;
-        V q = vexp(log_q), p = vexp(log_p), a;
-        ent += where_pos(q, log_q);
-        switch (job.divergence) {
-            case OPD_FORWARD_KL:
-                value += where_pos(p, log_p - log_q);
-                a = -p;
-                coef += a;
-                break;
-            case OPD_REVERSE_KL:
-                a = where_pos(q, log_q - log_p);
-                value += a;
-                break;
-            case OPD_JSD: {
-                V la = log_p + log_b, lb = log_q + log_1mb;
-                V hi = vmax(la, lb), lo = vmin(la, lb);
-                V d = select(hi == -kInf, splat(0.0f), lo - hi);
-                V log_m = hi + vlog(vexp(d) + 1.0f);
-                kl_p += where_pos(p, log_p - log_m);  // KL(p || M)
-                a = where_pos(q, log_q - log_m);
-                value += a;                             // KL(q || M)
-                a = a * one_m_beta;
-                break;
-            }
-            default: {  // tvd
-                V diff = q - p;
-                value += vabs(diff);
-                V sign = select(diff > 0.0f, splat(1.0f), select(diff < 0.0f, splat(-1.0f), splat(0.0f)));
-                a = sign * q * 0.5f;
-                coef += a;
-            }
-        }
-        store(zt + j, a);
-        store(qbuf + j, q);
+        V e = vexp(load(z + j) * T - ymx);
+        acc += e;
+        if (ey) store(ey + j, e);
     }
-    Sums s{hsum(value), hsum(coef), -hsum(ent)};
-    switch (job.divergence) {
-        case OPD_REVERSE_KL: s.coef = s.value; break;
-        case OPD_JSD: {
-            const float kl_q = s.value;
-            s.value = job.beta * hsum(kl_p) + one_m_beta * kl_q;
-            s.coef = kl_q * one_m_beta;
-            break;
-        }
-        case OPD_TVD: s.value *= 0.5f; break;
-        default: break;
-    }
-    return s;
+    sum = hsum(acc);
+    return ymx + std::log(sum);
 }
 
-// Pass 4: grad = row_scale (a - q c), chained through temperature and softcap.
-void grad_row(const Job &job, int64_t row, const float *zs, const float *a, const float *q, float coef, float scale) {
+struct HardTerms {
+    const float *softmax;  // softmax(y) up to `factor`: q (T = 1) or exp(y - max y); null: no label
+    float factor;          // h T, divided by sum exp(y - max y) at T != 1
+    int64_t label;
+    float onehot;  // -h T at the label
+};
+
+void grad_row(const Job &job, int64_t row, const float *zs, const float *a, const float *q, float s, float coef,
+              const HardTerms &hard) {
     const int64_t k = job.k;
-    const float T = job.temperature, c = job.softcap_s;
-    alignas(64) float tail[W];
     for (int64_t j = 0; j < k; j += W) {
-        V g = (load(a + j) - load(q + j) * coef) * scale;
-        if (T != 1.0f) g = g / T;
-        if (c > 0.0f) {
-            V t = load(zs + j) * (T / c);
-            g = g * (-(t * t) + 1.0f);
-        }
-        const bool whole = j + W <= k;
-        if (job.grad_dtype == OPD_BF16) {
-            uint16_t *dst = static_cast<uint16_t *>(job.grad) + row * job.grad_ld + j;
-            if (whole) {
-                store_bf16(dst, g);
-            } else {
-                alignas(64) uint16_t h[W];
-                store_bf16(h, g);
-                std::memcpy(dst, h, (k - j) * 2);
-            }
-        } else {
-            float *dst = static_cast<float *>(job.grad) + row * job.grad_ld + j;
-            if (whole) {
-                store(dst, g);
-            } else {
-                store(tail, g);
-                std::memcpy(dst, tail, (k - j) * 4);
-            }
-        }
+        V g = (load(a + j) - load(q + j) * coef) * s;  // this order keeps a - q c exactly 0 where it cancels
+        if (hard.softmax) g += load(hard.softmax + j) * hard.factor;
+        add_onehot(g, j, hard.label, hard.onehot);
+        store_grad(job.grad, row, j, k, to_raw(g, load(zs + j), job.temperature, job.softcap_s));
     }
 }
 
 }  // namespace
 
-void rows(const Job &job, int64_t r0, int64_t r1, float *scratch) {
+void full_rows(const Job &job, int64_t r0, int64_t r1, float *scratch) {
     const int64_t kp = padded(job.k);
-    float *zs = scratch, *zt = scratch + kp, *qbuf = scratch + 2 * kp;
+    const float T = job.temperature;
+    float *zs = scratch, *zt = scratch + kp, *qbuf = scratch + 2 * kp, *ybuf = scratch + 3 * kp;
     for (int64_t r = r0; r < r1; ++r) {
-        const float ls = row_lse(zs, kp, stage_row(job.student, r, job.k, job.softcap_s, job.temperature, zs));
-        const float lt = row_lse(zt, kp, stage_row(job.teacher, r, job.k, job.softcap_t, job.temperature, zt));
-        const Sums s = divergence_row(job, zs, zt, qbuf, kp, ls, lt);
+        const float mx = stage_row(job.student, r, job.k, job.softcap_s, T, zs);
+        const float ls = row_lse(zs, kp, mx);
+        const float lt = row_lse(zt, kp, stage_row(job.teacher, r, job.k, job.softcap_t, T, zt));
+        const int64_t label = job.labels ? job.labels[r] : -1;
+        float *ey = nullptr, sum_y = 1.0f;
+        if (label >= 0) {
+            float lse_y = ls;
+            if (T != 1.0f) {
+                ey = job.row_scale ? ybuf : nullptr;
+                lse_y = hard_lse_row(zs, kp, mx, T, ey, sum_y);
+            }
+            job.cross_entropy_out[r] = lse_y - zs[label] * T;
+        } else if (job.labels) {
+            job.cross_entropy_out[r] = 0.0f;
+        }
+        const Sums s = divergence_row(job.divergence, job.beta, zs, zt, qbuf, kp, ls, lt);
         job.divergence_out[r] = s.value;
         job.coef_out[r] = s.coef;
         job.entropy_out[r] = s.entropy;
         job.lse_s_out[r] = ls;
         job.lse_t_out[r] = lt;
-        if (job.row_scale) grad_row(job, r, zs, zt, qbuf, s.coef, job.row_scale[r]);
+        if (!job.row_scale) continue;
+        const float h = label >= 0 ? job.hard_scale[r] : 0.0f;
+        const HardTerms hard{label < 0 ? nullptr : T == 1.0f ? qbuf : ey, h * T / sum_y, label, -h * T};
+        grad_row(job, r, zs, zt, qbuf, job.row_scale[r], s.coef, hard);
     }
 }
 

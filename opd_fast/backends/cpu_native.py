@@ -1,8 +1,9 @@
-"""The native CPU backend: ctypes binding of the C++ tile kernel built from ``kernels/``.
+"""The native CPU backend: ctypes binding of the C++ tile kernels built from ``kernels/``.
 
 The chunk loop, GEMMs and autograd glue are ``chunked.py``'s; only the element-wise
-full-row tile math (``TileMath.full_rows``) runs natively, in one fused kernel per chunk
-that writes the gradient over the student logits tile (fp32 or bf16) in place.
+full-row tile math (``TileMath.full_rows``, hard labels included) runs natively, in one fused
+kernel per chunk that writes the gradient over the student logits tile (fp32 or bf16) in
+place. ``cpu_rows`` binds the single-head row kernels (log-probs, top-k) the same way.
 
 The library is found through ``importlib.resources.files("opd_fast")``, which also works in
 editable installs (the shared library is not beside the sources there). A missing library
@@ -24,7 +25,7 @@ from .tile_math import HardLabels, RowTerms, TorchTileMath
 
 __all__ = ["ISA_NAMES", "NativeTileMath", "availability", "run"]
 
-ABI_VERSION = 1
+ABI_VERSION = 2
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 _DIVERGENCES = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2, "tvd": 3}
 ISA_NAMES = {"auto": 0, "generic": 1, "avx2": 2, "avx512": 3}
@@ -42,6 +43,16 @@ class _Options(ctypes.Structure):
         ("temperature", ctypes.c_float),
         ("softcap_s", ctypes.c_float),
         ("softcap_t", ctypes.c_float),
+    ]
+
+
+class _TopKOptions(ctypes.Structure):
+    _fields_ = [
+        ("divergence", ctypes.c_int32),
+        ("beta", ctypes.c_float),
+        ("temperature", ctypes.c_float),
+        ("softcap", ctypes.c_float),
+        ("bucket", ctypes.c_int32),
     ]
 
 
@@ -74,12 +85,18 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     lib.opd_isa_supported.argtypes = [ctypes.c_int32]
     lib.opd_isa_name.restype = ctypes.c_char_p
     lib.opd_isa_name.argtypes = [ctypes.c_int32]
-    ptr = ctypes.c_void_p
-    lib.opd_full_rows.restype = ctypes.c_int
-    lib.opd_full_rows.argtypes = [
-        ctypes.POINTER(_Tile), ctypes.POINTER(_Tile), ctypes.c_int64, ctypes.c_int64, ctypes.POINTER(_Options),
-        ptr, ptr, ctypes.c_int32, ctypes.c_int64, ptr, ptr, ptr, ptr, ptr, ctypes.c_int32, ctypes.c_int32,
-    ]  # fmt: skip
+    ptr, i32, i64, f32, tile = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64, ctypes.c_float, ctypes.POINTER(_Tile)
+    grad = [ptr, i32, i64]  # data, dtype, ld
+    signatures = {
+        "opd_full_rows": [tile, tile, i64, i64, ctypes.POINTER(_Options), ptr, *grad, *[ptr] * 5, ptr, ptr, ptr],
+        "opd_logprob_rows": [tile, i64, i64, f32, f32, ptr, ptr, ptr, *grad, ptr, ptr],
+        "opd_topk_rows": [tile, i64, i64, ctypes.POINTER(_TopKOptions), ptr, i64, i64, ptr, i64, ptr, *grad,
+                          *[ptr] * 4],
+    }  # fmt: skip
+    for name, args in signatures.items():
+        fn = getattr(lib, name)
+        fn.restype = ctypes.c_int
+        fn.argtypes = [*args, i32, i32]  # n_threads, isa
     return lib, ""
 
 
@@ -91,31 +108,53 @@ def availability() -> tuple[bool, str]:
 
 def isa_supported(isa: str) -> bool:
     """Whether the instruction-set variant ``isa`` (see ``ISA_NAMES``) runs on this CPU."""
+    return bool(library().opd_isa_supported(ISA_NAMES[isa]))
+
+
+def library() -> ctypes.CDLL:
+    """The loaded library, or RuntimeError saying why ``backend="cpu"`` cannot run."""
     lib, reason = _load()
     if lib is None:
-        raise RuntimeError(reason)
-    return bool(lib.opd_isa_supported(ISA_NAMES[isa]))
+        raise RuntimeError(f"backend='cpu' is unavailable: {reason}")
+    return lib
 
 
-def _tile(t: torch.Tensor) -> _Tile:
-    return _Tile(t.data_ptr(), _DTYPES[t.dtype], t.stride(0))
+def tile(t: torch.Tensor) -> ctypes._Pointer[_Tile]:
+    """A pointer to the C description of the row-major 2-D tile ``t``."""
+    return ctypes.pointer(_Tile(t.data_ptr(), _DTYPES[t.dtype], t.stride(0)))
 
 
-def _row_major(t: torch.Tensor) -> torch.Tensor:
+def grad_args(t: torch.Tensor) -> tuple[int, int, int]:
+    """(data, dtype, ld) of a gradient tile written by the kernel."""
+    return t.data_ptr(), _DTYPES[t.dtype], t.stride(0)
+
+
+def address(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def row_major(t: torch.Tensor) -> torch.Tensor:
     """A 2-D fp32/bf16 tile with unit column stride (other dtypes compute in fp32)."""
     if t.dtype not in _DTYPES:
         t = t.float()
     return t if t.stride(1) == 1 else t.contiguous()
 
 
-class NativeTileMath:
-    """``TileMath`` whose full-row math runs in the native kernel (float64 stays in torch).
+def row_floats(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A per-row input as contiguous fp32 (None stays None)."""
+    return None if t is None else t.to(torch.float32).contiguous()
 
-    ``isa`` forces an instruction-set variant ("auto" picks the best; tests compare them) and
-    ``threads`` defaults to ``torch.get_num_threads()`` at each call.
-    """
 
-    name = "cpu"
+def check(status: int, isa: str, what: str) -> None:
+    """Raise RuntimeError for a non-OK status of a kernel call on ``what`` (e.g. the tiles' shapes)."""
+    if status != _OK:
+        why = {_ISA_UNAVAILABLE: f"isa={isa!r} is not supported by this CPU",
+               _OUT_OF_MEMORY: "out of memory for the per-thread scratch rows"}.get(status, "bad arguments")
+        raise RuntimeError(f"native kernel failed (status {status}): {why}; {what}")
+
+
+class NativeOptions:
+    """The ``isa`` and ``threads`` knobs shared by the native kernels (see ``NativeTileMath``)."""
 
     def __init__(self, isa: str = "auto", threads: int | None = None) -> None:
         if isa not in ISA_NAMES:
@@ -123,6 +162,20 @@ class NativeTileMath:
         if threads is not None and (not isinstance(threads, int) or threads < 1):
             raise ValueError(f"threads must be a positive int or None, got {threads!r}")
         self.isa, self.threads = isa, threads
+
+    def call_args(self) -> tuple[int, int]:
+        """(n_threads, isa) as the C functions take them."""
+        return self.threads or torch.get_num_threads(), ISA_NAMES[self.isa]
+
+
+class NativeTileMath(NativeOptions):
+    """``TileMath`` whose full-row math runs in the native kernel (float64 stays in torch).
+
+    ``isa`` forces an instruction-set variant ("auto" picks the best; tests compare them) and
+    ``threads`` defaults to ``torch.get_num_threads()`` at each call.
+    """
+
+    name = "cpu"
 
     def live_bytes_per_logit(self, dtype: torch.dtype) -> int:
         """Memory per (token, vocab) element of a chunk: the two raw tiles (the gradient reuses one)."""
@@ -138,32 +191,32 @@ class NativeTileMath:
         row_scale: torch.Tensor | None,
         hard: HardLabels | None = None,
     ) -> tuple[RowTerms, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """``TileMath.full_rows``; the gradient overwrites ``raw_s`` (returned in its dtype)."""
-        if raw_s.dtype == torch.float64 or hard is not None:
+        """``TileMath.full_rows``; the gradient overwrites ``raw_s`` (returned in its dtype).
+
+        Hard labels cost nothing extra at temperature 1 and one exp per element otherwise.
+        """
+        if raw_s.dtype == torch.float64:
             return TorchTileMath().full_rows(raw_s, raw_t, opts, row_scale, hard)
-        lib, reason = _load()
-        if lib is None:
-            raise RuntimeError(f"backend='cpu' is unavailable: {reason}")
-        raw_s, raw_t = _row_major(raw_s), _row_major(raw_t)
+        lib = library()
+        raw_s, raw_t = row_major(raw_s), row_major(raw_t)
         n, k = raw_s.shape
-        stats = torch.empty(5, n, dtype=torch.float32)
+        stats = torch.empty(6, n, dtype=torch.float32)
         options = _Options(
             _DIVERGENCES[opts.divergence], opts.beta, opts.temperature,
             opts.student.softcap or 0.0, opts.teacher.softcap or 0.0,
         )  # fmt: skip
-        scale = None if row_scale is None else row_scale.to(torch.float32).contiguous()
+        scale = row_floats(row_scale)
+        labels = None if hard is None else hard.labels.to(torch.int64).contiguous()
+        hard_scale = None if hard is None or scale is None else row_floats(hard.scale)
         status = lib.opd_full_rows(
-            ctypes.byref(_tile(raw_s)), ctypes.byref(_tile(raw_t)), n, k, ctypes.byref(options),
-            None if scale is None else scale.data_ptr(), raw_s.data_ptr(), _DTYPES[raw_s.dtype], raw_s.stride(0),
-            *(s.data_ptr() for s in stats), self.threads or torch.get_num_threads(), ISA_NAMES[self.isa],
+            tile(raw_s), tile(raw_t), n, k, ctypes.byref(options), address(scale), *grad_args(raw_s),
+            *(s.data_ptr() for s in stats[:5]), address(labels), address(hard_scale), stats[5].data_ptr(),
+            *self.call_args(),
         )  # fmt: skip
-        if status != _OK:
-            what = {_ISA_UNAVAILABLE: f"isa={self.isa!r} is not supported by this CPU",
-                    _OUT_OF_MEMORY: "out of memory for the per-thread scratch rows"}.get(status, "bad arguments")
-            raise RuntimeError(f"native tile kernel failed (status {status}): {what}; tiles {tuple(raw_s.shape)} "
-                               f"{raw_s.dtype} / {tuple(raw_t.shape)} {raw_t.dtype}")
-        divergence, coef, entropy, lse_s, lse_t = stats
-        return RowTerms(divergence, coef, entropy), lse_s, lse_t, None if scale is None else raw_s
+        check(status, self.isa, f"tiles {tuple(raw_s.shape)} {raw_s.dtype} / {tuple(raw_t.shape)} {raw_t.dtype}")
+        divergence, coef, entropy, lse_s, lse_t, ce = stats
+        terms = RowTerms(divergence, coef, entropy, None if hard is None else ce)
+        return terms, lse_s, lse_t, None if scale is None else raw_s
 
 
 def run(hs, ws, bs, ht, wt, bt, row_weights, opts, tuning: Tuning, scalar: bool, hard: HardLabels | None = None):

@@ -1,5 +1,5 @@
 """The native CPU backend: against the float64 reference and the torch backend, ISA variants,
-thread-count determinism, -inf / extreme logits, the unavailable-library path, and ctest."""
+thread-count determinism, -inf / extreme logits, hard labels, the unavailable-library path, and ctest."""
 
 import os
 import shutil
@@ -12,7 +12,7 @@ import torch
 import opd_fast
 from opd_fast import Tuning
 from opd_fast.backends import chunked, cpu_native, resolve
-from opd_fast.backends.tile_math import TorchTileMath
+from opd_fast.backends.tile_math import NO_LABEL, HardLabels, TorchTileMath
 from opd_fast.validation import HeadSpec, LossOptions
 
 AVAILABLE, WHY = cpu_native.availability()
@@ -205,6 +205,114 @@ def test_missing_library_gives_clear_error(monkeypatch):
 @needs_lib
 def test_auto_prefers_native_on_cpu():
     assert resolve("auto", torch.device("cpu")) == "cpu"
+
+
+# ---- hard labels: the cross-entropy in the same native sweep ---------------------------------------
+
+
+def _hard(n=9, k=1003, seed=3):
+    """Labels with two unlabelled rows (scale 0 there, as compaction gives) and per-row scales."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, k, (n,), generator=g)
+    labels[[2, 5]] = NO_LABEL
+    labels[0] = k - 1  # the last column (the kernel's tail vector)
+    return HardLabels(labels, torch.where(labels >= 0, torch.rand(n, generator=g) + 0.2, 0.0))
+
+
+def _hard_rows(math, raw_s, raw_t, opts, hard, with_grad=True):
+    scale = torch.linspace(0.5, 1.5, raw_s.shape[0])
+    hard = hard if with_grad else hard._replace(scale=None)
+    terms, lse_s, lse_t, grad = math.full_rows(raw_s.clone(), raw_t.clone(), opts, scale if with_grad else None, hard)
+    return [*terms, lse_s, lse_t] + ([grad.float()] if with_grad else [])
+
+
+@needs_lib
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("temperature,softcap", [(1.0, None), (1.0, 7.0), (1.6, None), (0.7, 7.0)])
+def test_hard_labels_tile_matches_torch_tile_math(dtype, temperature, softcap):
+    raw_s, raw_t = _tile_inputs(dtype)
+    hard = _hard()
+    for div, beta in DIVERGENCES:
+        opts = _options(div, beta, temperature=temperature, softcap=softcap)
+        for with_grad in (True, False):
+            got = _hard_rows(cpu_native.NativeTileMath(), raw_s, raw_t, opts, hard, with_grad)
+            want = _hard_rows(TorchTileMath(), raw_s.float(), raw_t.float(), opts, hard, with_grad)
+            assert len(got) == len(want) == (7 if with_grad else 6)
+            ce = got[3]
+            assert bool((ce[hard.labels < 0] == 0).all()) and bool((ce[hard.labels >= 0] > 0).all())
+            tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-4)
+            for name, a, b in zip(("div", "coef", "entropy", "ce", "lse_s", "lse_t", "grad"), got, want, strict=False):
+                torch.testing.assert_close(a, b, **tol, msg=f"{div} {name}")
+
+
+@needs_lib
+def test_hard_labels_tile_with_neg_inf_logits_and_all_isas():
+    raw_s, raw_t = _tile_inputs(torch.float32, n=9, k=50, seed=4)
+    hard = _hard(k=49)  # labels < 49, so label + 1 below stays in range
+    raw_s[:, ::7] = raw_t[:, ::7] = float("-inf")  # masked vocabulary, never a label here
+    hard = hard._replace(labels=torch.where(hard.labels % 7 == 0, hard.labels + 1, hard.labels))
+    for temperature in (1.0, 1.4):
+        opts = _options("reverse_kl", 0.5, temperature=temperature, softcap=None, k=50)
+        want = _hard_rows(TorchTileMath(), raw_s, raw_t, opts, hard)
+        for isa in ("generic", "avx2", "avx512"):
+            if cpu_native.isa_supported(isa):
+                got = _hard_rows(cpu_native.NativeTileMath(isa=isa), raw_s, raw_t, opts, hard)
+                assert all(bool(torch.isfinite(t).all()) for t in got), isa
+                for a, b in zip(got, want, strict=True):
+                    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"{isa} T={temperature}")
+
+
+@needs_lib
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_hard_labels_threads_one_and_two_are_bitwise_identical(dtype):
+    raw_s, raw_t = _tile_inputs(dtype)
+    for temperature in (1.0, 1.3):
+        opts = _options("jsd", 0.3, temperature=temperature)
+        one = _hard_rows(cpu_native.NativeTileMath(threads=1), raw_s, raw_t, opts, _hard())
+        two = _hard_rows(cpu_native.NativeTileMath(threads=2), raw_s, raw_t, opts, _hard())
+        assert all(torch.equal(a, b) for a, b in zip(one, two, strict=True))
+
+
+def _labels(n, v, seed, ignore=-100):
+    labels = torch.randint(0, v, (n,), generator=torch.Generator().manual_seed(seed))
+    labels[::4] = ignore
+    labels[1] = v - 1
+    return labels
+
+
+@needs_lib
+@pytest.mark.parametrize("divergence,beta", DIVERGENCES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("temperature,softcap", [(1.0, None), (1.6, 3.0)])
+def test_hard_labels_match_reference(divergence, beta, reduction, temperature, softcap):
+    case = make_case(seed=len(divergence) + 3 * len(reduction))
+    mask = torch.rand(13, generator=torch.Generator().manual_seed(1)) > 0.3
+    kw = dict(divergence=divergence, beta=beta, reduction=reduction, temperature=temperature, mask=mask,
+              token_weights=torch.rand(13, generator=torch.Generator().manual_seed(2)) + 0.1,
+              labels=_labels(13, 67, 4), hard_weight=0.7, student_softcap=softcap, student_logit_scale=1.3,
+              temperature_sq_scaling=True)  # fmt: skip
+    got, want = run(case, "cpu", **kw), reference_of(case, **kw)
+    assert {"cross_entropy", "soft_loss", "hard_loss"} <= set(got[1])
+    assert_close(got, want, rtol=2e-4, atol=2e-5)
+
+
+@needs_lib
+def test_hard_labels_bf16_vocab_size_and_ignore_index_match_reference():
+    case = make_case(n=24, v=300, dtype=torch.bfloat16, seed=5)
+    kw = dict(divergence="forward_kl", labels=_labels(24, 280, 6, ignore=-1), ignore_index=-1, hard_weight=1.5,
+              vocab_size=280, num_items=30.0, student_softcap=6.0)  # fmt: skip
+    assert_close(run(case, "cpu", **kw), reference_of(case, **kw), rtol=3e-2, atol=3e-3)
+
+
+@needs_lib
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("temperature", [1.0, 1.3])
+def test_hard_labels_agree_with_torch_backend_over_chunks(dtype, temperature):
+    case = make_case(n=40, h_s=16, h_t=24, v=1001, dtype=dtype, seed=13)
+    kw = dict(divergence="tvd", temperature=temperature, labels=_labels(40, 1001, 7), hard_weight=0.4,
+              tuning=Tuning(chunk_tokens=16))  # fmt: skip
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-3)
+    assert_close(run(case, "cpu", **kw), run(case, "torch", **kw), **tol)
 
 
 def _have_toolchain() -> bool:
