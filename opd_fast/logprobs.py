@@ -21,7 +21,7 @@ from .validation import validate_logprobs_call
 __all__ = ["fused_linear_logprobs"]
 
 # Backends this function has (``backends.resolve``'s ``implemented``): "auto" picks among them.
-IMPLEMENTED = ("torch", "triton", "reference")
+IMPLEMENTED = ("torch", "cpu", "triton", "reference")
 
 
 class _LogProbRows:
@@ -80,10 +80,10 @@ def fused_linear_logprobs(
         hidden: ``(..., H)``; gets a gradient, as do ``weight`` ``(V, H)`` and ``bias`` ``(V,)``.
         token_ids: integer, the leading shape of ``hidden``, values in ``[0, V)``.
         return_entropy: also return the entropy of the whole distribution per token.
-        backend: ``"auto"``/``"torch"`` (token-chunked torch, ``chunk x V`` tiles), ``"triton"``
-            (CUDA; fused kernels, no ``chunk x V`` tensor: ``backends/triton_rows.py``) or
-            ``"reference"`` (float64, materialized). ``"cpu"`` raises ``NotImplementedError``:
-            no native CPU kernel exists for this function yet.
+        backend: ``"auto"``/``"torch"`` (token-chunked torch, ``chunk x V`` tiles), ``"cpu"``
+            (the same chunks, per-row math in the native kernel: ``backends/cpu_rows.py``),
+            ``"triton"`` (CUDA; fused kernels, no ``chunk x V`` tensor: ``backends/triton_rows.py``)
+            or ``"reference"`` (float64, materialized).
         tuning: chunk size / memory budget (``Tuning.chunk_vocab`` is not used: rows are whole).
 
     Returns:
@@ -106,6 +106,10 @@ def fused_linear_logprobs(
         from .backends.triton_rows import LogProbMath, TritonRows
 
         fused, rows = TritonRows, LogProbMath(rows)
+    elif name == "cpu":
+        from .backends.cpu_rows import NativeLogProbRows
+
+        rows = NativeLogProbRows(rows, spec, temperature)
     outs = fused.apply(
         hidden.reshape(-1, hidden.shape[-1]).contiguous(), weight.contiguous(),
         None if bias is None else bias.contiguous(), rows, setup, None,

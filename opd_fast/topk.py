@@ -32,7 +32,7 @@ from .validation import (
 __all__ = ["fused_linear_kl_topk"]
 
 # Backends this function has (``backends.resolve``'s ``implemented``): "auto" picks among them.
-IMPLEMENTED = ("torch", "triton", "reference")
+IMPLEMENTED = ("torch", "cpu", "triton", "reference")
 
 Stats = dict[str, torch.Tensor]
 _NEG_INF = float("-inf")
@@ -174,10 +174,10 @@ def fused_linear_kl_topk(
         mask, token_weights, reduction, num_items: as ``fused_linear_kl``. The teacher entries
             of masked tokens are never read (not even validated).
         vocab_size: compare only the first K student logits (padded heads); ids must be < K.
-        backend: ``"auto"``/``"torch"`` (token-chunked torch), ``"triton"`` (CUDA; fused kernels,
+        backend: ``"auto"``/``"torch"`` (token-chunked torch), ``"cpu"`` (the same chunks, per-row
+            math in the native kernel: ``backends/cpu_rows.py``), ``"triton"`` (CUDA; fused kernels,
             no ``chunk x V`` tensor: ``backends/triton_rows.py``) or ``"reference"`` (float64,
-            materialized). ``"cpu"`` raises ``NotImplementedError``: no native CPU kernel exists
-            for this loss yet.
+            materialized).
         return_stats: also return detached per-token ``divergence``, ``student_lse``,
             ``student_entropy`` (full vocabulary), ``student_topk_mass`` and ``teacher_topk_mass``
             (leading shape, 0 where masked).
@@ -219,6 +219,10 @@ def fused_linear_kl_topk(
         from .backends.triton_rows import TopKMath, TritonRows
 
         fused, rows = TritonRows, TopKMath(kernel)
+    elif name == "cpu":
+        from .backends.cpu_rows import NativeTopKRows
+
+        rows = NativeTopKRows(kernel, opts)
     if opts.reduction == "none":
         div, *per_row = fused.apply(*operands, rows, setup, None)
         value = div * row_weights

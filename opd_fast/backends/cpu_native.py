@@ -27,7 +27,7 @@ __all__ = ["ISA_NAMES", "NativeTileMath", "availability", "run"]
 
 ABI_VERSION = 2
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
-_DIVERGENCES = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2, "tvd": 3}
+DIVERGENCE_IDS = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2, "tvd": 3}
 ISA_NAMES = {"auto": 0, "generic": 1, "avx2": 2, "avx512": 3}
 _OK, _BAD_ARGUMENT, _ISA_UNAVAILABLE, _OUT_OF_MEMORY = 0, 1, 2, 3
 
@@ -46,7 +46,7 @@ class _Options(ctypes.Structure):
     ]
 
 
-class _TopKOptions(ctypes.Structure):
+class TopKOptions(ctypes.Structure):
     _fields_ = [
         ("divergence", ctypes.c_int32),
         ("beta", ctypes.c_float),
@@ -90,7 +90,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     signatures = {
         "opd_full_rows": [tile, tile, i64, i64, ctypes.POINTER(_Options), ptr, *grad, *[ptr] * 5, ptr, ptr, ptr],
         "opd_logprob_rows": [tile, i64, i64, f32, f32, ptr, ptr, ptr, *grad, ptr, ptr],
-        "opd_topk_rows": [tile, i64, i64, ctypes.POINTER(_TopKOptions), ptr, i64, i64, ptr, i64, ptr, *grad,
+        "opd_topk_rows": [tile, i64, i64, ctypes.POINTER(TopKOptions), ptr, i64, i64, ptr, i64, ptr, *grad,
                           *[ptr] * 4],
     }  # fmt: skip
     for name, args in signatures.items():
@@ -202,7 +202,7 @@ class NativeTileMath(NativeOptions):
         n, k = raw_s.shape
         stats = torch.empty(6, n, dtype=torch.float32)
         options = _Options(
-            _DIVERGENCES[opts.divergence], opts.beta, opts.temperature,
+            DIVERGENCE_IDS[opts.divergence], opts.beta, opts.temperature,
             opts.student.softcap or 0.0, opts.teacher.softcap or 0.0,
         )  # fmt: skip
         scale = row_floats(row_scale)

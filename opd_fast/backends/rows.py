@@ -35,6 +35,9 @@ class RowKernel(Protocol):
     the first ``n_differentiable`` outputs, ``(n,)`` or None) is given, ``dL/dz`` as a new tile.
     ``z`` may be used as scratch but must hold its values again on return (softcap's derivative
     is read back from it).
+
+    A kernel with ``takes_raw_logits = True`` (the native ones, ``cpu_rows``) gets the raw GEMM
+    tile instead and returns ``dL/d(raw)``: softcap, temperature and their chain rule are its own.
     """
 
     n_outputs: int
@@ -77,16 +80,19 @@ def sweep_rows(
     if upstream is not None and head.scale != 1.0:
         upstream = [None if u is None else u * head.scale for u in upstream]  # the sink takes dL/d(h W^T + b)
     outs = [torch.zeros(n, dtype=accum_dtype(hs.dtype), device=hs.device) for _ in range(kernel.n_outputs)]
+    raw = getattr(kernel, "takes_raw_logits", False)
     for i0 in range(0, n, chunk):
         rows = slice(i0, min(i0 + chunk, n))
         h = hs[rows]
-        z = finish_logits(head.logits(h, 0, vocab, buffer), setup.spec, setup.temperature)
+        z = head.logits(h, 0, vocab, buffer)
+        if not raw:
+            z = finish_logits(z, setup.spec, setup.temperature)
         chunk_up = None if upstream is None else [None if u is None else u[rows] for u in upstream]
         values, grad = kernel(z, rows, chunk_up)
         for out, value in zip(outs, values, strict=True):
             out[rows] = value
         if grad is not None and sink is not None:
-            sink.add(logits_grad_to_raw(grad, z, setup.spec, setup.temperature), h, rows, 0)
+            sink.add(grad if raw else logits_grad_to_raw(grad, z, setup.spec, setup.temperature), h, rows, 0)
     return outs
 
 
