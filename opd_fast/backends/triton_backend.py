@@ -6,6 +6,8 @@ divergence / coefficient / entropy (one sweep does both for the KLs), 3 student 
 scalar reductions (mean, sum) pass 3 runs inside the forward with the row coefficients, and
 backward only scales the stored gradients; with ``reduction="none"`` the forward keeps
 per-row statistics and backward runs pass 3 with ``incoming gradient x row coefficient``.
+Hard labels ride along: pass 2 gathers the label logits (and at T != 1 the log-sum-exp of
+``T z``), pass 3 adds the cross-entropy's gradient to the same register tile.
 
 Under ``TRITON_INTERPRET=1`` the same kernels run on CPU tensors (tests only); normal dispatch
 never offers Triton for CPU tensors (the registry refuses non-CUDA devices before asking here),
@@ -21,8 +23,10 @@ import torch
 
 from ..validation import LossOptions
 from .chunked import Tuning
+from .tile_math import HardLabels
 from .triton import launch_grad, launch_row_stats, pick_config
 from .triton.common import INTERPRET
+from .triton.terms import RowStats
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Programs per SM the vocabulary split aims for: enough resident tiles to hide memory latency.
@@ -70,40 +74,54 @@ def _splits(device: torch.device, n_rows: int, vocab: int, block_m: int, block_n
     return max(1, min(-(-target // row_blocks), -(-vocab // block_n)))
 
 
-def _student_grads(hs, ws, bs, ht, wt, bt, lse_s, lse_t, coef, row_scale, opts, want, tuning: Tuning):
+def _student_grads(hs, ws, bs, ht, wt, bt, stats: RowStats, row_scale, hard: HardLabels | None, opts, want,
+                   tuning: Tuning):  # fmt: skip
     n, k = hs.shape[0], opts.vocab_size
     config = pick_config("grad", _arch(hs.device), _tile_dtype(hs, ht), n)
     splits = _splits(hs.device, n, k, config.block_m, config.block_n)
-    return launch_grad(hs, ws, bs, ht, wt, bt, lse_s, lse_t, coef, row_scale, opts, want, config, splits,
-                       tuning.grad_filter_eps)
+    return launch_grad(hs, ws, bs, ht, wt, bt, stats.student_lse, stats.teacher_lse, stats.coef, row_scale, opts, want,
+                       config, splits, tuning.grad_filter_eps, hard, stats.hard_lse)
 
 
 class TritonDivergence(torch.autograd.Function):
-    """Autograd glue: inputs are compacted 2-D rows; returns (values, *per-row stats)."""
+    """Autograd glue: inputs are compacted 2-D rows; returns (values, *per-row stats).
+
+    ``labels`` / ``hard_scale`` (None without hard labels): each row's label (-1 = none) and the
+    coefficient of its cross-entropy in the value, as in ``chunked.ChunkedDivergence``.
+    """
 
     @staticmethod
-    def forward(ctx, hs, ws, bs, ht, wt, bt, row_weights, opts: LossOptions, tuning: Tuning, scalar: bool):
+    def forward(ctx, hs, ws, bs, ht, wt, bt, row_weights, labels, hard_scale, opts: LossOptions, tuning: Tuning,
+                scalar: bool):  # fmt: skip
         want = (hs.requires_grad, ws.requires_grad, bs is not None and bs.requires_grad)
         n, k = hs.shape[0], opts.vocab_size
         config = pick_config("lse", _arch(hs.device), _tile_dtype(hs, ht), n)
         splits = _splits(hs.device, n, k, config.block_m, config.block_n)
         row_weights = row_weights.float()
+        hard = None
+        if labels is not None:
+            labels = labels.contiguous()
+            hard = HardLabels(labels, hard_scale.float().contiguous())
         with torch.no_grad(), _on(hs.device):
-            lse_s, lse_t, div, coef, entropy = launch_row_stats(hs, ws, bs, ht, wt, bt, opts, config, splits)
+            stats = launch_row_stats(hs, ws, bs, ht, wt, bt, opts, config, splits, labels)
+            value = stats.divergence * row_weights
+            if hard is not None:
+                value += stats.cross_entropy * hard.scale
             if scalar:
-                value = (div * row_weights).sum()
+                value = value.sum()
                 grads = (None, None, None)
                 if any(want):
-                    grads = _student_grads(hs, ws, bs, ht, wt, bt, lse_s, lse_t, coef, row_weights, opts, want, tuning)
+                    grads = _student_grads(hs, ws, bs, ht, wt, bt, stats, row_weights, hard, opts, want, tuning)
                 ctx.save_for_backward(*grads)
             else:
-                value = div * row_weights
-                ctx.save_for_backward(hs, ws, bs, ht, wt, bt, row_weights, lse_s, lse_t, coef)
+                ctx.save_for_backward(hs, ws, bs, ht, wt, bt, row_weights, *(stats[:5]), stats.hard_lse,
+                                      *((None, None) if hard is None else hard))
         ctx.meta = (opts, tuning, scalar, want)
         ctx.dtypes = (hs.dtype, ws.dtype, None if bs is None else bs.dtype)
-        stats = (div, lse_s, lse_t, entropy)
-        ctx.mark_non_differentiable(*stats)
-        return (value, *stats)
+        ce = torch.zeros_like(stats.divergence) if hard is None else stats.cross_entropy
+        out = (stats.divergence, stats.student_lse, stats.teacher_lse, stats.entropy, ce)
+        ctx.mark_non_differentiable(*out)
+        return (value, *out)
 
     @staticmethod
     def backward(ctx, grad_value, *_):
@@ -111,20 +129,22 @@ class TritonDivergence(torch.autograd.Function):
         if scalar:
             grads = [None if g is None else g * grad_value for g in ctx.saved_tensors]
         else:
-            hs, ws, bs, ht, wt, bt, row_weights, lse_s, lse_t, coef = ctx.saved_tensors
-            row_scale = (grad_value.float() * row_weights).contiguous()
+            hs, ws, bs, ht, wt, bt, row_weights, *per_row, hard_lse, labels, hard_scale = ctx.saved_tensors
+            stats = RowStats(*per_row, hard_lse=hard_lse)
+            grad_value = grad_value.float()
+            row_scale = (grad_value * row_weights).contiguous()
+            hard = None if labels is None else HardLabels(labels, (grad_value * hard_scale).contiguous())
             with torch.no_grad(), _on(hs.device):
-                grads = _student_grads(hs, ws, bs, ht, wt, bt, lse_s, lse_t, coef, row_scale, opts, want, tuning)
+                grads = _student_grads(hs, ws, bs, ht, wt, bt, stats, row_scale, hard, opts, want, tuning)
         grads = [None if g is None else g.to(dtype) for g, dtype in zip(grads, ctx.dtypes, strict=True)]
-        return (*grads, None, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None, None, None)
 
 
-def run(hs, ws, bs, ht, wt, bt, row_weights, opts: LossOptions, tuning: Tuning, scalar: bool, hard=None):
+def run(hs, ws, bs, ht, wt, bt, row_weights, opts: LossOptions, tuning: Tuning, scalar: bool,
+        hard: HardLabels | None = None):  # fmt: skip
     """Registry entry point: (value, divergence, student_lse, teacher_lse, entropy, cross_entropy) on compacted rows."""
-    if hard is not None:
-        raise NotImplementedError("backend='triton' does not compute the hard-label cross-entropy yet")
     for name, t in (("student_hidden", hs), ("teacher_hidden", ht)):
         if t.dtype not in _DTYPES:
             raise ValueError(f"backend='triton' supports fp32, fp16 and bf16 inputs; {name} is {t.dtype}")
-    value, *stats = TritonDivergence.apply(hs, ws, bs, ht, wt, bt, row_weights, opts, tuning, scalar)
-    return (value, *stats, torch.zeros_like(stats[0]))
+    labels, hard_scale = (None, None) if hard is None else hard
+    return TritonDivergence.apply(hs, ws, bs, ht, wt, bt, row_weights, labels, hard_scale, opts, tuning, scalar)

@@ -28,10 +28,12 @@ TENSOR_CORE_OP = {80: "HMMA", 90: "HGMMA"}
 # (kernel, divergence) specializations compiled: the heaviest one per code path. The terms
 # kernel has two (after pass 1 for JSD/TVD; one-pass online KL). The single-head kernels have
 # no divergence: their heaviest variant is the log-probs' with entropy (tail mean; gradient slope).
-# "+labels": with hard labels at T != 1 (label gather plus the extra log-sum-exp of T z).
+# "+labels": with hard labels at T != 1 (label gather plus the log-sum-exp of T z), in the
+# passes that carry them: pass 1 (JSD/TVD), the one-pass KL, the gradient; "+t1" at T = 1,
+# where the gradient takes its own code path (the CE's softmax folded into a - q c).
 VARIANTS = (
     ("lse", "jsd"), ("terms", "jsd"), ("terms", "forward_kl"), ("grad", "jsd"),
-    ("terms", "jsd+labels"), ("terms", "forward_kl+labels"), ("grad", "jsd+labels"),
+    ("lse", "jsd+labels"), ("terms", "forward_kl+labels"), ("grad", "jsd+labels"), ("grad", "jsd+labels+t1"),
     ("tail_lse", "entropy"), ("tail_grad", "entropy"),
 )
 # Ids per row of the single-head kernels (a served teacher's top-k).
@@ -79,17 +81,17 @@ def _kernel_arguments(kernel: str, divergence: str, dtype):
     from ..backends.triton.terms import terms_arguments
     from ..validation import HeadSpec, LossOptions
 
-    divergence, _, labelled = divergence.partition("+")
+    divergence, *extras = divergence.split("+")
     n, hs_dim, ht_dim, vocab = SHAPE["n"], SHAPE["hs"], SHAPE["ht"], SHAPE["vocab"]
     meta = {"dtype": dtype, "device": "meta"}
     hs, ws, bs = torch.empty(n, hs_dim, **meta), torch.empty(vocab, hs_dim, **meta), torch.empty(vocab, **meta)
     ht, wt, bt = torch.empty(n, ht_dim, **meta), torch.empty(vocab, ht_dim, **meta), torch.empty(vocab, **meta)
     opts = LossOptions(
-        divergence=divergence, beta=0.5, temperature=2.0, temperature_sq_scaling=False, reduction="mean",
-        num_items=None, student=HeadSpec(1.0, 30.0), teacher=HeadSpec(1.0, 30.0), vocab_size=vocab,
+        divergence=divergence, beta=0.5, temperature=1.0 if "t1" in extras else 2.0, temperature_sq_scaling=False,
+        reduction="mean", num_items=None, student=HeadSpec(1.0, 30.0), teacher=HeadSpec(1.0, 30.0), vocab_size=vocab,
     )  # fmt: skip
     rows = torch.empty(n, dtype=torch.float32, device="meta")
-    labels = torch.empty(n, dtype=torch.int64, device="meta") if labelled else None
+    labels = torch.empty(n, dtype=torch.int64, device="meta") if "labels" in extras else None
     if kernel.startswith("tail_"):
         ids = torch.empty(n, TOPK, dtype=torch.int32, device="meta")
         setup = RowSetup(opts.student, opts.temperature, vocab, Tuning(grad_filter_eps=1e-6))
@@ -97,7 +99,7 @@ def _kernel_arguments(kernel: str, divergence: str, dtype):
             return tail_lse_arguments(hs, ws, bs, ids, setup, True, 1)
         return tail_grad_arguments(hs, ws, bs, ids, rows, rows, rows, setup, (True, True, True), 1)
     if kernel == "lse":
-        return lse_arguments(hs, ws, bs, ht, wt, bt, opts, 1)
+        return lse_arguments(hs, ws, bs, ht, wt, bt, opts, 1, labels)
     if kernel == "terms":
         lse = (None, None) if divergence.endswith("_kl") else (rows, rows)
         return terms_arguments(hs, ws, bs, ht, wt, bt, *lse, opts, 1, labels)

@@ -163,6 +163,67 @@ def test_gradient_filter(triton_loss, seed):
         assert torch.count_nonzero(h) == 0
 
 
+def hard_labels(ignore_index=-100, vocab=V):
+    """Labels of the N rows: some ignored, two in the last (partial) vocab tile, one in the first column."""
+    labels = torch.randint(0, vocab, (N,))
+    labels[[1, 6]] = ignore_index
+    labels[[0, 4]] = torch.tensor([vocab - 1, vocab - 5])
+    labels[8] = 0
+    return labels
+
+
+@pytest.mark.parametrize("temperature", [1.0, 1.5])  # T = 1: the CE shares the student's LSE and folds into a - q c
+@pytest.mark.parametrize(("divergence", "beta"), [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.3), ("tvd", 0.5)])
+def test_hard_labels_every_divergence(triton_loss, seed, divergence, beta, temperature):
+    """Loss, gradients and every stat (cross_entropy, soft_loss, hard_loss) with softcap, scale and bias."""
+    heads = {**HEADS, "temperature": temperature}
+    compare(triton_loss, make(), divergence=divergence, beta=beta, labels=hard_labels(), hard_weight=0.7, **heads)
+
+
+@pytest.mark.parametrize(
+    ("reduction", "divergence"), [("sum", "jsd"), ("none", "forward_kl"), ("none", "tvd"), ("mean", "reverse_kl")]
+)
+def test_hard_labels_reductions_and_masks(triton_loss, seed, reduction, divergence):
+    """Per-row backward (none) rescales the hard part by the incoming gradient too; mean takes num_items."""
+    mask = torch.rand(N) > 0.25
+    mask[[0, 8]] = True
+    upstream = torch.randn(N) if reduction == "none" else None
+    num_items = 17.0 if reduction == "mean" else None
+    compare(triton_loss, make(), upstream=upstream, divergence=divergence, mask=mask, token_weights=torch.rand(N) + 0.5,
+            reduction=reduction, num_items=num_items, labels=hard_labels(ignore_index=-1), ignore_index=-1,
+            hard_weight=1.3, **HEADS)  # fmt: skip
+
+
+@pytest.mark.parametrize(("divergence", "temperature"), [("forward_kl", 2.0), ("jsd", 1.0)])
+def test_hard_labels_fp16(triton_loss, seed, divergence, temperature):
+    compare(triton_loss, make(torch.float16), dtype=torch.float16, divergence=divergence, temperature=temperature,
+            labels=hard_labels(), hard_weight=0.5)  # fmt: skip
+
+
+@pytest.mark.parametrize("divergence", ["reverse_kl", "tvd"])  # one-pass and two-pass row statistics
+def test_hard_labels_with_vocab_size(triton_loss, seed, divergence):
+    """Labels near the end of a compared vocabulary narrower than the heads (padding columns get no mass)."""
+    compare(triton_loss, make(v_s=V, v_t=V + 5), divergence=divergence, vocab_size=V - 3,
+            labels=hard_labels(vocab=V - 3), hard_weight=0.9, temperature=0.7)  # fmt: skip
+
+
+def test_hard_labels_all_ignored_give_the_divergence_alone(triton_loss, seed):
+    t = make(bias=False)
+    args = [t[k] for k in ("student_hidden", "student_weight", "teacher_hidden", "teacher_weight")]
+    plain = triton_loss(*args, divergence="jsd", backend="triton", temperature=1.5)
+    out, stats = triton_loss(*args, divergence="jsd", backend="triton", temperature=1.5, labels=torch.full((N,), -100),
+                             hard_weight=2.0, return_stats=True)  # fmt: skip
+    assert torch.equal(out, plain)
+    assert torch.count_nonzero(stats["cross_entropy"]) == 0 and stats["hard_loss"].item() == 0.0
+
+
+def test_hard_labels_gpu_configs_in_the_interpreter(triton_loss, seed, monkeypatch):
+    """The wide shipped tiles (BLOCK_N 128: every label in the first tile) give the same numbers."""
+    chosen = {kernel: configs_for(kernel, 90, torch.float16)[-1] for kernel in ("lse", "grad")}
+    monkeypatch.setattr(triton_backend, "pick_config", lambda kernel, *_: chosen[kernel])
+    compare(triton_loss, make(), divergence="reverse_kl", labels=hard_labels(), hard_weight=0.4, **HEADS)
+
+
 def test_rejects_float64_and_is_never_auto_on_cpu(triton_loss, seed):
     t = make(torch.float64, bias=False)
     with pytest.raises(ValueError, match=r"float64"):
@@ -195,7 +256,9 @@ def test_compile_check_default_configs():
     )  # fmt: skip
     reports = json.loads(out.stdout)
     dtypes = ("float32", "float16", "bfloat16")
-    kernels = ("lse[jsd]", "terms[jsd]", "terms[forward_kl]", "grad[jsd]", "tail_lse[entropy]", "tail_grad[entropy]")
+    kernels = ("lse[jsd]", "terms[jsd]", "terms[forward_kl]", "grad[jsd]", "lse[jsd+labels]",
+               "terms[forward_kl+labels]", "grad[jsd+labels]", "grad[jsd+labels+t1]", "tail_lse[entropy]",
+               "tail_grad[entropy]")
     expected = {(k, a, d) for k in kernels for a in ("sm_80", "sm_90a") for d in dtypes}
     assert {(r["kernel"], r["arch"], r["dtype"]) for r in reports} == expected
     for r in reports:

@@ -222,7 +222,50 @@ def label_hit(labels_ptr, rows, row_ok, col0, BLOCK_N: tl.constexpr):
     registers across the tile loop, where the gradient pass has none to spare.
     """
     labels = tl.load(labels_ptr + rows, mask=row_ok, other=-1).to(tl.int32)
-    return (col0 + tl.arange(0, BLOCK_N))[None, :] == labels[:, None]
+    return tl.arange(0, BLOCK_N)[None, :] == (labels - col0)[:, None]
+
+
+@triton.jit
+def label_logit(z, labels_ptr, rows, row_ok, col0, BLOCK_N: tl.constexpr):
+    """Each row's logit at its label if the label's column is in this tile, else 0."""
+    return tl.sum(tl.where(label_hit(labels_ptr, rows, row_ok, col0, BLOCK_N), z, 0.0), 1)
+
+
+@triton.jit
+def scaled_lse_step(s, m_prev, m, z, temperature):
+    """Fold a tile into the running ``sum exp(T (z - m))`` of the log-sum-exp of ``T z`` (T > 0).
+
+    ``max(T z) = T max(z)``, so the student's own running max (``m_prev`` before this tile,
+    ``m`` after) is the shift: no second max reduction and no second running max per row.
+    The log-sum-exp is ``finish_lse(T m, s)``.
+    """
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    return s * tl.exp((m_prev - m_safe) * temperature) + tl.sum(tl.exp((z - m_safe[:, None]) * temperature), 1)
+
+
+def label_arguments(labels: torch.Tensor | None, opts, partial: torch.Tensor | None) -> dict[str, Any]:
+    """Kernel arguments of the hard-label outputs: per-split label logits and (T != 1) LSEs of ``T z``.
+
+    ``partial``: a ``(2, n_splits, N)`` fp32 output buffer (None without labels).
+    """
+    hard_lse = labels is not None and opts.temperature != 1.0
+    return {
+        "labels_ptr": labels, "label_logit_ptr": None if labels is None else partial[0],
+        "lse_y_ptr": partial[1] if hard_lse else None, "temperature": opts.temperature,
+    }  # fmt: skip
+
+
+def merge_labels(args: dict[str, Any], student_lse: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(cross_entropy, lse(T z)) per row from a kernel's label partials; (None, None) without labels.
+
+    ``z[label]`` lies in one split's tile (the others add 0); at T = 1 ``lse(T z)`` is the student's.
+    """
+    labels = args["labels_ptr"]
+    if labels is None:
+        return None, None
+    lse_y = student_lse if args["lse_y_ptr"] is None else torch.logsumexp(args["lse_y_ptr"], 0)
+    y_label = args["label_logit_ptr"].sum(0) * args["temperature"]
+    return torch.where(labels >= 0, lse_y - y_label, 0.0), lse_y
 
 
 def _signature_type(value: Any) -> str:

@@ -6,6 +6,10 @@ registers, and writes one partial LSE per row and split. The merge is a ``logsum
 the ``n_splits`` partials (an ``n_splits x N`` tensor): cheap, and it lets a small batch fill
 the GPU by raising ``n_splits``. The two logit tiles are produced one after the other, so
 only one ``BLOCK_M x BLOCK_N`` fp32 accumulator is live at a time.
+
+With hard labels (``HAS_LABELS``) the student's sweep also gathers each row's label logit and,
+at T != 1 (``HARD_LSE``), sums ``exp(T z)`` against the student's running max: the
+cross-entropy's ``lse(T z)`` without a second max.
 """
 
 from __future__ import annotations
@@ -15,17 +19,29 @@ import triton
 import triton.language as tl
 
 from ...validation import LossOptions
-from .common import HEAD_HEURISTICS, BlockConfig, finish_lse, head_arguments, head_tile, online_lse
+from .common import (
+    HEAD_HEURISTICS,
+    LABEL_HEURISTICS,
+    BlockConfig,
+    finish_lse,
+    head_arguments,
+    head_tile,
+    label_arguments,
+    label_logit,
+    merge_labels,
+    online_lse,
+    scaled_lse_step,
+)  # fmt: skip
 
 
-@triton.heuristics(HEAD_HEURISTICS)
+@triton.heuristics({**HEAD_HEURISTICS, **LABEL_HEURISTICS})
 @triton.jit
 def lse_kernel(
-    hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, lse_s_ptr, lse_t_ptr,
-    N, K, HS, HT, n_splits, scale_s, scale_t, cap_s, cap_t, inv_temp,
+    hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, lse_s_ptr, lse_t_ptr, labels_ptr, label_logit_ptr, lse_y_ptr,
+    N, K, HS, HT, n_splits, scale_s, scale_t, cap_s, cap_t, inv_temp, temperature,
     DOT_PRECISION: tl.constexpr, DOT_PRECISION_T: tl.constexpr,
     HAS_BIAS_S: tl.constexpr, HAS_BIAS_T: tl.constexpr, HAS_SOFTCAP_S: tl.constexpr, HAS_SOFTCAP_T: tl.constexpr,
-    EVEN_KS: tl.constexpr, EVEN_KT: tl.constexpr,
+    EVEN_KS: tl.constexpr, EVEN_KT: tl.constexpr, HAS_LABELS: tl.constexpr, HARD_LSE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
@@ -35,28 +51,48 @@ def lse_kernel(
     m_t = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     sum_s = tl.zeros((BLOCK_M,), tl.float32)
     sum_t = tl.zeros((BLOCK_M,), tl.float32)
+    if HAS_LABELS:
+        z_label = tl.zeros((BLOCK_M,), tl.float32)
+    if HARD_LSE:
+        sum_y = tl.zeros((BLOCK_M,), tl.float32)
     for vb in range(split, tl.cdiv(K, BLOCK_N), n_splits):
         z = head_tile(hs_ptr, ws_ptr, bs_ptr, pid_m * BLOCK_M, vb * BLOCK_N, N, K, HS, scale_s, cap_s, inv_temp,
                       HAS_BIAS_S, HAS_SOFTCAP_S, EVEN_KS, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+        m_prev = m_s
         m_s, sum_s = online_lse(m_s, sum_s, z)
+        if HAS_LABELS:
+            z_label += label_logit(z, labels_ptr, rows, rows < N, vb * BLOCK_N, BLOCK_N)
+        if HARD_LSE:
+            sum_y = scaled_lse_step(sum_y, m_prev, m_s, z, temperature)
         z = head_tile(ht_ptr, wt_ptr, bt_ptr, pid_m * BLOCK_M, vb * BLOCK_N, N, K, HT, scale_t, cap_t, inv_temp,
                       HAS_BIAS_T, HAS_SOFTCAP_T, EVEN_KT, DOT_PRECISION_T, BLOCK_M, BLOCK_N, BLOCK_K)
         m_t, sum_t = online_lse(m_t, sum_t, z)
     out = split * N + rows
     tl.store(lse_s_ptr + out, finish_lse(m_s, sum_s), mask=rows < N)
     tl.store(lse_t_ptr + out, finish_lse(m_t, sum_t), mask=rows < N)
+    if HAS_LABELS:
+        tl.store(label_logit_ptr + out, z_label, mask=rows < N)
+    if HARD_LSE:
+        tl.store(lse_y_ptr + out, finish_lse(m_s * temperature, sum_y), mask=rows < N)
 
 
-def lse_arguments(hs, ws, bs, ht, wt, bt, opts: LossOptions, n_splits: int) -> dict:
-    """Keyword arguments of ``lse_kernel`` (outputs allocated on ``hs``'s device)."""
-    partial = torch.empty((2, n_splits, hs.shape[0]), dtype=torch.float32, device=hs.device)
-    return {**head_arguments(hs, ws, bs, ht, wt, bt, opts, n_splits), "lse_s_ptr": partial[0], "lse_t_ptr": partial[1]}
+def lse_arguments(hs, ws, bs, ht, wt, bt, opts: LossOptions, n_splits: int, labels: torch.Tensor | None = None) -> dict:
+    """Keyword arguments of ``lse_kernel`` (outputs allocated on ``hs``'s device); ``labels``: int64, -1 = none."""
+    partial = torch.empty((2 if labels is None else 4, n_splits, hs.shape[0]), dtype=torch.float32, device=hs.device)
+    return {
+        **head_arguments(hs, ws, bs, ht, wt, bt, opts, n_splits), "lse_s_ptr": partial[0], "lse_t_ptr": partial[1],
+        **label_arguments(labels, opts, None if labels is None else partial[2:]),
+    }  # fmt: skip
 
 
-def launch_lse(hs, ws, bs, ht, wt, bt, opts: LossOptions, config: BlockConfig, n_splits: int):
-    """Full-row (student_lse, teacher_lse), fp32 ``(N,)`` each."""
-    args = lse_arguments(hs, ws, bs, ht, wt, bt, opts, n_splits)
+def launch_lse(
+    hs, ws, bs, ht, wt, bt, opts: LossOptions, config: BlockConfig, n_splits: int, labels: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:  # fmt: skip
+    """Full-row (student_lse, teacher_lse, cross_entropy, lse(T z)), fp32 ``(N,)`` each; the last two
+    None without ``labels``."""
+    args = lse_arguments(hs, ws, bs, ht, wt, bt, opts, n_splits, labels)
     grid = (triton.cdiv(hs.shape[0], config.block_m), n_splits)
     if hs.shape[0]:  # an all-masked batch launches nothing
         lse_kernel[grid](**args, **config.constexprs(), **config.launch_options())
-    return torch.logsumexp(args["lse_s_ptr"], 0), torch.logsumexp(args["lse_t_ptr"], 0)
+    lse_s = torch.logsumexp(args["lse_s_ptr"], 0)
+    return lse_s, torch.logsumexp(args["lse_t_ptr"], 0), *merge_labels(args, lse_s)
