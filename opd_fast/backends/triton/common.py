@@ -246,12 +246,13 @@ def scaled_lse_step(s, m_prev, m, z, temperature):
 def label_arguments(labels: torch.Tensor | None, opts, partial: torch.Tensor | None) -> dict[str, Any]:
     """Kernel arguments of the hard-label outputs: per-split label logits and (T != 1) LSEs of ``T z``.
 
-    ``partial``: a ``(2, n_splits, N)`` fp32 output buffer (None without labels).
+    ``partial``: a ``(2, n_splits, N)`` fp32 output buffer (None without labels). Without labels
+    every argument is None (a constexpr), so the kernel's parameter list is the label-free one.
     """
     hard_lse = labels is not None and opts.temperature != 1.0
     return {
         "labels_ptr": labels, "label_logit_ptr": None if labels is None else partial[0],
-        "lse_y_ptr": partial[1] if hard_lse else None, "temperature": opts.temperature,
+        "lse_y_ptr": partial[1] if hard_lse else None, "temperature": None if labels is None else opts.temperature,
     }  # fmt: skip
 
 

@@ -138,7 +138,8 @@ def grad_arguments(
     """Keyword arguments of ``grad_kernel``; zeroed fp32 accumulators for the wanted gradients.
 
     ``hard``: labels and per-row gradient scales of the cross-entropy; ``hard_lse`` its
-    ``lse(T z)`` per row (read only at T != 1).
+    ``lse(T z)`` per row (read only at T != 1). Without ``hard`` every label argument is None
+    (a constexpr), so the kernel's parameter list is the label-free one.
     """
     acc = {"dtype": torch.float32, "device": hs.device}
     want_h, want_w, want_b = want
@@ -148,10 +149,11 @@ def grad_arguments(
         "lse_s_ptr": lse_s, "lse_t_ptr": lse_t, "coef_ptr": coef, "row_scale_ptr": row_scale,
         "labels_ptr": None if hard is None else hard.labels, "hard_scale_ptr": None if hard is None else hard.scale,
         "lse_y_ptr": hard_lse if hard is not None and opts.temperature != 1.0 else None,
+        "temperature": None if hard is None else opts.temperature,
         "grad_h_ptr": torch.zeros(hs.shape, **acc) if want_h else None,
         "grad_w_ptr": torch.zeros(ws.shape, **acc) if want_w else None,
         "grad_b_ptr": torch.zeros(ws.shape[0], **acc) if want_b and bs is not None else None,
-        "temperature": opts.temperature, "beta": opts.beta, "log_beta": log_beta, "log_1m_beta": log_1m_beta,
+        "beta": opts.beta, "log_beta": log_beta, "log_1m_beta": log_1m_beta,
         "filter_eps": filter_eps or 0.0, "DIVERGENCE": divergence_code(opts.divergence, opts.beta),
     }  # fmt: skip
 
