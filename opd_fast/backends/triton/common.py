@@ -357,27 +357,26 @@ def grad_gemms(
     ``grad_h[rows] += g @ W[cols]``, ``grad_w[cols] += g^T @ h[rows]`` (streaming ``hidden`` in
     ``BLOCK_K`` slices) and ``grad_b[cols] += sum_rows g``; int64 block bases as in ``head_tile``.
     """
-    r = tl.arange(0, BLOCK_M)
-    c = tl.arange(0, BLOCK_N)
-    row_ok = row0 + r < n_rows
-    col_ok = col0 + c < n_cols
+    cols = col0 + tl.arange(0, BLOCK_N)
+    row_ok = row0 + tl.arange(0, BLOCK_M) < n_rows
+    col_ok = cols < n_cols
     if NEED_B:
-        tl.atomic_add(grad_b_ptr + col0 + c, tl.sum(g, 0), mask=col_ok, sem="relaxed")
+        tl.atomic_add(grad_b_ptr + cols, tl.sum(g, 0), mask=col_ok, sem="relaxed")
     g_op = g.to(w_ptr.dtype.element_ty)
     row_base = tl.cast(row0, tl.int64) * hidden
     col_base = tl.cast(col0, tl.int64) * hidden
+    row_off = tl.arange(0, BLOCK_M)[:, None] * hidden
+    col_off = tl.arange(0, BLOCK_N)[:, None] * hidden
     for k0 in range(0, hidden, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < hidden
         if NEED_H:
-            w = tl.load((w_ptr + col_base) + c[:, None] * hidden + ks[None, :], mask=col_ok[:, None] & k_ok[None, :],
-                        other=0.0)
-            tl.atomic_add((grad_h_ptr + row_base) + r[:, None] * hidden + ks[None, :],
+            w = tl.load((w_ptr + col_base) + col_off + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+            tl.atomic_add((grad_h_ptr + row_base) + row_off + ks[None, :],
                           tl.dot(g_op, w, input_precision=DOT_PRECISION), mask=row_ok[:, None] & k_ok[None, :],
                           sem="relaxed")
         if NEED_W:
-            h = tl.load((h_ptr + row_base) + r[:, None] * hidden + ks[None, :], mask=row_ok[:, None] & k_ok[None, :],
-                        other=0.0)
-            tl.atomic_add((grad_w_ptr + col_base) + c[:, None] * hidden + ks[None, :],
+            h = tl.load((h_ptr + row_base) + row_off + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            tl.atomic_add((grad_w_ptr + col_base) + col_off + ks[None, :],
                           tl.dot(tl.trans(g_op), h, input_precision=DOT_PRECISION),
                           mask=col_ok[:, None] & k_ok[None, :], sem="relaxed")

@@ -39,6 +39,7 @@ from .common import (
     LABEL_HEURISTICS,
     BlockConfig,
     divergence_code,
+    grad_gemms,
     head_arguments,
     head_tile,
     jsd_logs,
@@ -81,8 +82,6 @@ def grad_kernel(
     if HARD_LSE:
         lse_y = tl.load(lse_y_ptr + rows, mask=row_ok, other=0.0)
     for vb in range(split, tl.cdiv(K, BLOCK_N), n_splits):
-        cols = vb * BLOCK_N + tl.arange(0, BLOCK_N)
-        col_ok = cols < K
         z_s = head_tile(hs_ptr, ws_ptr, bs_ptr, pid_m * BLOCK_M, vb * BLOCK_N, N, K, HS, scale_s, cap_s, inv_temp,
                         HAS_BIAS_S, HAS_SOFTCAP_S, EVEN_KS, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
         z_t = head_tile(ht_ptr, wt_ptr, bt_ptr, pid_m * BLOCK_M, vb * BLOCK_N, N, K, HT, scale_t, cap_t, inv_temp,
@@ -106,29 +105,8 @@ def grad_kernel(
         if HAS_FILTER:
             keep = tl.max(tl.max(tl.abs(g), 1), 0) >= filter_eps
         if keep:
-            if NEED_B:
-                tl.atomic_add(grad_b_ptr + cols, tl.sum(g, 0), mask=col_ok, sem="relaxed")
-            g_op = g.to(ws_ptr.dtype.element_ty)
-            # int64 block bases (scalars), int32 offsets inside the block (as in head_tile).
-            row_base = tl.cast(pid_m * BLOCK_M, tl.int64) * HS
-            col_base = tl.cast(vb * BLOCK_N, tl.int64) * HS
-            row_off = tl.arange(0, BLOCK_M)[:, None] * HS
-            col_off = tl.arange(0, BLOCK_N)[:, None] * HS
-            for k0 in range(0, HS, BLOCK_K):
-                ks = k0 + tl.arange(0, BLOCK_K)
-                k_ok = ks < HS
-                if NEED_H:
-                    w = tl.load((ws_ptr + col_base) + col_off + ks[None, :], mask=col_ok[:, None] & k_ok[None, :],
-                                other=0.0)
-                    tl.atomic_add((grad_h_ptr + row_base) + row_off + ks[None, :],
-                                  tl.dot(g_op, w, input_precision=DOT_PRECISION),
-                                  mask=row_ok[:, None] & k_ok[None, :], sem="relaxed")
-                if NEED_W:
-                    h = tl.load((hs_ptr + row_base) + row_off + ks[None, :], mask=row_ok[:, None] & k_ok[None, :],
-                                other=0.0)
-                    tl.atomic_add((grad_w_ptr + col_base) + col_off + ks[None, :],
-                                  tl.dot(tl.trans(g_op), h, input_precision=DOT_PRECISION),
-                                  mask=col_ok[:, None] & k_ok[None, :], sem="relaxed")
+            grad_gemms(g, hs_ptr, ws_ptr, grad_h_ptr, grad_w_ptr, grad_b_ptr, pid_m * BLOCK_M, vb * BLOCK_N, N, K, HS,
+                       NEED_H, NEED_W, NEED_B, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
 def grad_arguments(
