@@ -20,7 +20,7 @@ from . import reference
 from .backends import resolve
 from .backends.chunked import Tuning
 from .backends.rows import FusedRows, RowSetup, Upstream
-from .backends.tile_math import accum_dtype, grad_from_terms, tile_terms
+from .backends.tile_math import RowTerms, accum_dtype, grad_from_terms, tile_terms
 from .compaction import TokenRows
 from .validation import (
     TOPK_PAD_ID,
@@ -79,12 +79,9 @@ class _TopKRows:
             z.scatter_(1, ids, torch.where(self.any_valid[rows], _NEG_INF, z_ids))
             lse_tail = torch.logsumexp(z, -1)
             lse = torch.logaddexp(lse_tail, lse_top)
-            log_q = torch.cat([top, lse_tail[:, None]], 1).sub_(lse[:, None])
         else:
-            lse = torch.logsumexp(z, -1)
-            log_q = (top - lse_top[:, None]).masked_fill_(~valid, _NEG_INF)
-        zero = lse.new_zeros(lse.shape)
-        terms, a, q = tile_terms(log_q, self.log_p[rows], zero, zero, self.opts)
+            lse_tail, lse = None, torch.logsumexp(z, -1)
+        terms, a, q = self.category_terms(top, lse_top, lse_tail, lse, rows)
         outs = [terms.divergence, lse, (lse_top - lse).exp()]
         if upstream is None or upstream[0] is None:
             if self.bucket:
@@ -99,6 +96,19 @@ class _TopKRows:
         else:
             grad = torch.zeros_like(z)
         return self._with_entropy(outs, z, lse), grad.scatter_add_(1, ids, grad_cat[:, :k])
+
+    def category_terms(
+        self, top: torch.Tensor, lse_top: torch.Tensor, lse_tail: torch.Tensor | None, lse: torch.Tensor,
+        rows: slice = slice(None),
+    ) -> tuple[RowTerms, torch.Tensor, torch.Tensor]:  # fmt: skip
+        """``tile_terms`` on the categories of ``rows`` from the student's k id logits ``top`` (-inf on
+        padding), their log-sum-exp, the tail's (bucket only) and the full row's ``lse``."""
+        if self.bucket:
+            log_q = torch.cat([top, lse_tail[:, None]], 1).sub_(lse[:, None])
+        else:
+            log_q = (top - lse_top[:, None]).masked_fill_(~self.valid[rows], _NEG_INF)
+        zero = lse.new_zeros(lse.shape)
+        return tile_terms(log_q, self.log_p[rows], zero, zero, self.opts)
 
     def _with_entropy(self, outs: list[torch.Tensor], z: torch.Tensor, lse: torch.Tensor) -> list[torch.Tensor]:
         """Append the student's full-vocabulary entropy when asked (one more pass over the tile)."""

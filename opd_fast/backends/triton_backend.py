@@ -47,7 +47,7 @@ def availability() -> tuple[bool, str]:
     return True, ""
 
 
-def _arch(device: torch.device) -> int | None:
+def device_arch(device: torch.device) -> int | None:
     if INTERPRET or device.type != "cuda":
         return None
     major, minor = torch.cuda.get_device_capability(device)
@@ -59,14 +59,14 @@ def _tile_dtype(hs: torch.Tensor, ht: torch.Tensor) -> torch.dtype:
     return torch.float32 if torch.float32 in (hs.dtype, ht.dtype) else hs.dtype
 
 
-def _on(device: torch.device) -> contextlib.AbstractContextManager:
+def on_device(device: torch.device) -> contextlib.AbstractContextManager:
     """Launch on the tensors' GPU (Triton launches on the current device), no-op elsewhere."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def _splits(device: torch.device, n_rows: int, vocab: int, block_m: int, block_n: int) -> int:
+def vocab_splits(device: torch.device, n_rows: int, vocab: int, block_m: int, block_n: int) -> int:
     """Vocabulary splits so that (row blocks x splits) covers the GPU; 1 when rows alone do."""
-    if _arch(device) is None:
+    if device_arch(device) is None:
         target = _INTERPRETER_PROGRAMS
     else:
         target = _PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
@@ -77,8 +77,8 @@ def _splits(device: torch.device, n_rows: int, vocab: int, block_m: int, block_n
 def _student_grads(hs, ws, bs, ht, wt, bt, stats: RowStats, row_scale, hard: HardLabels | None, opts, want,
                    tuning: Tuning):  # fmt: skip
     n, k = hs.shape[0], opts.vocab_size
-    config = pick_config("grad", _arch(hs.device), _tile_dtype(hs, ht), n)
-    splits = _splits(hs.device, n, k, config.block_m, config.block_n)
+    config = pick_config("grad", device_arch(hs.device), _tile_dtype(hs, ht), n)
+    splits = vocab_splits(hs.device, n, k, config.block_m, config.block_n)
     return launch_grad(hs, ws, bs, ht, wt, bt, stats.student_lse, stats.teacher_lse, stats.coef, row_scale, opts, want,
                        config, splits, tuning.grad_filter_eps, hard, stats.hard_lse)
 
@@ -95,14 +95,14 @@ class TritonDivergence(torch.autograd.Function):
                 scalar: bool):  # fmt: skip
         want = (hs.requires_grad, ws.requires_grad, bs is not None and bs.requires_grad)
         n, k = hs.shape[0], opts.vocab_size
-        config = pick_config("lse", _arch(hs.device), _tile_dtype(hs, ht), n)
-        splits = _splits(hs.device, n, k, config.block_m, config.block_n)
+        config = pick_config("lse", device_arch(hs.device), _tile_dtype(hs, ht), n)
+        splits = vocab_splits(hs.device, n, k, config.block_m, config.block_n)
         row_weights = row_weights.float()
         hard = None
         if labels is not None:
             labels = labels.contiguous()
             hard = HardLabels(labels, hard_scale.float().contiguous())
-        with torch.no_grad(), _on(hs.device):
+        with torch.no_grad(), on_device(hs.device):
             stats = launch_row_stats(hs, ws, bs, ht, wt, bt, opts, config, splits, labels)
             value = stats.divergence * row_weights
             if hard is not None:
@@ -134,7 +134,7 @@ class TritonDivergence(torch.autograd.Function):
             grad_value = grad_value.float()
             row_scale = (grad_value * row_weights).contiguous()
             hard = None if labels is None else HardLabels(labels, (grad_value * hard_scale).contiguous())
-            with torch.no_grad(), _on(hs.device):
+            with torch.no_grad(), on_device(hs.device):
                 grads = _student_grads(hs, ws, bs, ht, wt, bt, stats, row_scale, hard, opts, want, tuning)
         grads = [None if g is None else g.to(dtype) for g, dtype in zip(grads, ctx.dtypes, strict=True)]
         return (*grads, None, None, None, None, None, None, None, None, None)

@@ -19,12 +19,11 @@ from typing import NamedTuple, Protocol
 
 import torch
 
-from ..validation import LossOptions
 from .rows import RowSetup, Upstream
-from .tile_math import grad_from_terms, logits_grad_to_raw, tile_terms
+from .tile_math import grad_from_terms, logits_grad_to_raw
 from .triton import BlockConfig, launch_tail_grad, launch_tail_lse, pick_config
 from .triton.common import NO_ID
-from .triton_backend import _arch, _on, _splits
+from .triton_backend import device_arch, on_device, vocab_splits
 
 __all__ = ["LogProbMath", "RowMath", "TopKMath", "TritonRows"]
 
@@ -118,21 +117,16 @@ class TopKMath:
     n_differentiable = 1
 
     def __init__(self, rows) -> None:
-        """``rows``: ``topk._TopKRows`` (its ids, teacher log-probs per category, options and tail)."""
+        """``rows``: ``topk._TopKRows`` (its ids, category math, tail and outputs)."""
+        self.rows = rows
         self.ids, self.valid, self.entropy = rows.ids, rows.valid, rows.entropy
-        self.log_p, self.bucket, self.n_outputs = rows.log_p, rows.bucket, rows.n_outputs
-        self.opts: LossOptions = rows.opts
+        self.bucket, self.n_outputs = rows.bucket, rows.n_outputs
 
     def _terms(self, state: RowState):
         top = state.z_ids  # -inf on padding
         lse_top = torch.logsumexp(top, -1)
         lse = torch.logaddexp(state.lse_tail, lse_top)
-        if self.bucket:
-            log_q = torch.cat([top, state.lse_tail[:, None]], 1).sub_(lse[:, None])
-        else:
-            log_q = (top - lse_top[:, None]).masked_fill_(~self.valid, _NEG_INF)
-        zero = lse.new_zeros(lse.shape)
-        return lse, lse_top, tile_terms(log_q, self.log_p, zero, zero, self.opts)
+        return lse, lse_top, self.rows.category_terms(top, lse_top, state.lse_tail, lse)
 
     def outputs(self, state: RowState) -> list[torch.Tensor]:
         lse, lse_top, (terms, _, _) = self._terms(state)
@@ -151,7 +145,7 @@ class TopKMath:
 
 
 def _tile_config(kernel: str, hs: torch.Tensor) -> BlockConfig:
-    return pick_config(kernel, _arch(hs.device), hs.dtype, hs.shape[0])
+    return pick_config(kernel, device_arch(hs.device), hs.dtype, hs.shape[0])
 
 
 def _sorted_ids(math: RowMath) -> tuple[torch.Tensor, torch.Tensor]:
@@ -165,7 +159,7 @@ def _sorted_ids(math: RowMath) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _sweep(hs, ws, bs, ids, order, math: RowMath, setup: RowSetup) -> RowState:
     config = _tile_config("tail_lse", hs)
-    splits = _splits(hs.device, hs.shape[0], setup.vocab, config.block_m, config.block_n)
+    splits = vocab_splits(hs.device, hs.shape[0], setup.vocab, config.block_m, config.block_n)
     lse_tail, mean_tail, z_sorted = launch_tail_lse(hs, ws, bs, ids, setup, math.entropy, config, splits)
     return RowState(lse_tail, mean_tail, torch.empty_like(z_sorted).scatter_(1, order, z_sorted))
 
@@ -182,7 +176,7 @@ def _gradients(hs, ws, bs, ids, math: RowMath, state: RowState, setup: RowSetup,
         grad_b = torch.zeros(ws.shape[0], **acc) if want_b else None
     else:
         config = _tile_config("tail_grad", hs)
-        splits = _splits(hs.device, n, setup.vocab, config.block_m, config.block_n)
+        splits = vocab_splits(hs.device, n, setup.vocab, config.block_m, config.block_n)
         slope = None if dense.slope is None else dense.slope.contiguous()
         grad_h, grad_w, grad_b = launch_tail_grad(hs, ws, bs, ids, dense.lse_ref.contiguous(), dense.coef.contiguous(),
                                                   slope, setup, (want[0], want[1], want_b), config, splits)
@@ -218,7 +212,7 @@ class TritonRows(torch.autograd.Function):
         want = tuple(ctx.needs_input_grad[:3])
         ctx.set_materialize_grads(False)
         ctx.dtypes = (hs.dtype, ws.dtype, None if bs is None else bs.dtype)
-        with torch.no_grad(), _on(hs.device):
+        with torch.no_grad(), on_device(hs.device):
             ids, order = _sorted_ids(math)
             state = _sweep(hs, ws, bs, ids, order, math, setup)
             outs = math.outputs(state) if hs.shape[0] else [state.lse_tail.clone() for _ in range(math.n_outputs)]
@@ -250,7 +244,7 @@ class TritonRows(torch.autograd.Function):
             upstream = [None if g is None else g.float() for g in grads[: math.n_differentiable]]
             if all(u is None for u in upstream):
                 return none
-            with torch.no_grad(), _on(hs.device):
+            with torch.no_grad(), on_device(hs.device):
                 grads_in = _gradients(hs, ws, bs, ids, math, state, setup, upstream, want)
         cast = [None if t is None else t.to(dtype) for t, dtype in zip(grads_in, ctx.dtypes, strict=True)]
         return (*cast, None, None, None)
