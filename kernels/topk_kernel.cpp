@@ -69,10 +69,11 @@ void topk_rows(const TopKJob &job, int64_t r0, int64_t r1, float *scratch) {
         if (!job.row_scale) continue;
         const float scale = job.row_scale[r];
         for (int64_t j = 0; j < mp; j += W) store(cat_a + j, (load(cat_a + j) - load(cat_q + j) * s.coef) * scale);
-        const float g_tail = job.bucket ? cat_a[n_ids] : 0.0f;
-        for (int64_t j = 0; j < k; j += W) {  // hidden ids give exp(-inf) = 0; overwritten below
+        // d lse_tail / dz = exp(z - lse_tail) off the ids (hidden ids: exp(-inf) = 0, overwritten below)
+        const float g_tail = job.bucket && rest.lse > -kInf ? cat_a[n_ids] : 0.0f;
+        for (int64_t j = 0; j < k; j += W) {
             V g = splat(0.0f);
-            if (g_tail != 0.0f && rest.lse > -kInf) {
+            if (g_tail != 0.0f) {
                 V zj = load(z + j);
                 g = to_raw(vexp(zj - rest.lse) * g_tail, zj, T, job.softcap);
             }

@@ -46,6 +46,12 @@ class _NativeRows(NativeOptions):
         self.torch_rows, self.spec, self.temperature = torch_rows, spec, float(temperature)
         self.n_outputs, self.n_differentiable = torch_rows.n_outputs, torch_rows.n_differentiable
 
+    def live_bytes_per_logit(self, dtype: torch.dtype) -> int | None:
+        """The raw tile only (the gradient overwrites it; fp16 adds an fp32 copy); float64: the torch kernel's."""
+        if dtype == torch.float64:
+            return None
+        return dtype.itemsize + (4 if dtype not in (torch.float32, torch.bfloat16) else 0)
+
     def _torch(self, raw: torch.Tensor, rows: slice, upstream: Upstream | None):
         z = finish_logits(raw, self.spec, self.temperature)
         values, grad = self.torch_rows(z, rows, upstream)

@@ -37,7 +37,9 @@ class RowKernel(Protocol):
     is read back from it).
 
     A kernel with ``takes_raw_logits = True`` (the native ones, ``cpu_rows``) gets the raw GEMM
-    tile instead and returns ``dL/d(raw)``: softcap, temperature and their chain rule are its own.
+    tile instead and returns ``dL/d(raw)``: softcap, temperature and their chain rule are its own;
+    it then also says how many bytes per logit it keeps alive (``live_bytes_per_logit(dtype)``, None
+    for the torch kernels' figure).
     """
 
     n_outputs: int
@@ -73,14 +75,16 @@ def sweep_rows(
     within ``tuning.memory_budget_mb`` (the vocabulary is never tiled here).
     """
     n, vocab = hs.shape[0], setup.vocab
-    live_bytes = _LIVE_TILES * accum_dtype(hs.dtype).itemsize + hs.dtype.itemsize
+    raw = getattr(kernel, "takes_raw_logits", False)
+    live_bytes = kernel.live_bytes_per_logit(hs.dtype) if raw else None
+    if live_bytes is None:
+        live_bytes = _LIVE_TILES * accum_dtype(hs.dtype).itemsize + hs.dtype.itemsize
     chunk, _ = plan_chunks(n, vocab, replace(setup.tuning, chunk_vocab=vocab), live_bytes)
     head = Head(ws, bs, setup.spec.scale)
     buffer = torch.empty(chunk * vocab, dtype=hs.dtype, device=hs.device)
     if upstream is not None and head.scale != 1.0:
         upstream = [None if u is None else u * head.scale for u in upstream]  # the sink takes dL/d(h W^T + b)
     outs = [torch.zeros(n, dtype=accum_dtype(hs.dtype), device=hs.device) for _ in range(kernel.n_outputs)]
-    raw = getattr(kernel, "takes_raw_logits", False)
     for i0 in range(0, n, chunk):
         rows = slice(i0, min(i0 + chunk, n))
         h = hs[rows]
