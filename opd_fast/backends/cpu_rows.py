@@ -52,24 +52,38 @@ class _NativeRows(NativeOptions):
             return None
         return dtype.itemsize + (4 if dtype not in (torch.float32, torch.bfloat16) else 0)
 
-    def _torch(self, raw: torch.Tensor, rows: slice, upstream: Upstream | None):
-        z = finish_logits(raw, self.spec, self.temperature)
-        values, grad = self.torch_rows(z, rows, upstream)
-        return values, None if grad is None else logits_grad_to_raw(grad, z, self.spec, self.temperature)
-
-
-class NativeLogProbRows(_NativeRows):
-    """``log q(y)`` (and the entropy) per row and their gradient, in ``opd_logprob_rows``."""
-
     def __call__(
         self, raw: torch.Tensor, rows: slice, upstream: Upstream | None
     ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         if raw.dtype == torch.float64:
             return self._torch(raw, rows, upstream)
         raw = row_major(raw)
+        out = torch.empty(self.n_outputs, raw.shape[0], dtype=torch.float32)
+        return self._native(raw, rows, upstream, out)
+
+    def _torch(
+        self, raw: torch.Tensor, rows: slice, upstream: Upstream | None
+    ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """The wrapped torch kernel on the final logits, its gradient chained back to the raw tile."""
+        z = finish_logits(raw, self.spec, self.temperature)
+        values, grad = self.torch_rows(z, rows, upstream)
+        return values, None if grad is None else logits_grad_to_raw(grad, z, self.spec, self.temperature)
+
+    def _native(
+        self, raw: torch.Tensor, rows: slice, upstream: Upstream | None, out: torch.Tensor
+    ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """The native call on a row-major fp32/bf16 tile; per-row outputs go to ``out`` (n_outputs, n)."""
+        raise NotImplementedError
+
+
+class NativeLogProbRows(_NativeRows):
+    """``log q(y)`` (and the entropy) per row and their gradient, in ``opd_logprob_rows``."""
+
+    def _native(
+        self, raw: torch.Tensor, rows: slice, upstream: Upstream | None, out: torch.Tensor
+    ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         n, k = raw.shape
         ids = self.torch_rows.token_ids[rows].contiguous()
-        out = torch.empty(self.n_outputs, n, dtype=torch.float32)
         up = [row_floats(u) for u in upstream] if upstream is not None else [None] * self.n_differentiable
         u_lp, u_ent = up[0], up[1] if self.torch_rows.entropy else None
         status = library().opd_logprob_rows(
@@ -97,15 +111,11 @@ class NativeTopKRows(_NativeRows):
         self.log_p = torch_rows.log_p.to(torch.float32).contiguous()
         self.teacher_topk_mass = torch_rows.teacher_topk_mass
 
-    def __call__(
-        self, raw: torch.Tensor, rows: slice, upstream: Upstream | None
+    def _native(
+        self, raw: torch.Tensor, rows: slice, upstream: Upstream | None, out: torch.Tensor
     ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-        if raw.dtype == torch.float64:
-            return self._torch(raw, rows, upstream)
-        raw = row_major(raw)
         n, k = raw.shape
         ids, log_p = self.ids[rows], self.log_p[rows]
-        out = torch.empty(self.n_outputs, n, dtype=torch.float32)
         scale = None if upstream is None else row_floats(upstream[0])  # None: no gradient wanted
         status = library().opd_topk_rows(
             tile(raw), n, k, ctypes.byref(self.options), ids.data_ptr(), ids.shape[1], ids.stride(0),

@@ -347,6 +347,32 @@ def drop_ids(
 
 
 @triton.jit
+def push_grad_tile(
+    g, z, live, h_ptr, w_ptr, grad_h_ptr, grad_w_ptr, grad_b_ptr, row0, col0, n_rows, n_cols, hidden,
+    cap, inv_temp, scale, filter_eps,
+    HAS_SOFTCAP: tl.constexpr, HAS_FILTER: tl.constexpr, NEED_H: tl.constexpr, NEED_W: tl.constexpr,
+    NEED_B: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """Finish a ``dL/dz`` tile (already divided by T) and push it through the gradient GEMMs.
+
+    Chains the softcap (``1 - tanh^2``, recovered from the final logits ``z``) and the head's
+    scale, gives zero gradient where ``live`` is False (padded rows / columns, zero mass), and with
+    ``HAS_FILTER`` skips the whole tile when its largest ``|g|`` is below ``filter_eps``.
+    """
+    if HAS_SOFTCAP:
+        t = z * (1.0 / (cap * inv_temp))  # inf where z is -inf: the select below zeroes those
+        g = g * (1.0 - t * t)
+    g = tl.where(live, g * scale, 0.0)
+    keep = True
+    if HAS_FILTER:
+        keep = tl.max(tl.max(tl.abs(g), 1), 0) >= filter_eps
+    if keep:
+        grad_gemms(g, h_ptr, w_ptr, grad_h_ptr, grad_w_ptr, grad_b_ptr, row0, col0, n_rows, n_cols, hidden,
+                   NEED_H, NEED_W, NEED_B, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+
+
+@triton.jit
 def grad_gemms(
     g, h_ptr, w_ptr, grad_h_ptr, grad_w_ptr, grad_b_ptr, row0, col0, n_rows, n_cols, hidden,
     NEED_H: tl.constexpr, NEED_W: tl.constexpr, NEED_B: tl.constexpr, DOT_PRECISION: tl.constexpr,

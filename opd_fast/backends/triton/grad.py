@@ -39,11 +39,11 @@ from .common import (
     LABEL_HEURISTICS,
     BlockConfig,
     divergence_code,
-    grad_gemms,
     head_arguments,
     head_tile,
     jsd_logs,
     label_hit,
+    push_grad_tile,
     tile_terms,
 )  # fmt: skip
 
@@ -96,17 +96,11 @@ def grad_kernel(
             g = (a - q * coef[:, None]) * (row_scale * inv_temp)[:, None]
         if HAS_LABELS:
             g -= tl.where(label_hit(labels_ptr, rows, row_ok, vb * BLOCK_N, BLOCK_N), hard[:, None], 0.0)
-        if HAS_SOFTCAP_S:
-            t = z_s * (1.0 / (cap_s * inv_temp))
-            g = g * (1.0 - t * t)
         # Zero mass (padded columns, -inf logits, padded rows) gets exactly zero gradient.
-        g = tl.where(row_ok[:, None] & (z_s != float("-inf")), g * scale_s, 0.0)
-        keep = True
-        if HAS_FILTER:
-            keep = tl.max(tl.max(tl.abs(g), 1), 0) >= filter_eps
-        if keep:
-            grad_gemms(g, hs_ptr, ws_ptr, grad_h_ptr, grad_w_ptr, grad_b_ptr, pid_m * BLOCK_M, vb * BLOCK_N, N, K, HS,
-                       NEED_H, NEED_W, NEED_B, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+        live = row_ok[:, None] & (z_s != float("-inf"))
+        push_grad_tile(g, z_s, live, hs_ptr, ws_ptr, grad_h_ptr, grad_w_ptr, grad_b_ptr, pid_m * BLOCK_M, vb * BLOCK_N,
+                       N, K, HS, cap_s, inv_temp, scale_s, filter_eps, HAS_SOFTCAP_S, HAS_FILTER, NEED_H, NEED_W,
+                       NEED_B, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
 def grad_arguments(

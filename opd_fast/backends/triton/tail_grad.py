@@ -13,7 +13,7 @@ The ids' own columns are left out (``common.drop_ids``) and handled exactly by t
 k-sparse correction in torch: adding a dense term there and cancelling it afterwards would lose
 precision (``exp(z_id - lse_tail)`` can be huge). Per tile: recompute the logits, form ``g`` in
 registers, chain temperature / softcap / scale, and push it through the gradient GEMMs with
-fp32 atomics (``common.grad_gemms``; the design of ``grad``, with its gradient filter).
+fp32 atomics (``common.push_grad_tile``; the design of ``grad``, with its gradient filter).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from ..rows import RowSetup
-from .common import BlockConfig, drop_ids, grad_gemms, head_tile, next_id
+from .common import BlockConfig, drop_ids, head_tile, next_id, push_grad_tile
 from .tail_lse import ROW_HEURISTICS, row_head_arguments
 
 
@@ -64,16 +64,9 @@ def tail_grad_kernel(
         if HAS_SLOPE:
             factor = factor + slope[:, None] * d
         g = tl.exp(d) * factor * inv_temp
-        if HAS_SOFTCAP_S:
-            t = tl.where(live, z * (1.0 / (cap_s * inv_temp)), 0.0)
-            g = g * (1.0 - t * t)
-        g = tl.where(live, g * scale_s, 0.0)
-        keep = True
-        if HAS_FILTER:
-            keep = tl.max(tl.max(tl.abs(g), 1), 0) >= filter_eps
-        if keep:
-            grad_gemms(g, hs_ptr, ws_ptr, grad_h_ptr, grad_w_ptr, grad_b_ptr, pid_m * BLOCK_M, vb * BLOCK_N, N, K, HS,
-                       NEED_H, NEED_W, NEED_B, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+        push_grad_tile(g, z, live, hs_ptr, ws_ptr, grad_h_ptr, grad_w_ptr, grad_b_ptr, pid_m * BLOCK_M, vb * BLOCK_N,
+                       N, K, HS, cap_s, inv_temp, scale_s, filter_eps, HAS_SOFTCAP_S, HAS_FILTER, NEED_H, NEED_W,
+                       NEED_B, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
 def tail_grad_arguments(
