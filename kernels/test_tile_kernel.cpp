@@ -261,6 +261,16 @@ bool grad_close(float got, double want, double gmax, int dtype) {
     return close(got, want, gtol, 1e-6 + gtol * 1e-2 * gmax);
 }
 
+// Row `row` of the kernel's gradient tile against central differences of `objective` at `raw`.
+template <class F>
+void check_row_grad(const Tile &t, int64_t row, int64_t k, F objective, const std::vector<double> &raw,
+                    const char *what, const char *ctx) {
+    const std::vector<double> g = numeric_grad(objective, raw);
+    double gmax = 0;
+    for (double v : g) gmax = std::fmax(gmax, std::fabs(v));
+    for (int64_t j = 0; j < k; ++j) check(grad_close(t.grad_at(row * k + j), g[j], gmax, t.dtype), what, ctx);
+}
+
 void case_logprobs(int isa) {
     std::mt19937 rng(11);
     std::normal_distribution<float> normal(0.0f, 3.0f);
@@ -310,11 +320,7 @@ void case_logprobs(int isa) {
                                 stats(r, a, b);
                                 return u[i] * a + u_h[i] * b;
                             };
-                            const std::vector<double> g = numeric_grad(objective, raw);
-                            double gmax = 0;
-                            for (double v : g) gmax = std::fmax(gmax, std::fabs(v));
-                            for (int64_t j = 0; j < k; ++j)
-                                check(grad_close(t.grad_at(i * k + j), g[j], gmax, dtype), "logprob grad", ctx);
+                            check_row_grad(t, i, k, objective, raw, "logprob grad", ctx);
                         }
                     }
                     check(grads[0] == grads[1], "logprob threads 1 vs 2 bitwise", ctx);
@@ -439,11 +445,7 @@ void case_topk(int isa) {
                                     auto objective = [&](const std::vector<double> &r) {
                                         return scale[i] * topk_ref(r, row_ids, row_p, o).value;
                                     };
-                                    const std::vector<double> g = numeric_grad(objective, raw);
-                                    double gmax = 0;
-                                    for (double v : g) gmax = std::fmax(gmax, std::fabs(v));
-                                    for (int64_t j = 0; j < k; ++j)
-                                        check(grad_close(t.grad_at(i * k + j), g[j], gmax, dtype), "topk grad", ctx);
+                                    check_row_grad(t, i, k, objective, raw, "topk grad", ctx);
                                 }
                             }
                             check(grads[0] == grads[1], "topk threads 1 vs 2 bitwise", ctx);

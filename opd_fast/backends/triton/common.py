@@ -89,6 +89,15 @@ HEAD_HEURISTICS: dict[str, Callable[[dict[str, Any]], Any]] = {
 }
 
 
+# Flags of the gradient kernels: gradient filtering and which student gradients are wanted.
+GRAD_HEURISTICS: dict[str, Callable[[dict[str, Any]], Any]] = {
+    "HAS_FILTER": lambda args: args["filter_eps"] > 0,
+    "NEED_H": lambda args: args["grad_h_ptr"] is not None,
+    "NEED_W": lambda args: args["grad_w_ptr"] is not None,
+    "NEED_B": lambda args: args["grad_b_ptr"] is not None,
+}
+
+
 def head_arguments(hs, ws, bs, ht, wt, bt, opts, n_splits: int) -> dict[str, Any]:
     """Kernel arguments describing both heads; shared by every kernel's launcher."""
     return {

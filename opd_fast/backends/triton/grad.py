@@ -35,6 +35,7 @@ import triton.language as tl
 from ...validation import LossOptions
 from ..tile_math import HardLabels
 from .common import (
+    GRAD_HEURISTICS,
     HEAD_HEURISTICS,
     LABEL_HEURISTICS,
     BlockConfig,
@@ -51,10 +52,7 @@ from .common import (
 @triton.heuristics({
     **HEAD_HEURISTICS,
     **LABEL_HEURISTICS,
-    "HAS_FILTER": lambda args: args["filter_eps"] > 0,
-    "NEED_H": lambda args: args["grad_h_ptr"] is not None,
-    "NEED_W": lambda args: args["grad_w_ptr"] is not None,
-    "NEED_B": lambda args: args["grad_b_ptr"] is not None,
+    **GRAD_HEURISTICS,
 })  # fmt: skip
 @triton.jit
 def grad_kernel(

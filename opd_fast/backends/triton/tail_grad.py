@@ -23,17 +23,14 @@ import triton
 import triton.language as tl
 
 from ..rows import RowSetup
-from .common import BlockConfig, drop_ids, head_tile, next_id, push_grad_tile
+from .common import GRAD_HEURISTICS, BlockConfig, drop_ids, head_tile, next_id, push_grad_tile
 from .tail_lse import ROW_HEURISTICS, row_head_arguments
 
 
 @triton.heuristics({
     **ROW_HEURISTICS,
     "HAS_SLOPE": lambda args: args["slope_ptr"] is not None,
-    "HAS_FILTER": lambda args: args["filter_eps"] > 0,
-    "NEED_H": lambda args: args["grad_h_ptr"] is not None,
-    "NEED_W": lambda args: args["grad_w_ptr"] is not None,
-    "NEED_B": lambda args: args["grad_b_ptr"] is not None,
+    **GRAD_HEURISTICS,
 })  # fmt: skip
 @triton.jit
 def tail_grad_kernel(
