@@ -19,6 +19,7 @@ import torch
 from . import reference
 from .backends import resolve
 from .backends.chunked import Tuning
+from .backends.gathered import GatheredRows
 from .backends.rows import FusedRows, RowSetup, Upstream
 from .backends.tile_math import RowTerms, accum_dtype, grad_from_terms, tile_terms
 from .compaction import TokenRows
@@ -152,7 +153,10 @@ def fused_linear_kl_topk(
       (served log-probs are rounded; an exactly-zero tail would make reverse KL infinite).
       When the ids cover the whole vocabulary there is no tail. If rounding makes the teacher's
       categories sum above one they are normalized.
-    * ``tail="renormalize"``: both distributions renormalized over the k ids.
+    * ``tail="renormalize"``: both distributions renormalized over the k ids. The loss then
+      depends on the k id logits only, so without ``return_stats`` every backend computes just
+      those (``backends/gathered.py``: an ``n x k x H`` gather GEMM instead of a vocabulary
+      sweep); the stats (full log-sum-exp, entropy, top-k mass) need the sweep.
 
     Reverse KL over a truncated support: with ``"renormalize"`` the objective only sees the
     student's *shape* on the top-k, not how much mass it puts there, so nothing stops mass from
@@ -218,14 +222,17 @@ def fused_linear_kl_topk(
     )
     hs, ids, log_p = (tokens.take(t) for t in (student_hidden, teacher_topk_ids, teacher_topk_logprobs.detach()))
     validate_topk_values(ids, log_p, opts.vocab_size, tail)
-    kernel = _TopKRows(ids.long(), log_p, opts, tail, entropy=return_stats)
+    # the category math runs in the student's accumulation dtype, whatever the teacher's log-probs dtype
+    kernel = _TopKRows(ids.long(), log_p.to(accum_dtype(hs.dtype)), opts, tail, entropy=return_stats)
     setup = RowSetup(opts.student, opts.temperature, opts.vocab_size, tuning or Tuning())
     operands = (
         hs.contiguous(), student_weight.contiguous(), None if student_bias is None else student_bias.contiguous()
     )
     row_weights = tokens.coefficients(opts)
     fused, rows = FusedRows, kernel
-    if name == "triton":
+    if tail == "renormalize" and not return_stats:  # only the k id logits matter: any backend gathers them
+        fused = GatheredRows
+    elif name == "triton":
         from .backends.triton_rows import TopKMath, TritonRows
 
         fused, rows = TritonRows, TopKMath(kernel)
