@@ -50,15 +50,22 @@ def steps(
     def full(b: str) -> Callable[[BenchInputs], None]:
         return lambda x: opd_fast.fused_linear_kl(x.hs, x.ws, x.ht, x.wt, backend=b).backward()
 
-    def topk(tail: str, b: str) -> Callable[[BenchInputs], None]:
-        return lambda x: opd_fast.fused_linear_kl_topk(x.hs, x.ws, ids, log_p, tail=tail, backend=b).backward()
+    def topk(tail: str, b: str, stats: bool = False) -> Callable[[BenchInputs], None]:
+        def step(x: BenchInputs) -> None:
+            out = opd_fast.fused_linear_kl_topk(x.hs, x.ws, ids, log_p, tail=tail, backend=b, return_stats=stats)
+            (out[0] if stats else out).backward()
+
+        return step
 
     def logprobs(b: str) -> Callable[[BenchInputs], None]:
         return lambda x: opd_fast.fused_linear_logprobs(x.hs, x.ws, ids[:, 0], backend=b).sum().backward()
 
     out = {f"full_kl[{backends[0]}]": full(backends[0])}
-    for tail in ("bucket", "renormalize"):
-        out.update({f"topk[{tail}][{b}]": topk(tail, b) for b in backends})
+    out.update({f"topk[bucket][{b}]": topk("bucket", b) for b in backends})
+    # renormalize needs only the k id logits (the k-sparse path, the same on every backend); asking for the
+    # stats (full log-sum-exp, entropy) makes it sweep the vocabulary like the bucket
+    out["topk[renormalize][k-sparse]"] = topk("renormalize", backends[0])
+    out.update({f"topk[renormalize+stats][{b}]": topk("renormalize", b, stats=True) for b in backends})
     out.update({f"logprobs[{b}]": logprobs(b) for b in backends})
     return out
 

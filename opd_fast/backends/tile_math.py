@@ -113,7 +113,7 @@ class _Products:
 
     def __init__(self, *logits: torch.Tensor) -> None:
         # amin is NaN-propagating: a NaN tile takes the guarded path too.
-        self.finite = all(bool(z.amin() > float("-inf")) for z in logits)
+        self.finite = all(z.numel() == 0 or bool(z.amin() > float("-inf")) for z in logits)
 
     def tile(self, weight: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         return value.mul_(weight) if self.finite else _where_pos(weight, value)
