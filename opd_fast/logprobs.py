@@ -20,9 +20,6 @@ from .validation import validate_logprobs_call
 
 __all__ = ["fused_linear_logprobs"]
 
-# Backends this function has (``backends.resolve``'s ``implemented``): "auto" picks among them.
-IMPLEMENTED = ("torch", "cpu", "triton", "reference")
-
 
 class _LogProbRows:
     """``log q(y)`` per row and optionally the entropy ``H = -sum q log q`` of ``q = softmax(z)``.
@@ -91,7 +88,7 @@ def fused_linear_logprobs(
         asked. Both are differentiable; any incoming gradient (e.g. importance weights) is honoured
         by recomputing the logits chunk by chunk in backward.
     """
-    name = resolve(backend, hidden.device, IMPLEMENTED, "fused_linear_logprobs")
+    name = resolve(backend, hidden.device)
     if name == "reference":
         return reference.fused_linear_logprobs(
             hidden, weight, token_ids, temperature=temperature, bias=bias, logit_scale=logit_scale,

@@ -32,9 +32,6 @@ from .validation import (
 
 __all__ = ["fused_linear_kl_topk"]
 
-# Backends this function has (``backends.resolve``'s ``implemented``): "auto" picks among them.
-IMPLEMENTED = ("torch", "cpu", "triton", "reference")
-
 Stats = dict[str, torch.Tensor]
 _NEG_INF = float("-inf")
 
@@ -155,7 +152,7 @@ def fused_linear_kl_topk(
       categories sum above one they are normalized.
     * ``tail="renormalize"``: both distributions renormalized over the k ids. The loss then
       depends on the k id logits only, so without ``return_stats`` every backend computes just
-      those (``backends/gathered.py``: an ``n x k x H`` gather GEMM instead of a vocabulary
+      those (``backends/gathered.py``: ``n x k x H`` sparse products instead of a vocabulary
       sweep); the stats (full log-sum-exp, entropy, top-k mass) need the sweep.
 
     Reverse KL over a truncated support: with ``"renormalize"`` the objective only sees the
@@ -201,7 +198,7 @@ def fused_linear_kl_topk(
         The loss (fp32, float64 for float64 inputs; per token for ``reduction="none"``), and the
         stats when asked.
     """
-    name = resolve(backend, student_hidden.device, IMPLEMENTED, "fused_linear_kl_topk")
+    name = resolve(backend, student_hidden.device)
     if name == "reference":
         return reference.fused_linear_kl_topk(
             student_hidden, student_weight, teacher_topk_ids, teacher_topk_logprobs,
@@ -230,7 +227,7 @@ def fused_linear_kl_topk(
     )
     row_weights = tokens.coefficients(opts)
     fused, rows = FusedRows, kernel
-    if tail == "renormalize" and not return_stats:  # only the k id logits matter: any backend gathers them
+    if tail == "renormalize" and not return_stats:  # only the k id logits matter, on any backend
         fused = GatheredRows
     elif name == "triton":
         from .backends.triton_rows import TopKMath, TritonRows

@@ -60,20 +60,11 @@ def availability(name: str, device: torch.device) -> tuple[bool, str]:
     raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {name!r}")
 
 
-def resolve(
-    name: str, device: torch.device, implemented: tuple[str, ...] = BACKEND_NAMES, function: str = "this loss"
-) -> str:
-    """The concrete backend for ``name`` on ``device`` ("auto" picks the fastest usable one).
-
-    ``implemented``: the backends ``function`` has (a loss may not have every kernel yet);
-    "auto" only picks among them, and naming another one is a ``NotImplementedError``.
-    """
+def resolve(name: str, device: torch.device) -> str:
+    """The concrete backend for ``name`` on ``device`` ("auto" picks the fastest usable one)."""
     if name == "auto":
         preferred = {"cuda": ("triton", "torch"), "cpu": ("cpu", "torch")}.get(device.type, ("torch",))
-        return next(b for b in preferred if b in implemented and availability(b, device)[0])
-    if name in BACKEND_NAMES and name not in implemented:
-        have = tuple(b for b in BACKEND_NAMES if b in implemented)
-        raise NotImplementedError(f"{function} has no backend={name!r} yet; implemented: {have}")
+        return next(b for b in preferred if availability(b, device)[0])
     ok, reason = availability(name, device)
     if not ok:
         raise RuntimeError(f"backend={name!r} is unavailable: {reason}")

@@ -272,10 +272,11 @@ def sweep(
         if chunk_vocab >= k:
             terms, lse_s, lse_t, grad = tiles.full_rows(*chunk.raw(0, k), opts, scale, chunk_hard)
             if known is None:
-                for dst, src in zip(out, (terms.divergence, lse_s, lse_t, terms.entropy, terms.coef), strict=False):
-                    dst[rows] = src
+                stats = [terms.divergence, lse_s, lse_t, terms.entropy, terms.coef]
                 if hard is not None:
-                    out.cross_entropy[rows] = terms.cross_entropy
+                    stats.append(terms.cross_entropy)
+                for dst, src in zip(out, stats, strict=False):  # hard_lse is only kept by the 2-D regime
+                    dst[rows] = src
             if grad is not None and sink is not None:
                 sink.add(grad, chunk.h_s, rows, 0)
             continue

@@ -176,10 +176,15 @@ def hard_lse(z: torch.Tensor, lse: torch.Tensor, temperature: float) -> torch.Te
     return lse if temperature == 1.0 else torch.logsumexp(z * temperature, -1)
 
 
+def _label_columns(labels: torch.Tensor, v0: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which rows' labels fall in the tile's columns ``v0:v0 + width``, and their column there (0 elsewhere)."""
+    inside = (labels >= v0) & (labels < v0 + width)
+    return inside, torch.where(inside, labels - v0, 0)
+
+
 def label_logits(z: torch.Tensor, labels: torch.Tensor, v0: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """``z[row, label]`` for labels inside this tile's columns ``v0:v0 + v`` (0 elsewhere) and that mask."""
-    inside = (labels >= v0) & (labels < v0 + z.shape[1])
-    column = torch.where(inside, labels - v0, 0)
+    inside, column = _label_columns(labels, v0, z.shape[1])
     return torch.where(inside, z.gather(1, column[:, None])[:, 0], 0.0), inside
 
 
@@ -194,8 +199,7 @@ def add_hard_grad(
     h_t = hard.scale * temperature
     if not softmax_done:
         grad.add_((z * temperature).sub_(lse_y[:, None]).exp_().mul_(h_t[:, None]))
-    _, inside = label_logits(z, hard.labels, v0)
-    column = torch.where(inside, hard.labels - v0, 0)
+    inside, column = _label_columns(hard.labels, v0, z.shape[1])
     return grad.scatter_add_(1, column[:, None], torch.where(inside, -h_t, 0.0)[:, None].to(grad.dtype))
 
 
