@@ -19,11 +19,12 @@ import torch
 
 import opd_fast
 from opd_fast.backends import cpu_native
-from opd_fast.backends.tile_math import NO_LABEL, HardLabels, TorchTileMath
+from opd_fast.backends.tile_math import HardLabels, TorchTileMath
 from opd_fast.benchmarking.inputs import make_inputs
 from opd_fast.benchmarking.shapes import parse_shape
 from opd_fast.benchmarking.timing import interleaved
-from opd_fast.validation import HeadSpec, LossOptions
+from opd_fast.core.call import HeadSpec, LossOptions
+from opd_fast.core.tokens import NO_LABEL
 
 SEED = 0
 

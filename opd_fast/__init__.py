@@ -11,7 +11,9 @@ from __future__ import annotations
 import torch
 
 from . import reference
-from .backends import BACKEND_NAMES, Tuning, availability
+from .core.call import BACKEND_NAMES
+from .core.dispatch import availability
+from .core.tuning import Tuning
 from .logprobs import fused_linear_logprobs
 from .loss import FusedLinearKL, fused_linear_kl
 from .topk import fused_linear_kl_topk

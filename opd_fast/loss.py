@@ -1,7 +1,8 @@
-"""Public fused divergence loss: validation, compaction, reduction, dispatch.
+"""The public fused divergence loss between a student head and a teacher head.
 
-The backends see only compacted 2-D rows and a per-row coefficient; everything about the
-call's shape, masks, weights and reduction is decided here, once.
+The function describes its call (``core.validation.kl_call``) and hands it to the loss core
+(``core.run.evaluate``): compaction, dispatch and the autograd Function live there, once, for
+every loss.
 """
 
 from __future__ import annotations
@@ -9,10 +10,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import reference
-from .backends import Tuning, resolve, runner
-from .compaction import TokenRows
-from .validation import validate_kl_call
+from .core.run import evaluate
+from .core.tuning import Tuning
+from .core.validation import kl_call
 
 __all__ = ["FusedLinearKL", "fused_linear_kl"]
 
@@ -51,7 +51,7 @@ def fused_linear_kl(
 
     Computes ``divergence(softmax(teacher logits) || softmax(student logits))`` over the whole
     (or the first ``vocab_size``) vocabulary without holding an ``N x V`` logits tensor. The math
-    is ``opd_fast.reference``'s (DESIGN.md "Math conventions").
+    is ``opd_fast.reference``'s.
 
     Args:
         student_hidden: ``(..., H_s)``; gets a gradient, as do ``student_weight`` ``(V, H_s)``
@@ -86,44 +86,7 @@ def fused_linear_kl(
     Returns:
         The loss (fp32, float64 for float64 inputs; per token for ``reduction="none"``), and the stats when asked.
     """
-    heads = (student_hidden, student_weight, teacher_hidden, teacher_weight)
-    options = dict(
-        divergence=divergence, beta=beta, temperature=temperature, temperature_sq_scaling=temperature_sq_scaling,
-        mask=mask, token_weights=token_weights, reduction=reduction, num_items=num_items,
-        student_bias=student_bias, teacher_bias=teacher_bias, student_logit_scale=student_logit_scale,
-        teacher_logit_scale=teacher_logit_scale, student_softcap=student_softcap, teacher_softcap=teacher_softcap,
-        vocab_size=vocab_size, labels=labels, hard_weight=hard_weight, ignore_index=ignore_index,
-    )  # fmt: skip
-    if backend == "reference":
-        return reference.fused_linear_kl(*heads, **options, return_stats=return_stats)
-    opts, mask, token_weights = validate_kl_call(*heads, **options)
-    run = runner(resolve(backend, student_hidden.device))
-    tokens = TokenRows.build(
-        tuple(student_hidden.shape[:-1]), student_hidden.dtype, student_hidden.device, mask, token_weights
-    )
-    hard = None if labels is None else tokens.labels(labels, ignore_index, opts)
-    row_weights = tokens.coefficients(opts)
-    value, *stat_values = run(
-        tokens.take(student_hidden).contiguous(), student_weight.contiguous(),
-        None if student_bias is None else student_bias.contiguous(),
-        tokens.take(teacher_hidden.detach()).contiguous(), teacher_weight.detach().contiguous(),
-        None if teacher_bias is None else teacher_bias.detach().contiguous(),
-        row_weights, opts, tuning or Tuning(), opts.reduction != "none",
-        None if hard is None else hard._replace(scale=hard.scale * opts.hard_weight),
-    )  # fmt: skip
-
-    loss = tokens.expand(value) if opts.reduction == "none" else value
-    if not return_stats:
-        return loss
-    names = ("divergence", "student_lse", "teacher_lse", "student_entropy", "cross_entropy")
-    stats = {name: tokens.expand(v) for name, v in zip(names, stat_values, strict=True)}
-    if hard is None:
-        del stats["cross_entropy"]
-        return loss, stats
-    divergence, *_, ce = stat_values
-    for name, part in (("soft_loss", divergence * row_weights), ("hard_loss", ce * hard.scale)):
-        stats[name] = tokens.expand(part) if opts.reduction == "none" else part.sum()
-    return loss, stats
+    return evaluate(kl_call(locals()))
 
 
 class FusedLinearKL(nn.Module):

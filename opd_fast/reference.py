@@ -1,10 +1,11 @@
 """The math contract, written once, in float64, unfused and readable.
 
-This module *is* the specification (DESIGN.md "Math conventions"): it materializes the
-full logits on purpose and lets autograd produce the gradients. Every backend is tested
-against it. It shares only argument validation with the fast paths; the math and the
-reduction are written here independently so that a bug in a backend cannot hide in a
-helper both sides call.
+This module *is* the specification of the math: it materializes the full logits on purpose
+and lets autograd produce the gradients. Every backend is tested against it. It shares only
+the validated call description (``core.call.LossCall``) with the fast paths; compaction, the
+math and the reduction are written here independently so that a bug in a backend cannot hide
+in a helper both sides call. ``evaluate(call)`` is what ``backend="reference"`` runs; the
+three functions named like the public ones are those with ``backend="reference"``.
 
 Per token, for each side: ``z = softcap(scale * (h @ W[:K]^T + b[:K])) / T`` with
 ``softcap(x) = c * tanh(x / c)``; ``q = softmax(z_student)``, ``p = softmax(z_teacher)``.
@@ -35,22 +36,26 @@ An all-masked batch gives 0 (never NaN) and zero gradients.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
-from .validation import (
+from .core.call import (
     TOPK_PAD_ID,
+    TOPK_TAIL_FLOOR,
+    Head,
     HeadSpec,
+    LossCall,
     LossOptions,
-    validate_kl_call,
-    validate_logprobs_call,
-    validate_topk_call,
-    validate_topk_values,
+    SampledTokens,
+    TeacherHead,
+    TopKTeacher,
 )
 
 __all__ = [
     "TOPK_TAIL_FLOOR",
     "divergence_from_logits",
+    "evaluate",
     "fused_linear_kl",
     "fused_linear_kl_topk",
     "fused_linear_logprobs",
@@ -115,47 +120,42 @@ def divergence_from_logits(
     raise ValueError(f"unknown divergence {divergence!r}")
 
 
-def fused_linear_kl(
-    student_hidden: torch.Tensor,
-    student_weight: torch.Tensor,
-    teacher_hidden: torch.Tensor,
-    teacher_weight: torch.Tensor,
-    *,
-    divergence: str = "forward_kl",
-    beta: float = 0.5,
-    temperature: float = 1.0,
-    temperature_sq_scaling: bool = False,
-    mask: torch.Tensor | None = None,
-    token_weights: torch.Tensor | None = None,
-    reduction: str = "mean",
-    num_items: float | torch.Tensor | None = None,
-    student_bias: torch.Tensor | None = None,
-    teacher_bias: torch.Tensor | None = None,
-    student_logit_scale: float = 1.0,
-    teacher_logit_scale: float = 1.0,
-    student_softcap: float | None = None,
-    teacher_softcap: float | None = None,
-    vocab_size: int | None = None,
-    labels: torch.Tensor | None = None,
-    hard_weight: float = 0.0,
-    ignore_index: int = -100,
-    backend: str = "reference",
-    return_stats: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Reference teacher-student divergence (same signature as ``opd_fast.fused_linear_kl``).
+def evaluate(call: LossCall) -> Any:
+    """The float64 result of a validated call: what the public function returns for it."""
+    if isinstance(call.teacher, TeacherHead):
+        return _teacher_head_loss(call, call.teacher.head)
+    if isinstance(call.teacher, TopKTeacher):
+        return _topk_loss(call, call.teacher)
+    return _logprob_loss(call, call.teacher)
 
-    The result is float64; gradients flow to the student tensors through autograd. Teacher
-    tensors are detached: the teacher is a constant.
-    """
-    opts, mask, token_weights = validate_kl_call(
-        student_hidden, student_weight, teacher_hidden, teacher_weight,
-        divergence=divergence, beta=beta, temperature=temperature,
-        temperature_sq_scaling=temperature_sq_scaling, mask=mask, token_weights=token_weights,
-        reduction=reduction, num_items=num_items, student_bias=student_bias, teacher_bias=teacher_bias,
-        student_logit_scale=student_logit_scale, teacher_logit_scale=teacher_logit_scale,
-        student_softcap=student_softcap, teacher_softcap=teacher_softcap, vocab_size=vocab_size,
-        labels=labels, hard_weight=hard_weight, ignore_index=ignore_index,
-    )  # fmt: skip
+
+def fused_linear_kl(*args: Any, **kwargs: Any) -> Any:
+    """``opd_fast.fused_linear_kl(..., backend="reference")`` (same arguments)."""
+    from .loss import fused_linear_kl
+
+    return fused_linear_kl(*args, **kwargs, backend="reference")
+
+
+def fused_linear_kl_topk(*args: Any, **kwargs: Any) -> Any:
+    """``opd_fast.fused_linear_kl_topk(..., backend="reference")`` (same arguments)."""
+    from .topk import fused_linear_kl_topk
+
+    return fused_linear_kl_topk(*args, **kwargs, backend="reference")
+
+
+def fused_linear_logprobs(*args: Any, **kwargs: Any) -> Any:
+    """``opd_fast.fused_linear_logprobs(..., backend="reference")`` (same arguments)."""
+    from .logprobs import fused_linear_logprobs
+
+    return fused_linear_logprobs(*args, **kwargs, backend="reference")
+
+
+def _teacher_head_loss(call: LossCall, teacher: Head) -> Any:
+    """Teacher-student divergence with its hard-label term; gradients through autograd."""
+    opts, mask, token_weights, return_stats = call.options, call.mask, call.token_weights, call.return_stats
+    student_hidden, student_weight, student_bias = call.student.hidden, call.student.weight, call.student.bias
+    teacher_hidden, teacher_weight, teacher_bias = teacher.hidden, teacher.weight, teacher.bias
+    labels = None if call.hard is None else call.hard.labels
     leading = student_hidden.shape[:-1]
     k, t = opts.vocab_size, opts.temperature
     z_s = head_logits(student_hidden, student_weight, student_bias, opts.student, t, k)
@@ -172,7 +172,7 @@ def fused_linear_kl(
     weights = counted.double() if token_weights is None else token_weights.double() * counted
     loss = soft = _reduce(weights * per_token * opts.loss_scale, weights, opts)
     if labels is not None:
-        labeled = counted & (labels != ignore_index)
+        labeled = counted & (labels != call.hard.ignore_index)
         y = head_logits(student_hidden, student_weight, student_bias, opts.student, 1.0, k)[labeled]
         ce = torch.zeros(leading, dtype=torch.float64, device=z_s.device)
         ce = ce.masked_scatter(labeled, torch.logsumexp(y, -1) - y.gather(-1, labels[labeled].long()[:, None])[:, 0])
@@ -210,9 +210,6 @@ def _reduce(weighted: torch.Tensor, weights: torch.Tensor, opts: LossOptions) ->
 
 # ---- teachers that return top-k log-probs ------------------------------------------------------
 
-# Lowest teacher tail mass in tail="bucket": served log-probs are rounded, and a top-k that sums to
-# one exactly would make reverse KL infinite as soon as the student keeps any mass outside it.
-TOPK_TAIL_FLOOR = 1e-9
 
 
 def topk_divergence_from_logits(
@@ -253,44 +250,15 @@ def topk_divergence_from_logits(
     return torch.stack(values) if values else log_q.new_zeros(0)
 
 
-def fused_linear_kl_topk(
-    student_hidden: torch.Tensor,
-    student_weight: torch.Tensor,
-    teacher_topk_ids: torch.Tensor,
-    teacher_topk_logprobs: torch.Tensor,
-    *,
-    divergence: str = "forward_kl",
-    beta: float = 0.5,
-    temperature: float = 1.0,
-    temperature_sq_scaling: bool = False,
-    tail: str = "bucket",
-    mask: torch.Tensor | None = None,
-    token_weights: torch.Tensor | None = None,
-    reduction: str = "mean",
-    num_items: float | torch.Tensor | None = None,
-    student_bias: torch.Tensor | None = None,
-    student_logit_scale: float = 1.0,
-    student_softcap: float | None = None,
-    vocab_size: int | None = None,
-    backend: str = "reference",
-    return_stats: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Reference top-k divergence (same signature as ``opd_fast.fused_linear_kl_topk``).
-
-    ``temperature`` divides the student's logits only; the teacher's log-probs are used as given.
-    """
-    opts, mask, token_weights = validate_topk_call(
-        student_hidden, student_weight, teacher_topk_ids, teacher_topk_logprobs,
-        divergence=divergence, beta=beta, temperature=temperature, temperature_sq_scaling=temperature_sq_scaling,
-        tail=tail, mask=mask, token_weights=token_weights, reduction=reduction, num_items=num_items,
-        student_bias=student_bias, student_logit_scale=student_logit_scale, student_softcap=student_softcap,
-        vocab_size=vocab_size,
-    )  # fmt: skip
+def _topk_loss(call: LossCall, teacher: TopKTeacher) -> Any:
+    """Top-k divergence; ``temperature`` divides the student's logits only (the log-probs are as given)."""
+    opts, mask, token_weights, return_stats = call.options, call.mask, call.token_weights, call.return_stats
+    student_hidden, student_weight, student_bias = call.student.hidden, call.student.weight, call.student.bias
+    teacher_topk_ids, teacher_topk_logprobs, tail = teacher.ids, teacher.logprobs, teacher.tail
     leading = student_hidden.shape[:-1]
     z = head_logits(student_hidden, student_weight, student_bias, opts.student, opts.temperature, opts.vocab_size)
     counted = torch.ones(leading, dtype=torch.bool, device=z.device) if mask is None else mask
     ids, log_p = teacher_topk_ids[counted], teacher_topk_logprobs.detach()[counted]
-    validate_topk_values(ids, log_p, opts.vocab_size, tail)
     per_token = torch.zeros(leading, dtype=torch.float64, device=z.device).masked_scatter(
         counted, topk_divergence_from_logits(z[counted], ids, log_p, opts.divergence, opts.beta, tail)
     )
@@ -313,22 +281,10 @@ def fused_linear_kl_topk(
     return loss, stats
 
 
-def fused_linear_logprobs(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    token_ids: torch.Tensor,
-    *,
-    temperature: float = 1.0,
-    bias: torch.Tensor | None = None,
-    logit_scale: float = 1.0,
-    softcap: float | None = None,
-    return_entropy: bool = False,
-    backend: str = "reference",
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Reference per-token ``log softmax(z)[token]`` (and entropy of ``softmax(z)``), float64."""
-    spec = validate_logprobs_call(
-        hidden, weight, token_ids, temperature=temperature, bias=bias, logit_scale=logit_scale, softcap=softcap
-    )
+def _logprob_loss(call: LossCall, tokens: SampledTokens) -> Any:
+    """Per-token ``log softmax(z)[token]`` (and the entropy of ``softmax(z)``)."""
+    hidden, weight, bias, spec = call.student.hidden, call.student.weight, call.student.bias, call.options.student
+    temperature, token_ids, return_entropy = call.options.temperature, tokens.ids, call.return_stats
     log_q = torch.log_softmax(head_logits(hidden, weight, bias, spec, temperature, weight.shape[0]), -1)
     logprobs = log_q.gather(-1, token_ids.long()[..., None]).squeeze(-1)
     if not return_entropy:

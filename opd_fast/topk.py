@@ -2,117 +2,20 @@
 
 The student side needs its full-vocabulary log-sum-exp and the logits of the k teacher ids,
 so each token chunk still gets a ``chunk x V`` logits tile (never ``N x V``); the divergence
-itself lives on ``k`` (or ``k + 1``) categories per token and is computed by ``tile_math``'s
-divergence formulas on those categories.
-
-Categories and gradient. The categories are a softmax over *category logits*: the k gathered
-student logits and, with ``tail="bucket"``, the log-sum-exp of every other logit (the tail).
-``tile_math`` gives the gradient with respect to the category logits (``a - q c``); the chain
-rule back to the vocabulary is the identity on the k ids and ``exp(z_v - lse_tail)`` on the
-tail, so the gradient tile is one exp pass plus a k-sparse scatter.
+itself lives on ``k`` (or ``k + 1``) categories per token (``backends/row_math.py``).
 """
 
 from __future__ import annotations
 
 import torch
 
-from . import reference
-from .backends import resolve
-from .backends.chunked import Tuning
-from .backends.gathered import GatheredRows
-from .backends.rows import FusedRows, RowSetup, Upstream
-from .backends.tile_math import RowTerms, accum_dtype, grad_from_terms, tile_terms
-from .compaction import TokenRows
-from .validation import (
-    TOPK_PAD_ID,
-    LossOptions,
-    validate_topk_call,
-    validate_topk_values,
-)
+from .core.run import evaluate
+from .core.tuning import Tuning
+from .core.validation import topk_call
 
 __all__ = ["fused_linear_kl_topk"]
 
 Stats = dict[str, torch.Tensor]
-_NEG_INF = float("-inf")
-
-
-class _TopKRows:
-    """Row kernel: divergence over the top-k categories, student LSE, top-k mass (and entropy) per row.
-
-    Padding slots point at a real id of their row (or 0 in an all-padding row) so that every
-    gather/scatter is in range; their category is -inf on both sides, so they add no value and
-    no gradient.
-    """
-
-    n_differentiable = 1
-
-    def __init__(
-        self, ids: torch.Tensor, logprobs: torch.Tensor, opts: LossOptions, tail: str, entropy: bool
-    ) -> None:
-        self.entropy = entropy
-        self.n_outputs = 4 if entropy else 3
-        self.valid = ids != TOPK_PAD_ID
-        self.any_valid = self.valid.any(-1, keepdim=True)
-        self.ids = torch.where(self.valid, ids, ids.amax(-1, keepdim=True).clamp_min(0))
-        self.opts, self.bucket = opts, tail == "bucket"
-        log_p = logprobs.to(accum_dtype(logprobs.dtype)).clamp_max(0.0).masked_fill(~self.valid, _NEG_INF)
-        top_mass = torch.logsumexp(log_p, -1)
-        self.teacher_topk_mass = top_mass.exp()
-        if self.bucket:
-            tail_mass = torch.expm1(top_mass.clamp_max(0.0)).neg_().clamp_min_(reference.TOPK_TAIL_FLOOR)
-            has_tail = self.valid.sum(-1) < opts.vocab_size
-            log_p = torch.cat([log_p, tail_mass.log_().masked_fill_(~has_tail, _NEG_INF)[:, None]], 1)
-        # Normalize over the categories (renormalize; a no-op for a consistent bucket), 0 log 0 kept.
-        self.log_p = (log_p - torch.logsumexp(log_p, -1, keepdim=True)).masked_fill_(torch.isneginf(log_p), _NEG_INF)
-
-    def __call__(
-        self, z: torch.Tensor, rows: slice, upstream: Upstream | None
-    ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-        ids, valid = self.ids[rows], self.valid[rows]
-        z_ids = z.gather(1, ids)
-        top = z_ids.masked_fill(~valid, _NEG_INF)
-        lse_top = torch.logsumexp(top, -1)
-        if self.bucket:
-            # The tail's log-sum-exp, exactly: hide the top-k ids, reduce, put them back below.
-            z.scatter_(1, ids, torch.where(self.any_valid[rows], _NEG_INF, z_ids))
-            lse_tail = torch.logsumexp(z, -1)
-            lse = torch.logaddexp(lse_tail, lse_top)
-        else:
-            lse_tail, lse = None, torch.logsumexp(z, -1)
-        terms, a, q = self.category_terms(top, lse_top, lse_tail, lse, rows)
-        outs = [terms.divergence, lse, (lse_top - lse).exp()]
-        if upstream is None or upstream[0] is None:
-            if self.bucket:
-                z.scatter_(1, ids, z_ids)
-            return self._with_entropy(outs, z, lse), None
-        grad_cat = grad_from_terms(a, q, terms.coef, upstream[0])
-        k = ids.shape[1]
-        if self.bucket:
-            finite_tail = lse_tail.masked_fill(torch.isneginf(lse_tail), 0.0)
-            grad = (z - finite_tail[:, None]).exp_().mul_(grad_cat[:, k:])  # 0 on the hidden top-k ids
-            z.scatter_(1, ids, z_ids)
-        else:
-            grad = torch.zeros_like(z)
-        return self._with_entropy(outs, z, lse), grad.scatter_add_(1, ids, grad_cat[:, :k])
-
-    def category_terms(
-        self, top: torch.Tensor, lse_top: torch.Tensor, lse_tail: torch.Tensor | None, lse: torch.Tensor,
-        rows: slice = slice(None),
-    ) -> tuple[RowTerms, torch.Tensor, torch.Tensor]:  # fmt: skip
-        """``tile_terms`` on the categories of ``rows`` from the student's k id logits ``top`` (-inf on
-        padding), their log-sum-exp, the tail's (bucket only) and the full row's ``lse``."""
-        if self.bucket:
-            log_q = torch.cat([top, lse_tail[:, None]], 1).sub_(lse[:, None])
-        else:
-            log_q = (top - lse_top[:, None]).masked_fill_(~self.valid[rows], _NEG_INF)
-        zero = lse.new_zeros(lse.shape)
-        return tile_terms(log_q, self.log_p[rows], zero, zero, self.opts)
-
-    def _with_entropy(self, outs: list[torch.Tensor], z: torch.Tensor, lse: torch.Tensor) -> list[torch.Tensor]:
-        """Append the student's full-vocabulary entropy when asked (one more pass over the tile)."""
-        if self.entropy:
-            outs.append(torch.special.entr((z - lse[:, None]).exp_()).sum(-1))
-        return outs
 
 
 def fused_linear_kl_topk(
@@ -198,60 +101,4 @@ def fused_linear_kl_topk(
         The loss (fp32, float64 for float64 inputs; per token for ``reduction="none"``), and the
         stats when asked.
     """
-    name = resolve(backend, student_hidden.device)
-    if name == "reference":
-        return reference.fused_linear_kl_topk(
-            student_hidden, student_weight, teacher_topk_ids, teacher_topk_logprobs,
-            divergence=divergence, beta=beta, temperature=temperature, temperature_sq_scaling=temperature_sq_scaling,
-            tail=tail, mask=mask, token_weights=token_weights, reduction=reduction, num_items=num_items,
-            student_bias=student_bias, student_logit_scale=student_logit_scale, student_softcap=student_softcap,
-            vocab_size=vocab_size, return_stats=return_stats,
-        )  # fmt: skip
-    opts, mask, token_weights = validate_topk_call(
-        student_hidden, student_weight, teacher_topk_ids, teacher_topk_logprobs,
-        divergence=divergence, beta=beta, temperature=temperature, temperature_sq_scaling=temperature_sq_scaling,
-        tail=tail, mask=mask, token_weights=token_weights, reduction=reduction, num_items=num_items,
-        student_bias=student_bias, student_logit_scale=student_logit_scale, student_softcap=student_softcap,
-        vocab_size=vocab_size,
-    )  # fmt: skip
-    tokens = TokenRows.build(
-        tuple(student_hidden.shape[:-1]), student_hidden.dtype, student_hidden.device, mask, token_weights
-    )
-    hs, ids, log_p = (tokens.take(t) for t in (student_hidden, teacher_topk_ids, teacher_topk_logprobs.detach()))
-    validate_topk_values(ids, log_p, opts.vocab_size, tail)
-    # the category math runs in the student's accumulation dtype, whatever the teacher's log-probs dtype
-    kernel = _TopKRows(ids.long(), log_p.to(accum_dtype(hs.dtype)), opts, tail, entropy=return_stats)
-    setup = RowSetup(opts.student, opts.temperature, opts.vocab_size, tuning or Tuning())
-    operands = (
-        hs.contiguous(), student_weight.contiguous(), None if student_bias is None else student_bias.contiguous()
-    )
-    row_weights = tokens.coefficients(opts)
-    fused, rows = FusedRows, kernel
-    if tail == "renormalize" and not return_stats:  # only the k id logits matter, on any backend
-        fused = GatheredRows
-    elif name == "triton":
-        from .backends.triton_rows import TopKMath, TritonRows
-
-        fused, rows = TritonRows, TopKMath(kernel)
-    elif name == "cpu":
-        from .backends.cpu_rows import NativeTopKRows
-
-        rows = NativeTopKRows(kernel, opts)
-    if opts.reduction == "none":
-        div, *per_row = fused.apply(*operands, rows, setup, None)
-        value = div * row_weights
-    else:
-        value, div, *per_row = fused.apply(*operands, rows, setup, row_weights)
-
-    loss = tokens.expand(value) if opts.reduction == "none" else value
-    if not return_stats:
-        return loss
-    lse, top_mass, entropy = per_row
-    stats = {
-        "divergence": div.detach(),
-        "student_lse": lse,
-        "student_entropy": entropy,
-        "student_topk_mass": top_mass,
-        "teacher_topk_mass": kernel.teacher_topk_mass.to(lse.dtype),
-    }
-    return loss, {name: tokens.expand(v) for name, v in stats.items()}
+    return evaluate(topk_call(locals()))

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 import opd_fast
-from opd_fast import Tuning, backends, reference
+from opd_fast import Tuning, reference
+from opd_fast.core.dispatch import availability
 
 SMALL = Tuning(chunk_tokens=3)  # several chunks even for tiny inputs
 
@@ -122,7 +123,7 @@ def test_backend_choices():
     hidden, weight, _, ids = _case(bias=False)
     ref = opd_fast.fused_linear_logprobs(hidden, weight, ids, backend="reference")
     torch.testing.assert_close(opd_fast.fused_linear_logprobs(hidden, weight, ids, backend="torch"), ref)
-    if backends.availability("cpu", hidden.device)[0]:  # the native kernel on fp32 (float64 stays in torch)
+    if availability("cpu", hidden.device)[0]:  # the native kernel on fp32 (float64 stays in torch)
         got = opd_fast.fused_linear_logprobs(hidden.float(), weight.float(), ids, backend="cpu")
         torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="backend must be one of"):

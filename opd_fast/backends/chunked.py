@@ -29,11 +29,12 @@ from typing import NamedTuple, Protocol
 
 import torch
 
-from ..validation import LossOptions
+from ..core.call import LossOptions
+from ..core.engine import EngineResult, Student, StudentGrads, Upstream, Want, accum_dtype
+from ..core.tuning import Tuning
 from .tile_math import (
     HardLabels,
     RowTerms,
-    accum_dtype,
     add_hard_grad,
     finish_logits,
     grad_from_terms,
@@ -48,39 +49,7 @@ _MIN_CHUNK_TOKENS = 16
 _GRAD_W_SLICE_ELEMS = 16 * 2**20
 
 
-@dataclass(frozen=True)
-class Tuning:
-    """Chunking knobs of the chunked backends. ``None`` means "choose from the shapes".
-
-    ``grad_filter_eps``: skip the gradient GEMMs of every ``filter_block``-wide vocab block in
-    which all |dL/dlogit| of the chunk are below ``eps`` (an absolute threshold on the gradient
-    of the *reduced* loss, so it already includes the reduction's 1/num_items; Cut
-    Cross-Entropy's gradient filtering). The error it introduces is at most
-    ``eps * sum_v |W_v|`` per row of grad-hidden and ``eps * sum_i |h_i|`` per row of
-    grad-weight, summed over skipped blocks; it is off by default because no fixed eps keeps
-    that bound under every dtype's tolerance for every input.
-    """
-
-    chunk_tokens: int | None = None
-    chunk_vocab: int | None = None
-    memory_budget_mb: float = 256.0
-    grad_filter_eps: float | None = None
-    filter_block: int = 512
-
-    def __post_init__(self) -> None:
-        for name in ("chunk_tokens", "chunk_vocab"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"Tuning.{name} must be a positive int or None, got {value!r}")
-        if self.memory_budget_mb <= 0:
-            raise ValueError(f"Tuning.memory_budget_mb must be > 0, got {self.memory_budget_mb!r}")
-        if self.grad_filter_eps is not None and self.grad_filter_eps < 0:
-            raise ValueError(f"Tuning.grad_filter_eps must be >= 0 or None, got {self.grad_filter_eps!r}")
-
-
 class TileMath(Protocol):
-    name: str
-
     def live_bytes_per_logit(self, dtype: torch.dtype) -> int:
         """Bytes alive per (token, vocab) element of a chunk for logits of ``dtype`` (sizes chunks)."""
         ...
@@ -272,11 +241,10 @@ def sweep(
         if chunk_vocab >= k:
             terms, lse_s, lse_t, grad = tiles.full_rows(*chunk.raw(0, k), opts, scale, chunk_hard)
             if known is None:
-                stats = [terms.divergence, lse_s, lse_t, terms.entropy, terms.coef]
-                if hard is not None:
-                    stats.append(terms.cross_entropy)
-                for dst, src in zip(out, stats, strict=False):  # hard_lse is only kept by the 2-D regime
-                    dst[rows] = src
+                out.divergence[rows], out.coef[rows], out.entropy[rows] = terms.divergence, terms.coef, terms.entropy
+                out.student_lse[rows], out.teacher_lse[rows] = lse_s, lse_t
+                if hard is not None:  # (hard_lse is only needed by the 2-D regime)
+                    out.cross_entropy[rows] = terms.cross_entropy
             if grad is not None and sink is not None:
                 sink.add(grad, chunk.h_s, rows, 0)
             continue
@@ -306,64 +274,34 @@ def sweep(
     return out
 
 
-class ChunkedDivergence(torch.autograd.Function):
-    """Autograd glue: inputs are compacted 2-D rows; returns (values, *per-row stats).
+class ChunkedEngine:
+    """The two-head divergence as an ``Engine``: outputs ``divergence`` and ``cross_entropy``
+    (0 without labels) are differentiable, the log-sum-exps and the entropy are statistics."""
 
-    ``hard`` (optional ``HardLabels``): labels and each row's coefficient of its cross-entropy,
-    so the value is ``sum_i row_weights_i D_i + hard.scale_i CE_i`` (per row for ``"none"``).
-    """
+    output_names = ("divergence", "cross_entropy", "student_lse", "teacher_lse", "student_entropy")
+    n_differentiable = 2
 
-    @staticmethod
-    def forward(ctx, hs, ws, bs, ht, wt, bt, row_weights, opts, tiles, tuning, scalar, hard=None):
-        want = (hs.requires_grad, ws.requires_grad, bs is not None and bs.requires_grad)
-        student = Head(ws, bs, opts.student.scale)
-        teacher = Head(wt, bt, opts.teacher.scale)
-        with torch.no_grad():
-            if scalar:
-                sink = GradSink(hs, student, want, tuning) if any(want) else None
-                res = sweep(hs, student, ht, teacher, opts, tiles, tuning, row_scale=row_weights if sink else None,
-                            sink=sink, hard=None if hard is None else hard._replace(scale=hard.scale if sink else None))
-                grads = (None, None, None) if sink is None else (sink.grad_h, sink.grad_w, sink.grad_b)
-                ctx.save_for_backward(*grads)
-            else:
-                res = sweep(hs, student, ht, teacher, opts, tiles, tuning,
-                            hard=None if hard is None else hard._replace(scale=None))
-                ctx.save_for_backward(hs, ws, bs, ht, wt, bt, row_weights, *res)
-                ctx.hard = hard
-            value = res.divergence * row_weights
-            if hard is not None:
-                value += res.cross_entropy * hard.scale
-            if scalar:
-                value = value.sum()
-        ctx.meta = (opts, tiles, tuning, scalar, want)
-        ctx.weight_dtype = ws.dtype
-        ctx.bias_dtype = None if bs is None else bs.dtype
-        stats = (res.divergence, res.student_lse, res.teacher_lse, res.entropy, res.cross_entropy)
-        ctx.mark_non_differentiable(*stats)
-        return (value, *stats)
+    def __init__(self, teacher: Student, opts: LossOptions, tiles: TileMath, tuning: Tuning,
+                 labels: torch.Tensor | None) -> None:  # fmt: skip
+        self.teacher = Head(teacher.weight, teacher.bias, opts.teacher.scale)
+        self.teacher_hidden, self.opts, self.tiles, self.tuning = teacher.hidden, opts, tiles, tuning
+        self.labels = labels
 
-    @staticmethod
-    def backward(ctx, grad_value, *_):
-        opts, tiles, tuning, scalar, want = ctx.meta
-        if scalar:
-            grad_h, grad_w, grad_b = ctx.saved_tensors
-            if bool(grad_value != 1):  # a plain loss.backward() passes 1: skip three full-size passes
-                grad_h = None if grad_h is None else grad_h * grad_value.to(grad_h.dtype)
-                grad_w = None if grad_w is None else (grad_w * grad_value)
-                grad_b = None if grad_b is None else (grad_b * grad_value)
-        else:
-            hs, ws, bs, ht, wt, bt, row_weights, *res = ctx.saved_tensors
-            student = Head(ws, bs, opts.student.scale)
-            sink = GradSink(hs, student, want, tuning)
-            grad_value = grad_value.to(row_weights.dtype)
-            hard = None if ctx.hard is None else ctx.hard._replace(scale=grad_value * ctx.hard.scale)
-            with torch.no_grad():
-                sweep(hs, student, ht, Head(wt, bt, opts.teacher.scale), opts, tiles, tuning,
-                      row_scale=grad_value * row_weights, sink=sink, known=SweepResult(*res), hard=hard)
-            grad_h, grad_w, grad_b = sink.grad_h, sink.grad_w, sink.grad_b
-        return (
-            grad_h,
-            None if grad_w is None else grad_w.to(ctx.weight_dtype),
-            None if grad_b is None else grad_b.to(ctx.bias_dtype),
-            None, None, None, None, None, None, None, None, None,
-        )  # fmt: skip
+    def run(self, student: Student, upstream: Upstream | None, want: Want, state: SweepResult | None = None,
+            ) -> EngineResult:  # fmt: skip
+        hs = student.hidden
+        head = Head(student.weight, student.bias, self.opts.student.scale)
+        sink = GradSink(hs, head, (want.hidden, want.weight, want.bias), self.tuning) if upstream else None
+        row_scale = hard = None
+        if sink is not None:
+            zeros = torch.zeros(hs.shape[0], dtype=accum_dtype(hs.dtype), device=hs.device)
+            row_scale = zeros if upstream[0] is None else upstream[0]
+            if self.labels is not None:
+                hard = HardLabels(self.labels, zeros if upstream[1] is None else upstream[1])
+        elif self.labels is not None:
+            hard = HardLabels(self.labels, None)
+        res = sweep(hs, head, self.teacher_hidden, self.teacher, self.opts, self.tiles, self.tuning,
+                    row_scale=row_scale, sink=sink, known=state, hard=hard)  # fmt: skip
+        outputs = (res.divergence, res.cross_entropy, res.student_lse, res.teacher_lse, res.entropy)
+        grads = None if sink is None else StudentGrads(sink.grad_h, sink.grad_w, sink.grad_b)
+        return EngineResult(outputs, grads, res)

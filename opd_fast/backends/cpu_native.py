@@ -1,6 +1,6 @@
 """The native CPU backend: ctypes binding of the C++ tile kernels built from ``kernels/``.
 
-The chunk loop, GEMMs and autograd glue are ``chunked.py``'s; only the element-wise
+The chunk loop and GEMMs are ``chunked.py``'s (its ``ChunkedEngine``); only the element-wise
 full-row tile math (``TileMath.full_rows``, hard labels included) runs natively, in one fused
 kernel per chunk that writes the gradient over the student logits tile (fp32 or bf16) in
 place. ``cpu_rows`` binds the single-head row kernels (log-probs, top-k) the same way.
@@ -19,11 +19,10 @@ import sys
 
 import torch
 
-from ..validation import LossOptions
-from .chunked import ChunkedDivergence, Tuning
+from ..core.call import LossOptions
 from .tile_math import HardLabels, RowTerms, TorchTileMath
 
-__all__ = ["ISA_NAMES", "NativeTileMath", "availability", "run"]
+__all__ = ["ISA_NAMES", "NativeTileMath", "availability"]
 
 ABI_VERSION = 2
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
@@ -175,8 +174,6 @@ class NativeTileMath(NativeOptions):
     ``threads`` defaults to ``torch.get_num_threads()`` at each call.
     """
 
-    name = "cpu"
-
     def live_bytes_per_logit(self, dtype: torch.dtype) -> int:
         """Memory per (token, vocab) element of a chunk: the two raw tiles (the gradient reuses one)."""
         if dtype == torch.float64:
@@ -217,8 +214,3 @@ class NativeTileMath(NativeOptions):
         divergence, coef, entropy, lse_s, lse_t, ce = stats
         terms = RowTerms(divergence, coef, entropy, None if hard is None else ce)
         return terms, lse_s, lse_t, None if scale is None else raw_s
-
-
-def run(hs, ws, bs, ht, wt, bt, row_weights, opts, tuning: Tuning, scalar: bool, hard: HardLabels | None = None):
-    """The registry's runner: the shared chunk loop with the native tile math."""
-    return ChunkedDivergence.apply(hs, ws, bs, ht, wt, bt, row_weights, opts, NativeTileMath(), tuning, scalar, hard)

@@ -1,7 +1,7 @@
 """Native row kernels of the single-head losses: ``fused_linear_logprobs`` and ``fused_linear_kl_topk``.
 
 ``rows.sweep_rows`` runs the chunk loop and the GEMMs; these kernels replace the torch per-row
-math (``logprobs._LogProbRows``, ``topk._TopKRows``) with one C++ call per chunk
+math (``row_math.LogProbRows``, ``row_math.TopKRows``) with one C++ call per chunk
 (``opd_logprob_rows`` / ``opd_topk_rows`` in ``kernels/``). They take the *raw* GEMM tile
 (``takes_raw_logits``): softcap, temperature and their chain rule run inside the kernel, and the
 gradient is written over the tile in its own dtype, so a chunk holds no fp32 copy of a bf16 tile.
@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from ..validation import HeadSpec, LossOptions
+from ..core.call import HeadSpec, LossOptions
+from ..core.engine import Upstream
 from .cpu_native import (
     DIVERGENCE_IDS,
     NativeOptions,
@@ -30,7 +31,7 @@ from .cpu_native import (
     row_major,
     tile,
 )
-from .rows import Upstream
+from .row_math import LogProbRows, TopKRows
 from .tile_math import finish_logits, logits_grad_to_raw
 
 __all__ = ["NativeLogProbRows", "NativeTopKRows"]
@@ -41,10 +42,10 @@ class _NativeRows(NativeOptions):
 
     takes_raw_logits = True
 
-    def __init__(self, torch_rows: Any, spec: HeadSpec, temperature: float, **native: Any) -> None:
+    def __init__(self, torch_rows: LogProbRows | TopKRows, spec: HeadSpec, temperature: float, **native: Any) -> None:
         super().__init__(**native)
         self.torch_rows, self.spec, self.temperature = torch_rows, spec, float(temperature)
-        self.n_outputs, self.n_differentiable = torch_rows.n_outputs, torch_rows.n_differentiable
+        self.output_names, self.n_differentiable = torch_rows.output_names, torch_rows.n_differentiable
 
     def live_bytes_per_logit(self, dtype: torch.dtype) -> int | None:
         """The raw tile only (the gradient overwrites it; fp16 adds an fp32 copy); float64: the torch kernel's."""
@@ -58,7 +59,7 @@ class _NativeRows(NativeOptions):
         if raw.dtype == torch.float64:
             return self._torch(raw, rows, upstream)
         raw = row_major(raw)
-        out = torch.empty(self.n_outputs, raw.shape[0], dtype=torch.float32)
+        out = torch.empty(len(self.output_names), raw.shape[0], dtype=torch.float32)
         return self._native(raw, rows, upstream, out)
 
     def _torch(
@@ -72,7 +73,7 @@ class _NativeRows(NativeOptions):
     def _native(
         self, raw: torch.Tensor, rows: slice, upstream: Upstream | None, out: torch.Tensor
     ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-        """The native call on a row-major fp32/bf16 tile; per-row outputs go to ``out`` (n_outputs, n)."""
+        """The native call on a row-major fp32/bf16 tile; per-row outputs go to ``out`` (outputs, n)."""
         raise NotImplementedError
 
 
@@ -101,15 +102,14 @@ class NativeTopKRows(_NativeRows):
     Padding slots go to the kernel as id -1 (the torch kernel points them at a real id instead).
     """
 
-    def __init__(self, torch_rows: Any, opts: LossOptions, **native: Any) -> None:
+    def __init__(self, torch_rows: TopKRows, opts: LossOptions, **native: Any) -> None:
         super().__init__(torch_rows, opts.student, opts.temperature, **native)
+        cats = torch_rows.categories
         self.options = TopKOptions(
-            DIVERGENCE_IDS[opts.divergence], opts.beta, opts.temperature, opts.student.softcap or 0.0,
-            int(torch_rows.bucket),
-        )  # fmt: skip
-        self.ids = torch.where(torch_rows.valid, torch_rows.ids, -1).contiguous()
-        self.log_p = torch_rows.log_p.to(torch.float32).contiguous()
-        self.teacher_topk_mass = torch_rows.teacher_topk_mass
+            DIVERGENCE_IDS[opts.divergence], opts.beta, opts.temperature, opts.student.softcap or 0.0, int(cats.bucket)
+        )
+        self.ids = torch.where(cats.valid, cats.ids, -1).contiguous()
+        self.log_p = cats.log_p.to(torch.float32).contiguous()
 
     def _native(
         self, raw: torch.Tensor, rows: slice, upstream: Upstream | None, out: torch.Tensor
@@ -120,7 +120,7 @@ class NativeTopKRows(_NativeRows):
         status = library().opd_topk_rows(
             tile(raw), n, k, ctypes.byref(self.options), ids.data_ptr(), ids.shape[1], ids.stride(0),
             log_p.data_ptr(), log_p.stride(0), address(scale), *grad_args(raw),
-            *(o.data_ptr() for o in out), *([None] if self.n_outputs == 3 else []), *self.call_args(),
+            *(o.data_ptr() for o in out), *([None] if len(self.output_names) == 3 else []), *self.call_args(),
         )  # fmt: skip
         check(status, self.isa, f"top-k tile {tuple(raw.shape)} {raw.dtype}, ids {tuple(ids.shape)}")
         return list(out), None if scale is None else raw

@@ -9,8 +9,8 @@ pattern, grad-hidden ``G W`` and grad-weight ``G^T h`` sparse-dense products, no
 materializes a gathered ``n x k x H`` block. torch's sparse kernels take fp32/fp64 only, so bf16
 operands are converted, the weight one vocabulary block at a time (``memory_budget_mb``).
 
-``GatheredRows`` has ``rows.FusedRows``' contract for a kernel with one differentiable output,
-and takes the category math from the top-k row kernel (``topk._TopKRows.category_terms``).
+``GatheredEngine`` is this as an ``Engine`` with one output (the divergence), its category math
+``row_math.TopKCategories``'.
 """
 
 from __future__ import annotations
@@ -19,10 +19,12 @@ import warnings
 
 import torch
 
+from ..core.engine import EngineResult, Student, StudentGrads, Upstream, Want, accum_dtype
+from .row_math import TopKCategories
 from .rows import RowSetup
-from .tile_math import accum_dtype, finish_logits, grad_from_terms, logits_grad_to_raw
+from .tile_math import finish_logits, grad_from_terms, logits_grad_to_raw
 
-__all__ = ["GatheredRows"]
+__all__ = ["GatheredEngine"]
 
 
 def _csr(crow: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -50,7 +52,8 @@ class _Blocks:
             yield v0, v1, inside, crow, self.ids[inside] - v0  # row-major: grouped by row, as CSR wants
 
 
-def _sweep(hs, ws, bs, kernel, setup: RowSetup, scale: torch.Tensor | None, want) -> tuple[torch.Tensor, list]:
+def _sweep(hs, ws, bs, kernel: TopKCategories, setup: RowSetup, scale: torch.Tensor | None, want: Want,
+           ) -> tuple[torch.Tensor, StudentGrads | None]:  # fmt: skip
     """Per-row divergence; with ``scale`` the student gradients of ``sum_i scale_i D_i`` (fp32 weight/bias)."""
     n, hidden = hs.shape
     spec, temperature = setup.spec, setup.temperature
@@ -68,14 +71,14 @@ def _sweep(hs, ws, bs, kernel, setup: RowSetup, scale: torch.Tensor | None, want
     lse_top = torch.logsumexp(top, -1)
     terms, a, q = kernel.category_terms(top, lse_top, None, lse_top)
     if scale is None:
-        return terms.divergence, [None, None, None]
+        return terms.divergence, None
     g = grad_from_terms(a, q, terms.coef, scale * spec.scale).to(acc)  # dL/d(h W^T + b) after the chain below
     g = logits_grad_to_raw(g, z, spec, temperature).masked_fill_(~kernel.valid, 0.0)
     grads = [
-        torch.zeros(n, hidden, dtype=acc, device=hs.device) if want[0] else None,
-        torch.zeros(ws.shape, dtype=acc, device=ws.device) if want[1] else None,
+        torch.zeros(n, hidden, dtype=acc, device=hs.device) if want.hidden else None,
+        torch.zeros(ws.shape, dtype=acc, device=ws.device) if want.weight else None,
         torch.zeros(ws.shape[0], dtype=acc, device=ws.device).index_put_((kernel.ids,), g, accumulate=True)
-        if want[2] and bs is not None else None,
+        if want.bias else None,
     ]  # fmt: skip
     if grads[0] is not None or grads[1] is not None:
         for v0, v1, inside, crow, cols in blocks:
@@ -84,47 +87,22 @@ def _sweep(hs, ws, bs, kernel, setup: RowSetup, scale: torch.Tensor | None, want
                 grads[0] += torch.sparse.mm(g_block, ws[v0:v1].to(acc))
             if grads[1] is not None:
                 grads[1][v0:v1] += torch.sparse.mm(g_block.t(), h)
-    if grads[0] is not None:
-        grads[0] = grads[0].to(hs.dtype)
-    return terms.divergence, grads
+    return terms.divergence, StudentGrads(*grads)
 
 
-class GatheredRows(torch.autograd.Function):
-    """``FusedRows``' contract on the gathered logits: ``row_weights`` given -> ``(value, divergence)``
-    with gradients computed in the forward; ``None`` -> ``(divergence,)``, gradients in backward."""
+class GatheredEngine:
+    """The renormalized top-k divergence from the k id logits only, as an ``Engine``."""
 
-    @staticmethod
-    def forward(ctx, hs, ws, bs, kernel, setup: RowSetup, row_weights):
-        want = tuple(ctx.needs_input_grad[:3])
-        ctx.set_materialize_grads(False)
-        ctx.dtypes = (ws.dtype, None if bs is None else bs.dtype)
-        with torch.no_grad():
-            if row_weights is None:
-                div, _ = _sweep(hs, ws, bs, kernel, setup, None, want)
-                ctx.save_for_backward(hs, ws, bs)
-                ctx.meta = (kernel, setup, want)
-                return (div,)
-            div, grads = _sweep(hs, ws, bs, kernel, setup, row_weights if any(want) else None, want)
-            ctx.save_for_backward(*grads)
-            ctx.meta = None
-            ctx.mark_non_differentiable(div)
-            return (div * row_weights).sum(), div
+    output_names = ("divergence",)
+    n_differentiable = 1
 
-    @staticmethod
-    def backward(ctx, grad, *_):
-        if grad is None:
-            return (None,) * 6
-        if ctx.meta is None:
-            grads = [None if t is None else t * grad.to(t.dtype) for t in ctx.saved_tensors]
-        else:
-            hs, ws, bs = ctx.saved_tensors
-            kernel, setup, want = ctx.meta
-            with torch.no_grad():
-                _, grads = _sweep(hs, ws, bs, kernel, setup, grad.to(accum_dtype(hs.dtype)), want)
-        weight_dtype, bias_dtype = ctx.dtypes
-        return (
-            grads[0],
-            None if grads[1] is None else grads[1].to(weight_dtype),
-            None if grads[2] is None else grads[2].to(bias_dtype),
-            None, None, None,
-        )  # fmt: skip
+    def __init__(self, categories: TopKCategories, setup: RowSetup) -> None:
+        self.categories, self.setup = categories, setup
+
+    def run(self, student: Student, upstream: Upstream | None, want: Want, state: None = None) -> EngineResult:
+        scale = None if upstream is None else upstream[0]
+        if upstream is not None and scale is None:
+            hs = student.hidden
+            scale = torch.zeros(hs.shape[0], dtype=accum_dtype(hs.dtype), device=hs.device)
+        divergence, grads = _sweep(*student, self.categories, self.setup, scale, want)
+        return EngineResult((divergence,), grads)

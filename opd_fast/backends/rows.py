@@ -4,24 +4,24 @@
 top-k teacher loss need only the student head, but whole (compared) vocabulary rows at
 once. This is that loop: ``chunked``'s GEMM tile (``Head``), chunk plan and gradient
 accumulators (``GradSink``) and ``tile_math``'s logit finishing, with the per-tile math
-swapped for a ``RowKernel``.
+swapped for a ``RowKernel`` (torch: ``row_math``; native: ``cpu_rows``). ``RowsEngine`` is the
+loop as an ``Engine``; it keeps no state between calls (a gradient call recomputes the tiles).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
 
 import torch
 
-from ..validation import HeadSpec
-from .chunked import GradSink, Head, Tuning, plan_chunks
-from .tile_math import accum_dtype, finish_logits, logits_grad_to_raw
+from ..core.call import HeadSpec, LossOptions
+from ..core.engine import EngineResult, Student, StudentGrads, Upstream, Want, accum_dtype
+from ..core.tuning import Tuning
+from .chunked import GradSink, Head, plan_chunks
+from .tile_math import finish_logits, logits_grad_to_raw
 
-__all__ = ["FusedRows", "RowKernel", "RowSetup", "Upstream", "sweep_rows"]
-
-Upstream = Sequence[torch.Tensor | None]
+__all__ = ["RowKernel", "RowSetup", "RowsEngine", "sweep_rows"]
 
 # fp32 chunk x V tiles alive at once in the row kernels (final logits, gradient, a temporary of
 # the reductions, and log q / q for the entropy), besides the GEMM's scratch buffer.
@@ -42,7 +42,7 @@ class RowKernel(Protocol):
     for the torch kernels' figure).
     """
 
-    n_outputs: int
+    output_names: tuple[str, ...]
     n_differentiable: int
 
     def __call__(
@@ -58,6 +58,10 @@ class RowSetup:
     temperature: float
     vocab: int
     tuning: Tuning
+
+    @classmethod
+    def of(cls, opts: LossOptions, tuning: Tuning) -> RowSetup:
+        return cls(opts.student, opts.temperature, opts.vocab_size, tuning)
 
 
 def sweep_rows(
@@ -84,7 +88,7 @@ def sweep_rows(
     buffer = torch.empty(chunk * vocab, dtype=hs.dtype, device=hs.device)
     if upstream is not None and head.scale != 1.0:
         upstream = [None if u is None else u * head.scale for u in upstream]  # the sink takes dL/d(h W^T + b)
-    outs = [torch.zeros(n, dtype=accum_dtype(hs.dtype), device=hs.device) for _ in range(kernel.n_outputs)]
+    outs = [torch.zeros(n, dtype=accum_dtype(hs.dtype), device=hs.device) for _ in kernel.output_names]
     for i0 in range(0, n, chunk):
         rows = slice(i0, min(i0 + chunk, n))
         h = hs[rows]
@@ -100,62 +104,19 @@ def sweep_rows(
     return outs
 
 
-class FusedRows(torch.autograd.Function):
-    """Autograd glue of ``sweep_rows`` for the student's hidden states, weight and bias.
+class RowsEngine:
+    """``sweep_rows`` with a ``RowKernel`` as an ``Engine`` (its outputs are the kernel's)."""
 
-    ``row_weights`` given: the loss is the scalar ``sum_i row_weights_i * out0_i``; its gradients
-    are accumulated during the forward sweep and only scaled in backward. Returns
-    ``(value, *outputs)``, outputs detached.
-    ``row_weights=None``: returns the per-row ``outputs``, the first ``kernel.n_differentiable``
-    differentiable; backward recomputes the logits with the incoming per-row gradients.
-    """
+    def __init__(self, kernel: RowKernel, setup: RowSetup) -> None:
+        self.kernel, self.setup = kernel, setup
+        self.output_names, self.n_differentiable = kernel.output_names, kernel.n_differentiable
 
-    @staticmethod
-    def forward(ctx, hs, ws, bs, kernel: RowKernel, setup: RowSetup, row_weights):
-        want = tuple(ctx.needs_input_grad[:3])
-        ctx.set_materialize_grads(False)
-        ctx.meta = (kernel, setup, want, row_weights is not None)
-        ctx.dtypes = (ws.dtype, None if bs is None else bs.dtype)
-        with torch.no_grad():
-            if row_weights is None:
-                outs = sweep_rows(hs, ws, bs, kernel, setup)
-                ctx.save_for_backward(hs, ws, bs)
-                ctx.mark_non_differentiable(*outs[kernel.n_differentiable :])
-                return tuple(outs)
-            sink = GradSink(hs, Head(ws, bs, setup.spec.scale), want, setup.tuning) if any(want) else None
-            upstream = [row_weights] + [None] * (kernel.n_differentiable - 1)
-            outs = sweep_rows(hs, ws, bs, kernel, setup, upstream if sink else None, sink)
-            ctx.save_for_backward(*((None,) * 3 if sink is None else (sink.grad_h, sink.grad_w, sink.grad_b)))
-            ctx.mark_non_differentiable(*outs)
-            return ((outs[0] * row_weights).sum(), *outs)
-
-    @staticmethod
-    def backward(ctx, *grads):
-        kernel, setup, want, scalar = ctx.meta
-        none = (None, None, None)
-        if scalar:
-            grad_h, grad_w, grad_b = ctx.saved_tensors
-            g = grads[0]
-            if g is None:
-                return (*none, None, None, None)
-            if bool(g != 1):  # a plain loss.backward() passes 1: skip three full-size passes
-                grad_h = None if grad_h is None else grad_h * g.to(grad_h.dtype)
-                grad_w = None if grad_w is None else grad_w * g
-                grad_b = None if grad_b is None else grad_b * g
-        else:
-            hs, ws, bs = ctx.saved_tensors
-            acc = accum_dtype(hs.dtype)
-            upstream = [None if g is None else g.to(acc) for g in grads[: kernel.n_differentiable]]
-            if all(u is None for u in upstream):
-                return (*none, None, None, None)
-            sink = GradSink(hs, Head(ws, bs, setup.spec.scale), want, setup.tuning)
-            with torch.no_grad():
-                sweep_rows(hs, ws, bs, kernel, setup, upstream, sink)
-            grad_h, grad_w, grad_b = sink.grad_h, sink.grad_w, sink.grad_b
-        weight_dtype, bias_dtype = ctx.dtypes
-        return (
-            grad_h,
-            None if grad_w is None else grad_w.to(weight_dtype),
-            None if grad_b is None else grad_b.to(bias_dtype),
-            None, None, None,
-        )  # fmt: skip
+    def run(self, student: Student, upstream: Upstream | None, want: Want, state: None = None) -> EngineResult:
+        hs, ws, bs = student
+        sink = None
+        if upstream is not None:
+            sink = GradSink(hs, Head(ws, bs, self.setup.spec.scale), (want.hidden, want.weight, want.bias),
+                            self.setup.tuning)  # fmt: skip
+        outs = sweep_rows(hs, ws, bs, self.kernel, self.setup, upstream, sink)
+        grads = None if sink is None else StudentGrads(sink.grad_h, sink.grad_w, sink.grad_b)
+        return EngineResult(tuple(outs), grads)

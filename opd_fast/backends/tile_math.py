@@ -34,7 +34,8 @@ from typing import NamedTuple
 
 import torch
 
-from ..validation import HeadSpec, LossOptions
+from ..core.call import HeadSpec, LossOptions
+from ..core.engine import accum_dtype
 
 
 class RowTerms(NamedTuple):
@@ -49,8 +50,8 @@ class RowTerms(NamedTuple):
 class HardLabels(NamedTuple):
     """Ground-truth labels of compacted rows for the hard-label cross-entropy.
 
-    ``scale`` is each row's coefficient of ``CE_i`` (in the loss at the backend's entry; the
-    gradient scale at the tile level), 0 where the row has no label; None = no gradient wanted.
+    ``scale`` is each row's gradient scale of ``CE_i`` (the upstream gradient of the engine's
+    ``cross_entropy`` output); None = no gradient wanted.
     """
 
     labels: torch.Tensor  # (n,) int64, NO_LABEL where the row has none
@@ -59,14 +60,6 @@ class HardLabels(NamedTuple):
     def chunk(self, rows: slice, scale: torch.Tensor | None) -> HardLabels:
         """The rows ``rows`` with the gradient scale ``scale`` (already sliced, or None)."""
         return HardLabels(self.labels[rows], scale)
-
-
-NO_LABEL = -1  # a compacted row without a ground-truth label (ignore_index, or no labels at all)
-
-
-def accum_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp32 accumulation for fp32/bf16/fp16 inputs; float64 stays float64 (gradcheck, references)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def finish_logits(raw: torch.Tensor, spec: HeadSpec, temperature: float) -> torch.Tensor:
@@ -211,8 +204,6 @@ def cross_entropy(z: torch.Tensor, lse_y: torch.Tensor, labels: torch.Tensor, te
 
 class TorchTileMath:
     """Full-row tile math in torch: what the native CPU kernel replaces."""
-
-    name = "torch"
 
     def live_bytes_per_logit(self, dtype: torch.dtype) -> int:
         """Six accumulation-dtype tiles are alive at once (two logits tiles, q, p, a, temporaries)."""

@@ -8,9 +8,8 @@ torch on ``(n, k + 1)`` tensors. The gradient splits the same way: outside the i
 dense shape (``tail_grad``, recomputed tiles, atomic gradient GEMMs), on the ids it is a
 k-sparse correction done here in ``O(n k H)``. No ``chunk x V`` tensor is ever allocated.
 
-``TritonRows`` has ``rows.FusedRows``' contract (scalar ``row_weights``: gradients during the
-forward; ``None``: per-row outputs, gradients in backward), so the public functions swap one for
-the other. Like ``triton_backend``, the tests run it on CPU tensors under ``TRITON_INTERPRET=1``.
+``TritonRowsEngine`` is this as an ``Engine``: a gradient-only call reuses the forward's per-row
+state (no second sweep). Like ``triton_backend``, it runs on CPU tensors under ``TRITON_INTERPRET=1``.
 """
 
 from __future__ import annotations
@@ -19,15 +18,16 @@ from typing import NamedTuple, Protocol
 
 import torch
 
-from .rows import RowSetup, Upstream
+from ..core.engine import EngineResult, Student, StudentGrads, Upstream, Want
+from .row_math import TopKCategories
+from .rows import RowSetup
 from .tile_math import grad_from_terms, logits_grad_to_raw
 from .triton import BlockConfig, launch_tail_grad, launch_tail_lse, pick_config
 from .triton.common import NO_ID
-from .triton_backend import device_arch, on_device, vocab_splits
+from .triton_backend import check_dtypes, device_arch, on_device, vocab_splits
 
-__all__ = ["LogProbMath", "RowMath", "TopKMath", "TritonRows"]
+__all__ = ["LogProbMath", "RowMath", "TopKMath", "TritonRowsEngine"]
 
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _NEG_INF = float("-inf")
 
 
@@ -58,7 +58,7 @@ class RowMath(Protocol):
     ids: torch.Tensor
     valid: torch.Tensor
     entropy: bool
-    n_outputs: int
+    output_names: tuple[str, ...]
     n_differentiable: int
 
     def outputs(self, state: RowState) -> list[torch.Tensor]: ...
@@ -81,12 +81,12 @@ def _entropy(state: RowState, lse: torch.Tensor) -> torch.Tensor:
 class LogProbMath:
     """``log q(y)`` and optionally the entropy; the token's column is the id set (k = 1)."""
 
-    def __init__(self, rows) -> None:
-        """``rows``: ``logprobs._LogProbRows`` (its ``token_ids`` and ``entropy``)."""
-        self.ids = rows.token_ids[:, None]
+    def __init__(self, token_ids: torch.Tensor, entropy: bool) -> None:
+        self.ids = token_ids[:, None]
         self.valid = torch.ones_like(self.ids, dtype=torch.bool)
-        self.entropy = rows.entropy
-        self.n_outputs = self.n_differentiable = rows.n_outputs
+        self.entropy = entropy
+        self.output_names = ("logprob", "entropy") if entropy else ("logprob",)
+        self.n_differentiable = len(self.output_names)
 
     def _values(self, state: RowState) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         z_y = state.z_ids[:, 0]
@@ -112,21 +112,21 @@ class LogProbMath:
 
 
 class TopKMath:
-    """The top-k teacher loss on its categories (``topk._TopKRows``' math, from a ``RowState``)."""
+    """The top-k teacher loss on its categories (``row_math.TopKCategories``, from a ``RowState``)."""
 
     n_differentiable = 1
 
-    def __init__(self, rows) -> None:
-        """``rows``: ``topk._TopKRows`` (its ids, category math, tail and outputs)."""
-        self.rows = rows
-        self.ids, self.valid, self.entropy = rows.ids, rows.valid, rows.entropy
-        self.bucket, self.n_outputs = rows.bucket, rows.n_outputs
+    def __init__(self, categories: TopKCategories, entropy: bool) -> None:
+        self.categories = categories
+        self.ids, self.valid, self.entropy, self.bucket = categories.ids, categories.valid, entropy, categories.bucket
+        stats = ("divergence", "student_lse", "student_topk_mass")
+        self.output_names = (*stats, "student_entropy") if entropy else stats
 
     def _terms(self, state: RowState):
         top = state.z_ids  # -inf on padding
         lse_top = torch.logsumexp(top, -1)
         lse = torch.logaddexp(state.lse_tail, lse_top)
-        return lse, lse_top, self.rows.category_terms(top, lse_top, state.lse_tail, lse)
+        return lse, lse_top, self.categories.category_terms(top, lse_top, state.lse_tail, lse)
 
     def outputs(self, state: RowState) -> list[torch.Tensor]:
         lse, lse_top, (terms, _, _) = self._terms(state)
@@ -164,27 +164,28 @@ def _sweep(hs, ws, bs, ids, order, math: RowMath, setup: RowSetup) -> RowState:
     return RowState(lse_tail, mean_tail, torch.empty_like(z_sorted).scatter_(1, order, z_sorted))
 
 
-def _gradients(hs, ws, bs, ids, math: RowMath, state: RowState, setup: RowSetup, upstream: Upstream, want):
-    """fp32 (grad_h, grad_w, grad_b): the dense tail kernel plus the k-sparse id columns."""
+def _gradients(hs, ws, bs, ids, math: RowMath, state: RowState, setup: RowSetup, upstream: Upstream, want: Want,
+               ) -> StudentGrads:  # fmt: skip
+    """fp32 gradients: the dense tail kernel plus the k-sparse id columns."""
     n, hidden = hs.shape
     dense, at_ids = math.gradient(state, upstream) if n else (None, state.z_ids)
-    want_b = want[2] and bs is not None
     if dense is None:
         acc = {"dtype": torch.float32, "device": hs.device}
-        grad_h = torch.zeros(n, hidden, **acc) if want[0] else None
-        grad_w = torch.zeros(ws.shape, **acc) if want[1] else None
-        grad_b = torch.zeros(ws.shape[0], **acc) if want_b else None
+        grad_h = torch.zeros(n, hidden, **acc) if want.hidden else None
+        grad_w = torch.zeros(ws.shape, **acc) if want.weight else None
+        grad_b = torch.zeros(ws.shape[0], **acc) if want.bias else None
     else:
         config = _tile_config("tail_grad", hs)
         splits = vocab_splits(hs.device, n, setup.vocab, config.block_m, config.block_n)
         slope = None if dense.slope is None else dense.slope.contiguous()
         grad_h, grad_w, grad_b = launch_tail_grad(hs, ws, bs, ids, dense.lse_ref.contiguous(), dense.coef.contiguous(),
-                                                  slope, setup, (want[0], want[1], want_b), config, splits)
+                                                  slope, setup, (want.hidden, want.weight, want.bias), config,
+                                                  splits)  # fmt: skip
     # dL/d(h W^T + b) on the ids: chain temperature, softcap (from the logits) and scale.
     z_ids = torch.where(torch.isfinite(state.z_ids), state.z_ids, 0.0)
     g = logits_grad_to_raw(at_ids.float(), z_ids, setup.spec, setup.temperature).mul_(setup.spec.scale)
     g = g.masked_fill_(~math.valid, 0.0)
-    hs32 = hs.float() if want[1] else None
+    hs32 = hs.float() if want.weight else None
     for j in range(math.ids.shape[1]):  # one (n, H) temporary at a time: O(n k H) in all
         col, ids_j = g[:, j, None], math.ids[:, j]
         if grad_h is not None:
@@ -193,58 +194,28 @@ def _gradients(hs, ws, bs, ids, math: RowMath, state: RowState, setup: RowSetup,
             grad_w.index_add_(0, ids_j, hs32 * col)
     if grad_b is not None:
         grad_b.index_add_(0, math.ids.reshape(-1), g.reshape(-1))
-    return grad_h, grad_w, grad_b
+    return StudentGrads(grad_h, grad_w, grad_b)
 
 
-class TritonRows(torch.autograd.Function):
-    """``rows.FusedRows``' contract on the Triton kernels, for a ``RowMath``.
+class TritonRowsEngine:
+    """A ``RowMath`` on the Triton kernels, as an ``Engine`` (state: the sorted ids and ``RowState``)."""
 
-    ``row_weights`` given: returns ``(sum_i row_weights_i * out0_i, *outputs)``, gradients computed
-    during the forward and scaled in backward. ``None``: returns the per-row outputs, the first
-    ``math.n_differentiable`` differentiable; backward runs the gradient kernel with the incoming
-    per-row gradients (the forward's per-row state is kept: no second forward sweep).
-    """
+    def __init__(self, math: RowMath, setup: RowSetup) -> None:
+        self.math, self.setup = math, setup
+        self.output_names, self.n_differentiable = math.output_names, math.n_differentiable
 
-    @staticmethod
-    def forward(ctx, hs, ws, bs, math: RowMath, setup: RowSetup, row_weights):
-        if hs.dtype not in _DTYPES:
-            raise ValueError(f"backend='triton' supports fp32, fp16 and bf16 inputs; hidden is {hs.dtype}")
-        want = tuple(ctx.needs_input_grad[:3])
-        ctx.set_materialize_grads(False)
-        ctx.dtypes = (hs.dtype, ws.dtype, None if bs is None else bs.dtype)
-        with torch.no_grad(), on_device(hs.device):
-            ids, order = _sorted_ids(math)
-            state = _sweep(hs, ws, bs, ids, order, math, setup)
-            outs = math.outputs(state) if hs.shape[0] else [state.lse_tail.clone() for _ in range(math.n_outputs)]
-            if row_weights is None:
-                ctx.save_for_backward(hs, ws, bs)
-                ctx.meta = (math, setup, want, ids, state)
-                ctx.mark_non_differentiable(*outs[math.n_differentiable :])
-                return tuple(outs)
-            grads = (None, None, None)
-            if any(want):
-                upstream = [row_weights.float()] + [None] * (math.n_differentiable - 1)
-                grads = _gradients(hs, ws, bs, ids, math, state, setup, upstream, want)
-            ctx.save_for_backward(*grads)
-            ctx.meta = None
-            ctx.mark_non_differentiable(*outs)
-            return ((outs[0] * row_weights).sum(), *outs)
-
-    @staticmethod
-    def backward(ctx, *grads):
-        none = (None,) * 6
-        if ctx.meta is None:
-            g = grads[0]
-            if g is None:
-                return none
-            grads_in = [None if t is None else t * g for t in ctx.saved_tensors]
-        else:
-            hs, ws, bs = ctx.saved_tensors
-            math, setup, want, ids, state = ctx.meta
-            upstream = [None if g is None else g.float() for g in grads[: math.n_differentiable]]
-            if all(u is None for u in upstream):
-                return none
-            with torch.no_grad(), on_device(hs.device):
-                grads_in = _gradients(hs, ws, bs, ids, math, state, setup, upstream, want)
-        cast = [None if t is None else t.to(dtype) for t, dtype in zip(grads_in, ctx.dtypes, strict=True)]
-        return (*cast, None, None, None)
+    def run(self, student: Student, upstream: Upstream | None, want: Want,
+            state: tuple[torch.Tensor, RowState] | None = None) -> EngineResult:  # fmt: skip
+        hs, math = student.hidden, self.math
+        check_dtypes(hidden=hs)
+        with on_device(hs.device):
+            if state is None:
+                ids, order = _sorted_ids(math)
+                state = ids, _sweep(*student, ids, order, math, self.setup)
+            ids, rows = state
+            outs = math.outputs(rows) if hs.shape[0] else [rows.lse_tail.clone() for _ in math.output_names]
+            grads = None
+            if upstream is not None:
+                upstream = [None if u is None else u.float() for u in upstream]
+                grads = _gradients(*student, ids, math, rows, self.setup, upstream, want)
+        return EngineResult(tuple(outs), grads, state)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import available_backends, fused_linear_kl
-from ..validation import DIVERGENCES
+from ..core.call import DIVERGENCES
 from . import peers
 from .floor import gemm_floor_step
 from .inputs import TEMPERATURE, BenchInputs

@@ -71,7 +71,6 @@ def _kernel_arguments(kernel: str, divergence: str, dtype):
     """Launcher keyword arguments on meta tensors (shapes only): what a real launch would pass."""
     import torch
 
-    from ..backends.chunked import Tuning
     from ..backends.rows import RowSetup
     from ..backends.tile_math import HardLabels
     from ..backends.triton.grad import grad_arguments
@@ -79,7 +78,8 @@ def _kernel_arguments(kernel: str, divergence: str, dtype):
     from ..backends.triton.tail_grad import tail_grad_arguments
     from ..backends.triton.tail_lse import tail_lse_arguments
     from ..backends.triton.terms import terms_arguments
-    from ..validation import HeadSpec, LossOptions
+    from ..core.call import HeadSpec, LossOptions
+    from ..core.tuning import Tuning
 
     divergence, *extras = divergence.split("+")
     n, hs_dim, ht_dim, vocab = SHAPE["n"], SHAPE["hs"], SHAPE["ht"], SHAPE["vocab"]

@@ -11,9 +11,11 @@ import torch
 
 import opd_fast
 from opd_fast import Tuning
-from opd_fast.backends import chunked, cpu_native, resolve
-from opd_fast.backends.tile_math import NO_LABEL, HardLabels, TorchTileMath
-from opd_fast.validation import HeadSpec, LossOptions
+from opd_fast.backends import chunked, cpu_native
+from opd_fast.backends.tile_math import HardLabels, TorchTileMath
+from opd_fast.core.call import HeadSpec, LossOptions
+from opd_fast.core.dispatch import resolve
+from opd_fast.core.tokens import NO_LABEL
 
 AVAILABLE, WHY = cpu_native.availability()
 needs_lib = pytest.mark.skipif(not AVAILABLE, reason=f"native library not built: {WHY}")

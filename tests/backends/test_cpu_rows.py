@@ -9,9 +9,8 @@ import opd_fast
 from opd_fast import Tuning
 from opd_fast.backends import cpu_native
 from opd_fast.backends.cpu_rows import NativeLogProbRows, NativeTopKRows
-from opd_fast.logprobs import _LogProbRows
-from opd_fast.topk import _TopKRows
-from opd_fast.validation import HeadSpec, LossOptions
+from opd_fast.backends.row_math import LogProbRows, TopKCategories, TopKRows
+from opd_fast.core.call import HeadSpec, LossOptions
 
 AVAILABLE, WHY = cpu_native.availability()
 pytestmark = pytest.mark.skipif(not AVAILABLE, reason=f"native library not built: {WHY}")
@@ -163,12 +162,12 @@ def _topk_rows(tail, divergence="jsd", beta=0.3, temperature=1.3, softcap=6.0, n
     ids, log_p = _teacher(n=n, v=v, k=k, seed=2)
     opts = LossOptions(divergence, beta, temperature, False, "mean", None, HeadSpec(softcap=softcap),
                        HeadSpec(softcap=None), v)  # fmt: skip
-    return NativeTopKRows(_TopKRows(ids, log_p, opts, tail, entropy=True), opts, **native)
+    return NativeTopKRows(TopKRows(TopKCategories(ids, log_p, opts, tail), entropy=True), opts, **native)
 
 
 def _logprob_rows(temperature=1.3, softcap=6.0, n=9, v=300, **native):
     ids = torch.randint(0, v, (n,), generator=torch.Generator().manual_seed(3))
-    return NativeLogProbRows(_LogProbRows(ids, entropy=True), HeadSpec(softcap=softcap), temperature, **native)
+    return NativeLogProbRows(LogProbRows(ids, entropy=True), HeadSpec(softcap=softcap), temperature, **native)
 
 
 def _call(kernel, raw, upstream, native=True):
@@ -220,4 +219,4 @@ def test_no_gradient_leaves_the_tile_and_returns_none():
     for kernel in (_topk_rows("bucket"), _logprob_rows()):
         raw = _raw(torch.float32)
         values, grad = kernel(raw, slice(0, 9), None)
-        assert grad is None and torch.equal(raw, _raw(torch.float32)) and len(values) == kernel.n_outputs
+        assert grad is None and torch.equal(raw, _raw(torch.float32)) and len(values) == len(kernel.output_names)

@@ -1,9 +1,8 @@
 """Triton backend: interpreter numerics against the float64 reference, and the compile check.
 
 The kernels run under ``TRITON_INTERPRET=1`` (set by ``tests/conftest.py`` when no GPU is
-present) on CPU tensors at tiny, odd shapes. Normal dispatch never offers Triton for CPU
-tensors, so the ``triton_loss`` fixture routes ``backend="triton"`` to the Triton runner;
-everything else (validation, compaction, reductions, stats) is the public ``fused_linear_kl``.
+present) on CPU tensors at tiny, odd shapes, through the public ``fused_linear_kl`` with
+``backend="triton"`` (which the interpreter makes available for CPU tensors).
 bf16 is covered by the compile check only: ``tl.dot`` on bf16 is broken in the interpreter.
 """
 
@@ -18,10 +17,11 @@ import warnings
 import pytest
 import torch
 
-from opd_fast import loss, reference
-from opd_fast.backends import availability, triton_backend
-from opd_fast.backends.chunked import Tuning
+import opd_fast
+from opd_fast import Tuning, reference
+from opd_fast.backends import triton_backend
 from opd_fast.backends.triton import configs_for, pick_config
+from opd_fast.core.dispatch import availability, resolve
 
 pytestmark = pytest.mark.skipif(
     torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1",
@@ -36,12 +36,10 @@ HEADS = dict(
 
 
 @pytest.fixture
-def triton_loss(monkeypatch):
-    """``fused_linear_kl`` whose ``backend="triton"`` reaches the Triton runner on CPU tensors."""
-    real = loss.resolve
-    monkeypatch.setattr(loss, "resolve", lambda name, device: "triton" if name == "triton" else real(name, device))
+def triton_loss():
+    """The public ``fused_linear_kl`` (its ``backend="triton"`` runs the kernels in the interpreter)."""
     warnings.filterwarnings("ignore", category=RuntimeWarning)  # numpy inf - inf in masked lanes
-    return loss.fused_linear_kl
+    return opd_fast.fused_linear_kl
 
 
 def make(dtype=torch.float32, v_s=V, v_t=V, bias=True):
@@ -224,12 +222,15 @@ def test_hard_labels_gpu_configs_in_the_interpreter(triton_loss, seed, monkeypat
     compare(triton_loss, make(), divergence="reverse_kl", labels=hard_labels(), hard_weight=0.4, **HEADS)
 
 
-def test_rejects_float64_and_is_never_auto_on_cpu(triton_loss, seed):
+def test_rejects_float64_and_is_never_auto_on_cpu(triton_loss, seed, monkeypatch):
     t = make(torch.float64, bias=False)
     with pytest.raises(ValueError, match=r"float64"):
         triton_loss(*t.values(), backend="triton")
-    assert not availability("triton", torch.device("cpu"))[0]
-    assert loss.resolve("auto", torch.device("cpu")) != "triton"
+    assert availability("triton", torch.device("cpu"))[0]  # the interpreter runs CPU tensors
+    assert resolve("auto", torch.device("cpu")) != "triton"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    ok, why = availability("triton", torch.device("cpu"))
+    assert not ok and "CUDA" in why
 
 
 @pytest.mark.parametrize("arch", [80, 90])

@@ -1,15 +1,13 @@
 """Triton backend of the single-head losses (``fused_linear_logprobs``, ``fused_linear_kl_topk``).
 
 Interpreter numerics (``TRITON_INTERPRET=1``, CPU tensors, tiny odd shapes) against the float64
-reference, through the public functions: the ``triton`` fixture routes ``backend="triton"`` past
-the CUDA-only availability check (normal dispatch never offers Triton for CPU tensors), the way
-``test_triton.py`` does for ``fused_linear_kl``. The compile check of ``tail_lse`` / ``tail_grad``
+reference, through the public functions with ``backend="triton"`` (which the interpreter makes
+available for CPU tensors). The compile check of ``tail_lse`` / ``tail_grad``
 is ``test_triton.py::test_compile_check_default_configs``.
 """
 
 from __future__ import annotations
 
-import importlib
 import math
 import os
 import warnings
@@ -18,9 +16,8 @@ import pytest
 import torch
 
 import opd_fast
-from opd_fast import reference
+from opd_fast import Tuning, reference
 from opd_fast.backends import triton_rows
-from opd_fast.backends.chunked import Tuning
 from opd_fast.backends.triton import configs_for
 
 pytestmark = pytest.mark.skipif(
@@ -36,17 +33,10 @@ STATS = ("divergence", "student_lse", "student_entropy", "student_topk_mass", "t
 
 
 @pytest.fixture
-def triton(monkeypatch):
-    """(logprobs, topk) public functions whose ``backend="triton"`` runs the kernels on CPU tensors."""
-    fns = []
-    for name in ("logprobs", "topk"):
-        module = importlib.import_module(f"opd_fast.{name}")
-        real = module.resolve
-        route = lambda b, device, *rest, real=real: "triton" if b == "triton" else real(b, device, *rest)
-        monkeypatch.setattr(module, "resolve", route)
-        fns.append(getattr(module, f"fused_linear_{name}" if name == "logprobs" else "fused_linear_kl_topk"))
+def triton():
+    """The public (logprobs, topk) functions (their ``backend="triton"`` runs in the interpreter)."""
     warnings.filterwarnings("ignore", category=RuntimeWarning)  # numpy inf - inf in masked lanes
-    return tuple(fns)
+    return opd_fast.fused_linear_logprobs, opd_fast.fused_linear_kl_topk
 
 
 def student(dtype=torch.float32, n=N, v=V, bias=True, spread=1.0):
@@ -246,11 +236,12 @@ def test_rejects_float64(triton, seed):
         triton[0](hidden, weight, torch.randint(0, V, (N,)), backend="triton")
 
 
-def test_refuses_cpu_tensors_and_is_never_auto_on_cpu(seed):
+def test_refuses_cpu_tensors_without_the_interpreter_and_is_never_auto_on_cpu(seed, monkeypatch):
     hidden, weight, _ = student(bias=False)
     ids = torch.randint(0, V, (N,))
     torch.testing.assert_close(opd_fast.fused_linear_logprobs(hidden, weight, ids, backend="auto"),
                                opd_fast.fused_linear_logprobs(hidden, weight, ids, backend="torch"))  # fmt: skip
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="Triton kernels need CUDA tensors"):
         opd_fast.fused_linear_logprobs(hidden, weight, ids, backend="triton")
     with pytest.raises(RuntimeError, match="Triton kernels need CUDA tensors"):

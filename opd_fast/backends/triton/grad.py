@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ...validation import LossOptions
+from ...core.call import LossOptions
 from ..tile_math import HardLabels
 from .common import (
     GRAD_HEURISTICS,

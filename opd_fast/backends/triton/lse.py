@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ...validation import LossOptions
+from ...core.call import LossOptions
 from .common import (
     HEAD_HEURISTICS,
     LABEL_HEURISTICS,

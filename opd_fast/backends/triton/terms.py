@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ...validation import LossOptions
+from ...core.call import LossOptions
 from .common import (
     FORWARD_KL,
     HEAD_HEURISTICS,

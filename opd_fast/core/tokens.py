@@ -9,11 +9,21 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
-from .backends.tile_math import NO_LABEL, HardLabels, accum_dtype
-from .validation import LossOptions
+from .call import HardLabelArgs, LossCall, LossOptions
+from .engine import accum_dtype
+
+NO_LABEL = -1  # a compacted row without a ground-truth label (ignore_index, or no labels at all)
+
+
+class RowLabels(NamedTuple):
+    """The counted rows' labels (``NO_LABEL`` where none) and their cross-entropy's reduction coefficients."""
+
+    ids: torch.Tensor
+    coefficients: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -23,6 +33,12 @@ class TokenRows:
     leading: tuple[int, ...]
     rows: torch.Tensor | None  # flat indices of counted tokens; None = all tokens count
     weights: torch.Tensor  # token weight per counted row, in the accumulation dtype
+
+    @classmethod
+    def of(cls, call: LossCall) -> TokenRows:
+        """The counted tokens of ``call`` (its mask), weighted by its token weights."""
+        hidden = call.student.hidden
+        return cls.build(call.leading, hidden.dtype, hidden.device, call.mask, call.token_weights)
 
     @classmethod
     def build(
@@ -56,13 +72,13 @@ class TokenRows:
         """Per-row c_i such that the loss is sum_i c_i D_i ("mean"/"sum") or c_i D_i ("none")."""
         return _reduction_coefficients(self.weights, opts) * opts.loss_scale
 
-    def labels(self, labels: torch.Tensor, ignore_index: int, opts: LossOptions) -> HardLabels:
-        """The counted rows' labels (``NO_LABEL`` for ``ignore_index``) and the coefficients of their
-        cross-entropy *before* ``hard_weight``: "mean" averages over the labelled tokens only."""
-        ids = self.take(labels).long()
-        labelled = ids != ignore_index
-        weights = self.weights * labelled
-        return HardLabels(torch.where(labelled, ids, NO_LABEL), _reduction_coefficients(weights, opts))
+    def labels(self, hard: HardLabelArgs, opts: LossOptions) -> RowLabels:
+        """The counted rows' labels and the coefficients of their cross-entropy *before*
+        ``hard_weight`` (the ``hard_loss`` statistic): "mean" averages over the labelled tokens only."""
+        ids = self.take(hard.labels).long()
+        labelled = ids != hard.ignore_index
+        coefficients = _reduction_coefficients(self.weights * labelled, opts)
+        return RowLabels(torch.where(labelled, ids, NO_LABEL), coefficients)
 
 
 def _reduction_coefficients(weights: torch.Tensor, opts: LossOptions) -> torch.Tensor:

@@ -1,51 +1,36 @@
-"""Argument checking shared by every backend of the fused divergence losses.
+"""Argument checking of the fused losses: the public arguments in, a validated ``LossCall`` out.
 
-One place decides what a legal call looks like, so the reference, the chunked-torch
-path, the native CPU kernel and the Triton kernels all reject the same inputs with the
-same messages. Every error names the argument and the sizes/dtypes it saw.
+One place decides what a legal call looks like, so the reference, the chunked-torch path, the
+native CPU kernel and the Triton kernels all reject the same inputs with the same messages.
+Every error names the argument and the sizes/dtypes it saw. ``kl_call``, ``topk_call`` and
+``logprobs_call`` read the public functions' arguments by name (their ``locals()``), so each
+signature is written once, in the public function.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd")
-REDUCTIONS = ("mean", "sum", "none")
-
-
-@dataclass(frozen=True)
-class HeadSpec:
-    """How one side (student or teacher) turns hidden states into logits.
-
-    logits = softcap(scale * (h @ W[:vocab]^T + b[:vocab])) / temperature
-    """
-
-    scale: float = 1.0
-    softcap: float | None = None
-
-
-@dataclass(frozen=True)
-class LossOptions:
-    """Validated scalar options of a divergence loss (everything but the tensors)."""
-
-    divergence: str
-    beta: float
-    temperature: float
-    temperature_sq_scaling: bool
-    reduction: str
-    num_items: float | None
-    student: HeadSpec
-    teacher: HeadSpec
-    vocab_size: int
-    hard_weight: float = 0.0  # weight of the hard-label cross-entropy (fused_linear_kl with labels)
-
-    @property
-    def loss_scale(self) -> float:
-        """Factor applied to every per-token value (T^2 when requested)."""
-        return self.temperature**2 if self.temperature_sq_scaling else 1.0
+from .call import (
+    BACKEND_NAMES,
+    DIVERGENCES,
+    REDUCTIONS,
+    TAILS,
+    TOPK_PAD_ID,
+    HardLabelArgs,
+    Head,
+    HeadSpec,
+    LossCall,
+    LossOptions,
+    SampledTokens,
+    TeacherHead,
+    TopKTeacher,
+)
+from .tuning import Tuning
 
 
 def _shape(t: torch.Tensor) -> tuple[int, ...]:
@@ -174,6 +159,9 @@ def validate_token_tensors(
             raise ValueError(f"token_weights must be floating point, got dtype {token_weights.dtype}")
         if token_weights.device != device:
             raise ValueError(f"token_weights is on {token_weights.device} but the hidden states are on {device}")
+        counted = token_weights if mask is None else token_weights[mask]
+        if bool((counted < 0).any()):  # a negative weight would turn "mean" into an unnormalized sum
+            raise ValueError(f"token_weights must be >= 0 on counted tokens, got a minimum of {float(counted.min()):g}")
     return mask, token_weights
 
 
@@ -188,7 +176,7 @@ def validate_common(
     """Check the options shared by all losses; return ``num_items`` as a float (or None)."""
     if divergence is not None and divergence not in DIVERGENCES:
         raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
-    if not isinstance(beta, (int, float)) or not 0.0 <= float(beta) <= 1.0:
+    if not isinstance(beta, (int, float)) or isinstance(beta, bool) or not 0.0 <= float(beta) <= 1.0:
         raise ValueError(f"beta must be in [0, 1], got {beta!r}")
     _check_positive("temperature", temperature)
     if reduction not in REDUCTIONS:
@@ -198,7 +186,8 @@ def validate_common(
             if num_items.numel() != 1:
                 raise ValueError(f"num_items must be a scalar, got a tensor of shape {_shape(num_items)}")
             num_items = float(num_items.item())
-        if not isinstance(num_items, (int, float)) or not math.isfinite(num_items) or num_items <= 0:
+        if not isinstance(num_items, (int, float)) or isinstance(num_items, bool) or not math.isfinite(num_items) \
+                or num_items <= 0:
             raise ValueError(f"num_items must be a finite number > 0, got {num_items!r}")
         num_items = float(num_items)
     return num_items
@@ -247,61 +236,7 @@ def validate_head_spec(prefix: str, scale: float, softcap: float | None) -> Head
     return HeadSpec(scale=float(scale), softcap=None if softcap is None else float(softcap))
 
 
-def validate_kl_call(
-    student_hidden: torch.Tensor,
-    student_weight: torch.Tensor,
-    teacher_hidden: torch.Tensor,
-    teacher_weight: torch.Tensor,
-    *,
-    divergence: str,
-    beta: float,
-    temperature: float,
-    temperature_sq_scaling: bool,
-    mask: torch.Tensor | None,
-    token_weights: torch.Tensor | None,
-    reduction: str,
-    num_items: float | torch.Tensor | None,
-    student_bias: torch.Tensor | None,
-    teacher_bias: torch.Tensor | None,
-    student_logit_scale: float,
-    teacher_logit_scale: float,
-    student_softcap: float | None,
-    teacher_softcap: float | None,
-    vocab_size: int | None,
-    labels: torch.Tensor | None = None,
-    hard_weight: float = 0.0,
-    ignore_index: int = -100,
-) -> tuple[LossOptions, torch.Tensor | None, torch.Tensor | None]:
-    """Validate a ``fused_linear_kl`` call; return (options, mask, token_weights) normalized."""
-    num = validate_common(
-        beta=beta, temperature=temperature, reduction=reduction, num_items=num_items, divergence=divergence
-    )
-    k = validate_heads(
-        student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias, teacher_bias, vocab_size
-    )
-    leading = tuple(student_hidden.shape[:-1])
-    mask, token_weights = validate_token_tensors(leading, student_hidden.device, mask, token_weights)
-    hard = validate_labels(labels, hard_weight, ignore_index, leading, student_hidden.device, mask, k)
-    options = LossOptions(
-        divergence=divergence,
-        beta=float(beta),
-        temperature=float(temperature),
-        temperature_sq_scaling=bool(temperature_sq_scaling),
-        reduction=reduction,
-        num_items=num,
-        student=validate_head_spec("student_", student_logit_scale, student_softcap),
-        teacher=validate_head_spec("teacher_", teacher_logit_scale, teacher_softcap),
-        vocab_size=k,
-        hard_weight=hard,
-    )
-    return options, mask, token_weights
-
-
 # ---- top-k teacher and per-token log-prob losses ------------------------------------------------
-
-TAILS = ("bucket", "renormalize")
-TOPK_PAD_ID = -1  # a top-k slot holding this id is padding: it is ignored, whatever its log-prob
-
 
 def _check_ids(name: str, ids: torch.Tensor, leading: tuple[int, ...], device: torch.device) -> None:
     if not isinstance(ids, torch.Tensor):
@@ -312,64 +247,6 @@ def _check_ids(name: str, ids: torch.Tensor, leading: tuple[int, ...], device: t
         raise ValueError(f"{name} must start with the leading shape {leading}, got {_shape(ids)}")
     if ids.device != device:
         raise ValueError(f"{name} is on {ids.device} but the hidden states are on {device}")
-
-
-def validate_topk_call(
-    student_hidden: torch.Tensor,
-    student_weight: torch.Tensor,
-    teacher_topk_ids: torch.Tensor,
-    teacher_topk_logprobs: torch.Tensor,
-    *,
-    divergence: str,
-    beta: float,
-    temperature: float,
-    temperature_sq_scaling: bool,
-    tail: str,
-    mask: torch.Tensor | None,
-    token_weights: torch.Tensor | None,
-    reduction: str,
-    num_items: float | torch.Tensor | None,
-    student_bias: torch.Tensor | None,
-    student_logit_scale: float,
-    student_softcap: float | None,
-    vocab_size: int | None,
-) -> tuple[LossOptions, torch.Tensor | None, torch.Tensor | None]:
-    """Validate the shapes and options of a ``fused_linear_kl_topk`` call (values: ``validate_topk_values``)."""
-    num = validate_common(
-        beta=beta, temperature=temperature, reduction=reduction, num_items=num_items, divergence=divergence
-    )
-    if tail not in TAILS:
-        raise ValueError(f"tail must be one of {TAILS}, got {tail!r}")
-    v_s, _ = _check_head("student_", student_hidden, student_weight, student_bias)
-    leading = tuple(student_hidden.shape[:-1])
-    ids, logprobs = teacher_topk_ids, teacher_topk_logprobs
-    _check_ids("teacher_topk_ids", ids, leading, student_hidden.device)
-    if ids.dim() != len(leading) + 1:
-        raise ValueError(f"teacher_topk_ids must have shape (*{leading}, k), got {_shape(ids)}")
-    _check_float("teacher_topk_logprobs", logprobs)
-    if logprobs.shape != ids.shape:
-        raise ValueError(
-            f"teacher_topk_logprobs has shape {_shape(logprobs)} but teacher_topk_ids has shape {_shape(ids)}: "
-            "both must be (*leading, k) with the same k"
-        )
-    if ids.shape[-1] < 1:
-        raise ValueError(f"k (the last dimension of teacher_topk_ids) must be >= 1, got shape {_shape(ids)}")
-    if logprobs.device != student_hidden.device:
-        raise ValueError(f"teacher_topk_logprobs is on {logprobs.device} but the hidden states are on "
-                         f"{student_hidden.device}")
-    mask, token_weights = validate_token_tensors(leading, student_hidden.device, mask, token_weights)
-    options = LossOptions(
-        divergence=divergence,
-        beta=float(beta),
-        temperature=float(temperature),
-        temperature_sq_scaling=bool(temperature_sq_scaling),
-        reduction=reduction,
-        num_items=num,
-        student=validate_head_spec("student_", student_logit_scale, student_softcap),
-        teacher=HeadSpec(),  # the teacher arrives as log-probs: no head
-        vocab_size=resolve_vocab(v_s, None, vocab_size),
-    )
-    return options, mask, token_weights
 
 
 def logprob_tolerance(dtype: torch.dtype) -> float:
@@ -412,20 +289,117 @@ def validate_topk_values(ids: torch.Tensor, logprobs: torch.Tensor, vocab: int, 
         )
 
 
-def validate_logprobs_call(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    token_ids: torch.Tensor,
-    *,
-    temperature: float,
-    bias: torch.Tensor | None,
-    logit_scale: float,
-    softcap: float | None,
-) -> HeadSpec:
-    """Validate a ``fused_linear_logprobs`` call; return its head spec."""
+# ---- the calls -------------------------------------------------------------------------------
+
+
+def _backend_and_tuning(args: Mapping[str, Any]) -> tuple[Any, Tuning]:
+    backend, tuning = args.get("backend", "reference"), args.get("tuning")
+    if backend not in BACKEND_NAMES:
+        raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {backend!r}")
+    if tuning is not None and not isinstance(tuning, Tuning):
+        raise TypeError(f"tuning must be an opd_fast.Tuning, got {type(tuning).__name__}")
+    return backend, tuning or Tuning()
+
+
+def _common(args: Mapping[str, Any]) -> float | None:
+    """``validate_common`` on a divergence call's arguments; returns ``num_items`` as a float."""
+    return validate_common(beta=args["beta"], temperature=args["temperature"], reduction=args["reduction"],
+                           num_items=args["num_items"], divergence=args["divergence"])
+
+
+def _options(args: Mapping[str, Any], num: float | None, student: HeadSpec, teacher: HeadSpec, vocab: int,
+             hard_weight: float = 0.0) -> LossOptions:
+    return LossOptions(
+        divergence=args["divergence"],
+        beta=float(args["beta"]),
+        temperature=float(args["temperature"]),
+        temperature_sq_scaling=bool(args["temperature_sq_scaling"]),
+        reduction=args["reduction"],
+        num_items=num,
+        student=student,
+        teacher=teacher,
+        vocab_size=vocab,
+        hard_weight=hard_weight,
+    )
+
+
+def kl_call(args: Mapping[str, Any]) -> LossCall:
+    """Validate the arguments of ``fused_linear_kl`` (by name) into a ``LossCall``."""
+    hs, ws, bs = args["student_hidden"], args["student_weight"], args["student_bias"]
+    ht, wt, bt = args["teacher_hidden"], args["teacher_weight"], args["teacher_bias"]
+    num = _common(args)
+    k = validate_heads(hs, ws, ht, wt, bs, bt, args["vocab_size"])
+    leading = tuple(hs.shape[:-1])
+    mask, token_weights = validate_token_tensors(leading, hs.device, args["mask"], args["token_weights"])
+    labels = args["labels"]
+    hard_weight = validate_labels(labels, args["hard_weight"], args["ignore_index"], leading, hs.device, mask, k)
+    student = validate_head_spec("student_", args["student_logit_scale"], args["student_softcap"])
+    teacher = validate_head_spec("teacher_", args["teacher_logit_scale"], args["teacher_softcap"])
+    backend, tuning = _backend_and_tuning(args)
+    return LossCall(
+        student=Head(hs, ws, bs),
+        teacher=TeacherHead(Head(ht.detach(), wt.detach(), None if bt is None else bt.detach())),
+        options=_options(args, num, student, teacher, k, hard_weight),
+        mask=mask,
+        token_weights=token_weights,
+        hard=None if labels is None else HardLabelArgs(labels, args["ignore_index"]),
+        backend=backend,
+        return_stats=bool(args["return_stats"]),
+        tuning=tuning,
+    )
+
+
+def topk_call(args: Mapping[str, Any]) -> LossCall:
+    """Validate the arguments of ``fused_linear_kl_topk`` (by name) into a ``LossCall``.
+
+    The top-k values are checked on the counted tokens only (masked tokens are never read).
+    """
+    hs, ws, bs = args["student_hidden"], args["student_weight"], args["student_bias"]
+    ids, logprobs, tail = args["teacher_topk_ids"], args["teacher_topk_logprobs"], args["tail"]
+    num = _common(args)
+    if tail not in TAILS:
+        raise ValueError(f"tail must be one of {TAILS}, got {tail!r}")
+    v_s, _ = _check_head("student_", hs, ws, bs)
+    leading = tuple(hs.shape[:-1])
+    _check_ids("teacher_topk_ids", ids, leading, hs.device)
+    if ids.dim() != len(leading) + 1:
+        raise ValueError(f"teacher_topk_ids must have shape (*{leading}, k), got {_shape(ids)}")
+    _check_float("teacher_topk_logprobs", logprobs)
+    if logprobs.shape != ids.shape:
+        raise ValueError(
+            f"teacher_topk_logprobs has shape {_shape(logprobs)} but teacher_topk_ids has shape {_shape(ids)}: "
+            "both must be (*leading, k) with the same k"
+        )
+    if ids.shape[-1] < 1:
+        raise ValueError(f"k (the last dimension of teacher_topk_ids) must be >= 1, got shape {_shape(ids)}")
+    if logprobs.device != hs.device:
+        raise ValueError(f"teacher_topk_logprobs is on {logprobs.device} but the hidden states are on {hs.device}")
+    mask, token_weights = validate_token_tensors(leading, hs.device, args["mask"], args["token_weights"])
+    vocab = resolve_vocab(v_s, None, args["vocab_size"])
+    logprobs = logprobs.detach()
+    counted = (ids, logprobs) if mask is None else (ids[mask], logprobs[mask])
+    validate_topk_values(*(t.reshape(-1, ids.shape[-1]) for t in counted), vocab, tail)
+    student = validate_head_spec("student_", args["student_logit_scale"], args["student_softcap"])
+    backend, tuning = _backend_and_tuning(args)
+    return LossCall(
+        student=Head(hs, ws, bs),
+        teacher=TopKTeacher(ids, logprobs, tail),
+        options=_options(args, num, student, HeadSpec(), vocab),  # the teacher arrives as log-probs: no head
+        mask=mask,
+        token_weights=token_weights,
+        hard=None,
+        backend=backend,
+        return_stats=bool(args["return_stats"]),
+        tuning=tuning,
+    )
+
+
+def logprobs_call(args: Mapping[str, Any]) -> LossCall:
+    """Validate the arguments of ``fused_linear_logprobs`` (by name) into a ``LossCall``."""
+    hidden, weight, bias, token_ids = args["hidden"], args["weight"], args["bias"], args["token_ids"]
     vocab, _ = _check_head("", hidden, weight, bias)
-    spec = validate_head_spec("", logit_scale, softcap)
-    _check_positive("temperature", temperature)
+    spec = validate_head_spec("", args["logit_scale"], args["softcap"])
+    _check_positive("temperature", args["temperature"])
     leading = tuple(hidden.shape[:-1])
     _check_ids("token_ids", token_ids, leading, hidden.device)
     if token_ids.dim() != len(leading):
@@ -434,4 +408,19 @@ def validate_logprobs_call(
         raise ValueError(
             f"token_ids must be in [0, {vocab}), got values in [{int(token_ids.min())}, {int(token_ids.max())}]"
         )
-    return spec
+    backend, tuning = _backend_and_tuning(args)
+    options = LossOptions(
+        divergence="forward_kl", beta=0.0, temperature=float(args["temperature"]), temperature_sq_scaling=False,
+        reduction="none", num_items=None, student=spec, teacher=HeadSpec(), vocab_size=vocab,
+    )  # fmt: skip
+    return LossCall(
+        student=Head(hidden, weight, bias),
+        teacher=SampledTokens(token_ids),
+        options=options,
+        mask=None,
+        token_weights=None,
+        hard=None,
+        backend=backend,
+        return_stats=bool(args["return_entropy"]),
+        tuning=tuning,
+    )

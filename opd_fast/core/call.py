@@ -1,0 +1,128 @@
+"""One description of a fused loss call: typed, immutable, validated once.
+
+The public functions (``fused_linear_kl``, ``fused_linear_kl_topk``, ``fused_linear_logprobs``)
+turn their arguments into a ``LossCall`` (``validation``); the float64 reference and every
+backend read that and nothing else. The student is always a head (hidden states + LM head); the
+teacher's signal is one of three kinds:
+
+* ``TeacherHead``   - the teacher's hidden states and LM head (the full distribution);
+* ``TopKTeacher``   - the teacher's top-k ids and log-probs per token (e.g. a served teacher);
+* ``SampledTokens`` - token ids only: the loss is the student's log-prob of each (and entropy).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from .tuning import Tuning
+
+Divergence = Literal["forward_kl", "reverse_kl", "jsd", "tvd"]
+Reduction = Literal["mean", "sum", "none"]
+Tail = Literal["bucket", "renormalize"]
+Backend = Literal["auto", "torch", "cpu", "triton", "reference"]
+
+DIVERGENCES: tuple[Divergence, ...] = ("forward_kl", "reverse_kl", "jsd", "tvd")
+REDUCTIONS: tuple[Reduction, ...] = ("mean", "sum", "none")
+TAILS: tuple[Tail, ...] = ("bucket", "renormalize")
+BACKEND_NAMES: tuple[Backend, ...] = ("auto", "torch", "cpu", "triton", "reference")
+TOPK_PAD_ID = -1  # a top-k slot holding this id is padding: it is ignored, whatever its log-prob
+# Lowest teacher tail mass in tail="bucket": served log-probs are rounded, and a top-k that sums to
+# one exactly would make reverse KL infinite as soon as the student keeps any mass outside it.
+TOPK_TAIL_FLOOR = 1e-9
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """How one side turns hidden states into logits: ``softcap(scale * (h @ W[:K]^T + b[:K])) / T``."""
+
+    scale: float = 1.0
+    softcap: float | None = None
+
+
+@dataclass(frozen=True)
+class LossOptions:
+    """The scalar options of a call (everything but the tensors), as the kernels read them.
+
+    Log-prob calls use ``temperature``, ``student`` and ``vocab_size`` only.
+    """
+
+    divergence: Divergence
+    beta: float
+    temperature: float
+    temperature_sq_scaling: bool
+    reduction: Reduction
+    num_items: float | None
+    student: HeadSpec
+    teacher: HeadSpec
+    vocab_size: int
+    hard_weight: float = 0.0  # weight of the hard-label cross-entropy (fused_linear_kl with labels)
+
+    @property
+    def loss_scale(self) -> float:
+        """Factor applied to every per-token divergence (T^2 when requested)."""
+        return self.temperature**2 if self.temperature_sq_scaling else 1.0
+
+
+@dataclass(frozen=True)
+class Head:
+    """Hidden states ``(..., H)`` and the LM head ``(V, H)`` / bias ``(V,)`` they meet."""
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class TeacherHead:
+    """The teacher's own head (detached: the teacher is a constant)."""
+
+    head: Head
+
+
+@dataclass(frozen=True)
+class TopKTeacher:
+    """The teacher's top-k per token: ids ``(..., k)`` (``TOPK_PAD_ID`` = padding) and log-probs."""
+
+    ids: torch.Tensor
+    logprobs: torch.Tensor
+    tail: Tail
+
+
+@dataclass(frozen=True)
+class SampledTokens:
+    """Token ids ``(...)``: the call returns the student's log-prob of each (and its entropy)."""
+
+    ids: torch.Tensor
+
+
+TeacherSignal = TeacherHead | TopKTeacher | SampledTokens
+
+
+@dataclass(frozen=True)
+class HardLabelArgs:
+    """Ground-truth ids ``(...)`` for the hard-label cross-entropy; ``ignore_index`` marks none."""
+
+    labels: torch.Tensor
+    ignore_index: int
+
+
+@dataclass(frozen=True)
+class LossCall:
+    """A validated call. ``mask`` (bool) and ``token_weights`` have the leading shape or are None."""
+
+    student: Head
+    teacher: TeacherSignal
+    options: LossOptions
+    mask: torch.Tensor | None
+    token_weights: torch.Tensor | None
+    hard: HardLabelArgs | None
+    backend: Backend
+    return_stats: bool  # per-token statistics; for log-probs, the entropy
+    tuning: Tuning
+
+    @property
+    def leading(self) -> tuple[int, ...]:
+        return tuple(self.student.hidden.shape[:-1])
