@@ -247,7 +247,7 @@ def topk_divergence_from_logits(
             values.append(row_q.new_zeros(()))
             continue
         values.append(divergence_from_logits(student[None], log_p[None], divergence, beta)[0])
-    return torch.stack(values) if values else log_q.new_zeros(0)
+    return torch.stack(values) if values else log_q.sum(-1)  # no rows: an empty tensor still on the graph
 
 
 def _topk_loss(call: LossCall, teacher: TopKTeacher) -> Any:

@@ -90,7 +90,7 @@ def _opd_backend(name: str, device: torch.device) -> Implementation:
 
         return loss
 
-    reason = available_backends(device).get(name, f"unknown opd-fast backend {name!r}")
+    reason = _timing_refusal(name, device)
     return Implementation(f"opd_fast:{name}", f"opd-fast fused loss, backend={name!r}", make, probe=lambda: reason)
 
 
@@ -125,9 +125,16 @@ def floor_implementation() -> Implementation:
     return Implementation(FLOOR, "bare GEMMs: student + teacher logits, grad-hidden, grad-weight", None)
 
 
+def _timing_refusal(name: str, device: torch.device) -> str:
+    """Why backend ``name`` cannot be timed on ``device`` ("" when it can)."""
+    if name == "triton" and device.type != "cuda":  # TRITON_INTERPRET=1 runs it, for numerics only
+        return f"Triton kernels need CUDA tensors to be timed (on {device} they can only be interpreted)"
+    return available_backends(device).get(name, f"unknown opd-fast backend {name!r}")
+
+
 def default_backends(device: torch.device) -> list[str]:
-    """Every opd-fast backend usable on ``device`` (the float64 reference is a spec, not a contender)."""
-    return [name for name, reason in available_backends(device).items() if not reason and name != "reference"]
+    """Every opd-fast backend timeable on ``device`` (the float64 reference is a spec, not a contender)."""
+    return [name for name in available_backends(device) if name != "reference" and not _timing_refusal(name, device)]
 
 
 def select(backends: list[str], peer_names: list[str], device: torch.device) -> list[Implementation]:
