@@ -48,7 +48,22 @@ class RolloutBatch:
     @property
     def targets(self) -> torch.Tensor:
         """Completion token ids in the row-major order every stage uses."""
-        return self.input_ids[:, 1:][self.target_mask]
+        return self.target_ids()
+
+    def target_ids(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Completion token ids of ``rows`` (all rows by default), flattened row-major: ``(N,)``."""
+        ids = self.input_ids if rows is None else self.input_ids[rows]
+        return self._at_targets(ids[:, 1:], rows)
+
+    def target_states(self, hidden: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """States ``(len(rows), L, H)`` of the batch's ``rows`` (all by default) at the positions predicting
+        ``target_ids(rows)``: ``(N, H)``, on ``hidden``'s device."""
+        return self._at_targets(hidden[:, :-1], rows)
+
+    def _at_targets(self, aligned: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+        """The one place stages pick completion tokens: ``aligned`` holds ``rows``, shifted to the targets."""
+        mask = self.target_mask if rows is None else self.target_mask[rows.to(self.target_mask.device)]
+        return aligned[mask.to(aligned.device)]
 
     @property
     def num_tokens(self) -> int:
