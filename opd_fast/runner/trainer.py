@@ -71,7 +71,7 @@ class Trainer:
         self.router.check(self.source.domains)
         off_policy_refs = c.loss.off_policy_fraction > 0 and c.loss.off_policy_source == "dataset"
         needs_refs = {"loss.sft_weight": c.loss.sft_weight > 0, "loss.off_policy_source": off_policy_refs}
-        missing = sum(not ex.reference for ex in self.source.examples)
+        missing = self.source.pool.missing_references
         for key, needed in needs_refs.items():
             if needed and missing:
                 raise ValueError(f"config key {key!r} trains on dataset references, but {missing} prompts have none")

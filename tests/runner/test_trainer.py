@@ -172,7 +172,8 @@ def test_builtin_task_as_prompt_source_and_verifier(make_config, tmp_path: Path)
     config = make_config(tmp_path, data={"prompts": "", "eval_prompts": "", "task": _EchoTask.name, "num_prompts": 6},
                          eval={"at_end": True, "num_prompts": 2})  # fmt: skip
     trainer = Trainer(config)
-    assert sorted(ex.prompt for ex in trainer.source.examples) == sorted(f"{w}=" for w in _EchoTask.words[:6])
+    pool = trainer.source.pool
+    assert sorted(pool[i].prompt for i in range(len(pool))) == sorted(f"{w}=" for w in _EchoTask.words[:6])
     assert trainer.verifiers("a", "ab=", "abzz", "ab") == 1.0  # the task's verify, not exact match
     result = trainer.evaluate()
     assert set(result) >= {"greedy/accuracy/b", "reverse_kl/b"}
