@@ -41,6 +41,9 @@ class RunSection:
     # torch intra-op threads for the run; 0 = torch's default. Small models on shared CPUs run far
     # faster with 1 (thread spin-waits dominate tiny GEMMs when cores are oversubscribed).
     threads: int = 0
+    # "serial": stages one after another; "strict": the teacher scores micro-batches on a worker thread
+    # while the student samples the next ones and learns from the scored ones (same computation).
+    pipeline: str = "serial"
 
 
 @dataclass
@@ -294,6 +297,7 @@ def validate_config(c: RunConfig) -> None:
     """Check value ranges and cross-field rules; every error names the dotted key."""
     _choice("run.dtype", c.run.dtype, DTYPES)
     _require(c.run.threads >= 0, "run.threads", "must be >= 0 (0 = torch default)", c.run.threads)
+    _choice("run.pipeline", c.run.pipeline, ("serial", "strict"))
     _require(bool(c.student.path), "student.path", "must name a model directory", c.student.path)
     _require(bool(c.teachers), "teachers", "must configure at least one teacher ([teachers.NAME])", c.teachers)
     for name, t in c.teachers.items():

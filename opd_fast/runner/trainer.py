@@ -34,6 +34,7 @@ from .evaluate import Verifiers, evaluate
 from .learn import Learner, MicroStats
 from .metrics import MetricsLogger
 from .models import load_run_models, torch_threads
+from .pipeline import StageWorker, main_threads, split_threads
 from .rollout import RolloutBatch, from_completions, rollout
 from .score import Router, ScoredBatch, score
 
@@ -127,6 +128,39 @@ class Trainer:
                                     chat_template=c.data.chat_template) for mb in micro]  # fmt: skip
         return list(batches), float(sum(b.num_tokens for b in batches))
 
+    def score_batch(self, batch: RolloutBatch, timer: StageTimer) -> ScoredBatch:
+        """Score stage: the routed teachers' signal (nothing to score when ``kd_weight`` is 0)."""
+        c = self.config
+        with timer.timed("score"):
+            if c.loss.kd_weight <= 0:
+                return ScoredBatch(batch)
+            return score(batch, self.teachers, self.router, signal=c.loss.signal, topk=c.loss.topk,
+                         temperature=c.loss.temperature)  # fmt: skip
+
+    def learn_step(
+        self, micro: list[list[Prompt]], off_policy: bool, timer: StageTimer, scorer: StageWorker | None
+    ) -> tuple[list[RolloutBatch], list[MicroStats], dict[str, float], float]:
+        """Rollout, score and learn every micro-batch, then the optimizer step; returns the batches, their
+        stats, the update and the step's completion-token count. With a ``scorer`` worker each rollout
+        is handed to it at once, and learning takes its results in order."""
+        batches = []
+        with timer.timed("rollout"):
+            for mb in micro:
+                batches.append(self.make_batch(mb, off_policy))
+                if scorer is not None:
+                    scorer.submit(batches[-1])
+        num_items = float(sum(b.num_tokens for b in batches))  # every term's normalization: needs all rollouts
+        advantages = self.advantages(batches)
+        sft, sft_items = self.sft_batches(micro)
+        stats: list[MicroStats] = []
+        for batch, adv, ref in zip(batches, advantages, sft, strict=True):
+            scored = self.score_batch(batch, timer) if scorer is None else scorer.result()
+            with timer.timed("learn"):
+                stats.append(self.learner.micro_step(scored, num_items, adv, ref, sft_items))
+        with timer.timed("learn"):
+            update = self.learner.step()
+        return batches, stats, update, num_items
+
     def train_step(self) -> dict[str, Any]:
         """One optimizer step; returns its metrics row."""
         c, timer = self.config, StageTimer("sample", "rollout", "score", "learn")
@@ -136,22 +170,12 @@ class Trainer:
         fraction = c.loss.off_policy_fraction
         off_policy = fraction > 0 and self.mix_rng.random() < fraction
         micro = _chunks(prompts, c.rollout.micro_batch_size)
-        with timer.timed("rollout"):
-            batches = [self.make_batch(mb, off_policy) for mb in micro]
-        num_items = float(sum(b.num_tokens for b in batches))
-        advantages = self.advantages(batches)
-        sft, sft_items = self.sft_batches(micro)
-        stats: list[MicroStats] = []
-        for batch, adv, ref in zip(batches, advantages, sft, strict=True):
-            with timer.timed("score"):
-                scored = ScoredBatch(batch)  # no teacher term (kd_weight = 0): nothing to score
-                if c.loss.kd_weight > 0:
-                    scored = score(batch, self.teachers, self.router, signal=c.loss.signal, topk=c.loss.topk,
-                                   temperature=c.loss.temperature)
-            with timer.timed("learn"):
-                stats.append(self.learner.micro_step(scored, num_items, adv, ref, sft_items))
-        with timer.timed("learn"):
-            update = self.learner.step()
+        if c.run.pipeline == "strict":
+            main, worker = split_threads(c.run.threads or torch.get_num_threads())
+            with main_threads(main), StageWorker(lambda b: self.score_batch(b, timer), worker) as scorer:
+                batches, stats, update, num_items = self.learn_step(micro, off_policy, timer, scorer)
+        else:
+            batches, stats, update, num_items = self.learn_step(micro, off_policy, timer, None)
         with timer.timed("sample"):
             self.source.update([p.index for b in batches for p in b.prompts],
                                [d for s in stats for d in s.per_sample_divergence])  # fmt: skip

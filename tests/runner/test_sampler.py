@@ -103,3 +103,13 @@ def test_jsonl_pool_keeps_arrays_and_parses_drawn_lines(tmp_path: Path) -> None:
     (tmp_path / "empty.jsonl").write_text("")
     with pytest.raises(ValueError, match="no prompts"):
         PromptPool.from_jsonl(tmp_path / "empty.jsonl")
+
+
+def test_checkpoints_with_the_former_ema_dict_still_load() -> None:
+    src = PromptSource(examples(10), prompts_per_step=2, group_size=1, seed=0)
+    src.update([1, 4], [2.0, 0.5])
+    old_format = {"ema": {"1": 2.0, "4": 0.5}, "rng": src.rng.getstate()}
+    again = PromptSource(examples(10), prompts_per_step=2, group_size=1, seed=9)
+    again.load_state_dict(old_format)
+    assert [again.weight(i) for i in range(10)] == [src.weight(i) for i in range(10)]
+    assert [p.index for p in again.next_batch()] == [p.index for p in src.next_batch()]
