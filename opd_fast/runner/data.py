@@ -31,7 +31,7 @@ import math
 import mmap
 import random
 from bisect import bisect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import accumulate
 from pathlib import Path
@@ -77,7 +77,7 @@ class PromptPool:
     (parsed again only when drawn), so a million-line file costs a few arrays, not a million objects."""
 
     def __init__(self, domain_names: list[str], domain_codes: np.ndarray, has_reference: np.ndarray,
-                 fetch: Any) -> None:  # fmt: skip
+                 fetch: Callable[[int], Example]) -> None:  # fmt: skip
         if len(domain_codes) == 0:
             raise ValueError("the prompt pool is empty")
         self.domain_names, self.domain_codes, self.has_reference = domain_names, domain_codes, has_reference

@@ -1,12 +1,14 @@
 """The on-policy distillation loop: prompt -> rollout -> score -> learn -> step.
 
-``train(config)`` runs it serially. Each step draws a prompt group from the ``PromptSource``; the
-student samples completions micro-batch by micro-batch (``rollout``), or, on a fraction
-``off_policy_fraction`` of steps, the batch uses off-policy completions (dataset references or teacher
-samples); the global completion-token count of the step fixes the loss normalization; each micro-batch is then scored by
-its domain's teacher (``score``) and learned from (``Learner.micro_step``); one optimizer step ends
-the step. Stages only pass plain data (``Prompt`` lists, ``RolloutBatch``, ``ScoredBatch``), so a
-pipelined runner can overlap them without changing what they compute.
+``train(config)`` runs it (serially, or with ``run.pipeline = "strict"`` the score stage on a worker
+thread, see ``pipeline.py``). Each step draws a prompt group from the ``PromptSource``; the student
+samples completions micro-batch by micro-batch (``rollout``), or, on a fraction
+``off_policy_fraction`` of steps, the batch uses off-policy completions (dataset references or
+teacher samples); the global completion-token count of the step fixes the loss normalization; each
+micro-batch is then scored by its domain's teacher (``score``) and learned from
+(``Learner.micro_step``); one optimizer step ends the step. Stages only pass plain data (``Prompt``
+lists, ``RolloutBatch``, ``ScoredBatch``), so the pipelined mode overlaps them without changing what
+they compute.
 
 Public API (stable): ``train(config, *, resume=False, stop_after=None) -> dict`` (summary: steps,
 final_loss, steps_per_s, tokens_per_s, skipped_steps, run_dir, checkpoint, eval, interrupted) and
