@@ -1,9 +1,10 @@
 """The demo's arms: the same initial student, the same budget, different training signals.
 
 Every distillation arm is one ``opd_fast.runner`` run: a ``RunConfig`` built here from the profile plus
-the arm's ``loss`` settings, trained with ``opd_fast.runner.trainer.train``. The runner's ``lmbda`` is the
-fraction of steps trained on off-policy completions (dataset references or teacher samples), so
-on-policy arms have ``lmbda=0`` and the supervised / sequence-level KD arms ``lmbda=1``. The SFT arm has
+the arm's ``loss`` settings, trained with ``opd_fast.runner.trainer.train``. The runner's
+``off_policy_fraction`` is the fraction of steps trained on off-policy completions (dataset references or
+teacher samples), so on-policy arms have ``off_policy_fraction=0`` and the supervised / sequence-level KD
+arms ``off_policy_fraction=1``. The SFT arm has
 no teacher term, which the runner cannot switch off, so it uses the demo's SFT loop (``sft.train_sft``)
 with the runner's optimizer settings and schedule at the same step count and batch size, on the data the
 initial student was trained on (ground truth with the profile's small share of retry demonstrations).
@@ -52,14 +53,14 @@ class Arm:
 ARMS: tuple[Arm, ...] = (
     Arm("sft", "SFT on ground truth", sft=True),
     Arm("supervised_kd", "supervised KD (fwd KL on ground truth)",
-        {"lmbda": 1.0, "off_policy_source": "dataset", "divergence": "forward_kl"}),
+        {"off_policy_fraction": 1.0, "off_policy_source": "dataset", "divergence": "forward_kl"}),
     Arm("seqkd", "SeqKD (fwd KL on teacher samples)",
-        {"lmbda": 1.0, "off_policy_source": "teacher", "divergence": "forward_kl"}),
-    Arm("on_policy_fkl", "on-policy fwd KL", {"lmbda": 0.0, "divergence": "forward_kl"}),
-    Arm("on_policy_rkl", "on-policy rev KL", {"lmbda": 0.0, "divergence": "reverse_kl"}),
-    Arm("on_policy_jsd", "on-policy JSD(0.5)", {"lmbda": 0.0, "divergence": "jsd", "beta": 0.5}),
+        {"off_policy_fraction": 1.0, "off_policy_source": "teacher", "divergence": "forward_kl"}),
+    Arm("on_policy_fkl", "on-policy fwd KL", {"off_policy_fraction": 0.0, "divergence": "forward_kl"}),
+    Arm("on_policy_rkl", "on-policy rev KL", {"off_policy_fraction": 0.0, "divergence": "reverse_kl"}),
+    Arm("on_policy_jsd", "on-policy JSD(0.5)", {"off_policy_fraction": 0.0, "divergence": "jsd", "beta": 0.5}),
     Arm("mixed_rkl", "mixed: 50% ground truth, rev KL",
-        {"lmbda": 0.5, "off_policy_source": "dataset", "divergence": "reverse_kl"}),
+        {"off_policy_fraction": 0.5, "off_policy_source": "dataset", "divergence": "reverse_kl"}),
 )  # fmt: skip
 DEFAULT_ARMS = tuple(a.name for a in ARMS if a.name != "mixed_rkl")
 ARMS_BY_NAME = {a.name: a for a in ARMS}

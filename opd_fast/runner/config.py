@@ -41,6 +41,9 @@ class RunSection:
     # torch intra-op threads for the run; 0 = torch's default. Small models on shared CPUs run far
     # faster with 1 (thread spin-waits dominate tiny GEMMs when cores are oversubscribed).
     threads: int = 0
+    # "serial": stages one after another; "strict": the teacher scores micro-batches on a worker thread
+    # while the student samples the next ones and learns from the scored ones (same computation).
+    pipeline: str = "serial"
 
 
 @dataclass
@@ -103,9 +106,9 @@ class LossConfig:
     signal: str = "hidden"  # "hidden" (full vocab) | "topk" | "sampled"
     topk: int = 32
     backend: str = "auto"
-    # Fraction of steps trained on off-policy completions instead of student samples (issue 9's
-    # definition; note TRL's GKD ``lmbda`` is the complementary, on-policy fraction).
-    lmbda: float = 0.0
+    # Fraction of steps trained on off-policy completions instead of student samples (0 = fully
+    # on-policy). TRL's GKD ``lmbda`` is the complementary, on-policy fraction.
+    off_policy_fraction: float = 0.0
     off_policy_source: str = "dataset"  # "dataset" (references) | "teacher" (teacher samples)
     kd_weight: float = 1.0  # weight of the teacher term; 0 = no teacher scoring (pure SFT / verifier runs)
     sft_weight: float = 0.0
@@ -194,12 +197,22 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
+# Keys that were renamed: the old name is an error that names the new one (and why it changed).
+RENAMED_KEYS = {
+    "loss.lmbda": ("loss.off_policy_fraction", "it is the fraction of off-policy steps, the complement of TRL's "
+                   "GKD lmbda (the on-policy fraction), so the old name read the opposite way"),
+}
+
+
 def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in data.items():
         dotted = f"{prefix}.{key}" if prefix else key
+        if dotted in RENAMED_KEYS:
+            new, why = RENAMED_KEYS[dotted]
+            raise ValueError(f"config key {dotted!r} was renamed to {new!r} (same value): {why}")
         if key not in names:
             raise ValueError(f"unknown config key {dotted!r}; allowed in [{prefix or 'top level'}]: {sorted(names)}")
         kwargs[key] = _convert(value, hints[key], dotted)
@@ -284,6 +297,7 @@ def validate_config(c: RunConfig) -> None:
     """Check value ranges and cross-field rules; every error names the dotted key."""
     _choice("run.dtype", c.run.dtype, DTYPES)
     _require(c.run.threads >= 0, "run.threads", "must be >= 0 (0 = torch default)", c.run.threads)
+    _choice("run.pipeline", c.run.pipeline, ("serial", "strict"))
     _require(bool(c.student.path), "student.path", "must name a model directory", c.student.path)
     _require(bool(c.teachers), "teachers", "must configure at least one teacher ([teachers.NAME])", c.teachers)
     for name, t in c.teachers.items():
@@ -313,7 +327,8 @@ def validate_config(c: RunConfig) -> None:
     _require(0 <= lo.beta <= 1, "loss.beta", "must be in [0, 1]", lo.beta)
     _require(lo.temperature > 0, "loss.temperature", "must be > 0", lo.temperature)
     _require(lo.topk >= 1, "loss.topk", "must be >= 1", lo.topk)
-    _require(0 <= lo.lmbda <= 1, "loss.lmbda", "must be in [0, 1]", lo.lmbda)
+    _require(0 <= lo.off_policy_fraction <= 1, "loss.off_policy_fraction", "must be in [0, 1]",
+             lo.off_policy_fraction)  # fmt: skip
     _require(lo.kd_weight >= 0, "loss.kd_weight", "must be >= 0", lo.kd_weight)
     _require(lo.sft_weight >= 0, "loss.sft_weight", "must be >= 0", lo.sft_weight)
     _require(lo.verifier_weight >= 0, "loss.verifier_weight", "must be >= 0", lo.verifier_weight)

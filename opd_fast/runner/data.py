@@ -1,8 +1,8 @@
 """Prompts: where they come from, how they are mixed, and which ones the student sees next.
 
-Public API: ``Prompt`` (one sample slot, plain data), ``load_examples`` (JSONL or a built-in task),
-``PromptSource`` (mixture + group sampling + the anti-overfitting sampler, with ``state_dict``),
-``encode_prompt``.
+Public API: ``Prompt`` (one sample slot, plain data), ``PromptPool`` (the training prompts, columnar),
+``read_jsonl`` / ``load_examples`` (JSONL or a built-in task), ``PromptSource`` (mixture + group
+sampling + the anti-overfitting sampler, with ``state_dict``), ``encode_prompt``.
 
 The anti-overfitting sampler ("adaptive"): each prompt keeps an exponential moving average of the
 mean per-token divergence its recent samples had against the teacher. Within a domain a prompt is
@@ -12,20 +12,39 @@ wasted compute and repeatedly fitting them overfits; scaling by the domain's cur
 rule free of the divergence's units; and the ``min_weight`` floor keeps every prompt in rotation so
 forgetting on an "easy" prompt is noticed and corrected. Domain shares are fixed by the mixture weights
 first, so the adaptive weights never starve a whole domain.
+
+Cost: a step's draws never scan the pool. A prompt is proposed uniformly among the domain's prompts not
+yet drawn this step (an index computation over the few already drawn) and kept with probability equal
+to its weight (rejection sampling; the weights are at most 1), so a draw costs about ``1 / mean weight``
+proposals (at most ``1 / min_weight`` on average), whatever the pool size; the domain's maximum EMA is
+kept in a lazy heap (``O(log pool)`` per feedback). When a draw rejects ``MAX_PROPOSALS`` proposals in a
+row it falls back to one exact weighted draw over the domain (vectorized), which keeps the distribution
+exact. A JSONL pool keeps byte offsets into the memory-mapped file plus a domain code per line (numpy),
+not a Python object per line; a prompt's text is parsed when it is drawn.
 """
 
 from __future__ import annotations
 
+import heapq
 import json
+import math
+import mmap
 import random
+from bisect import bisect
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
 from transformers import PreTrainedTokenizerBase
 
 from ..tasks import Example, get_task
 from .config import DataConfig
+
+MAX_PROPOSALS = 64  # rejected proposals before a draw switches to the exact vectorized draw
 
 
 @dataclass(frozen=True)
@@ -38,25 +57,84 @@ class Prompt:
     reference: str | None
 
 
+def _parse_line(path: str | Path, lineno: int, line: str) -> Example:
+    """One JSONL line as an ``Example``; errors name the file and line."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}:{lineno}: invalid JSON: {exc}") from exc
+    if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+        raise ValueError(f"{path}:{lineno}: each line needs a string 'prompt', got {line[:80]!r}")
+    unknown = set(row) - {"prompt", "domain", "reference"}
+    if unknown:
+        raise ValueError(f"{path}:{lineno}: unknown keys {sorted(unknown)} (allowed: prompt, domain, reference)")
+    return Example(row["prompt"], row.get("reference") or "", row.get("domain") or "default")
+
+
+class PromptPool:
+    """The training prompts, stored by column: a domain code and a has-reference flag per prompt (numpy),
+    and the texts either as given ``Example`` objects or as byte ranges of a memory-mapped JSONL file
+    (parsed again only when drawn), so a million-line file costs a few arrays, not a million objects."""
+
+    def __init__(self, domain_names: list[str], domain_codes: np.ndarray, has_reference: np.ndarray,
+                 fetch: Callable[[int], Example]) -> None:  # fmt: skip
+        if len(domain_codes) == 0:
+            raise ValueError("the prompt pool is empty")
+        self.domain_names, self.domain_codes, self.has_reference = domain_names, domain_codes, has_reference
+        self._fetch = fetch
+
+    @classmethod
+    def from_examples(cls, examples: Sequence[Example]) -> PromptPool:
+        names: dict[str, int] = {}
+        codes = np.fromiter((names.setdefault(ex.domain, len(names)) for ex in examples), np.int32, len(examples))
+        refs = np.fromiter((bool(ex.reference) for ex in examples), bool, len(examples))
+        return cls(list(names), codes, refs, examples.__getitem__)
+
+    @classmethod
+    def from_jsonl(cls, path: str | Path) -> PromptPool:
+        """Validate every line once (errors name the line) and keep only offsets, domains and flags."""
+        with open(path, "rb") as f:
+            data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if Path(path).stat().st_size else b""
+            buf = np.frombuffer(data, np.uint8)
+            ends = np.flatnonzero(buf == ord("\n"))
+            if len(buf) and buf[-1] != ord("\n"):
+                ends = np.append(ends, len(buf))
+            starts = np.concatenate([[0], ends[:-1] + 1]).astype(np.int64) if len(ends) else ends
+            names: dict[str, int] = {}
+            keep = np.zeros(len(ends), bool)
+            codes = np.zeros(len(ends), np.int32)
+            refs = np.zeros(len(ends), bool)
+            for lineno, raw in enumerate(f, 1):  # streamed: one line's objects alive at a time
+                line = raw.decode()
+                if line.strip():
+                    ex = _parse_line(path, lineno, line)
+                    keep[lineno - 1], refs[lineno - 1] = True, bool(ex.reference)
+                    codes[lineno - 1] = names.setdefault(ex.domain, len(names))
+        if not keep.any():
+            raise ValueError(f"{path}: no prompts")
+        rows = np.flatnonzero(keep)
+        lo_of, hi_of = starts[rows], ends[rows]
+
+        def fetch(i: int) -> Example:
+            return _parse_line(path, int(rows[i]) + 1, data[int(lo_of[i]):int(hi_of[i])].decode())
+
+        return cls(list(names), codes[rows], refs[rows], fetch)
+
+    def __len__(self) -> int:
+        return len(self.domain_codes)
+
+    def __getitem__(self, index: int) -> Example:
+        return self._fetch(index)
+
+    @property
+    def missing_references(self) -> int:
+        return int((~self.has_reference).sum())
+
+
 def read_jsonl(path: str | Path) -> list[Example]:
     """Examples from a JSONL file of ``{"prompt": ..., "domain"?: ..., "reference"?: ...}`` lines."""
-    examples = []
-    for lineno, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}:{lineno}: invalid JSON: {exc}") from exc
-        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-            raise ValueError(f"{path}:{lineno}: each line needs a string 'prompt', got {line[:80]!r}")
-        unknown = set(row) - {"prompt", "domain", "reference"}
-        if unknown:
-            raise ValueError(f"{path}:{lineno}: unknown keys {sorted(unknown)} (allowed: prompt, domain, reference)")
-        examples.append(Example(row["prompt"], row.get("reference") or "", row.get("domain") or "default"))
-    if not examples:
-        raise ValueError(f"{path}: no prompts")
-    return examples
+    pool = PromptPool.from_jsonl(path)
+    return [pool[i] for i in range(len(pool))]
 
 
 def load_examples(data: DataConfig, split: str, n: int, seed: int) -> list[Example]:
@@ -88,7 +166,7 @@ class PromptSource:
 
     def __init__(
         self,
-        examples: list[Example],
+        examples: PromptPool | Sequence[Example],
         *,
         prompts_per_step: int,
         group_size: int,
@@ -98,44 +176,95 @@ class PromptSource:
         ema: float = 0.5,
         seed: int = 0,
     ) -> None:
-        self.examples = examples
+        self.pool = examples if isinstance(examples, PromptPool) else PromptPool.from_examples(examples)
         self.prompts_per_step, self.group_size = prompts_per_step, group_size
         self.sampler, self.min_weight, self.ema_decay = sampler, min_weight, ema
-        self.by_domain: dict[str, list[int]] = {}
-        for i, ex in enumerate(examples):
-            self.by_domain.setdefault(ex.domain, []).append(i)
-        mixture = mixture or {d: float(len(ix)) for d, ix in self.by_domain.items()}
-        missing = sorted(set(mixture) - set(self.by_domain))
+        codes = self.pool.domain_codes
+        order = np.argsort(codes, kind="stable")
+        bounds = np.searchsorted(codes[order], np.arange(len(self.pool.domain_names) + 1))
+        # members[d]: the domain's prompt indices in pool order; position[i]: i's place among them
+        self.members = {d: order[bounds[c]:bounds[c + 1]] for c, d in enumerate(self.pool.domain_names)}
+        self.position = np.empty(len(self.pool), np.int64)
+        for m in self.members.values():
+            self.position[m] = np.arange(len(m))
+        mixture = mixture or {d: float(len(m)) for d, m in self.members.items()}
+        missing = sorted(set(mixture) - set(self.members))
         if missing:
             raise ValueError(
-                f"config key 'data.mixture' names domains with no prompts: {missing}; domains: {sorted(self.by_domain)}"
+                f"config key 'data.mixture' names domains with no prompts: {missing}; domains: {sorted(self.members)}"
             )
         self.mixture = {d: w for d, w in mixture.items() if w > 0}
         if not self.mixture:
             raise ValueError(f"data.mixture gives every domain weight 0: {mixture}")
-        self.ema: dict[int, float] = {}
+        self._mix_names = list(self.mixture)
+        self._mix_cum = list(accumulate(self.mixture[d] for d in self._mix_names))
+        self.ema = np.full(len(self.pool), np.nan)  # NaN = no feedback yet
+        self._top: dict[str, list[tuple[float, int]]] = {}  # per domain: lazy max-heap of (-ema, index)
+        self._live: dict[str, int] = {}  # per domain: live heap entries at the last compaction
         self.rng = random.Random(seed)
 
     @property
     def domains(self) -> list[str]:
         return sorted(self.mixture)
 
+    def _domain_top(self, domain: str) -> float:
+        """The domain's largest EMA (NaN when it has no feedback); stale heap entries are dropped here."""
+        heap = self._top.get(domain)
+        while heap and self.ema[heap[0][1]] != -heap[0][0]:
+            heapq.heappop(heap)
+        return -heap[0][0] if heap else math.nan
+
     def weight(self, index: int) -> float:
         """Sampling weight of one prompt within its domain (see the module docstring)."""
-        if self.sampler == "uniform" or index not in self.ema:
+        value = float(self.ema[index])
+        if self.sampler == "uniform" or math.isnan(value):
             return 1.0
-        top = max((self.ema[i] for i in self.by_domain[self.examples[index].domain] if i in self.ema), default=0.0)
-        return 1.0 if top <= 0 else max(self.min_weight, self.ema[index] / top)
+        top = self._domain_top(self.pool.domain_names[self.pool.domain_codes[index]])
+        return 1.0 if top <= 0 else max(self.min_weight, value / top)
+
+    def _pick(self, domain: str, taken: list[int]) -> int:
+        """Position in ``members[domain]`` of one draw, excluding the sorted positions ``taken``."""
+        n = len(self.members[domain])
+        if len(taken) == n:  # every prompt of the domain already drawn this step: repeats allowed
+            taken = []
+        free = n - len(taken)
+        flat = self._top.get(domain) is None or self.sampler == "uniform" or not self._domain_top(domain) > 0
+        for _ in range(1 if flat else MAX_PROPOSALS):
+            pos = min(int(self.rng.random() * free), free - 1)
+            for t in taken:  # the pos-th free position: step over the taken ones at or before it
+                if t > pos:
+                    break
+                pos += 1
+            if flat:
+                return pos
+            w = self.weight(int(self.members[domain][pos]))
+            if w >= 1.0 or self.rng.random() < w:
+                return pos
+        return self._exact_pick(domain, taken)
+
+    def _exact_pick(self, domain: str, taken: list[int]) -> int:
+        """One weighted draw over the whole domain (vectorized): the rare fallback of ``_pick``."""
+        values = self.ema[self.members[domain]]
+        top = self._domain_top(domain)
+        weights = np.where(np.isnan(values), 1.0, np.maximum(self.min_weight, values / top))
+        weights[taken] = 0.0
+        cum = np.cumsum(weights)
+        return min(int(np.searchsorted(cum, self.rng.random() * cum[-1], side="right")), len(cum) - 1)
 
     def next_batch(self) -> list[Prompt]:
-        domains = list(self.mixture)
+        taken: dict[str, list[int]] = {}
         chosen: list[int] = []
+        hi = len(self._mix_names) - 1
         for _ in range(self.prompts_per_step):
-            domain = self.rng.choices(domains, weights=[self.mixture[d] for d in domains])[0]
-            pool = [i for i in self.by_domain[domain] if i not in chosen] or self.by_domain[domain]
-            chosen.append(self.rng.choices(pool, weights=[self.weight(i) for i in pool])[0])
+            domain = self._mix_names[bisect(self._mix_cum, self.rng.random() * self._mix_cum[-1], 0, hi)]
+            positions = taken.setdefault(domain, [])
+            pos = self._pick(domain, positions)
+            if pos not in positions:
+                positions.insert(bisect(positions, pos), pos)
+            chosen.append(int(self.members[domain][pos]))
+        examples = {i: self.pool[i] for i in set(chosen)}
         return [
-            Prompt(i, self.examples[i].prompt, self.examples[i].domain, self.examples[i].reference or None)
+            Prompt(i, examples[i].prompt, examples[i].domain, examples[i].reference or None)
             for i in chosen
             for _ in range(self.group_size)
         ]
@@ -146,21 +275,45 @@ class PromptSource:
         for i, d in zip(indices, divergences, strict=True):
             per_prompt.setdefault(i, []).append(d)
         for i, ds in per_prompt.items():
-            value = sum(ds) / len(ds)
-            self.ema[i] = value if i not in self.ema else self.ema_decay * self.ema[i] + (1 - self.ema_decay) * value
+            value, old = sum(ds) / len(ds), float(self.ema[i])
+            self._set_ema(i, value if math.isnan(old) else self.ema_decay * old + (1 - self.ema_decay) * value)
+
+    def _set_ema(self, index: int, value: float) -> None:
+        self.ema[index] = value
+        domain = self.pool.domain_names[self.pool.domain_codes[index]]
+        heap = self._top.setdefault(domain, [])
+        heapq.heappush(heap, (-value, index))
+        if len(heap) > 64 + 2 * self._live.get(domain, 0):  # stale entries at most ~ the live ones
+            live = {i: v for v, i in heap if self.ema[i] == -v}
+            heap[:] = [(v, i) for i, v in live.items()]
+            heapq.heapify(heap)
+            self._live[domain] = len(heap)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"ema": dict(self.ema), "rng": self.rng.getstate()}
+        """Plain data: the prompts with feedback and their EMAs (tensors), and the RNG state (ints)."""
+        seen = np.flatnonzero(~np.isnan(self.ema))
+        return {"ema_index": torch.from_numpy(seen), "ema_value": torch.from_numpy(self.ema[seen]),
+                "rng": self.rng.getstate()}  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.ema = {int(k): float(v) for k, v in state["ema"].items()}
+        self.ema[:] = np.nan
+        self._top.clear()
+        self._live.clear()
+        if "ema" in state:  # checkpoints written before the columnar sampler: {index: ema}
+            pairs = [(int(k), float(v)) for k, v in state["ema"].items()]
+        else:
+            pairs = list(zip(state["ema_index"].tolist(), state["ema_value"].tolist(), strict=True))
+        for index, value in pairs:
+            self._set_ema(index, value)
         self.rng.setstate(state["rng"])
 
 
 def prompt_source(data: DataConfig, seed: int) -> PromptSource:
     """The training ``PromptSource`` a config describes."""
+    pool = (PromptPool.from_jsonl(data.prompts) if data.prompts
+            else PromptPool.from_examples(load_examples(data, "train", data.num_prompts, seed)))  # fmt: skip
     return PromptSource(
-        load_examples(data, "train", data.num_prompts, seed),
+        pool,
         prompts_per_step=data.prompts_per_step, group_size=data.group_size, mixture=data.mixture,
         sampler=data.sampler, min_weight=data.sampler_min_weight, ema=data.sampler_ema, seed=seed,
     )  # fmt: skip

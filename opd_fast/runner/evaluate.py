@@ -24,7 +24,7 @@ import opd_fast
 from ..tasks import Example, get_task
 from .config import RolloutConfig, RunConfig
 from .data import Prompt, load_examples
-from .models import LoadedModel, forward_hidden, load_run_models, torch_threads
+from .models import LoadedModel, Teacher, forward_hidden, load_run_models, torch_threads
 from .rollout import rollout
 from .score import Router, score
 
@@ -53,19 +53,19 @@ class Verifiers:
 
 
 @torch.no_grad()
-def _reverse_kl(student: LoadedModel, teachers: dict[str, LoadedModel], router: Router, batch: Any,
-                vocab_sizes: dict[str, int]) -> dict[str, tuple[float, int]]:  # fmt: skip
+def _reverse_kl(student: LoadedModel, teachers: dict[str, Teacher], router: Router,
+                batch: Any) -> dict[str, tuple[float, int]]:  # fmt: skip
     """Sum of per-token reverse KL and token count per domain."""
     scored = score(batch, teachers, router)
     device = student.device
     hidden, _ = forward_hidden(student, batch.input_ids.to(device), batch.attention_mask.to(device))
-    tmask = batch.target_mask.to(device)
     sums: dict[str, tuple[float, int]] = {}
     for ts in scored.scores:
-        hs = hidden[ts.rows][:, :-1][tmask[ts.rows]]
+        hs = batch.target_states(hidden[ts.rows.to(device)], ts.rows)
         per_tok = opd_fast.fused_linear_kl(
             hs, student.head.weight, ts.hidden, ts.head.weight, divergence="reverse_kl", reduction="none",
-            vocab_size=vocab_sizes[ts.teacher], **student.head.loss_kwargs("student"), **ts.head.loss_kwargs("teacher"),
+            vocab_size=teachers[ts.teacher].vocab_size, **student.head.loss_kwargs("student"),
+            **ts.head.loss_kwargs("teacher"),
         )  # fmt: skip
         counts = batch.target_mask[ts.rows].sum(1).tolist()
         for r, part in zip(ts.rows.tolist(), torch.split(per_tok.float().cpu(), counts), strict=True):
@@ -76,12 +76,11 @@ def _reverse_kl(student: LoadedModel, teachers: dict[str, LoadedModel], router: 
 
 def evaluate(
     student: LoadedModel,
-    teachers: dict[str, LoadedModel],
+    teachers: dict[str, Teacher],
     router: Router,
     examples: list[Example],
     rollout_cfg: RolloutConfig,
     verifiers: Verifiers,
-    vocab_sizes: dict[str, int],
     *,
     sampled: bool = True,
     seed: int = 0,
@@ -104,7 +103,7 @@ def evaluate(
             for p, text in zip(batch.prompts, batch.completions, strict=True):
                 correct.setdefault(p.domain, []).append(verifiers(p.domain, p.prompt, text, p.reference or ""))
             if mode == list(modes)[-1]:
-                for dom, (s, n) in _reverse_kl(student, teachers, router, batch, vocab_sizes).items():
+                for dom, (s, n) in _reverse_kl(student, teachers, router, batch).items():
                     kl[dom] = (kl.get(dom, (0.0, 0))[0] + s, kl.get(dom, (0.0, 0))[1] + n)
         for dom, vals in correct.items():
             results[f"{mode}/accuracy/{dom}"] = sum(vals) / len(vals)
@@ -119,11 +118,11 @@ def evaluate(
 def evaluate_run(config: RunConfig, checkpoint: str | Path | None = None) -> dict[str, float]:
     """Load the student (from ``checkpoint`` if given) and teachers per ``config`` and evaluate."""
     with torch_threads(config.run.threads):
-        student, teachers, vocab = load_run_models(config, None if checkpoint is None else str(checkpoint),
-                                                   trainable=False)  # fmt: skip
-        router = Router(config.teachers)
+        student, teachers = load_run_models(config, None if checkpoint is None else str(checkpoint),
+                                            trainable=False)  # fmt: skip
+        router = Router(teachers)
         examples = load_examples(config.data, "eval", config.eval.num_prompts, config.run.seed)
         router.check(sorted({ex.domain for ex in examples}))
         verifiers = Verifiers(config.loss.verifiers, config.data.task)
-        return evaluate(student, teachers, router, examples, config.rollout, verifiers, vocab,
+        return evaluate(student, teachers, router, examples, config.rollout, verifiers,
                         sampled=config.eval.sampled, seed=config.run.seed, chat_template=config.data.chat_template)

@@ -28,7 +28,7 @@ import torch
 import opd_fast
 
 from .config import LossConfig, OptimConfig
-from .models import LoadedModel, forward_hidden, token_logprobs
+from .models import LoadedModel, Teacher, forward_hidden, token_logprobs
 from .rollout import RolloutBatch
 from .score import ScoredBatch, TeacherScores
 
@@ -62,11 +62,9 @@ class Learner:
         student: LoadedModel,
         loss: LossConfig,
         optim: OptimConfig,
-        teacher_weights: dict[str, float],
-        vocab_sizes: dict[str, int],
+        teachers: dict[str, Teacher],
     ) -> None:
-        self.student, self.loss_cfg, self.optim_cfg = student, loss, optim
-        self.teacher_weights, self.vocab_sizes = teacher_weights, vocab_sizes
+        self.student, self.loss_cfg, self.optim_cfg, self.teachers = student, loss, optim, teachers
         self.params = [p for p in student.model.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("the student has no trainable parameters")
@@ -83,13 +81,13 @@ class Learner:
         self, hs: torch.Tensor, ts: TeacherScores, batch: RolloutBatch, num_items: float
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """One teacher's weighted loss and per-token (divergence, entropy) stats for its rows."""
-        cfg, head = self.loss_cfg, self.student.head
-        weight = self.teacher_weights[ts.teacher] * cfg.kd_weight
+        cfg, head, teacher = self.loss_cfg, self.student.head, self.teachers[ts.teacher]
+        weight = teacher.weight * cfg.kd_weight
         if cfg.signal == "hidden":
             loss, st = opd_fast.fused_linear_kl(
                 hs, head.weight, ts.hidden, ts.head.weight, divergence=cfg.divergence, beta=cfg.beta,
                 temperature=cfg.temperature, reduction="mean", num_items=num_items,
-                vocab_size=self.vocab_sizes[ts.teacher], backend=cfg.backend, return_stats=True,
+                vocab_size=teacher.vocab_size, backend=cfg.backend, return_stats=True,
                 **head.loss_kwargs("student"), **ts.head.loss_kwargs("teacher"),
             )  # fmt: skip
             return weight * loss, st["divergence"], st["student_entropy"]
@@ -97,12 +95,12 @@ class Learner:
             loss, st = opd_fast.fused_linear_kl_topk(
                 hs, head.weight, ts.topk_ids, ts.topk_logprobs, divergence=cfg.divergence, beta=cfg.beta,
                 temperature=cfg.temperature, reduction="mean", num_items=num_items, student_bias=head.bias,
-                student_logit_scale=head.scale, student_softcap=head.softcap, vocab_size=self.vocab_sizes[ts.teacher],
+                student_logit_scale=head.scale, student_softcap=head.softcap, vocab_size=teacher.vocab_size,
                 backend=cfg.backend, return_stats=True,
             )  # fmt: skip
             return weight * loss, st.get("divergence"), st.get("student_entropy")
         # "sampled": score-function gradient of the single-sample reverse-KL estimate log q(y) - log p(y).
-        targets = batch.input_ids[ts.rows][:, 1:][batch.target_mask[ts.rows]].to(hs.device)
+        targets = batch.target_ids(ts.rows).to(hs.device)
         log_q = token_logprobs(hs, head, targets, cfg.temperature)
         estimate = log_q.detach() - ts.token_logprobs
         return weight * (estimate * log_q).sum() / num_items, estimate, None
@@ -119,12 +117,11 @@ class Learner:
         batch, cfg, head = scored.batch, self.loss_cfg, self.student.head
         device = head.weight.device
         hidden, _ = forward_hidden(self.student, batch.input_ids.to(device), batch.attention_mask.to(device))
-        tmask = batch.target_mask.to(device)
         total = hidden.new_zeros((), dtype=torch.float32)
         out = MicroStats(tokens=batch.num_tokens)
         row_div = torch.zeros(len(batch.prompts))
         for ts in scored.scores:
-            hs = hidden[ts.rows.to(device)][:, :-1][tmask[ts.rows.to(device)]]
+            hs = batch.target_states(hidden[ts.rows.to(device)], ts.rows)
             loss, div, ent = self._teacher_loss(hs, ts, batch, num_items)
             total = total + loss
             if div is None:
@@ -141,13 +138,12 @@ class Learner:
         lengths = torch.tensor(batch.completion_lengths()).clamp(min=1)
         out.per_sample_divergence = (row_div / lengths).tolist()
         if advantages is not None and cfg.verifier_weight > 0:
-            log_q = token_logprobs(hidden[:, :-1][tmask], head, batch.targets.to(device))
+            log_q = token_logprobs(batch.target_states(hidden), head, batch.targets.to(device))
             adv = advantages.to(device).repeat_interleave(batch.target_mask.sum(1).to(device))
             total = total - cfg.verifier_weight * (adv * log_q).sum() / num_items
         if sft_batch is not None and cfg.sft_weight > 0:
             h_ref, _ = forward_hidden(self.student, sft_batch.input_ids.to(device), sft_batch.attention_mask.to(device))
-            ref_mask = sft_batch.target_mask.to(device)
-            log_q = token_logprobs(h_ref[:, :-1][ref_mask], head, sft_batch.targets.to(device))
+            log_q = token_logprobs(sft_batch.target_states(h_ref), head, sft_batch.targets.to(device))
             total = total - cfg.sft_weight * log_q.sum() / sft_items
         out.loss = float(total.detach())
         out.finite = math.isfinite(out.loss)

@@ -6,7 +6,7 @@ the fused loss can compare teacher and student without an ``N x V`` tensor. A ``
 what turns hidden states into logits (weight, bias, the logit scale or softcap a config declares);
 tied embeddings need nothing special because ``get_output_embeddings()`` returns the tied module.
 
-Public API: ``LoadedModel``, ``Head``, ``load_model``, ``forward_hidden``, ``position_ids``,
+Public API: ``LoadedModel``, ``Head``, ``Teacher``, ``load_model``, ``forward_hidden``, ``position_ids``,
 ``head_logits`` (rollout/eval sampling only), ``token_logprobs``, ``check_compatible``,
 ``load_run_models``, ``torch_threads``.
 """
@@ -19,7 +19,7 @@ import inspect
 import json
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +80,25 @@ class LoadedModel:
     @property
     def device(self) -> torch.device:
         return self.head.weight.device
+
+
+@dataclass
+class Teacher:
+    """One configured teacher: its model, the vocabulary size the loss compares, its loss weight and
+    the domains routed to it (empty = every domain no other teacher claims)."""
+
+    model: LoadedModel
+    vocab_size: int
+    weight: float = 1.0
+    domains: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.model.name
+
+    @property
+    def head(self) -> Head:
+        return self.model.head
 
 
 def _causal_lm(model: nn.Module) -> PreTrainedModel:
@@ -250,8 +269,8 @@ def check_compatible(student: LoadedModel, teacher: LoadedModel, chat_template: 
 
 def load_run_models(
     config: RunConfig, checkpoint: str | None = None, *, trainable: bool = True
-) -> tuple[LoadedModel, dict[str, LoadedModel], dict[str, int]]:
-    """Student (from ``checkpoint/student`` when given), teachers, and each teacher's compared vocab size."""
+) -> tuple[LoadedModel, dict[str, Teacher]]:
+    """Student (from ``checkpoint/student`` when given) and the teachers by name, each checked against it."""
     r, s = config.run, config.student
     student_path, adapter = s.path, None
     if checkpoint is not None:
@@ -262,10 +281,10 @@ def load_run_models(
     student = load_model(student_path, name="student", dtype=r.dtype, device=r.device,
                          attn_implementation=s.attn_implementation, trust_remote_code=s.trust_remote_code,
                          lora=s.lora, adapter_path=adapter, trainable=trainable)  # fmt: skip
-    teachers, vocab = {}, {}
+    teachers = {}
     for name, t in config.teachers.items():
-        teachers[name] = load_model(t.path, name=name, dtype=r.dtype, device=r.device,
-                                    attn_implementation=t.attn_implementation,
-                                    trust_remote_code=t.trust_remote_code)  # fmt: skip
-        vocab[name] = check_compatible(student, teachers[name], config.data.chat_template)
-    return student, teachers, vocab
+        model = load_model(t.path, name=name, dtype=r.dtype, device=r.device, attn_implementation=t.attn_implementation,
+                           trust_remote_code=t.trust_remote_code)  # fmt: skip
+        vocab = check_compatible(student, model, config.data.chat_template)
+        teachers[name] = Teacher(model, vocab, t.weight, list(t.domains))
+    return student, teachers

@@ -2,21 +2,25 @@
 
 One forward of the left-padded prompts fills the cache, then one token per step for the whole
 batch; finished rows keep feeding a masked pad token so the batch stays rectangular. Each row stops
-at EOS or at a stop string (checked on its decoded completion) or after ``max_new_tokens``
-(``truncated``). The recorded log-prob of a token is its log-probability under the distribution it
-was actually drawn from (after temperature / top-k / top-p; under the raw model for greedy), which
-is what importance-sampling corrections need.
+at EOS or at a stop string or after ``max_new_tokens`` (``truncated``). Per token the loop does no
+per-row Python work beyond the stop-string check, which decodes a short tail window of each active
+row (``StopStrings``) instead of its whole completion; the attention mask and positions are updated
+in place rather than rebuilt from the whole mask. The recorded log-prob of a token is its
+log-probability under the distribution it was actually drawn from (after temperature / top-k /
+top-p; under the raw model for greedy), which is what importance-sampling corrections need.
 
 Public API: ``RolloutBatch`` (plain data handed to scoring and learning), ``rollout`` and
-``from_completions`` (off-policy batches: dataset references or any given texts), ``sample_tokens``.
+``from_completions`` (off-policy batches: dataset references or any given texts), ``sample_tokens``,
+``StopStrings``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache, PreTrainedTokenizerBase
+from transformers import DynamicCache, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from .config import RolloutConfig
 from .data import Prompt, encode_prompt
@@ -48,7 +52,22 @@ class RolloutBatch:
     @property
     def targets(self) -> torch.Tensor:
         """Completion token ids in the row-major order every stage uses."""
-        return self.input_ids[:, 1:][self.target_mask]
+        return self.target_ids()
+
+    def target_ids(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Completion token ids of ``rows`` (all rows by default), flattened row-major: ``(N,)``."""
+        ids = self.input_ids if rows is None else self.input_ids[rows]
+        return self._at_targets(ids[:, 1:], rows)
+
+    def target_states(self, hidden: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """States ``(len(rows), L, H)`` of the batch's ``rows`` (all by default) at the positions predicting
+        ``target_ids(rows)``: ``(N, H)``, on ``hidden``'s device."""
+        return self._at_targets(hidden[:, :-1], rows)
+
+    def _at_targets(self, aligned: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+        """The one place stages pick completion tokens: ``aligned`` holds ``rows``, shifted to the targets."""
+        mask = self.target_mask if rows is None else self.target_mask[rows.to(self.target_mask.device)]
+        return aligned[mask.to(aligned.device)]
 
     @property
     def num_tokens(self) -> int:
@@ -86,9 +105,61 @@ def _eos_ids(lm: LoadedModel) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
-def _cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
+def _cut_at_stop(text: str, stop: list[str]) -> str:
     cuts = [text.index(s) for s in stop if s in text]
-    return (text[: min(cuts)], True) if cuts else (text, False)
+    return text[: min(cuts)] if cuts else text
+
+
+class StopStrings:
+    """Tells, token by token, which rows' decoded completions now contain a stop string.
+
+    Re-decoding a whole completion every token costs O(length) per token; here only a tail window is
+    decoded. A stop string that appears at this token overlaps the token's own text, so it suffices to
+    search from ``longest - 1`` characters before that text. The window holds the last ``k`` tokens, with
+    ``k`` doubled (up to the whole completion, which is the exact check) until the window's text before the
+    new token has ``longest + MARGIN`` characters: a window's first characters may decode differently from
+    the same tokens in context (a split multi-byte character, a dropped leading space), so they are never
+    searched. Tokens that decode to nothing (special tokens) just grow the window.
+    """
+
+    MARGIN = 4
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, stop: list[str], rows: int) -> None:
+        self.stop, self.longest = stop, max(len(s) for s in stop)
+        self.decode = _batch_decoder(tokenizer)
+        self.ids: list[list[int]] = [[] for _ in range(rows)]
+
+    def add(self, tokens: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+        """Record this step's tokens; return a CPU bool mask of the active rows that now hit a stop string."""
+        hit = [False] * len(self.ids)
+        rows = active.cpu().nonzero().squeeze(1).tolist()
+        for row, token in zip(rows, tokens.cpu()[rows].tolist(), strict=True):
+            self.ids[row].append(token)
+        n = len(self.ids[rows[0]]) if rows else 0  # every active row has sampled every step so far
+        k = min(n, self.longest + self.MARGIN)
+        while rows:
+            window = [self.ids[row][n - k:] for row in rows]
+            whole = k == n  # the whole completion: the exact check, nothing to skip
+            texts = self.decode(window if whole else window + [w[:-1] for w in window])
+            retry = []
+            for j, row in enumerate(rows):
+                start = 0 if whole else len(texts[len(rows) + j]) - self.longest + 1
+                if not whole and start < self.MARGIN + 1:  # too little text before the new token: widen
+                    retry.append(row)
+                    continue
+                hit[row] = any(s in texts[j][start:] for s in self.stop)
+            rows, k = retry, min(n, 2 * k)
+        return torch.tensor(hit)
+
+
+def _batch_decoder(tokenizer: PreTrainedTokenizerBase) -> Callable[[list[list[int]]], list[str]]:
+    """``tokenizer.batch_decode(..., skip_special_tokens=True)``; for a fast tokenizer without clean-up,
+    the Rust decode that it ends in, called directly: the Python wrapper walks every token id, and the
+    Rust batch call spreads a few short sequences over a thread pool; both cost more than the decode."""
+    if type(tokenizer)._decode is PreTrainedTokenizerFast._decode and not tokenizer.clean_up_tokenization_spaces:
+        backend = tokenizer.backend_tokenizer
+        return lambda seqs: [backend.decode(ids, skip_special_tokens=True) for ids in seqs]
+    return lambda seqs: tokenizer.batch_decode(seqs, skip_special_tokens=True)
 
 
 def assemble(
@@ -118,7 +189,7 @@ def assemble(
             completion[i, p_len: p_len + len(c)] = True
             if logprobs is not None:
                 lps[i, p_len: p_len + len(c)] = torch.tensor(logprobs[i], dtype=torch.float32)
-    texts = [_cut_at_stop(tokenizer.decode(c, skip_special_tokens=True), stop)[0] for c in completion_ids]
+    texts = [_cut_at_stop(tokenizer.decode(c, skip_special_tokens=True), stop) for c in completion_ids]
     return RolloutBatch(prompts, input_ids, attention, completion, lps, texts, truncated, source)
 
 
@@ -138,30 +209,34 @@ def rollout(
     device = lm.device
     pad = tok.pad_token_id
     b, p_len = len(prompts), max(len(p) for p in prompt_ids)
+    # The mask grows one column per step inside one preallocated tensor; each new token's position is
+    # its row's count of real tokens so far (what position_ids() of the whole mask would give).
     step_ids = torch.full((b, p_len), pad, dtype=torch.long, device=device)
-    attn = torch.zeros((b, p_len), dtype=torch.long, device=device)
+    mask = torch.zeros((b, p_len + cfg.max_new_tokens), dtype=torch.long, device=device)
     for i, p in enumerate(prompt_ids):
         step_ids[i, p_len - len(p):] = torch.tensor(p, device=device)
-        attn[i, p_len - len(p):] = 1
+        mask[i, p_len - len(p):p_len] = 1
+    count = mask.sum(1)
     eos = torch.tensor(_eos_ids(lm), device=device)
     was_training = lm.model.training
     lm.model.eval()
     cache, head = DynamicCache(), lm.head
+    positions = None  # the prefill computes its own from the prompt mask
     done = torch.zeros(b, dtype=torch.bool, device=device)
-    stopped = torch.zeros(b, dtype=torch.bool, device=device)
-    so_far: list[list[int]] = [[] for _ in range(b)]  # decoded for stop strings only
+    stops = StopStrings(tok, cfg.stop, b) if cfg.stop else None
     steps: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-    for _ in range(cfg.max_new_tokens):
-        hidden, cache = forward_hidden(lm, step_ids, attn, cache=cache)
+    for step in range(cfg.max_new_tokens):
+        hidden, cache = forward_hidden(lm, step_ids, mask[:, :p_len + step], cache=cache, positions=positions)
         tokens, lps = sample_tokens(head_logits(hidden[:, -1], head), cfg.temperature, cfg.top_k, cfg.top_p, generator)
         active = ~done
         tokens = torch.where(active, tokens, torch.full_like(tokens, pad))
         steps.append((tokens, lps, active))
-        for i in active.nonzero().squeeze(1).tolist() if cfg.stop else ():
-            so_far[i].append(int(tokens[i]))
-            stopped[i] = _cut_at_stop(tok.decode(so_far[i], skip_special_tokens=True), cfg.stop)[1]
-        done = done | torch.isin(tokens, eos) | stopped
-        attn = torch.cat([attn, active.long()[:, None]], dim=1)
+        done = done | torch.isin(tokens, eos)
+        if stops is not None:
+            done = done | stops.add(tokens, active).to(device)
+        mask[:, p_len + step] = active.long()
+        count = count + active.long()
+        positions = (count - 1).clamp(min=0)[:, None]
         step_ids = tokens[:, None]
         if bool(done.all()):
             break

@@ -12,19 +12,20 @@ Public API: ``Router`` (domain -> teacher, checked at start-up), ``TeacherScores
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
 
 from .config import TeacherConfig
-from .models import Head, LoadedModel, forward_hidden, head_logits, token_logprobs
+from .models import Head, Teacher, forward_hidden, head_logits, token_logprobs
 from .rollout import RolloutBatch
 
 
 class Router:
     """Maps domains to teacher names. A teacher without ``domains`` takes every unclaimed domain."""
 
-    def __init__(self, teachers: dict[str, TeacherConfig]) -> None:
+    def __init__(self, teachers: Mapping[str, TeacherConfig | Teacher]) -> None:
         self.explicit: dict[str, str] = {}
         for name, t in teachers.items():
             for domain in t.domains:
@@ -98,7 +99,7 @@ def _topk(hidden: torch.Tensor, head: Head, k: int, temperature: float, chunk: i
 @torch.no_grad()
 def score(
     batch: RolloutBatch,
-    teachers: dict[str, LoadedModel],
+    teachers: Mapping[str, Teacher],
     router: Router,
     *,
     signal: str = "hidden",
@@ -108,11 +109,11 @@ def score(
     """Run each teacher on its rows; return hidden states (or top-k / sampled-token log-probs)."""
     out = ScoredBatch(batch)
     for name, rows in router.route([p.domain for p in batch.prompts]).items():
-        teacher = teachers[name]
+        teacher = teachers[name].model
         idx = torch.tensor(rows, dtype=torch.long)
         device = teacher.device
         hidden, _ = forward_hidden(teacher, batch.input_ids[idx].to(device), batch.attention_mask[idx].to(device))
-        states = hidden[:, :-1][batch.target_mask[idx].to(device)]
+        states = batch.target_states(hidden, idx)
         head = teacher.head
         scores = TeacherScores(name, idx, head)  # teacher parameters are frozen constants
         if signal == "hidden":
@@ -120,7 +121,7 @@ def score(
         elif signal == "topk":
             scores.topk_ids, scores.topk_logprobs = _topk(states, head, topk, temperature)
         else:
-            targets = batch.input_ids[idx][:, 1:][batch.target_mask[idx]].to(device)
+            targets = batch.target_ids(idx).to(device)
             scores.token_logprobs = token_logprobs(states, head, targets, temperature)
         out.scores.append(scores)
     return out

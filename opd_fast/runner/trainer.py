@@ -1,12 +1,14 @@
 """The on-policy distillation loop: prompt -> rollout -> score -> learn -> step.
 
-``train(config)`` runs it serially. Each step draws a prompt group from the ``PromptSource``; the
-student samples completions micro-batch by micro-batch (``rollout``), or, on a fraction ``lmbda`` of
-steps, the batch uses off-policy completions (dataset references or teacher samples); the global
-completion-token count of the step fixes the loss normalization; each micro-batch is then scored by
-its domain's teacher (``score``) and learned from (``Learner.micro_step``); one optimizer step ends
-the step. Stages only pass plain data (``Prompt`` lists, ``RolloutBatch``, ``ScoredBatch``), so a
-pipelined runner can overlap them without changing what they compute.
+``train(config)`` runs it (serially, or with ``run.pipeline = "strict"`` the score stage on a worker
+thread, see ``pipeline.py``). Each step draws a prompt group from the ``PromptSource``; the student
+samples completions micro-batch by micro-batch (``rollout``), or, on a fraction
+``off_policy_fraction`` of steps, the batch uses off-policy completions (dataset references or
+teacher samples); the global completion-token count of the step fixes the loss normalization; each
+micro-batch is then scored by its domain's teacher (``score``) and learned from
+(``Learner.micro_step``); one optimizer step ends the step. Stages only pass plain data (``Prompt``
+lists, ``RolloutBatch``, ``ScoredBatch``), so the pipelined mode overlaps them without changing what
+they compute.
 
 Public API (stable): ``train(config, *, resume=False, stop_after=None) -> dict`` (summary: steps,
 final_loss, steps_per_s, tokens_per_s, skipped_steps, run_dir, checkpoint, eval, interrupted) and
@@ -34,8 +36,24 @@ from .evaluate import Verifiers, evaluate
 from .learn import Learner, MicroStats
 from .metrics import MetricsLogger
 from .models import load_run_models, torch_threads
+from .pipeline import StageWorker, main_threads, split_threads
 from .rollout import RolloutBatch, from_completions, rollout
 from .score import Router, ScoredBatch, score
+
+
+class StageTimer:
+    """Wall seconds per stage within one step: ``with timer.timed("score"):`` adds the block's time."""
+
+    def __init__(self, *stages: str) -> None:
+        self.seconds = dict.fromkeys(stages, 0.0)
+
+    @contextlib.contextmanager
+    def timed(self, stage: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] += time.perf_counter() - start
 
 
 def _chunks(items: list[Prompt], size: int) -> list[list[Prompt]]:
@@ -50,18 +68,17 @@ class Trainer:
         torch.manual_seed(c.run.seed)
         random.seed(c.run.seed)
         ckpt = None if checkpoint is None else str(checkpoint)
-        self.student, self.teachers, self.vocab_sizes = load_run_models(c, ckpt)
-        self.router = Router(c.teachers)
+        self.student, self.teachers = load_run_models(c, ckpt)
+        self.router = Router(self.teachers)
         self.source = prompt_source(c.data, c.run.seed)
         self.router.check(self.source.domains)
-        needs_refs = {"loss.sft_weight": c.loss.sft_weight > 0,
-                      "loss.off_policy_source": c.loss.lmbda > 0 and c.loss.off_policy_source == "dataset"}  # fmt: skip
-        missing = sum(not ex.reference for ex in self.source.examples)
+        off_policy_refs = c.loss.off_policy_fraction > 0 and c.loss.off_policy_source == "dataset"
+        needs_refs = {"loss.sft_weight": c.loss.sft_weight > 0, "loss.off_policy_source": off_policy_refs}
+        missing = self.source.pool.missing_references
         for key, needed in needs_refs.items():
             if needed and missing:
                 raise ValueError(f"config key {key!r} trains on dataset references, but {missing} prompts have none")
-        self.learner = Learner(self.student, c.loss, c.optim, {n: t.weight for n, t in c.teachers.items()},
-                               self.vocab_sizes)  # fmt: skip
+        self.learner = Learner(self.student, c.loss, c.optim, self.teachers)
         self.verifiers = Verifiers(c.loss.verifiers, c.data.task)
         self.generator = torch.Generator(c.run.device).manual_seed(c.run.seed)
         self.mix_rng = random.Random(c.run.seed + 1)
@@ -76,7 +93,7 @@ class Trainer:
 
     # -- stages ---------------------------------------------------------------------------------
     def make_batch(self, prompts: list[Prompt], off_policy: bool) -> RolloutBatch:
-        """Rollout stage: student samples, or off-policy completions on an ``lmbda`` step."""
+        """Rollout stage: student samples, or off-policy completions on an off-policy step."""
         c = self.config
         if not off_policy:
             return rollout(self.student, prompts, c.rollout, self.generator, chat_template=c.data.chat_template)
@@ -85,7 +102,7 @@ class Trainer:
                                     chat_template=c.data.chat_template)  # fmt: skip
         texts = [""] * len(prompts)
         for name, rows in self.router.route([p.domain for p in prompts]).items():
-            part = rollout(self.teachers[name], [prompts[i] for i in rows], c.rollout, self.generator,
+            part = rollout(self.teachers[name].model, [prompts[i] for i in rows], c.rollout, self.generator,
                            chat_template=c.data.chat_template, source="teacher")  # fmt: skip
             for i, text in zip(rows, part.completions, strict=True):
                 texts[i] = text
@@ -113,35 +130,57 @@ class Trainer:
                                     chat_template=c.data.chat_template) for mb in micro]  # fmt: skip
         return list(batches), float(sum(b.num_tokens for b in batches))
 
-    def train_step(self) -> dict[str, Any]:
-        """One optimizer step; returns its metrics row."""
-        c, times = self.config, {"rollout": 0.0, "score": 0.0, "learn": 0.0}
-        t_start = time.perf_counter()
-        prompts = self.source.next_batch()
-        off_policy = c.loss.lmbda > 0 and self.mix_rng.random() < c.loss.lmbda
-        micro = _chunks(prompts, c.rollout.micro_batch_size)
-        t = time.perf_counter()
-        batches = [self.make_batch(mb, off_policy) for mb in micro]
-        times["rollout"] = time.perf_counter() - t
-        num_items = float(sum(b.num_tokens for b in batches))
+    def score_batch(self, batch: RolloutBatch, timer: StageTimer) -> ScoredBatch:
+        """Score stage: the routed teachers' signal (nothing to score when ``kd_weight`` is 0)."""
+        c = self.config
+        with timer.timed("score"):
+            if c.loss.kd_weight <= 0:
+                return ScoredBatch(batch)
+            return score(batch, self.teachers, self.router, signal=c.loss.signal, topk=c.loss.topk,
+                         temperature=c.loss.temperature)  # fmt: skip
+
+    def learn_step(
+        self, micro: list[list[Prompt]], off_policy: bool, timer: StageTimer, scorer: StageWorker | None
+    ) -> tuple[list[RolloutBatch], list[MicroStats], dict[str, float], float]:
+        """Rollout, score and learn every micro-batch, then the optimizer step; returns the batches, their
+        stats, the update and the step's completion-token count. With a ``scorer`` worker each rollout
+        is handed to it at once, and learning takes its results in order."""
+        batches = []
+        with timer.timed("rollout"):
+            for mb in micro:
+                batches.append(self.make_batch(mb, off_policy))
+                if scorer is not None:
+                    scorer.submit(batches[-1])
+        num_items = float(sum(b.num_tokens for b in batches))  # every term's normalization: needs all rollouts
         advantages = self.advantages(batches)
         sft, sft_items = self.sft_batches(micro)
         stats: list[MicroStats] = []
         for batch, adv, ref in zip(batches, advantages, sft, strict=True):
-            t = time.perf_counter()
-            scored = ScoredBatch(batch)  # no teacher term (kd_weight = 0): nothing to score
-            if c.loss.kd_weight > 0:
-                scored = score(batch, self.teachers, self.router, signal=c.loss.signal, topk=c.loss.topk,
-                               temperature=c.loss.temperature)
-            times["score"] += time.perf_counter() - t
-            t = time.perf_counter()
-            stats.append(self.learner.micro_step(scored, num_items, adv, ref, sft_items))
-            times["learn"] += time.perf_counter() - t
-        t = time.perf_counter()
-        update = self.learner.step()
-        times["learn"] += time.perf_counter() - t
-        self.source.update([p.index for b in batches for p in b.prompts],
-                           [d for s in stats for d in s.per_sample_divergence])  # fmt: skip
+            scored = self.score_batch(batch, timer) if scorer is None else scorer.result()
+            with timer.timed("learn"):
+                stats.append(self.learner.micro_step(scored, num_items, adv, ref, sft_items))
+        with timer.timed("learn"):
+            update = self.learner.step()
+        return batches, stats, update, num_items
+
+    def train_step(self) -> dict[str, Any]:
+        """One optimizer step; returns its metrics row."""
+        c, timer = self.config, StageTimer("sample", "rollout", "score", "learn")
+        t_start = time.perf_counter()
+        with timer.timed("sample"):
+            prompts = self.source.next_batch()
+        fraction = c.loss.off_policy_fraction
+        off_policy = fraction > 0 and self.mix_rng.random() < fraction
+        micro = _chunks(prompts, c.rollout.micro_batch_size)
+        if c.run.pipeline == "strict":
+            main, worker = split_threads(c.run.threads or torch.get_num_threads())
+            with main_threads(main), StageWorker(lambda b: self.score_batch(b, timer), worker) as scorer:
+                batches, stats, update, num_items = self.learn_step(micro, off_policy, timer, scorer)
+        else:
+            batches, stats, update, num_items = self.learn_step(micro, off_policy, timer, None)
+        with timer.timed("sample"):
+            self.source.update([p.index for b in batches for p in b.prompts],
+                               [d for s in stats for d in s.per_sample_divergence])  # fmt: skip
         self.step += 1
         elapsed = time.perf_counter() - t_start
         lengths = [n for b in batches for n in b.completion_lengths()]
@@ -154,7 +193,7 @@ class Trainer:
             "tokens": int(num_items),
             "tokens_per_s": num_items / elapsed,
             "step_time": elapsed,
-            **{f"time/{k}": v for k, v in times.items()},
+            **{f"time/{k}": v for k, v in timer.seconds.items()},
             "grad_norm": update["grad_norm"],
             "lr": update["lr"],
             "skipped_steps": self.learner.skipped,
@@ -182,8 +221,7 @@ class Trainer:
         # Evaluation must not perturb the training RNG streams (resume exactness).
         with torch.random.fork_rng(devices=[]):
             return evaluate(self.student, self.teachers, self.router, examples, c.rollout, self.verifiers,
-                            self.vocab_sizes, sampled=c.eval.sampled, seed=c.run.seed,
-                            chat_template=c.data.chat_template)  # fmt: skip
+                            sampled=c.eval.sampled, seed=c.run.seed, chat_template=c.data.chat_template)
 
 
 @contextlib.contextmanager

@@ -24,7 +24,7 @@ def test_unknown_key_is_named() -> None:
         ("optim", {"lr": -1.0}, "optim.lr"),
         ("optim", {"steps": "ten"}, "optim.steps"),
         ("loss", {"divergence": "kl"}, "loss.divergence"),
-        ("loss", {"lmbda": 1.5}, "loss.lmbda"),
+        ("loss", {"off_policy_fraction": 1.5}, "loss.off_policy_fraction"),
         ("rollout", {"top_p": 0.0}, "rollout.top_p"),
         ("rollout", {"stop": "x"}, "rollout.stop"),
         ("data", {"group_size": 0}, "data.group_size"),

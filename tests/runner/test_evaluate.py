@@ -2,10 +2,10 @@ import dataclasses
 
 import pytest
 
-from opd_fast.runner.config import RolloutConfig, TeacherConfig
+from opd_fast.runner.config import RolloutConfig
 from opd_fast.runner.data import Prompt
 from opd_fast.runner.evaluate import Verifiers, evaluate
-from opd_fast.runner.models import load_model
+from opd_fast.runner.models import Teacher, load_model
 from opd_fast.runner.rollout import rollout
 from opd_fast.runner.score import Router
 from opd_fast.tasks import Example
@@ -25,9 +25,8 @@ def test_accuracy_per_domain_and_zero_kl_against_itself(models: dict) -> None:
     greedy = rollout(student, prompts, dataclasses.replace(cfg, temperature=0.0))
     # domain a's reference is what greedy decoding produces; b's references are wrong
     examples = [Example("ab=", greedy.completions[0], "a"), Example("ba=", "zzz", "b"), Example("h=", "zzz", "b")]
-    teachers = {"self": load_model(models["student"], name="self")}
-    result = evaluate(student, teachers, Router({"self": TeacherConfig(path="x")}), examples, cfg, Verifiers({}),
-                      {"self": student.head.weight.shape[0]})  # fmt: skip
+    teachers = {"self": Teacher(load_model(models["student"], name="self"), student.head.weight.shape[0])}
+    result = evaluate(student, teachers, Router(teachers), examples, cfg, Verifiers({}))
     assert result["greedy/accuracy/a"] == 1.0 and result["greedy/accuracy/b"] == 0.0
     assert result["greedy/accuracy"] == pytest.approx(1 / 3)
     assert "sampled/accuracy" in result and abs(result["reverse_kl"]) < 1e-5

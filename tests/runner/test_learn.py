@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from opd_fast.reference import divergence_from_logits
-from opd_fast.runner.config import LossConfig, OptimConfig, RolloutConfig, TeacherConfig
+from opd_fast.runner.config import LossConfig, OptimConfig, RolloutConfig
 from opd_fast.runner.data import Prompt
 from opd_fast.runner.learn import Learner, lr_lambda
-from opd_fast.runner.models import load_model, position_ids
+from opd_fast.runner.models import Teacher, load_model, position_ids
 from opd_fast.runner.rollout import rollout
 from opd_fast.runner.score import Router, score
 
@@ -23,11 +23,11 @@ def full_logits(lm, batch) -> torch.Tensor:
 
 def setup(models: dict, teacher_paths: dict[str, str], loss: LossConfig, weights: dict[str, float]):
     student = load_model(models["student"], name="student", trainable=True)
-    teachers = {n: load_model(p, name=n) for n, p in teacher_paths.items()}
-    cfgs = {"ta": TeacherConfig(path="x", domains=["a"]), "tb": TeacherConfig(path="x", domains=["b"])}
-    router = Router({n: cfgs[n] for n in teacher_paths})
-    vocab = {n: student.head.weight.shape[0] for n in teachers}
-    learner = Learner(student, loss, OptimConfig(lr=1e-2), weights, vocab)
+    domains = {"ta": ["a"], "tb": ["b"]}
+    teachers = {n: Teacher(load_model(p, name=n), student.head.weight.shape[0], weights[n], domains[n])
+                for n, p in teacher_paths.items()}  # fmt: skip
+    router = Router(teachers)
+    learner = Learner(student, loss, OptimConfig(lr=1e-2), teachers)
     return student, teachers, router, learner
 
 
@@ -56,7 +56,7 @@ def test_loss_equals_reference_divergence_from_full_logits(models: dict, diverge
         for name, domain in (("ta", "a"), ("tb", "b")):
             keep = torch.tensor([b.prompts[int(r)].domain == domain for r in rows])
             with torch.no_grad():
-                t_logits = full_logits(teachers[name], b)[keep]
+                t_logits = full_logits(teachers[name].model, b)[keep]
             d = divergence_from_logits(s_logits[keep].double() / temperature, t_logits.double() / temperature,
                                        divergence, beta)  # fmt: skip
             expected = expected + weights[name] * d.sum() / num_items

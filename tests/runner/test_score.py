@@ -5,9 +5,14 @@ import torch
 
 from opd_fast.runner.config import RolloutConfig, TeacherConfig
 from opd_fast.runner.data import Prompt, encode_prompt
-from opd_fast.runner.models import check_compatible, forward_hidden, load_model
+from opd_fast.runner.models import Teacher, check_compatible, forward_hidden, load_model
 from opd_fast.runner.rollout import rollout
 from opd_fast.runner.score import Router, score
+
+
+def load_teacher(path: str, name: str, domains: tuple[str, ...] | list[str] = ()) -> Teacher:
+    model = load_model(path, name=name)
+    return Teacher(model, model.head.weight.shape[0], domains=list(domains))
 
 
 def test_router_rules() -> None:
@@ -21,14 +26,15 @@ def test_router_rules() -> None:
 
 def test_each_domain_is_scored_by_its_teacher(models: dict) -> None:
     student = load_model(models["student"])
-    teachers = {"ta": load_model(models["teacher_a"], name="ta"), "tb": load_model(models["teacher_b"], name="tb")}
-    router = Router({"ta": TeacherConfig(path="x", domains=["a"]), "tb": TeacherConfig(path="y", domains=["b"])})
+    teachers = {"ta": load_teacher(models["teacher_a"], "ta", ["a"]),
+                "tb": load_teacher(models["teacher_b"], "tb", ["b"])}
+    router = Router(teachers)
     prompts = [Prompt(i, p, d, None) for i, (p, d) in enumerate([("ab=", "b"), ("abc=", "a"), ("h=", "b")])]
     batch = rollout(student, prompts, RolloutConfig(max_new_tokens=5), torch.Generator().manual_seed(0))
     scored = score(batch, teachers, router)
     assert {s.teacher: s.rows.tolist() for s in scored.scores} == {"tb": [0, 2], "ta": [1]}
     for s in scored.scores:
-        teacher = teachers[s.teacher]
+        teacher = teachers[s.teacher].model
         assert s.head.weight is teacher.head.weight  # the routed teacher's own head
         with torch.no_grad():  # the routed teacher's states, each row alone (no padding interplay)
             expect = []
@@ -43,8 +49,8 @@ def test_each_domain_is_scored_by_its_teacher(models: dict) -> None:
 
 def test_topk_and_sampled_signals(models: dict) -> None:
     student = load_model(models["student"])
-    teachers = {"ta": load_model(models["teacher_a"], name="ta")}
-    router = Router({"ta": TeacherConfig(path="x")})
+    teachers = {"ta": load_teacher(models["teacher_a"], "ta")}
+    router = Router(teachers)
     batch = rollout(student, [Prompt(0, "ab=", "a", None)], RolloutConfig(max_new_tokens=5),
                     torch.Generator().manual_seed(0))  # fmt: skip
     full = score(batch, teachers, router).scores[0]

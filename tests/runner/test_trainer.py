@@ -38,7 +38,7 @@ def test_end_to_end_metrics_checkpoints_eval_and_plots(make_config, models: dict
 
 
 def test_resume_continues_exactly(make_config, models: dict, tmp_path: Path) -> None:
-    opts = {"optim": {"steps": 4, "lr": 1e-2, "warmup_steps": 1}, "loss": {"lmbda": 0.5}}
+    opts = {"optim": {"steps": 4, "lr": 1e-2, "warmup_steps": 1}, "loss": {"off_policy_fraction": 0.5}}
     train(make_config(tmp_path / "full", **opts))
     train(make_config(tmp_path / "split", **opts), stop_after=2)
     assert [r["step"] for r in step_rows(tmp_path / "split")] == [1, 2]
@@ -87,10 +87,11 @@ def test_sigterm_checkpoints_and_exits_cleanly(make_config, models: dict, tmp_pa
     assert latest_checkpoint(tmp_path / "run").name == "step-00000001"
 
 
-@pytest.mark.parametrize(("lmbda", "source"), [(0.0, {"student"}), (1.0, {"dataset"}), (0.5, {"student", "dataset"})])
-def test_lmbda_mixes_off_policy_batches(make_config, models: dict, tmp_path: Path, lmbda: float,
-                                        source: set) -> None:  # fmt: skip
-    config = make_config(tmp_path, loss={"lmbda": lmbda}, optim={"steps": 8})
+@pytest.mark.parametrize(("fraction", "source"),
+                         [(0.0, {"student"}), (1.0, {"dataset"}), (0.5, {"student", "dataset"})])
+def test_off_policy_fraction_mixes_off_policy_batches(make_config, models: dict, tmp_path: Path, fraction: float,
+                                                      source: set) -> None:  # fmt: skip
+    config = make_config(tmp_path, loss={"off_policy_fraction": fraction}, optim={"steps": 8})
     trainer = Trainer(config)
     trainer.learner.step = lambda: {"grad_norm": 0.0, "lr": 0.0, "skipped": 0.0}  # only the data path matters
     rows = [trainer.train_step() for _ in range(8)]
@@ -101,7 +102,7 @@ def test_lmbda_mixes_off_policy_batches(make_config, models: dict, tmp_path: Pat
 
 
 def test_teacher_samples_as_off_policy_source(make_config, models: dict, tmp_path: Path) -> None:
-    config = make_config(tmp_path, loss={"lmbda": 1.0, "off_policy_source": "teacher"})
+    config = make_config(tmp_path, loss={"off_policy_fraction": 1.0, "off_policy_source": "teacher"})
     trainer = Trainer(config)
     assert trainer.train_step()["source"] == "teacher"
 
@@ -171,14 +172,15 @@ def test_builtin_task_as_prompt_source_and_verifier(make_config, tmp_path: Path)
     config = make_config(tmp_path, data={"prompts": "", "eval_prompts": "", "task": _EchoTask.name, "num_prompts": 6},
                          eval={"at_end": True, "num_prompts": 2})  # fmt: skip
     trainer = Trainer(config)
-    assert sorted(ex.prompt for ex in trainer.source.examples) == sorted(f"{w}=" for w in _EchoTask.words[:6])
+    pool = trainer.source.pool
+    assert sorted(pool[i].prompt for i in range(len(pool))) == sorted(f"{w}=" for w in _EchoTask.words[:6])
     assert trainer.verifiers("a", "ab=", "abzz", "ab") == 1.0  # the task's verify, not exact match
     result = trainer.evaluate()
     assert set(result) >= {"greedy/accuracy/b", "reverse_kl/b"}
 
 
 def test_kd_weight_zero_is_pure_sft_on_references(make_config, tmp_path: Path) -> None:
-    config = make_config(tmp_path, loss={"kd_weight": 0.0, "sft_weight": 1.0, "lmbda": 1.0})
+    config = make_config(tmp_path, loss={"kd_weight": 0.0, "sft_weight": 1.0, "off_policy_fraction": 1.0})
     row = Trainer(config).train_step()
     assert row["source"] == "dataset"
     assert not any(key.startswith("divergence/") for key in row)  # no teacher was consulted

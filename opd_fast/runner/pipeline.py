@@ -1,0 +1,83 @@
+"""Strict pipelining on CPU: a stage on its own worker thread, fed in order through a bounded queue.
+
+Strict mode (``run.pipeline = "strict"``) keeps every sample of step k on the weights after step k-1 and
+changes no computation, only when it runs: the teacher scores micro-batch i on a worker thread while the
+student samples micro-batch i+1, and the student learns from the scored micro-batches while the teacher
+scores the rest. Learning cannot start before the last rollout because every term is normalized by the
+step's completion-token count. Threads: the worker gets ``max(1, T // 4)`` torch intra-op threads and
+the main thread the rest (``T`` = ``run.threads``, or torch's count), so the two never ask for more
+than ``T`` cores (with ``T = 1`` both get one: two cores). Results equal the serial loop's bit for bit
+when each thread's count equals the serial run's (``T = 1``); with more threads, CPU kernels may split
+reductions differently, which changes rounding only.
+
+Public API: ``StageWorker``, ``split_threads``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+_DONE = object()
+
+
+def split_threads(total: int) -> tuple[int, int]:
+    """(main thread, worker thread) intra-op thread counts out of ``total`` (see the module docstring)."""
+    worker = max(1, total // 4)
+    return max(1, total - worker), worker
+
+
+class StageWorker:
+    """Applies ``fn`` to submitted items in order on one thread; ``result()`` returns them in order.
+
+    At most ``depth`` items wait for the worker (``submit`` blocks beyond that: a bounded queue); an
+    exception in ``fn`` is raised again by the ``result()`` of its item. Use as a context manager."""
+
+    def __init__(self, fn: Callable[[Any], Any], threads: int, depth: int = 2) -> None:
+        self._in: queue.Queue = queue.Queue(depth)
+        self._out: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._run, args=(fn, threads), daemon=True)
+        self._thread.start()
+
+    def _run(self, fn: Callable[[Any], Any], threads: int) -> None:
+        torch.set_num_threads(threads)  # per thread: the main thread keeps its own count
+        for item in iter(self._in.get, _DONE):
+            try:
+                self._out.put((fn(item), None))
+            except Exception as exc:  # handed to the consumer, which raises it
+                self._out.put((None, exc))
+
+    def submit(self, item: Any) -> None:
+        self._in.put(item)
+
+    def result(self) -> Any:
+        value, exc = self._out.get()
+        if exc is not None:
+            raise exc
+        return value
+
+    def close(self) -> None:
+        self._in.put(_DONE)
+        self._thread.join()
+
+    def __enter__(self) -> StageWorker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@contextlib.contextmanager
+def main_threads(count: int) -> Iterator[None]:
+    """The calling thread's intra-op thread count for a block, restored afterwards."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

@@ -1,0 +1,63 @@
+"""Strict pipelining: the same computation as the serial loop, only overlapped."""
+
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from opd_fast.runner.pipeline import StageWorker, split_threads
+from opd_fast.runner.trainer import Trainer
+
+COMPARED = ("loss", "grad_norm", "tokens", "completion_len", "divergence/teacher/ta", "divergence/teacher/tb")
+
+
+@pytest.mark.parametrize("loss", [{}, {"off_policy_fraction": 0.5, "off_policy_source": "teacher"},
+                                  {"signal": "topk", "topk": 4, "divergence": "forward_kl"}])  # fmt: skip
+def test_strict_pipeline_gives_the_serial_losses(make_config, tmp_path: Path, loss: dict) -> None:
+    runs = {}
+    for mode in ("serial", "strict"):
+        # 3 micro-batches per step, so scoring of one overlaps the rollout of the next
+        config = make_config(tmp_path / mode, run={"pipeline": mode, "seed": 3}, loss=loss, optim={"steps": 3},
+                             data={"prompts_per_step": 3, "group_size": 2})  # fmt: skip
+        trainer = Trainer(config)
+        scored_on, score_batch = set(), trainer.score_batch
+
+        def record(batch, timer, score_batch=score_batch, scored_on=scored_on):
+            scored_on.add(threading.current_thread() is threading.main_thread())
+            return score_batch(batch, timer)
+
+        trainer.score_batch = record
+        rows = [trainer.train_step() for _ in range(3)]
+        assert scored_on == {mode == "serial"}  # strict scores on the worker thread only
+        runs[mode] = (rows, [p.detach().clone() for p in trainer.student.model.parameters()])
+    (serial, w_serial), (strict, w_strict) = runs["serial"], runs["strict"]
+    for a, b in zip(serial, strict, strict=True):
+        assert {k: a.get(k) for k in COMPARED} == {k: b.get(k) for k in COMPARED}
+    assert all(torch.equal(x, y) for x, y in zip(w_serial, w_strict, strict=True))
+
+
+def test_stage_worker_keeps_order_and_reraises() -> None:
+    threads = []
+
+    def work(x: int) -> int:
+        threads.append(threading.current_thread())
+        if x == 3:
+            raise ValueError("bad item 3")
+        return x * x
+
+    with StageWorker(work, threads=1) as worker:
+        for x in range(5):
+            worker.submit(x)
+        assert [worker.result() for _ in range(3)] == [0, 1, 4]
+        with pytest.raises(ValueError, match="bad item 3"):
+            worker.result()
+        assert worker.result() == 16
+    assert threading.main_thread() not in threads
+
+
+def test_thread_split_never_exceeds_the_budget() -> None:
+    assert split_threads(1) == (1, 1)
+    assert split_threads(2) == (1, 1)
+    assert split_threads(8) == (6, 2)
+    assert all(sum(split_threads(t)) == t for t in range(2, 33))
