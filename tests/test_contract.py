@@ -60,6 +60,7 @@ class Case:
     mask: str | None = None  # None | "some" | "all"
     weights: bool = False
     labels: bool = False
+    pad_topk: bool = False  # top-k rows with padding slots (id -1, garbage log-prob) and one empty row
     options: dict = field(default_factory=dict)
 
 
@@ -73,11 +74,12 @@ FEATURES = {
     "num_items": Case(mask="some", options=dict(num_items=9.0)),
     "all_masked": Case(mask="all"),
     "heads_T_scale_softcap_bias": Case(bias=True, options=dict(temperature=1.7, student_logit_scale=0.8,
-                                                                student_softcap=6.0)),  # fmt: skip
+                                                                student_softcap=6.0)),
     "temperature_sq_scaling": Case(options=dict(temperature=0.7, temperature_sq_scaling=True)),
     "neg_inf_logits": Case(bias=True, neg_inf_columns=(3, 11, 12)),
     "extreme_logits": Case(spread=25.0),
     "vocab_size_padded_heads": Case(v=37, v_t=45, options=dict(vocab_size=33)),
+    "topk_padding": Case(pad_topk=True, mask="some"),
     "hard_labels": Case(mask="some", labels=True, options=dict(hard_weight=0.6)),
     "hard_labels_T_none": Case(labels=True, options=dict(hard_weight=0.4, temperature=1.6, reduction="none")),
 }
@@ -86,10 +88,11 @@ FEATURES = {
 _FINITE_ONLY = {("extreme_logits", torch.bfloat16)}
 # Options that do not exist for a loss: the feature is not part of its contract.
 _NOT_FOR = {
+    "kl": {"topk_padding"},
     "topk": {"hard_labels", "hard_labels_T_none"},
-    "logprobs": {"masks_weights_mean", "masks_sum", "masks_none", "num_items", "all_masked", "temperature_sq_scaling",
-                 "vocab_size_padded_heads", "hard_labels", "hard_labels_T_none"},
-}  # fmt: skip
+    "logprobs": {"topk_padding", "masks_weights_mean", "masks_sum", "masks_none", "num_items", "all_masked",
+                 "temperature_sq_scaling", "vocab_size_padded_heads", "hard_labels", "hard_labels_T_none"},
+}
 
 
 def _teacher_options(options: dict, loss: str) -> dict:
@@ -142,7 +145,13 @@ def _inputs(case: Case, loss: str, dtype: torch.dtype, seed: int) -> tuple[list,
         k = min(case.k, len(allowed))
         logits = torch.randn(*case.n, len(allowed), generator=g, dtype=torch.float64) * 2.0
         log_p, top = torch.log_softmax(logits, -1).topk(k, -1)
-        args = [leaves["hidden"], leaves["weight"], allowed[top], log_p.to(dtype)]
+        ids = allowed[top]
+        if case.pad_topk:
+            flat_ids, flat_lp = ids.view(-1, k), log_p.view(-1, k)
+            flat_ids[0, 2:], flat_lp[0, 2:] = -1, float("nan")
+            flat_ids[3, 1], flat_lp[3, 1] = -1, 0.0
+            flat_ids[4], flat_lp[4] = -1, -3.0
+        args = [leaves["hidden"], leaves["weight"], ids, log_p.to(dtype)]
         options["tail"] = loss.removeprefix("topk_")
     return args, {"student_bias": leaves["bias"], **options}, leaves
 

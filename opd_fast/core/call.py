@@ -116,12 +116,12 @@ class LossCall:
     student: Head
     teacher: TeacherSignal
     options: LossOptions
-    mask: torch.Tensor | None
-    token_weights: torch.Tensor | None
-    hard: HardLabelArgs | None
     backend: Backend
     return_stats: bool  # per-token statistics; for log-probs, the entropy
     tuning: Tuning
+    mask: torch.Tensor | None = None
+    token_weights: torch.Tensor | None = None
+    hard: HardLabelArgs | None = None
 
     @property
     def leading(self) -> tuple[int, ...]:

@@ -340,12 +340,12 @@ def kl_call(args: Mapping[str, Any]) -> LossCall:
         student=Head(hs, ws, bs),
         teacher=TeacherHead(Head(ht.detach(), wt.detach(), None if bt is None else bt.detach())),
         options=_options(args, num, student, teacher, k, hard_weight),
-        mask=mask,
-        token_weights=token_weights,
-        hard=None if labels is None else HardLabelArgs(labels, args["ignore_index"]),
         backend=backend,
         return_stats=bool(args["return_stats"]),
         tuning=tuning,
+        mask=mask,
+        token_weights=token_weights,
+        hard=None if labels is None else HardLabelArgs(labels, args["ignore_index"]),
     )
 
 
@@ -385,12 +385,11 @@ def topk_call(args: Mapping[str, Any]) -> LossCall:
         student=Head(hs, ws, bs),
         teacher=TopKTeacher(ids, logprobs, tail),
         options=_options(args, num, student, HeadSpec(), vocab),  # the teacher arrives as log-probs: no head
-        mask=mask,
-        token_weights=token_weights,
-        hard=None,
         backend=backend,
         return_stats=bool(args["return_stats"]),
         tuning=tuning,
+        mask=mask,
+        token_weights=token_weights,
     )
 
 
@@ -417,9 +416,6 @@ def logprobs_call(args: Mapping[str, Any]) -> LossCall:
         student=Head(hidden, weight, bias),
         teacher=SampledTokens(token_ids),
         options=options,
-        mask=None,
-        token_weights=None,
-        hard=None,
         backend=backend,
         return_stats=bool(args["return_entropy"]),
         tuning=tuning,

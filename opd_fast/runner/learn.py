@@ -46,7 +46,6 @@ class MicroStats:
     """Sums over one micro-batch (divide by token counts when logging)."""
 
     loss: float = 0.0
-    tokens: int = 0
     entropy_sum: float = 0.0
     divergence_sum: dict[str, float] = field(default_factory=dict)  # key "teacher/<name>" or "domain/<name>"
     divergence_tokens: dict[str, int] = field(default_factory=dict)
@@ -118,7 +117,7 @@ class Learner:
         device = head.weight.device
         hidden, _ = forward_hidden(self.student, batch.input_ids.to(device), batch.attention_mask.to(device))
         total = hidden.new_zeros((), dtype=torch.float32)
-        out = MicroStats(tokens=batch.num_tokens)
+        out = MicroStats()
         row_div = torch.zeros(len(batch.prompts))
         for ts in scored.scores:
             hs = batch.target_states(hidden[ts.rows.to(device)], ts.rows)

@@ -63,38 +63,6 @@ def test_matches_reference_fp64(tuning, divergence, reduction, temperature):
     assert_close(run(case, "torch", tuning=tuning, **kw), run(case, "reference", **kw), 1e-10)
 
 
-@pytest.mark.parametrize("divergence", DIVERGENCES)
-def test_unmasked_unweighted_and_leading_shape(divergence):
-    case = make_case(leading=(2, 3, 5), seed=3)
-    kw = dict(divergence=divergence, reduction="none", num_items=7)
-    assert_close(run(case, "torch", **kw), run(case, "reference", **kw), 1e-10)
-    loss = opd_fast.fused_linear_kl(**case, divergence=divergence, reduction="none")
-    assert loss.shape == (2, 3, 5)
-
-
-@pytest.mark.parametrize("n,v,h_s,h_t", [(1, 5, 3, 3), (1, 1000, 17, 5), (37, 3, 1, 2), (64, 257, 33, 31)])
-def test_odd_shapes(n, v, h_s, h_t):
-    case = make_case(n=n, v=v, h_s=h_s, h_t=h_t, seed=n + v)
-    for div in DIVERGENCES:
-        kw = dict(divergence=div, tuning=Tuning(chunk_tokens=16, chunk_vocab=100))
-        assert_close(run(case, "torch", **kw), run(case, "reference", divergence=div), 1e-10)
-
-
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.bfloat16, 3e-2), (torch.float16, 5e-3)])
-@pytest.mark.parametrize("divergence", DIVERGENCES)
-def test_low_precision_inputs(dtype, tol, divergence):
-    case = make_case(n=24, v=300, h_s=32, h_t=48, dtype=dtype, seed=5, scale=0.5)
-    kw = dict(divergence=divergence, reduction="mean", temperature=1.3)
-    ours = run(case, "torch", **kw)
-    ref = run(case, "reference", **kw)
-    loss, _, grads = ours
-    assert case["student_hidden"].grad.dtype == dtype and case["student_weight"].grad.dtype == dtype
-    torch.testing.assert_close(loss, ref[0], atol=tol, rtol=tol)
-    for g, gr in zip(grads, ref[2], strict=True):
-        # gradient tolerance relative to the gradient's own scale
-        assert (g - gr).abs().max() <= tol * max(1.0, gr.abs().max().item()) * 4
-
-
 def test_gradcheck_small_float64():
     for div, tuning in itertools.product(DIVERGENCES, TUNINGS.values()):
         case = make_case(n=3, v=6, h_s=2, h_t=3, seed=11)
@@ -160,18 +128,6 @@ def test_minus_inf_logits_through_biases(divergence, tuning):
         assert torch.isinf(ours[0]).all() and torch.isinf(ref[0]).all()
         return
     assert_close(ours, ref, 1e-10)
-
-
-@pytest.mark.parametrize("divergence", DIVERGENCES)
-def test_extreme_logits_stay_finite(divergence):
-    case = make_case(n=8, v=50, seed=6)
-    with torch.no_grad():
-        case["student_bias"] *= 1e4
-        case["teacher_bias"] *= 1e4
-    loss, _, grads = run(case, "torch", divergence=divergence)
-    assert torch.isfinite(loss).all() and all(torch.isfinite(g).all() for g in grads)
-    ref = run(case, "reference", divergence=divergence)
-    torch.testing.assert_close(loss, ref[0], atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("divergence", DIVERGENCES)

@@ -61,29 +61,6 @@ def reference_of(case, **kw):
 
 
 @needs_lib
-@pytest.mark.parametrize("divergence,beta", DIVERGENCES)
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize("temperature,softcap", [(1.0, None), (0.7, 3.0)])
-def test_matches_reference_fp32(divergence, beta, reduction, temperature, softcap):
-    case = make_case(seed=len(divergence) + 7 * len(reduction))
-    mask = torch.rand(13, generator=torch.Generator().manual_seed(1)) > 0.3
-    weights = torch.rand(13, generator=torch.Generator().manual_seed(2))
-    kw = dict(divergence=divergence, beta=beta, reduction=reduction, temperature=temperature, mask=mask,
-              token_weights=weights, student_softcap=softcap, teacher_softcap=softcap and 2 * softcap,
-              student_logit_scale=1.3, teacher_logit_scale=0.8)  # fmt: skip
-    assert_close(run(case, "cpu", **kw), reference_of(case, **kw), rtol=2e-4, atol=2e-5)
-
-
-@needs_lib
-@pytest.mark.parametrize("divergence,beta", DIVERGENCES)
-def test_matches_reference_bf16(divergence, beta):
-    case = make_case(n=24, v=300, dtype=torch.bfloat16, seed=3)
-    kw = dict(divergence=divergence, beta=beta, temperature=1.5, student_softcap=6.0)
-    # bf16 tiles and a bf16 gradient tile: the tolerance is bf16's, not fp32's
-    assert_close(run(case, "cpu", **kw), reference_of(case, **kw), rtol=3e-2, atol=3e-3)
-
-
-@needs_lib
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("divergence,beta", DIVERGENCES)
 def test_agrees_with_torch_backend(dtype, divergence, beta):
@@ -101,16 +78,6 @@ def test_bf16_chunked_and_sliced_grad_weight_matches_one_chunk(monkeypatch):
     monkeypatch.setattr(chunked, "_GRAD_W_SLICE_ELEMS", 16 * 100)  # 100-row slices, the last one partial
     assert_close(run(case, "cpu", divergence="reverse_kl", tuning=Tuning(chunk_tokens=16)), whole,
                  rtol=1e-2, atol=1e-3)  # fmt: skip
-
-
-@needs_lib
-@pytest.mark.parametrize("n,v,h_s,h_t", [(1, 5, 3, 3), (1, 1000, 17, 5), (37, 3, 1, 2), (64, 257, 33, 31)])
-def test_odd_shapes_and_tiny_chunks(n, v, h_s, h_t):
-    case = make_case(n=n, v=v, h_s=h_s, h_t=h_t, seed=n + v)
-    for div, beta in DIVERGENCES:
-        want = reference_of(case, divergence=div, beta=beta)
-        for tuning in (None, Tuning(chunk_tokens=16), Tuning(chunk_tokens=16, chunk_vocab=64)):
-            assert_close(run(case, "cpu", divergence=div, beta=beta, tuning=tuning), want, rtol=2e-4, atol=2e-5)
 
 
 @needs_lib
@@ -161,18 +128,6 @@ def test_isa_variants_agree_with_torch_tile_math():
 
 
 @needs_lib
-@pytest.mark.parametrize("divergence,beta", DIVERGENCES)
-def test_neg_inf_logits_have_zero_mass(divergence, beta):
-    case = make_case(n=6, v=40, seed=8)
-    for name in ("student_bias", "teacher_bias"):
-        case[name].data[::5] = float("-inf")  # masked vocabulary entries in both heads
-    kw = dict(divergence=divergence, beta=beta, reduction="none")
-    got = run(case, "cpu", **kw)
-    assert torch.isfinite(got[0]).all() and all(torch.isfinite(g).all() for g in got[2][:2])
-    assert_close(got, run(case, "torch", **kw), rtol=1e-5, atol=1e-6)
-
-
-@needs_lib
 def test_one_sided_neg_inf_matches_torch_backend():
     """Student-only zero mass: forward KL is infinite there, the others stay finite; no NaN anywhere."""
     raw_s, raw_t = _tile_inputs(torch.float32, n=9, k=50, seed=2)
@@ -185,16 +140,6 @@ def test_one_sided_neg_inf_matches_torch_backend():
         for a, b in zip(got[:5], want[:5], strict=True):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, equal_nan=True, msg=div)
         assert not any(t.isnan().any() for t in got[:5]), div
-
-
-@needs_lib
-@pytest.mark.parametrize("divergence,beta", DIVERGENCES)
-def test_extreme_logits(divergence, beta):
-    case = make_case(n=10, v=200, seed=9, scale=30.0)  # logits in the thousands: one-hot softmaxes
-    kw = dict(divergence=divergence, beta=beta)
-    got = run(case, "cpu", **kw)
-    assert torch.isfinite(got[0]).all() and all(torch.isfinite(g).all() for g in got[2])
-    assert_close(got, reference_of(case, **kw), rtol=1e-4, atol=1e-3)
 
 
 def test_missing_library_gives_clear_error(monkeypatch):
@@ -280,30 +225,6 @@ def _labels(n, v, seed, ignore=-100):
     labels[::4] = ignore
     labels[1] = v - 1
     return labels
-
-
-@needs_lib
-@pytest.mark.parametrize("divergence,beta", DIVERGENCES)
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize("temperature,softcap", [(1.0, None), (1.6, 3.0)])
-def test_hard_labels_match_reference(divergence, beta, reduction, temperature, softcap):
-    case = make_case(seed=len(divergence) + 3 * len(reduction))
-    mask = torch.rand(13, generator=torch.Generator().manual_seed(1)) > 0.3
-    kw = dict(divergence=divergence, beta=beta, reduction=reduction, temperature=temperature, mask=mask,
-              token_weights=torch.rand(13, generator=torch.Generator().manual_seed(2)) + 0.1,
-              labels=_labels(13, 67, 4), hard_weight=0.7, student_softcap=softcap, student_logit_scale=1.3,
-              temperature_sq_scaling=True)  # fmt: skip
-    got, want = run(case, "cpu", **kw), reference_of(case, **kw)
-    assert {"cross_entropy", "soft_loss", "hard_loss"} <= set(got[1])
-    assert_close(got, want, rtol=2e-4, atol=2e-5)
-
-
-@needs_lib
-def test_hard_labels_bf16_vocab_size_and_ignore_index_match_reference():
-    case = make_case(n=24, v=300, dtype=torch.bfloat16, seed=5)
-    kw = dict(divergence="forward_kl", labels=_labels(24, 280, 6, ignore=-1), ignore_index=-1, hard_weight=1.5,
-              vocab_size=280, num_items=30.0, student_softcap=6.0)  # fmt: skip
-    assert_close(run(case, "cpu", **kw), reference_of(case, **kw), rtol=3e-2, atol=3e-3)
 
 
 @needs_lib
