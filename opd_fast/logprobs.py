@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .core.run import evaluate
+from .core import run
 from .core.tuning import Tuning
 from .core.validation import logprobs_call
 
@@ -48,4 +48,4 @@ def fused_linear_logprobs(
         asked. Both are differentiable; any incoming gradient (e.g. importance weights) is honoured
         by recomputing the logits chunk by chunk in backward.
     """
-    return evaluate(logprobs_call(locals()))
+    return run.per_token(logprobs_call(locals()))

@@ -1,7 +1,7 @@
 """The public fused divergence loss between a student head and a teacher head.
 
 The function describes its call (``core.validation.kl_call``) and hands it to the loss core
-(``core.run.evaluate``): compaction, dispatch and the autograd Function live there, once, for
+(``core.run.divergence_loss``): compaction, dispatch and the autograd Function live there, once, for
 every loss.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .core.run import evaluate
+from .core import run
 from .core.tuning import Tuning
 from .core.validation import kl_call
 
@@ -86,7 +86,7 @@ def fused_linear_kl(
     Returns:
         The loss (fp32, float64 for float64 inputs; per token for ``reduction="none"``), and the stats when asked.
     """
-    return evaluate(kl_call(locals()))
+    return run.divergence_loss(kl_call(locals()))
 
 
 class FusedLinearKL(nn.Module):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .core.run import evaluate
+from .core import run
 from .core.tuning import Tuning
 from .core.validation import topk_call
 
@@ -101,4 +101,4 @@ def fused_linear_kl_topk(
         The loss (fp32, float64 for float64 inputs; per token for ``reduction="none"``), and the
         stats when asked.
     """
-    return evaluate(topk_call(locals()))
+    return run.divergence_loss(topk_call(locals()))

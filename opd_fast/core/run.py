@@ -10,22 +10,12 @@ from __future__ import annotations
 import torch
 
 from .. import reference
-from .call import LossCall, SampledTokens, TeacherHead, TopKTeacher
+from .call import LossCall, TeacherHead, TopKTeacher
 from .dispatch import make_engine, resolve
 from .engine import FusedLoss, Student
 from .tokens import TokenRows
 
 Stats = dict[str, torch.Tensor]
-
-
-def evaluate(call: LossCall) -> torch.Tensor | tuple[torch.Tensor, ...] | tuple[torch.Tensor, Stats]:
-    """What the public function returns for ``call``."""
-    if call.backend == "reference":
-        return reference.evaluate(call)
-    name = resolve(call.backend, call.student.hidden.device)
-    if isinstance(call.teacher, SampledTokens):
-        return _per_token(call, name)
-    return _divergence(call, name)
 
 
 def _student_rows(call: LossCall, tokens: TokenRows) -> Student:
@@ -34,16 +24,22 @@ def _student_rows(call: LossCall, tokens: TokenRows) -> Student:
     return Student(tokens.take(s.hidden).contiguous(), s.weight.contiguous(), bias)
 
 
-def _per_token(call: LossCall, name: str) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Log-probs (and entropy): per-token, differentiable, no reduction."""
+def per_token(call: LossCall) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs (and entropy) of a ``SampledTokens`` call: per token, differentiable, no reduction."""
+    if call.backend == "reference":
+        return reference.evaluate(call)
+    name = resolve(call.backend, call.student.hidden.device)
     tokens = TokenRows.of(call)
     outputs = FusedLoss.apply(make_engine(call, name, tokens), None, *_student_rows(call, tokens))
     logprobs, *entropy = (tokens.expand(out) for out in outputs)
     return (logprobs, entropy[0]) if call.return_stats else logprobs
 
 
-def _divergence(call: LossCall, name: str) -> torch.Tensor | tuple[torch.Tensor, Stats]:
-    """A divergence loss (teacher head or top-k), reduced, with per-token stats when asked."""
+def divergence_loss(call: LossCall) -> torch.Tensor | tuple[torch.Tensor, Stats]:
+    """A divergence loss (teacher head or top-k): reduced as asked, with per-token stats when asked."""
+    if call.backend == "reference":
+        return reference.evaluate(call)
+    name = resolve(call.backend, call.student.hidden.device)
     opts, tokens = call.options, TokenRows.of(call)
     labels = None if call.hard is None else tokens.labels(call.hard, opts)
     engine = make_engine(call, name, tokens, None if labels is None else labels.ids)
