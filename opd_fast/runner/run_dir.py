@@ -1,7 +1,8 @@
 """The run directory's contract: what a new run, ``--resume`` and ``--overwrite`` may do to it.
 
 - A new run refuses a directory that already holds a run (metrics, config, checkpoints) unless
-  ``overwrite`` is given, which first deletes exactly the files a run writes (never other files).
+  ``overwrite`` is given, which deletes exactly the files a run writes (never other files), and only
+  once the new run's start-up checks passed.
   Silently reusing it would mix two runs' metrics and let pruning delete the new run's checkpoints.
 - ``resume`` continues from the newest readable checkpoint and compares the config against the one
   that checkpoint was written under, key by key: keys in ``APPLIED`` take effect (the learning rate
@@ -54,6 +55,7 @@ class RunStart:
     state: dict[str, Any] | None = None
     saved_config: dict[str, Any] | None = None
     changed: dict[str, list[Any]] = field(default_factory=dict)  # key -> [old, new], all in APPLIED
+    replaces: bool = False  # --overwrite of a previous run: deleted by ``record_config``, once start-up passed
 
 
 def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -97,13 +99,7 @@ def open_run(config: RunConfig, *, resume: bool, overwrite: bool) -> RunStart:
                 f"run directory {out} already holds a run ({', '.join(existing[:4])}); pass --resume to continue "
                 "it, --overwrite to delete it and start over, or choose another run.out_dir"
             )
-        for name in RUN_FILES:
-            target = out / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
-        return RunStart(run_id=uuid.uuid4().hex)
+        return RunStart(run_id=uuid.uuid4().hex, replaces=bool(existing))
     found = load_latest(out)
     if found is None:
         print(f"opd-fast: no checkpoint under {out}/checkpoints; starting from scratch")
@@ -175,8 +171,18 @@ def apply_resumed_optim(learner: Learner, config: RunConfig, start: RunStart) ->
 
 
 def record_config(config: RunConfig, start: RunStart, step: int) -> None:
-    """``config.json`` := the config in effect; one ``config_history.jsonl`` line for this start."""
+    """``config.json`` := the config in effect; one ``config_history.jsonl`` line for this start.
+
+    Called once start-up checks passed: a replaced run's files are deleted here, so a start that fails
+    (bad verifier, unloadable model) leaves the previous run intact."""
     out = Path(config.run.out_dir)
+    if start.replaces:
+        for name in RUN_FILES:
+            target = out / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
     out.mkdir(parents=True, exist_ok=True)
     data = config_to_dict(config)
     write_atomic(out / "config.json", json.dumps(data, indent=2))
