@@ -3,7 +3,6 @@
 import builtins
 import json
 import os
-import pickle
 import random
 import warnings
 from pathlib import Path
@@ -35,7 +34,7 @@ def test_planted_pickle_is_refused_without_running_it(make_config, tmp_path: Pat
     for name in ("state.json", "state.safetensors", "state.pt"):
         (ckpt / name).unlink(missing_ok=True)
     marker = tmp_path / "pwned"
-    (ckpt / "state.pt").write_bytes(pickle.dumps({"learner": _Planted(marker)}))
+    torch.save({"learner": _Planted(marker)}, ckpt / "state.pt")  # torch.load(weights_only=False) would run it
     with pytest.raises(CheckpointError, match=r"state\.pt.*pickle"):
         train(config, resume=True)
     assert not marker.exists()
