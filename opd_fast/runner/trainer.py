@@ -8,20 +8,17 @@ its domain's teacher (``score``) and learned from (``Learner.micro_step``); one 
 the step. Stages only pass plain data (``Prompt`` lists, ``RolloutBatch``, ``ScoredBatch``), so a
 pipelined runner can overlap them without changing what they compute.
 
-Public API (stable): ``train(config, *, resume=False, overwrite=False, stop_after=None) -> dict`` (summary: steps,
-final_loss, steps_per_s, tokens_per_s, skipped_steps, run_dir, checkpoint, eval, interrupted) and
-``Trainer`` (built pieces, for callers that want to drive steps themselves). What a run may do to
-its directory (new run, resume, overwrite) is ``run_dir``'s contract.
+Public API (stable): ``train(config, *, resume=False, overwrite=False, stop_after=None) -> dict``
+(summary: steps, final_loss, steps_per_s, tokens_per_s, skipped_steps, run_dir, checkpoint, eval,
+interrupted) and ``Trainer`` (built pieces, for callers that want to drive steps themselves). What a
+run may do to its directory (new run, resume, overwrite) is ``run_dir``'s contract; what signals do
+is ``signals``'.
 """
 
 from __future__ import annotations
 
-import contextlib
 import random
-import signal
-import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +34,7 @@ from .metrics import MetricsLogger
 from .models import load_run_models, torch_threads
 from .rollout import RolloutBatch, from_completions, rollout
 from .score import Router, ScoredBatch, score
+from .signals import stop_on_signals
 
 
 def _chunks(items: list[Prompt], size: int) -> list[list[Prompt]]:
@@ -189,53 +187,6 @@ class Trainer:
                             chat_template=c.data.chat_template)  # fmt: skip
 
 
-class _Stopped(Exception):
-    """Raised from the signal handler to abandon an evaluation (the checkpoint is already written)."""
-
-
-class _Signals:
-    """SIGINT/SIGTERM set ``stop``: the loop finishes its step, checkpoints and returns. During an
-    evaluation a signal abandons it at once (``_Stopped``); a second SIGINT force-quits
-    (``KeyboardInterrupt``) without waiting for the step or a checkpoint."""
-
-    def __init__(self) -> None:
-        self.stop = threading.Event()
-        self.in_eval = False
-
-    def handle(self, sig: int, _frame: Any) -> None:
-        if sig == signal.SIGINT and self.stop.is_set():
-            raise KeyboardInterrupt("second interrupt: quitting without a checkpoint of the current step")
-        self.stop.set()
-        if self.in_eval:
-            raise _Stopped
-
-    def evaluate(self, trainer: Trainer) -> dict[str, float] | None:
-        """``trainer.evaluate()``, or ``None`` when a signal stops (or already stopped) it."""
-        if self.stop.is_set():
-            return None
-        self.in_eval = True
-        try:
-            return trainer.evaluate()
-        except _Stopped:
-            return None
-        finally:
-            self.in_eval = False
-
-
-@contextlib.contextmanager
-def _stop_on_signals() -> Iterator[_Signals]:
-    signals = _Signals()
-    if threading.current_thread() is not threading.main_thread():
-        yield signals
-        return
-    previous = {sig: signal.signal(sig, signals.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield signals
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
 def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False,
           stop_after: int | None = None) -> dict[str, Any]:  # fmt: skip
     """Run (or with ``resume`` continue) training; ``overwrite`` replaces a previous run in ``run.out_dir``;
@@ -257,7 +208,7 @@ def _train(config: RunConfig, resume: bool, overwrite: bool, stop_after: int | N
     last_ckpt, eval_results, interrupted, row = begin.checkpoint, {}, False, {}
     tokens, t0 = 0, time.perf_counter()
     try:
-        with _stop_on_signals() as signals:
+        with stop_on_signals() as signals:
             while trainer.step < c.optim.steps:
                 row = trainer.train_step()
                 if trainer.step == start + 1:
@@ -268,7 +219,7 @@ def _train(config: RunConfig, resume: bool, overwrite: bool, stop_after: int | N
                 if c.checkpoint.every and trainer.step % c.checkpoint.every == 0 and not at_end:
                     last_ckpt = trainer.save()
                 if c.eval.every and trainer.step % c.eval.every == 0 and not at_end:
-                    periodic = signals.evaluate(trainer)
+                    periodic = signals.evaluate(trainer.evaluate)
                     if periodic is not None:
                         logger.log({"step": trainer.step, "kind": "eval", **periodic}, advance=False)
                 if signals.stop.is_set() or (stop_after is not None and trainer.step >= stop_after):
@@ -278,7 +229,7 @@ def _train(config: RunConfig, resume: bool, overwrite: bool, stop_after: int | N
                 last_ckpt = trainer.save()
             if trainer.step == c.optim.steps and c.eval.at_end:
                 recorded = logger.recorded_eval(trainer.step) if trainer.step == start else None
-                final = recorded if recorded is not None else signals.evaluate(trainer)
+                final = recorded if recorded is not None else signals.evaluate(trainer.evaluate)
                 if final is not None and recorded is None:
                     logger.log({"step": trainer.step, "kind": "eval", **final}, advance=False)
                 eval_results = final or {}
