@@ -28,8 +28,11 @@ def _run(args: argparse.Namespace) -> int:
     try:
         summary = train(config, resume=args.resume, overwrite=args.overwrite)
     except KeyboardInterrupt as exc:
-        print(f"opd-fast: {exc or 'interrupted'}; the newest checkpoint under {config.run.out_dir} is kept",
-              file=sys.stderr)  # fmt: skip
+        from ..runner.checkpoint import latest_checkpoint
+
+        kept = latest_checkpoint(config.run.out_dir)
+        print(f"opd-fast: {exc or 'interrupted'}; " + (f"--resume continues from {kept}" if kept else
+              "no checkpoint was written"), file=sys.stderr)  # fmt: skip
         return 130
     print(json.dumps(summary, indent=2))
     return 130 if summary["interrupted"] else 0
