@@ -23,10 +23,11 @@ def test_second_sigint_force_quits_without_finishing_the_step(toml_config: Path,
         return real_step(self)
 
     monkeypatch.setattr(Trainer, "train_step", impatient)
+    before = signal.getsignal(signal.SIGINT)
     assert main(["train", str(toml_config)]) == 130
     assert "second interrupt" in capsys.readouterr().err
     assert latest_checkpoint(tmp_path / "out") is None and read_metrics(tmp_path / "out") == []
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    assert signal.getsignal(signal.SIGINT) == before  # the run's handlers are gone again
 
 
 def test_sigterm_during_the_final_evaluation_stops_it(make_config, tmp_path: Path,
