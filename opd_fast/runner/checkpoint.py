@@ -14,8 +14,8 @@ moment leaves either the previous complete checkpoint or the new one under a rea
 the current run (same run id) and never touches another run's. ``load_latest`` falls back to the
 previous checkpoint, with a warning, when the newest cannot be read.
 
-Public API: ``save_checkpoint``, ``latest_checkpoint``, ``load_latest``, ``load_state``, ``rng_state``,
-``set_rng_state``, ``CheckpointError``.
+Public API: ``save_checkpoint``, ``latest_checkpoint``, ``checkpoints``, ``load_latest``, ``load_state``,
+``load_config_json``, ``rng_state``, ``set_rng_state``, ``CheckpointError``.
 """
 
 from __future__ import annotations

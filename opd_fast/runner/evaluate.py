@@ -141,7 +141,7 @@ def evaluate(
 
 def evaluate_run(config: RunConfig, checkpoint: str | Path | None = None) -> dict[str, float]:
     """Load the student (from ``checkpoint`` if given) and teachers per ``config`` and evaluate."""
-    check_config(config, training=False)
+    check_config(config, training=False, student_dir=checkpoint is None or config.student.lora is not None)
     with torch_threads(config.run.threads):
         student, teachers, vocab = load_run_models(config, None if checkpoint is None else str(checkpoint),
                                                    trainable=False)  # fmt: skip

@@ -54,8 +54,10 @@ def _model_dir(key: str, role: str, path: str) -> None:
                          f"(expected one of {', '.join(TOKENIZER_FILES)})")  # fmt: skip
 
 
-def check_config(config: RunConfig, *, training: bool = True) -> None:
-    """Everything that can be checked without loading a model; errors name the config key."""
+def check_config(config: RunConfig, *, training: bool = True, student_dir: bool = True) -> None:
+    """Everything that can be checked without loading a model; errors name the config key.
+
+    ``student_dir=False`` skips ``student.path`` (evaluating a full checkpoint does not read it)."""
     c = config
     if training and c.run.dtype == "float16":
         raise ValueError(
@@ -67,7 +69,8 @@ def check_config(config: RunConfig, *, training: bool = True) -> None:
         ok, reason = availability(c.loss.backend, device)
         if not ok:
             raise ValueError(f"config key 'loss.backend' = {c.loss.backend!r} is unusable on {device}: {reason}")
-    _model_dir("student.path", "student", c.student.path)
+    if student_dir:
+        _model_dir("student.path", "student", c.student.path)
     for name, t in c.teachers.items():
         _model_dir(f"teachers.{name}.path", f"teacher {name!r}", t.path)
     evaluates = c.eval.at_end or c.eval.every > 0

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from opd_fast.runner.evaluate import evaluate_run
 from opd_fast.runner.learn import Learner
 from opd_fast.runner.metrics import read_metrics
 from opd_fast.runner.trainer import train
@@ -85,3 +86,12 @@ def test_weights_are_checked_after_the_first_step(make_config, tmp_path: Path, m
     with pytest.raises(RuntimeError, match=r"parameter '.*' is non-finite after step 1"):
         train(make_config(tmp_path / "run", optim={"steps": 3}, checkpoint={"every": 0}))
     assert [r["step"] for r in read_metrics(tmp_path / "run")] == []  # stopped before logging a broken step
+
+
+def test_eval_names_a_teacher_dir_without_tokenizer(make_config, models: dict, tmp_path: Path) -> None:
+    bare = tmp_path / "bare"
+    shutil.copytree(models["teacher_a"], bare)
+    for f in bare.glob("tokenizer*"):
+        f.unlink()
+    with pytest.raises(ValueError, match=rf"'teachers\.ta\.path': the teacher 'ta' model directory {bare} has no"):
+        evaluate_run(make_config(tmp_path / "run", teachers={"ta": {"path": str(bare), "domains": ["a"]}}))
