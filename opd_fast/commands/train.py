@@ -1,9 +1,13 @@
-"""``opd-fast train CONFIG [--set key=value ...] [--resume]``: run on-policy distillation."""
+"""``opd-fast train CONFIG [--set key=value ...] [--resume | --overwrite]``: run on-policy distillation.
+
+Exit status: 0 when the run finished, 130 when a signal stopped it (checkpointed; ``--resume``
+continues), 130 too on a forced quit (second Ctrl-C), which keeps only the previous checkpoint."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -20,7 +24,16 @@ def _run(args: argparse.Namespace) -> int:
     from ..runner.config import load_config
     from ..runner.trainer import train
 
-    summary = train(load_config(args.config, args.set), resume=args.resume)
+    config = load_config(args.config, args.set)
+    try:
+        summary = train(config, resume=args.resume, overwrite=args.overwrite)
+    except KeyboardInterrupt as exc:
+        from ..runner.checkpoint import latest_checkpoint
+
+        kept = latest_checkpoint(config.run.out_dir)
+        print(f"opd-fast: {exc or 'interrupted'}; " + (f"--resume continues from {kept}" if kept else
+              "no checkpoint was written"), file=sys.stderr)  # fmt: skip
+        return 130
     print(json.dumps(summary, indent=2))
     return 130 if summary["interrupted"] else 0
 
@@ -28,5 +41,9 @@ def _run(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("train", help="on-policy distillation of a student into its teacher(s)")
     add_config_args(parser)
-    parser.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    start = parser.add_mutually_exclusive_group()
+    start.add_argument("--resume", action="store_true",
+                       help="continue from the run's latest checkpoint (changed config keys are applied or refused)")
+    start.add_argument("--overwrite", action="store_true",
+                       help="delete the previous run in run.out_dir (metrics, configs, checkpoints) and start over")
     parser.set_defaults(func=_run)

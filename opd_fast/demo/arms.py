@@ -102,7 +102,7 @@ def _result(arm: Arm, seed: int, evaluation: dict[str, float], curve: list[tuple
 
 def _run_distill(arm: Arm, config: RunConfig) -> ArmResult:
     t0 = time.perf_counter()
-    summary = train(config)
+    summary = train(config, overwrite=True)  # a re-run of the demo replaces its previous arm runs
     wall = time.perf_counter() - t0
     rows = read_metrics(config.run.out_dir)
     scored = generated = 0

@@ -4,6 +4,8 @@ Read in the order a step runs: ``config`` (TOML -> dataclasses) -> ``models`` (H
 states, heads, compatibility checks) -> ``data`` (prompts and the sampler) -> ``rollout`` (student
 samples, KV cache) -> ``score`` (teachers, routed by domain) -> ``learn`` (fused loss, optimizer) ->
 ``checkpoint`` / ``metrics`` / ``evaluate`` -> ``trainer`` (the loop; ``train(config) -> summary``).
+Around the loop: ``preflight`` (start-up checks), ``run_dir`` (new run / resume / overwrite rules and
+the config history), ``signals`` (clean stop, force-quit), ``files`` (fsync, atomic writes).
 
 Stable entry points: ``config.load_config`` / ``config.RunConfig`` (+ sections), ``trainer.train``,
 ``trainer.Trainer``, ``evaluate.evaluate_run`` / ``evaluate.evaluate``, ``metrics.read_metrics``,

@@ -27,6 +27,8 @@ from typing import Any
 
 import tomllib
 
+from ..core.call import BACKEND_NAMES
+
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd")
 SIGNALS = ("hidden", "topk", "sampled")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -113,7 +115,9 @@ class LossConfig:
     kd_weight: float = 1.0  # weight of the teacher term; 0 = no teacher scoring (pure SFT / verifier runs)
     sft_weight: float = 0.0
     verifier_weight: float = 0.0
-    verifiers: dict[str, str] = field(default_factory=dict)  # domain -> "module:function"
+    # domain -> "module:function" or "file.py:function" (relative to the config file). Trusted code: it
+    # is imported and run in the training process.
+    verifiers: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -281,7 +285,19 @@ def load_config(path: str | Path, overrides: Iterable[str] = ()) -> RunConfig:
     config.data.prompts = resolve(config.data.prompts)
     config.data.eval_prompts = resolve(config.data.eval_prompts)
     config.run.out_dir = resolve(config.run.out_dir)
+    for domain, spec in config.loss.verifiers.items():
+        config.loss.verifiers[domain] = resolve_verifier(spec, base)
     return config
+
+
+def resolve_verifier(spec: str, base: Path) -> str:
+    """``file.py:fn`` relative to the config's directory, or ``module:fn`` whose ``module.py`` lies there,
+    becomes an absolute ``/dir/file.py:fn``; any other spec stays an importable module name."""
+    module, _, func = spec.rpartition(":")
+    if module.endswith(".py"):
+        return f"{module if Path(module).is_absolute() else base / module}:{func}"
+    candidate = base / (module.replace(".", "/") + ".py")
+    return f"{candidate}:{func}" if candidate.is_file() else spec
 
 
 def _require(ok: bool, key: str, message: str, value: Any) -> None:
@@ -334,8 +350,9 @@ def validate_config(c: RunConfig) -> None:
     _require(lo.verifier_weight >= 0, "loss.verifier_weight", "must be >= 0", lo.verifier_weight)
     _require(lo.kd_weight + lo.sft_weight + lo.verifier_weight > 0, "loss.kd_weight",
              "+ loss.sft_weight + loss.verifier_weight must be > 0 (nothing to learn)", lo.kd_weight)  # fmt: skip
+    _choice("loss.backend", lo.backend, BACKEND_NAMES)
     for dom, spec in lo.verifiers.items():
-        _require(":" in spec, f"loss.verifiers.{dom}", "must be 'module:function'", spec)
+        _require(":" in spec, f"loss.verifiers.{dom}", "must be 'module:function' or 'file.py:function'", spec)
     o = c.optim
     _require(o.steps >= 1, "optim.steps", "must be >= 1", o.steps)
     _require(o.lr > 0, "optim.lr", "must be > 0", o.lr)

@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import importlib.util
+import sys
+import types
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,6 +28,7 @@ from ..tasks import Example, get_task
 from .config import RolloutConfig, RunConfig
 from .data import Prompt, load_examples
 from .models import LoadedModel, Teacher, forward_hidden, load_run_models, torch_threads
+from .preflight import check_config
 from .rollout import rollout
 from .score import Router, score
 
@@ -35,17 +39,36 @@ def exact_match(prompt: str, completion: str, reference: str) -> float:
     return float(completion.strip() == reference.strip())
 
 
+def _import(module: str) -> types.ModuleType:
+    """An importable module by name, or a ``.py`` file by path (a verifier next to the config file).
+
+    Either way this runs the module's code in the training process: verifiers are trusted code."""
+    if not module.endswith(".py"):
+        return importlib.import_module(module)
+    path = Path(module)
+    if not path.is_file():
+        raise ImportError(f"no verifier file {path}")
+    name = f"opd_fast_verifier_{path.stem}_{abs(hash(str(path.resolve())))}"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, path)
+        loaded = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(loaded)
+        sys.modules[name] = loaded
+    return sys.modules[name]
+
+
 class Verifiers:
-    """Domain -> verifier, resolved once from the config (``module:function``), the task, or exact match."""
+    """Domain -> verifier, resolved once from the config (``module:function`` or ``file.py:function``, trusted
+    code run in-process), the task, or exact match."""
 
     def __init__(self, specs: dict[str, str], task: str = "") -> None:
         self.default: Verifier = get_task(task).verify if task else exact_match
         self.by_domain: dict[str, Verifier] = {}
         for domain, spec in specs.items():
-            module, _, func = spec.partition(":")
+            module, _, func = spec.rpartition(":")
             try:
-                self.by_domain[domain] = getattr(importlib.import_module(module), func)
-            except (ImportError, AttributeError) as exc:
+                self.by_domain[domain] = getattr(_import(module), func)
+            except (ImportError, AttributeError, OSError) as exc:
                 raise ValueError(f"config key 'loss.verifiers.{domain}': cannot import {spec!r}: {exc}") from exc
 
     def __call__(self, domain: str, prompt: str, completion: str, reference: str) -> float:
@@ -117,6 +140,7 @@ def evaluate(
 
 def evaluate_run(config: RunConfig, checkpoint: str | Path | None = None) -> dict[str, float]:
     """Load the student (from ``checkpoint`` if given) and teachers per ``config`` and evaluate."""
+    check_config(config, training=False, student_dir=checkpoint is None or config.student.lora is not None)
     with torch_threads(config.run.threads):
         student, teachers = load_run_models(config, None if checkpoint is None else str(checkpoint),
                                             trainable=False)  # fmt: skip

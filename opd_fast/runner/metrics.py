@@ -3,7 +3,10 @@
 Rows live in ``RUN_DIR/metrics.jsonl``. Step rows carry ``step`` and scalar fields (loss, per-teacher
 and per-domain divergence, entropy, completion length, truncation rate, tokens/s, stage times,
 grad norm, lr, skipped steps); evaluation rows carry ``"kind": "eval"``. On resume, rows after the
-checkpoint's step are dropped so the file always describes one consistent run.
+checkpoint's step are dropped so the file always describes one consistent run; that rewrite goes
+through a temporary file and one rename, so a crash leaves the old file or the new one. A torn final
+line (what a full disk or a power loss leaves) is dropped with a warning instead of making the run
+unreadable; a broken line anywhere else is an error naming the file and line.
 
 Public API: ``MetricsLogger``, ``read_metrics``, ``plot_metrics``.
 """
@@ -12,20 +15,33 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
+
+from .files import write_atomic
 
 METRICS_FILE = "metrics.jsonl"
 PROGRESS_KEYS = ("loss", "completion_len", "tokens_per_s", "lr")
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The rows of ``RUN_DIR/metrics.jsonl``; a torn last line is dropped with a warning."""
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [(n, line) for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1) if line.strip()]
+    rows = []
+    for i, (lineno, line) in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            if i < len(lines) - 1:
+                raise ValueError(f"{path}:{lineno}: invalid JSON in a metrics row: {exc}") from exc
+            warnings.warn(f"{path}:{lineno}: dropping a torn last metrics line ({line[:60]!r})", stacklevel=2)
+    return rows
 
 
 class MetricsLogger:
@@ -35,8 +51,8 @@ class MetricsLogger:
                  tensorboard: bool = True) -> None:  # fmt: skip
         self.path = Path(run_dir) / METRICS_FILE
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        kept = [r for r in read_metrics(run_dir) if r.get("step", 0) <= start_step]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        self.kept = [r for r in read_metrics(run_dir) if r.get("step", 0) <= start_step]
+        write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in self.kept))
         self.file = self.path.open("a")
         self.bar = tqdm(total=total_steps, initial=start_step, desc="opd", disable=not progress, dynamic_ncols=True)
         self.tb = None
@@ -47,6 +63,13 @@ class MetricsLogger:
                 self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
             except ImportError:  # tensorboard not installed: JSONL + PNG only
                 self.tb = None
+
+    def recorded_eval(self, step: int) -> dict[str, float] | None:
+        """The evaluation already recorded at ``step`` (a resumed finished run must not evaluate twice)."""
+        for row in reversed(self.kept):
+            if row.get("kind") == "eval" and row.get("step") == step:
+                return {k: v for k, v in row.items() if k not in ("step", "kind")}
+        return None
 
     def log(self, row: dict[str, Any], *, advance: bool = True) -> None:
         self.file.write(json.dumps(row) + "\n")

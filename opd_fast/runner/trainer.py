@@ -10,18 +10,17 @@ micro-batch is then scored by its domain's teacher (``score``) and learned from
 lists, ``RolloutBatch``, ``ScoredBatch``), so the pipelined mode overlaps them without changing what
 they compute.
 
-Public API (stable): ``train(config, *, resume=False, stop_after=None) -> dict`` (summary: steps,
-final_loss, steps_per_s, tokens_per_s, skipped_steps, run_dir, checkpoint, eval, interrupted) and
-``Trainer`` (built pieces, for callers that want to drive steps themselves).
+Public API (stable): ``train(config, *, resume=False, overwrite=False, stop_after=None) -> dict``
+(summary: steps, final_loss, steps_per_s, tokens_per_s, skipped_steps, run_dir, checkpoint, eval,
+interrupted) and ``Trainer`` (built pieces, for callers that want to drive steps themselves). What a
+run may do to its directory (new run, resume, overwrite) is ``run_dir``'s contract; what signals do
+is ``signals``'.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import random
-import signal
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,7 +28,8 @@ from typing import Any
 
 import torch
 
-from .checkpoint import latest_checkpoint, load_state, rng_state, save_checkpoint, set_rng_state
+from . import preflight, run_dir
+from .checkpoint import load_state, rng_state, save_checkpoint, set_rng_state
 from .config import RunConfig, config_to_dict
 from .data import Prompt, load_examples, prompt_source
 from .evaluate import Verifiers, evaluate
@@ -39,6 +39,7 @@ from .models import load_run_models, torch_threads
 from .pipeline import StageWorker, main_threads, split_threads
 from .rollout import RolloutBatch, from_completions, rollout
 from .score import Router, ScoredBatch, score
+from .signals import stop_on_signals
 
 
 class StageTimer:
@@ -63,7 +64,7 @@ def _chunks(items: list[Prompt], size: int) -> list[list[Prompt]]:
 class Trainer:
     """Everything a run needs, loaded and checked at start-up (models, routing, data, learner)."""
 
-    def __init__(self, config: RunConfig, checkpoint: Path | None = None) -> None:
+    def __init__(self, config: RunConfig, checkpoint: Path | None = None, state: dict[str, Any] | None = None) -> None:
         self.config = c = config
         torch.manual_seed(c.run.seed)
         random.seed(c.run.seed)
@@ -83,8 +84,9 @@ class Trainer:
         self.generator = torch.Generator(c.run.device).manual_seed(c.run.seed)
         self.mix_rng = random.Random(c.run.seed + 1)
         self.step = 0
+        self.run_info: dict[str, Any] = {}  # run id and schedule anchor, saved with every checkpoint
         if checkpoint is not None:
-            state = load_state(checkpoint)
+            state = load_state(checkpoint) if state is None else state
             self.learner.load_state_dict(state["learner"])
             self.source.load_state_dict(state["sampler"])
             self.mix_rng.setstate(state["mix_rng"])
@@ -211,8 +213,9 @@ class Trainer:
     # -- bookkeeping ----------------------------------------------------------------------------
     def save(self) -> Path:
         state = {"learner": self.learner.state_dict(), "sampler": self.source.state_dict(),
-                 "mix_rng": self.mix_rng.getstate(), "rng": rng_state(self.generator)}  # fmt: skip
-        return save_checkpoint(self.config.run.out_dir, self.step, self.student, state, self.config.checkpoint.keep)
+                 "mix_rng": self.mix_rng.getstate(), "rng": rng_state(self.generator), **self.run_info}  # fmt: skip
+        return save_checkpoint(self.config.run.out_dir, self.step, self.student, state, self.config.checkpoint.keep,
+                               config_to_dict(self.config))  # fmt: skip
 
     def evaluate(self) -> dict[str, float]:
         c = self.config
@@ -224,59 +227,53 @@ class Trainer:
                             sampled=c.eval.sampled, seed=c.run.seed, chat_template=c.data.chat_template)
 
 
-@contextlib.contextmanager
-def _stop_on_signals() -> Iterator[threading.Event]:
-    """SIGINT/SIGTERM set a flag: the loop finishes its step, checkpoints and returns."""
-    stop = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
-        yield stop
-        return
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield stop
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-def train(config: RunConfig, *, resume: bool = False, stop_after: int | None = None) -> dict[str, Any]:
-    """Run (or with ``resume`` continue) training; ``stop_after`` ends early after that step, checkpointed."""
+def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False,
+          stop_after: int | None = None) -> dict[str, Any]:  # fmt: skip
+    """Run (or with ``resume`` continue) training; ``overwrite`` replaces a previous run in ``run.out_dir``;
+    ``stop_after`` ends early after that step, checkpointed."""
+    preflight.check_config(config)
     with torch_threads(config.run.threads):
-        return _train(config, resume, stop_after)
+        return _train(config, resume, overwrite, stop_after)
 
 
-def _train(config: RunConfig, resume: bool, stop_after: int | None) -> dict[str, Any]:
+def _train(config: RunConfig, resume: bool, overwrite: bool, stop_after: int | None) -> dict[str, Any]:
     out = Path(config.run.out_dir)
-    checkpoint = latest_checkpoint(out) if resume else None
-    if resume and checkpoint is None:
-        print(f"opd-fast: no checkpoint under {out}/checkpoints; starting from scratch")
-    trainer = Trainer(config, checkpoint)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(config_to_dict(config), indent=2))
+    begin = run_dir.open_run(config, resume=resume, overwrite=overwrite)
+    trainer = Trainer(config, begin.checkpoint, begin.state)
+    preflight.check_lengths(config, trainer.student, trainer.teachers, trainer.source.pool)
+    trainer.run_info = {"run_id": begin.run_id, "schedule": run_dir.apply_resumed_optim(trainer.learner, config, begin)}
+    run_dir.record_config(config, begin, trainer.step)
     c, start = config, trainer.step
     logger = MetricsLogger(out, c.optim.steps, start, progress=c.metrics.progress, tensorboard=c.metrics.tensorboard)
-    last_ckpt, eval_results, interrupted, row = checkpoint, {}, False, {}
+    last_ckpt, eval_results, interrupted, row = begin.checkpoint, {}, False, {}
     tokens, t0 = 0, time.perf_counter()
     try:
-        with _stop_on_signals() as stop:
+        with stop_on_signals() as signals:
             while trainer.step < c.optim.steps:
                 row = trainer.train_step()
+                if trainer.step == start + 1:
+                    preflight.check_weights_finite(trainer.student, trainer.step)
                 tokens += row["tokens"]
                 logger.log(row)
                 at_end = trainer.step == c.optim.steps
                 if c.checkpoint.every and trainer.step % c.checkpoint.every == 0 and not at_end:
                     last_ckpt = trainer.save()
                 if c.eval.every and trainer.step % c.eval.every == 0 and not at_end:
-                    logger.log({"step": trainer.step, "kind": "eval", **trainer.evaluate()}, advance=False)
-                if stop.is_set() or (stop_after is not None and trainer.step >= stop_after):
-                    interrupted = stop.is_set()
+                    periodic = signals.evaluate(trainer.evaluate)
+                    if periodic is not None:
+                        logger.log({"step": trainer.step, "kind": "eval", **periodic}, advance=False)
+                if signals.stop.is_set() or (stop_after is not None and trainer.step >= stop_after):
                     break
             elapsed = time.perf_counter() - t0
             if trainer.step > start:
                 last_ckpt = trainer.save()
-            if trainer.step == c.optim.steps and c.eval.at_end and not interrupted:
-                eval_results = trainer.evaluate()
-                logger.log({"step": trainer.step, "kind": "eval", **eval_results}, advance=False)
+            if trainer.step == c.optim.steps and c.eval.at_end:
+                recorded = logger.recorded_eval(trainer.step) if trainer.step == start else None
+                final = recorded if recorded is not None else signals.evaluate(trainer.evaluate)
+                if final is not None and recorded is None:
+                    logger.log({"step": trainer.step, "kind": "eval", **final}, advance=False)
+                eval_results = final or {}
+            interrupted = signals.stop.is_set()
     finally:
         logger.close()
     steps_done = trainer.step - start

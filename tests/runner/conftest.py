@@ -76,3 +76,35 @@ def _make_config(models: dict[str, str], prompts: str, out_dir: Path, **sections
 def make_config(models: dict[str, str], prompts_file: str) -> Callable[..., RunConfig]:
     """``make_config(out_dir, **sections)``: the two-teacher test config with overridden sections."""
     return lambda out_dir, **sections: _make_config(models, prompts_file, out_dir, **sections)
+
+
+@pytest.fixture
+def toml_config(tmp_path: Path, models: dict[str, str], prompts_file: str) -> Path:
+    """``tmp_path/run.toml``: a one-teacher, two-step CLI config whose ``out_dir`` (``out``) is relative."""
+    path = tmp_path / "run.toml"
+    path.write_text(f"""
+[run]
+out_dir = "out"
+threads = 1
+[student]
+path = "{models["student"]}"
+[teachers.all]
+path = "{models["teacher_a"]}"
+[data]
+prompts = "{prompts_file}"
+eval_prompts = "{prompts_file}"
+prompts_per_step = 2
+[rollout]
+max_new_tokens = 4
+[optim]
+steps = 2
+[checkpoint]
+every = 1
+[metrics]
+progress = false
+tensorboard = false
+[eval]
+num_prompts = 2
+sampled = false
+""")
+    return path

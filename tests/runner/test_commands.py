@@ -6,43 +6,13 @@ import pytest
 from opd_fast.cli import main
 
 
-def write_config(tmp_path: Path, models: dict, prompts_file: str) -> Path:
-    path = tmp_path / "run.toml"
-    path.write_text(f"""
-[run]
-out_dir = "out"
-threads = 1
-[student]
-path = "{models["student"]}"
-[teachers.all]
-path = "{models["teacher_a"]}"
-[data]
-prompts = "{prompts_file}"
-eval_prompts = "{prompts_file}"
-prompts_per_step = 2
-[rollout]
-max_new_tokens = 4
-[optim]
-steps = 2
-[checkpoint]
-every = 1
-[metrics]
-progress = false
-tensorboard = false
-[eval]
-num_prompts = 2
-sampled = false
-""")
-    return path
-
-
-def test_train_eval_generate_plot_commands(models: dict, prompts_file: str, tmp_path: Path,
-                                           capsys: pytest.CaptureFixture) -> None:  # fmt: skip
-    config = write_config(tmp_path, models, prompts_file)
+def test_train_eval_generate_plot_commands(toml_config: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    config = toml_config
     assert main(["train", str(config), "--set", "optim.steps=1", "--set", "loss.divergence='forward_kl'"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["steps"] == 1 and summary["run_dir"] == str(tmp_path / "out")  # out_dir relative to the TOML
-    assert main(["train", str(config), "--resume"]) == 0
+    # optim.steps may grow on resume; the divergence must stay what the run trained with
+    assert main(["train", str(config), "--resume", "--set", "loss.divergence='forward_kl'"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert (summary["steps"], summary["steps_run"]) == (2, 1) and "greedy/accuracy" in summary["eval"]
     assert main(["eval", str(config), "--checkpoint", "latest"]) == 0
@@ -56,7 +26,7 @@ def test_train_eval_generate_plot_commands(models: dict, prompts_file: str, tmp_
     assert (tmp_path / "out" / "plots" / "loss.png").is_file()
 
 
-def test_bad_config_key_fails_before_any_work(models: dict, prompts_file: str, tmp_path: Path) -> None:
-    config = write_config(tmp_path, models, prompts_file)
+def test_bad_config_key_fails_before_any_work(toml_config: Path) -> None:
+    config = toml_config
     with pytest.raises(ValueError, match=r"unknown config key 'optim\.learning_rate'"):
         main(["train", str(config), "--set", "optim.learning_rate=1"])
