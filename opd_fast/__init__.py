@@ -11,9 +11,8 @@ from __future__ import annotations
 import torch
 
 from . import reference
-from .core.call import BACKEND_NAMES
+from .core.call import BACKEND_NAMES, Tuning
 from .core.dispatch import availability
-from .core.tuning import Tuning
 from .logprobs import fused_linear_logprobs
 from .loss import FusedLinearKL, fused_linear_kl
 from .topk import fused_linear_kl_topk

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .core import run
-from .core.tuning import Tuning
+from .core.call import Tuning
 from .core.validation import logprobs_call
 
 __all__ = ["fused_linear_logprobs"]

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .core import run
-from .core.tuning import Tuning
+from .core.call import Tuning
 from .core.validation import kl_call
 
 __all__ = ["FusedLinearKL", "fused_linear_kl"]

@@ -1,4 +1,4 @@
-"""The chunk loop and autograd glue shared by the torch and native-CPU backends.
+"""The chunk loop shared by the torch and native-CPU backends of the two-head divergence.
 
 Tokens are processed in chunks; for each chunk the student and teacher logits tiles come
 from torch GEMMs and a *tile math* object (torch: ``tile_math.TorchTileMath``; native:
@@ -17,9 +17,10 @@ Two regimes, picked by ``plan_chunks`` from the shapes and a memory budget:
   gradient coefficient ``c`` (see ``tile_math``), pass 3 recomputes each tile and applies
   its gradient. Extra memory is O(chunk_tokens x chunk_vocab).
 
-When the loss is a scalar (``reduction`` mean/sum) the student gradients are computed in
-the forward sweep and only scaled in backward; with ``reduction="none"`` the forward keeps
-per-row statistics and backward recomputes with the incoming per-token gradient.
+``ChunkedEngine`` is this loop as an ``Engine`` (``core.engine``): one run gives the per-row
+outputs and, with upstream coefficients, the student gradients (``core.engine.FusedLoss`` decides
+when: in the forward of a scalar loss, in backward otherwise); a gradient-only run reuses the
+per-row statistics of an earlier one, so the 2-D regime skips its statistics passes.
 """
 
 from __future__ import annotations
@@ -29,9 +30,8 @@ from typing import NamedTuple, Protocol
 
 import torch
 
-from ..core.call import LossOptions
+from ..core.call import LossOptions, Tuning
 from ..core.engine import EngineResult, Student, StudentGrads, Upstream, Want, accum_dtype
-from ..core.tuning import Tuning
 from .tile_math import (
     HardLabels,
     RowTerms,
@@ -110,7 +110,7 @@ class Head:
 class GradSink:
     """Student gradient accumulators: grad-hidden per chunk, fp32 grad-weight and grad-bias.
 
-    Tiles arrive already multiplied by the head's logit scale (``sweep`` folds it into the
+    Tiles arrive already multiplied by the head's logit scale (``ChunkedEngine.run`` folds it into the
     per-row scale), in fp32 or in the GEMM dtype when the tile math wrote them in place.
     """
 
@@ -205,78 +205,14 @@ def _online_lse(chunk: _ChunkLogits, chunk_vocab: int, hard: bool) -> tuple[torc
     return lse_s, lse_t, lse_s if t == 1.0 else lse_y
 
 
-def sweep(
-    hs: torch.Tensor,
-    student: Head,
-    ht: torch.Tensor,
-    teacher: Head,
-    opts: LossOptions,
-    tiles: TileMath,
-    tuning: Tuning,
-    row_scale: torch.Tensor | None = None,
-    sink: GradSink | None = None,
-    known: SweepResult | None = None,
-    hard: HardLabels | None = None,
-) -> SweepResult:
-    """One pass of the chunk loop over all (compacted) rows.
-
-    With ``row_scale`` and ``sink`` the student gradient of ``sum_i row_scale_i * D_i`` (plus
-    ``hard.scale_i * CE_i`` with hard labels; ``hard.scale`` is None when ``row_scale`` is) is
-    accumulated into ``sink``. ``known`` (per-row stats of an earlier sweep) lets the 2-D
-    regime skip its statistics passes.
-    """
-    n, k, t = hs.shape[0], opts.vocab_size, opts.temperature
-    chunk_tokens, chunk_vocab = plan_chunks(n, k, tuning, tiles.live_bytes_per_logit(hs.dtype))
-    acc = dict(dtype=accum_dtype(hs.dtype), device=hs.device)
-    out = SweepResult(*(torch.zeros(n, **acc) for _ in SweepResult._fields)) if known is None else known
-    if row_scale is not None and student.scale != 1.0:
-        row_scale = row_scale * student.scale  # the sink then takes tiles as they come
-        hard = None if hard is None else HardLabels(hard.labels, hard.scale * student.scale)
-    buffers = tuple(torch.empty(chunk_tokens * chunk_vocab, dtype=h.dtype, device=h.device) for h in (hs, ht))
-    for i0 in range(0, n, chunk_tokens):
-        rows = slice(i0, min(i0 + chunk_tokens, n))
-        chunk = _ChunkLogits(hs[rows], ht[rows], student, teacher, opts, buffers)
-        scale = None if row_scale is None else row_scale[rows]
-        chunk_hard = None if hard is None else hard.chunk(rows, None if scale is None else hard.scale[rows])
-        if chunk_vocab >= k:
-            terms, lse_s, lse_t, grad = tiles.full_rows(*chunk.raw(0, k), opts, scale, chunk_hard)
-            if known is None:
-                out.divergence[rows], out.coef[rows], out.entropy[rows] = terms.divergence, terms.coef, terms.entropy
-                out.student_lse[rows], out.teacher_lse[rows] = lse_s, lse_t
-                if hard is not None:  # (hard_lse is only needed by the 2-D regime)
-                    out.cross_entropy[rows] = terms.cross_entropy
-            if grad is not None and sink is not None:
-                sink.add(grad, chunk.h_s, rows, 0)
-            continue
-        if known is None:
-            lse_s, lse_t, lse_y = _online_lse(chunk, chunk_vocab, hard is not None)
-            out.student_lse[rows], out.teacher_lse[rows], out.hard_lse[rows] = lse_s, lse_t, lse_y
-            for v0 in range(0, k, chunk_vocab):
-                z_s, z_t = chunk.final(v0, min(v0 + chunk_vocab, k))
-                if hard is not None:
-                    out.cross_entropy[rows] -= label_logits(z_s, chunk_hard.labels, v0)[0] * t
-                terms, _, _ = tile_terms(z_s, z_t, lse_s, lse_t, opts)
-                out.divergence[rows] += terms.divergence
-                out.entropy[rows] += terms.entropy
-                out.coef[rows] += terms.coef
-            if hard is not None:
-                labeled = chunk_hard.labels >= 0
-                out.cross_entropy[rows] = torch.where(labeled, out.cross_entropy[rows] + lse_y, 0.0)
-        if scale is None or sink is None:
-            continue
-        for v0 in range(0, k, chunk_vocab):
-            z_s, z_t = chunk.final(v0, min(v0 + chunk_vocab, k))
-            _, a, q = tile_terms(z_s, z_t, out.student_lse[rows], out.teacher_lse[rows], opts)
-            grad = grad_from_terms(a, q, out.coef[rows], scale)
-            if chunk_hard is not None:
-                grad = add_hard_grad(grad, z_s, out.hard_lse[rows], chunk_hard, t, v0)
-            sink.add(logits_grad_to_raw(grad, z_s, opts.student, t), chunk.h_s, rows, v0)
-    return out
-
-
 class ChunkedEngine:
     """The two-head divergence as an ``Engine``: outputs ``divergence`` and ``cross_entropy``
-    (0 without labels) are differentiable, the log-sum-exps and the entropy are statistics."""
+    (0 without labels) are differentiable, the log-sum-exps and the entropy are statistics.
+
+    ``run`` is the chunk loop over all (compacted) rows: with ``upstream`` the student gradient of
+    ``sum_i u_i D_i + h_i CE_i`` is accumulated as the tiles go by; ``state`` (the per-row
+    statistics of an earlier run) lets the 2-D regime skip its statistics passes.
+    """
 
     output_names = ("divergence", "cross_entropy", "student_lse", "teacher_lse", "student_entropy")
     n_differentiable = 2
@@ -289,19 +225,65 @@ class ChunkedEngine:
 
     def run(self, student: Student, upstream: Upstream | None, want: Want, state: SweepResult | None = None,
             ) -> EngineResult:  # fmt: skip
-        hs = student.hidden
-        head = Head(student.weight, student.bias, self.opts.student.scale)
+        hs, ht, opts, tiles = student.hidden, self.teacher_hidden, self.opts, self.tiles
+        n, k = hs.shape[0], opts.vocab_size
+        head = Head(student.weight, student.bias, opts.student.scale)
+        acc = dict(dtype=accum_dtype(hs.dtype), device=hs.device)
         sink = GradSink(hs, head, (want.hidden, want.weight, want.bias), self.tuning) if upstream else None
-        row_scale = hard = None
-        if sink is not None:
-            zeros = torch.zeros(hs.shape[0], dtype=accum_dtype(hs.dtype), device=hs.device)
-            row_scale = zeros if upstream[0] is None else upstream[0]
-            if self.labels is not None:
-                hard = HardLabels(self.labels, zeros if upstream[1] is None else upstream[1])
-        elif self.labels is not None:
-            hard = HardLabels(self.labels, None)
-        res = sweep(hs, head, self.teacher_hidden, self.teacher, self.opts, self.tiles, self.tuning,
-                    row_scale=row_scale, sink=sink, known=state, hard=hard)  # fmt: skip
-        outputs = (res.divergence, res.cross_entropy, res.student_lse, res.teacher_lse, res.entropy)
+        row_scale, hard = None, None if self.labels is None else HardLabels(self.labels, None)
+        if sink is not None:  # the sink takes tiles with the logit scale folded into the row scales
+            zeros = torch.zeros(n, **acc)
+            row_scale = (zeros if upstream[0] is None else upstream[0]) * head.scale
+            if hard is not None:
+                hard = HardLabels(self.labels, (zeros if upstream[1] is None else upstream[1]) * head.scale)
+        chunk_tokens, chunk_vocab = plan_chunks(n, k, self.tuning, tiles.live_bytes_per_logit(hs.dtype))
+        out = SweepResult(*(torch.zeros(n, **acc) for _ in SweepResult._fields)) if state is None else state
+        buffers = tuple(torch.empty(chunk_tokens * chunk_vocab, dtype=h.dtype, device=h.device) for h in (hs, ht))
+        for i0 in range(0, n, chunk_tokens):
+            rows = slice(i0, min(i0 + chunk_tokens, n))
+            chunk = _ChunkLogits(hs[rows], ht[rows], head, self.teacher, opts, buffers)
+            scale = None if row_scale is None else row_scale[rows]
+            chunk_hard = None if hard is None else hard.chunk(rows, None if scale is None else hard.scale[rows])
+            if chunk_vocab < k:
+                self._tiled_chunk(chunk, chunk_vocab, rows, out, state is None, scale, chunk_hard, sink)
+                continue
+            terms, lse_s, lse_t, grad = tiles.full_rows(*chunk.raw(0, k), opts, scale, chunk_hard)
+            if state is None:
+                out.divergence[rows], out.coef[rows], out.entropy[rows] = terms.divergence, terms.coef, terms.entropy
+                out.student_lse[rows], out.teacher_lse[rows] = lse_s, lse_t
+                if hard is not None:  # (hard_lse is only needed by the 2-D regime)
+                    out.cross_entropy[rows] = terms.cross_entropy
+            if grad is not None and sink is not None:
+                sink.add(grad, chunk.h_s, rows, 0)
+        outputs = (out.divergence, out.cross_entropy, out.student_lse, out.teacher_lse, out.entropy)
         grads = None if sink is None else StudentGrads(sink.grad_h, sink.grad_w, sink.grad_b)
-        return EngineResult(outputs, grads, res)
+        return EngineResult(outputs, grads, out)
+
+    def _tiled_chunk(self, chunk: _ChunkLogits, chunk_vocab: int, rows: slice, out: SweepResult, stats: bool,
+                     scale: torch.Tensor | None, hard: HardLabels | None, sink: GradSink | None) -> None:  # fmt: skip
+        """The 2-D regime on one token chunk: online LSE, then statistics, then gradient tiles."""
+        opts = self.opts
+        k, t = opts.vocab_size, opts.temperature
+        if stats:
+            lse_s, lse_t, lse_y = _online_lse(chunk, chunk_vocab, hard is not None)
+            out.student_lse[rows], out.teacher_lse[rows], out.hard_lse[rows] = lse_s, lse_t, lse_y
+            for v0 in range(0, k, chunk_vocab):
+                z_s, z_t = chunk.final(v0, min(v0 + chunk_vocab, k))
+                if hard is not None:
+                    out.cross_entropy[rows] -= label_logits(z_s, hard.labels, v0)[0] * t
+                terms, _, _ = tile_terms(z_s, z_t, lse_s, lse_t, opts)
+                out.divergence[rows] += terms.divergence
+                out.entropy[rows] += terms.entropy
+                out.coef[rows] += terms.coef
+            if hard is not None:
+                labeled = hard.labels >= 0
+                out.cross_entropy[rows] = torch.where(labeled, out.cross_entropy[rows] + lse_y, 0.0)
+        if scale is None or sink is None:
+            return
+        for v0 in range(0, k, chunk_vocab):
+            z_s, z_t = chunk.final(v0, min(v0 + chunk_vocab, k))
+            _, a, q = tile_terms(z_s, z_t, out.student_lse[rows], out.teacher_lse[rows], opts)
+            grad = grad_from_terms(a, q, out.coef[rows], scale)
+            if hard is not None:
+                grad = add_hard_grad(grad, z_s, out.hard_lse[rows], hard, t, v0)
+            sink.add(logits_grad_to_raw(grad, z_s, opts.student, t), chunk.h_s, rows, v0)

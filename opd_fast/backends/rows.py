@@ -15,9 +15,8 @@ from typing import Protocol
 
 import torch
 
-from ..core.call import HeadSpec, LossOptions
+from ..core.call import HeadSpec, LossOptions, Tuning
 from ..core.engine import EngineResult, Student, StudentGrads, Upstream, Want, accum_dtype
-from ..core.tuning import Tuning
 from .chunked import GradSink, Head, plan_chunks
 from .tile_math import finish_logits, logits_grad_to_raw
 

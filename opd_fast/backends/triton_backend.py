@@ -17,9 +17,8 @@ import contextlib
 
 import torch
 
-from ..core.call import LossOptions
+from ..core.call import LossOptions, Tuning
 from ..core.engine import EngineResult, Student, StudentGrads, Upstream, Want
-from ..core.tuning import Tuning
 from .tile_math import HardLabels
 from .triton import launch_grad, launch_row_stats, pick_config
 from .triton.common import INTERPRET

@@ -78,8 +78,7 @@ def _kernel_arguments(kernel: str, divergence: str, dtype):
     from ..backends.triton.tail_grad import tail_grad_arguments
     from ..backends.triton.tail_lse import tail_lse_arguments
     from ..backends.triton.terms import terms_arguments
-    from ..core.call import HeadSpec, LossOptions
-    from ..core.tuning import Tuning
+    from ..core.call import HeadSpec, LossOptions, Tuning
 
     divergence, *extras = divergence.split("+")
     n, hs_dim, ht_dim, vocab = SHAPE["n"], SHAPE["hs"], SHAPE["ht"], SHAPE["vocab"]

@@ -29,8 +29,8 @@ from .call import (
     SampledTokens,
     TeacherHead,
     TopKTeacher,
+    Tuning,
 )
-from .tuning import Tuning
 
 
 def _shape(t: torch.Tensor) -> tuple[int, ...]:
