@@ -106,7 +106,10 @@ class FusedLoss(torch.autograd.Function):
     def forward(ctx, engine: Engine, coefficients: Upstream | None, hidden, weight, bias):
         want = Want(*ctx.needs_input_grad[2:4], bias is not None and ctx.needs_input_grad[4])
         ctx.set_materialize_grads(False)
-        ctx.engine, ctx.want, ctx.scalar = engine, want, coefficients is not None
+        # A scalar loss's backward needs only its stored gradients: the engine (and the teacher rows it
+        # holds) is kept for the per-row mode alone, so scalar losses free it after the forward.
+        ctx.engine = engine if coefficients is None else None
+        ctx.want, ctx.scalar = want, coefficients is not None
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         student = Student(hidden, weight, bias)
         with torch.no_grad():
