@@ -282,6 +282,14 @@ def validate_topk_values(ids: torch.Tensor, logprobs: torch.Tensor, vocab: int, 
     n_valid = valid.sum(-1)
     needs_mass = (n_valid > 0) & ((n_valid == vocab) | (tail == "renormalize"))
     mass = torch.logsumexp(logprobs.double().masked_fill(~valid, float("-inf")), -1)
+    # Rounded log-probs may sum a little above one (each entry up to ``tol`` high); more is not a distribution.
+    limit = math.log1p(ids.shape[-1] * tol + 1e-3)
+    if bool((mass > limit).any()):
+        row = int((mass > limit).nonzero()[0])
+        raise ValueError(
+            f"teacher_topk_logprobs of counted row {row} sum to a probability of {float(mass[row].exp()):.4g} > 1 "
+            f"(rounding allowance {math.expm1(limit):.2g}): top-k log-probs must come from one distribution"
+        )
     if bool((needs_mass & torch.isneginf(mass)).any()):
         raise ValueError(
             "teacher_topk_logprobs are all -inf on a token whose top-k is renormalized (tail='renormalize', or "
