@@ -42,7 +42,7 @@ def make_inputs(n: int, h_s: int, h_t: int, v: int, dtype: torch.dtype) -> dict[
     g = torch.Generator().manual_seed(0)
     t = lambda *s, std=1.0: (torch.randn(*s, generator=g) * std).to(dtype)
     return dict(student_hidden=t(n, h_s).requires_grad_(), student_weight=t(v, h_s, std=h_s**-0.5).requires_grad_(),
-                teacher_hidden=t(n, h_t), teacher_weight=t(v, h_t, std=h_t**-0.5))  # fmt: skip
+                teacher_hidden=t(n, h_t), teacher_weight=t(v, h_t, std=h_t**-0.5))
 
 
 class Floor:
@@ -87,7 +87,7 @@ class PhaseTimer:
     def patched(self):
         targets = [(chunked.Head, "logits", "logits GEMMs"), (chunked.GradSink, "add", "grad GEMMs + accumulate"),
                    (tile_math.TorchTileMath, "full_rows", "tile math"),
-                   (cpu_native.NativeTileMath, "full_rows", "tile math")]  # fmt: skip
+                   (cpu_native.NativeTileMath, "full_rows", "tile math")]
         saved = [(cls, name, getattr(cls, name)) for cls, name, _ in targets]
         for cls, name, label in targets:
             setattr(cls, name, self._wrap(getattr(cls, name), label))
@@ -130,7 +130,7 @@ def bench_case(name: str, dims, dtype_name: str, backends: list[str], repeats: i
     for b in backends:
         ok = "ok" if statistics.median(ratios[b]) <= TARGETS[dtype_name] else "MISSED"
         print(f"  {b:<10} {fmt(times[b])} s   ratio {fmt(ratios[b])}  target {TARGETS[dtype_name]} {ok}"
-              f"   first call {first[b]:.3f} s")  # fmt: skip
+              f"   first call {first[b]:.3f} s")
     if phases:
         result["phases"] = {}
         for b in backends:
@@ -158,7 +158,7 @@ def memory_child(dims, dtype_name: str, backend: str) -> dict:
     grads = x["student_hidden"].grad.nbytes + x["student_weight"].grad.nbytes
     accumulator = v * h_s * 4 if DTYPES[dtype_name] != torch.float32 else 0  # fp32 grads are the accumulator
     return dict(extra_mb=extra / MB, grads_mb=grads / MB, accumulator_mb=accumulator / MB,
-                beyond_mb=(extra - grads - accumulator) / MB)  # fmt: skip
+                beyond_mb=(extra - grads - accumulator) / MB)
 
 
 def memory_case(name: str, dims, dtype_name: str, backend: str) -> dict:

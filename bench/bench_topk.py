@@ -88,7 +88,7 @@ def memory_worker(shape: Shape, dtype: str, k: int, name: str, backends: list[st
 
 def peak_extra_mb(shape: Shape, dtype: str, k: int, name: str, backends: list[str]) -> float:
     cmd = [sys.executable, __file__, "--worker", name, "--shape", f"{shape.n}x{shape.v}x{shape.h_s}",
-           "--k", str(k), "--dtypes", dtype, "--backends", *backends]  # fmt: skip
+           "--k", str(k), "--dtypes", dtype, "--backends", *backends]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_extra_mb"]
 

@@ -112,7 +112,7 @@ def _inputs(case: Case, loss: str, dtype: torch.dtype, seed: int) -> tuple[list,
     leaves = dict(
         hidden=rand(*case.n, case.h_s, s=case.spread), weight=rand(case.v, case.h_s, s=0.5),
         bias=rand(case.v) if case.bias else None,
-    )  # fmt: skip
+    )
     if case.neg_inf_columns:
         leaves["bias"][list(case.neg_inf_columns)] = float("-inf")
     leaves = {k: None if t is None else t.to(dtype).requires_grad_() for k, t in leaves.items()}

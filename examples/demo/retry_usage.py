@@ -44,7 +44,7 @@ def main(out: Path, seeds: list[int], cache: Path = Path("runs/demo-cache"), pro
             retried = [RETRY in t for t in texts]
             recovered = sum(c and r for c, r in zip(correct, retried, strict=True))
             print(f"seed {seed}  {arm:14s} T=1 acc {sum(correct) / len(texts):.3f}  answers with '<' "
-                  f"{sum(retried) / len(texts):.3f}  of which correct {recovered}/{sum(retried)}")  # fmt: skip
+                  f"{sum(retried) / len(texts):.3f}  of which correct {recovered}/{sum(retried)}")
 
 
 if __name__ == "__main__":

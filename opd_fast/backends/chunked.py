@@ -183,7 +183,7 @@ class _ChunkLogits(NamedTuple):
 
     def raw(self, v0: int, v1: int) -> tuple[torch.Tensor, torch.Tensor]:
         return (self.student.logits(self.h_s, v0, v1, self.buffers[0]),
-                self.teacher.logits(self.h_t, v0, v1, self.buffers[1]))  # fmt: skip
+                self.teacher.logits(self.h_t, v0, v1, self.buffers[1]))
 
     def final(self, v0: int, v1: int) -> tuple[torch.Tensor, torch.Tensor]:
         raw_s, raw_t = self.raw(v0, v1)
@@ -218,13 +218,13 @@ class ChunkedEngine:
     n_differentiable = 2
 
     def __init__(self, teacher: Student, opts: LossOptions, tiles: TileMath, tuning: Tuning,
-                 labels: torch.Tensor | None) -> None:  # fmt: skip
+                 labels: torch.Tensor | None) -> None:
         self.teacher = Head(teacher.weight, teacher.bias, opts.teacher.scale)
         self.teacher_hidden, self.opts, self.tiles, self.tuning = teacher.hidden, opts, tiles, tuning
         self.labels = labels
 
     def run(self, student: Student, upstream: Upstream | None, want: Want, state: SweepResult | None = None,
-            ) -> EngineResult:  # fmt: skip
+            ) -> EngineResult:
         hs, ht, opts, tiles = student.hidden, self.teacher_hidden, self.opts, self.tiles
         n, k = hs.shape[0], opts.vocab_size
         head = Head(student.weight, student.bias, opts.student.scale)
@@ -260,7 +260,7 @@ class ChunkedEngine:
         return EngineResult(outputs, grads, out)
 
     def _tiled_chunk(self, chunk: _ChunkLogits, chunk_vocab: int, rows: slice, out: SweepResult, stats: bool,
-                     scale: torch.Tensor | None, hard: HardLabels | None, sink: GradSink | None) -> None:  # fmt: skip
+                     scale: torch.Tensor | None, hard: HardLabels | None, sink: GradSink | None) -> None:
         """The 2-D regime on one token chunk: online LSE, then statistics, then gradient tiles."""
         opts = self.opts
         k, t = opts.vocab_size, opts.temperature

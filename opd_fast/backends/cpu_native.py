@@ -91,7 +91,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         "opd_logprob_rows": [tile, i64, i64, f32, f32, ptr, ptr, ptr, *grad, ptr, ptr],
         "opd_topk_rows": [tile, i64, i64, ctypes.POINTER(TopKOptions), ptr, i64, i64, ptr, i64, ptr, *grad,
                           *[ptr] * 4],
-    }  # fmt: skip
+    }
     for name, args in signatures.items():
         fn = getattr(lib, name)
         fn.restype = ctypes.c_int
@@ -201,7 +201,7 @@ class NativeTileMath(NativeOptions):
         options = _Options(
             DIVERGENCE_IDS[opts.divergence], opts.beta, opts.temperature,
             opts.student.softcap or 0.0, opts.teacher.softcap or 0.0,
-        )  # fmt: skip
+        )
         scale = row_floats(row_scale)
         labels = None if hard is None else hard.labels.to(torch.int64).contiguous()
         hard_scale = None if hard is None or scale is None else row_floats(hard.scale)
@@ -209,7 +209,7 @@ class NativeTileMath(NativeOptions):
             tile(raw_s), tile(raw_t), n, k, ctypes.byref(options), address(scale), *grad_args(raw_s),
             *(s.data_ptr() for s in stats[:5]), address(labels), address(hard_scale), stats[5].data_ptr(),
             *self.call_args(),
-        )  # fmt: skip
+        )
         check(status, self.isa, f"tiles {tuple(raw_s.shape)} {raw_s.dtype} / {tuple(raw_t.shape)} {raw_t.dtype}")
         divergence, coef, entropy, lse_s, lse_t, ce = stats
         terms = RowTerms(divergence, coef, entropy, None if hard is None else ce)

@@ -91,7 +91,7 @@ class NativeLogProbRows(_NativeRows):
             tile(raw), n, k, self.temperature, self.spec.softcap or 0.0, ids.data_ptr(), address(u_lp),
             address(u_ent), *grad_args(raw), out[0].data_ptr(), out[1].data_ptr() if self.torch_rows.entropy else None,
             *self.call_args(),
-        )  # fmt: skip
+        )
         check(status, self.isa, f"log-prob tile {tuple(raw.shape)} {raw.dtype}")
         return list(out), raw if u_lp is not None or u_ent is not None else None
 
@@ -121,6 +121,6 @@ class NativeTopKRows(_NativeRows):
             tile(raw), n, k, ctypes.byref(self.options), ids.data_ptr(), ids.shape[1], ids.stride(0),
             log_p.data_ptr(), log_p.stride(0), address(scale), *grad_args(raw),
             *(o.data_ptr() for o in out), *([None] if len(self.output_names) == 3 else []), *self.call_args(),
-        )  # fmt: skip
+        )
         check(status, self.isa, f"top-k tile {tuple(raw.shape)} {raw.dtype}, ids {tuple(ids.shape)}")
         return list(out), None if scale is None else raw

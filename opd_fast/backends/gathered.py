@@ -53,7 +53,7 @@ class _Blocks:
 
 
 def _sweep(hs, ws, bs, kernel: TopKCategories, setup: RowSetup, scale: torch.Tensor | None, want: Want,
-           ) -> tuple[torch.Tensor, StudentGrads | None]:  # fmt: skip
+           ) -> tuple[torch.Tensor, StudentGrads | None]:
     """Per-row divergence; with ``scale`` the student gradients of ``sum_i scale_i D_i`` (fp32 weight/bias)."""
     n, hidden = hs.shape
     spec, temperature = setup.spec, setup.temperature
@@ -79,7 +79,7 @@ def _sweep(hs, ws, bs, kernel: TopKCategories, setup: RowSetup, scale: torch.Ten
         torch.zeros(ws.shape, dtype=acc, device=ws.device) if want.weight else None,
         torch.zeros(ws.shape[0], dtype=acc, device=ws.device).index_put_((kernel.ids,), g, accumulate=True)
         if want.bias else None,
-    ]  # fmt: skip
+    ]
     if grads[0] is not None or grads[1] is not None:
         for v0, v1, inside, crow, cols in blocks:
             g_block = _csr(crow, cols, g[inside], (n, v1 - v0))

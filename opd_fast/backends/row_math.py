@@ -86,7 +86,7 @@ class TopKCategories:
     def category_terms(
         self, top: torch.Tensor, lse_top: torch.Tensor, lse_tail: torch.Tensor | None, lse: torch.Tensor,
         rows: slice = slice(None),
-    ) -> tuple[RowTerms, torch.Tensor, torch.Tensor]:  # fmt: skip
+    ) -> tuple[RowTerms, torch.Tensor, torch.Tensor]:
         """``tile_terms`` on the categories of ``rows`` from the student's k id logits ``top`` (-inf on
         padding), their log-sum-exp, the tail's (bucket only) and the full row's ``lse``."""
         if self.bucket:

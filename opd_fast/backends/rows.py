@@ -115,7 +115,7 @@ class RowsEngine:
         sink = None
         if upstream is not None:
             sink = GradSink(hs, Head(ws, bs, self.setup.spec.scale), (want.hidden, want.weight, want.bias),
-                            self.setup.tuning)  # fmt: skip
+                            self.setup.tuning)
         outs = sweep_rows(hs, ws, bs, self.kernel, self.setup, upstream, sink)
         grads = None if sink is None else StudentGrads(sink.grad_h, sink.grad_w, sink.grad_b)
         return EngineResult(tuple(outs), grads)

@@ -103,11 +103,11 @@ class TritonEngine:
         splits = vocab_splits(hs.device, n, self.opts.vocab_size, config.block_m, config.block_n)
         grads = launch_grad(*student, *self.teacher, stats.student_lse, stats.teacher_lse, stats.coef, row_scale,
                             self.opts, (want.hidden, want.weight, want.bias), config, splits,
-                            self.tuning.grad_filter_eps, hard, stats.hard_lse)  # fmt: skip
+                            self.tuning.grad_filter_eps, hard, stats.hard_lse)
         return StudentGrads(*grads)
 
     def run(self, student: Student, upstream: Upstream | None, want: Want, state: RowStats | None = None,
-            ) -> EngineResult:  # fmt: skip
+            ) -> EngineResult:
         check_dtypes(student_hidden=student.hidden)
         with on_device(student.hidden.device):
             stats = self._stats(student) if state is None else state

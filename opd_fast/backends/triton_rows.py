@@ -165,7 +165,7 @@ def _sweep(hs, ws, bs, ids, order, math: RowMath, setup: RowSetup) -> RowState:
 
 
 def _gradients(hs, ws, bs, ids, math: RowMath, state: RowState, setup: RowSetup, upstream: Upstream, want: Want,
-               ) -> StudentGrads:  # fmt: skip
+               ) -> StudentGrads:
     """fp32 gradients: the dense tail kernel plus the k-sparse id columns."""
     n, hidden = hs.shape
     dense, at_ids = math.gradient(state, upstream) if n else (None, state.z_ids)
@@ -180,7 +180,7 @@ def _gradients(hs, ws, bs, ids, math: RowMath, state: RowState, setup: RowSetup,
         slope = None if dense.slope is None else dense.slope.contiguous()
         grad_h, grad_w, grad_b = launch_tail_grad(hs, ws, bs, ids, dense.lse_ref.contiguous(), dense.coef.contiguous(),
                                                   slope, setup, (want.hidden, want.weight, want.bias), config,
-                                                  splits)  # fmt: skip
+                                                  splits)
     # dL/d(h W^T + b) on the ids: chain temperature, softcap (from the logits) and scale.
     z_ids = torch.where(torch.isfinite(state.z_ids), state.z_ids, 0.0)
     g = logits_grad_to_raw(at_ids.float(), z_ids, setup.spec, setup.temperature).mul_(setup.spec.scale)
@@ -205,7 +205,7 @@ class TritonRowsEngine:
         self.output_names, self.n_differentiable = math.output_names, math.n_differentiable
 
     def run(self, student: Student, upstream: Upstream | None, want: Want,
-            state: tuple[torch.Tensor, RowState] | None = None) -> EngineResult:  # fmt: skip
+            state: tuple[torch.Tensor, RowState] | None = None) -> EngineResult:
         hs, math = student.hidden, self.math
         check_dtypes(hidden=hs)
         with on_device(hs.device):

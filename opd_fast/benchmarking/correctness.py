@@ -54,7 +54,7 @@ def reference_outputs(inputs: BenchInputs, divergence: str, beta: float) -> tupl
 def check(
     impl: Implementation, inputs: BenchInputs, dtype: str, divergence: str, beta: float,
     want: tuple[torch.Tensor, ...],
-) -> Check:  # fmt: skip
+) -> Check:
     """Compare ``impl``'s loss and gradients on the checked rows with ``want`` (the reference's)."""
     x = inputs.rows(min(CHECK_ROWS, inputs.hs.shape[0]))
     got = _loss_and_grads(impl.make_loss(divergence, beta)(x.hs, x.ws, x.ht, x.wt), x)

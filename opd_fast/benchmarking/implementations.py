@@ -115,7 +115,7 @@ def _peer(name: str) -> Implementation:
             "liger-eager", "Liger LigerFusedLinearJSDLoss, compiled=False",
             functools.partial(peers.liger_loss, compiled=False), divergences=peer_divs, probe=liger_probe,
         ),
-    }  # fmt: skip
+    }
     if name not in table:
         raise ValueError(f"peers must be a subset of {PEER_NAMES}, got {name!r}")
     return table[name]

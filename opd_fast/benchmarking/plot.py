@@ -40,7 +40,7 @@ def _draw(ax, results: list[CaseResult], axis: str, fixed: str, metric: Metric, 
     for impl, dtype in sorted({(r.impl, r.dtype) for r in chosen}):
         pts = sorted((getattr(r.shape, axis), metric(r)) for r in chosen if (r.impl, r.dtype) == (impl, dtype))
         ax.plot([p[0] for p in pts], [p[1] for p in pts], _STYLES.get(dtype, "-"), marker="o",
-                color=plt.get_cmap("tab10")(impls.index(impl) % 10), label=f"{impl} {dtype}")  # fmt: skip
+                color=plt.get_cmap("tab10")(impls.index(impl) % 10), label=f"{impl} {dtype}")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel(f"{axis.upper()} ({fixed.upper()}={at})")

@@ -19,7 +19,7 @@ from .runner import BenchConfig, CaseResult
 from .shapes import Shape
 
 HEADERS = ("N", "V", "H", "dtype", "implementation", "fwd+bwd s (median, min-max)", "x floor",
-           "first call s", "extra peak MB", "status")  # fmt: skip
+           "first call s", "extra peak MB", "status")
 _PACKAGES = ("opd-fast", "torch", "liger-kernel", "trl", "transformers", "triton")
 
 
@@ -90,7 +90,7 @@ def rows(results: list[CaseResult]) -> list[tuple[str, ...]]:
         out.append((
             str(r.shape.n), str(r.shape.v), hidden, r.dtype, r.impl, _time_cell(r), _fmt(r.ratio_to_floor, ".2f"),
             _fmt(r.first_call_s, ".2f"), _fmt(r.peak_extra_mb, ".0f"), _status_cell(r),
-        ))  # fmt: skip
+        ))
     return out
 
 

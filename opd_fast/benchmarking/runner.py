@@ -115,7 +115,7 @@ def _measure_all(results: list[CaseResult], cfg: BenchConfig, log: Log) -> None:
             if res.first_call_s > cfg.max_case_seconds:
                 res.fail("too-slow", f"first call took {res.first_call_s:.0f} s > {cfg.max_case_seconds:.0f} s budget")
         log(f"  first call {res.impl:<16} {res.first_call_s or float('nan'):8.2f} s  "
-            f"peak +{res.peak_extra_mb or float('nan'):8.0f} MB  {res.status} {res.reason}")  # fmt: skip
+            f"peak +{res.peak_extra_mb or float('nan'):8.0f} MB  {res.status} {res.reason}")
 
 
 def _time_all(impls: dict[str, Implementation], results: list[CaseResult], cfg: BenchConfig, log: Log) -> None:
@@ -172,7 +172,7 @@ def _over_cases(cases, impls, cfg: BenchConfig, log: Log, timed: bool, on_case: 
 def run_loss_bench(
     impls: list[Implementation], shapes: list[Shape], dtypes: list[str], cfg: BenchConfig, log: Log = print,
     on_case: OnCase | None = None,
-) -> list[CaseResult]:  # fmt: skip
+) -> list[CaseResult]:
     """``run_case`` over shapes x dtypes, in the given order; ``on_case(results so far)`` after each."""
     return _over_cases([(s, d) for s in shapes for d in dtypes], impls, cfg, log, True, on_case)
 
@@ -180,6 +180,6 @@ def run_loss_bench(
 def run_memory_bench(
     impls: list[Implementation], shapes: list[Shape], dtype: str, cfg: BenchConfig, log: Log = print,
     on_case: OnCase | None = None,
-) -> list[CaseResult]:  # fmt: skip
+) -> list[CaseResult]:
     """Extra peak memory (and first-call time) per shape, no timed rounds."""
     return _over_cases([(s, dtype) for s in shapes], impls, cfg, log, False, on_case)

@@ -60,7 +60,7 @@ def run_in_subprocess(spec: WorkerSpec, timeout: float | None = None) -> dict:
         proc = subprocess.run(
             [sys.executable, "-m", "opd_fast.benchmarking.worker", payload],
             capture_output=True, text=True, timeout=timeout, check=False,
-        )  # fmt: skip
+        )
     except subprocess.TimeoutExpired:
         return {"status": "too-slow", "reason": f"first call did not finish within {timeout:.0f} s"}
     if proc.returncode == -9:

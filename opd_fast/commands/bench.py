@@ -32,7 +32,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", help="write results + metadata (command line included) as JSON")
     p.add_argument("--csv", help="write results as CSV")
     p.add_argument("--plot", help="write a PNG plot")
-    p.add_argument("--markdown", action="store_true", help="print the table as Markdown")  # fmt: skip
+    p.add_argument("--markdown", action="store_true", help="print the table as Markdown")
 
 
 def _config(args: argparse.Namespace, **overrides):
@@ -41,7 +41,7 @@ def _config(args: argparse.Namespace, **overrides):
     return BenchConfig(
         divergence=args.divergence, beta=args.beta, seed=args.seed, device=args.device,
         max_case_seconds=args.max_case_seconds, check=args.check, **overrides,
-    )  # fmt: skip
+    )
 
 
 def _implementations(args: argparse.Namespace):

@@ -26,5 +26,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("eval", help="task accuracy (greedy, sampled) and reverse KL to the teacher(s)")
     add_config_args(parser)
     parser.add_argument("--checkpoint", default=None,
-                        help="checkpoint dir to evaluate, or 'latest' (default: the config's student)")  # fmt: skip
+                        help="checkpoint dir to evaluate, or 'latest' (default: the config's student)")
     parser.set_defaults(func=_run)

@@ -15,7 +15,7 @@ def _run(args: argparse.Namespace) -> int:
 
     lm = load_model(args.model, name="model", dtype=args.dtype, device=args.device)
     cfg = RolloutConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                        top_k=args.top_k, stop=args.stop, micro_batch_size=len(args.prompt))  # fmt: skip
+                        top_k=args.top_k, stop=args.stop, micro_batch_size=len(args.prompt))
     generator = torch.Generator(args.device).manual_seed(args.seed)
     batch = rollout(lm, [Prompt(i, p, "default", None) for i, p in enumerate(args.prompt)], cfg, generator)
     for prompt, text, cut in zip(args.prompt, batch.completions, batch.truncated, strict=True):

@@ -88,7 +88,7 @@ def _kernel_arguments(kernel: str, divergence: str, dtype):
     opts = LossOptions(
         divergence=divergence, beta=0.5, temperature=1.0 if "t1" in extras else 2.0, temperature_sq_scaling=False,
         reduction="mean", num_items=None, student=HeadSpec(1.0, 30.0), teacher=HeadSpec(1.0, 30.0), vocab_size=vocab,
-    )  # fmt: skip
+    )
     rows = torch.empty(n, dtype=torch.float32, device="meta")
     labels = torch.empty(n, dtype=torch.int64, device="meta") if "labels" in extras else None
     if kernel.startswith("tail_"):
@@ -115,7 +115,7 @@ def _ptxas_stats(ptx: str, arch: int) -> tuple[int, int, int]:
         out = subprocess.run(
             [_tool("ptxas-blackwell"), "-v", f"--gpu-name={gpu}", str(src), "-o", str(Path(tmp) / "k.cubin")],
             capture_output=True, text=True, check=True,
-        )  # fmt: skip
+        )
     log = out.stdout + out.stderr
     regs = re.search(r"Used (\d+) registers", log)
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
@@ -163,7 +163,7 @@ def check_kernels(
                         arch="sm_90a" if arch == 90 else f"sm_{arch}", registers=regs, spill_stores=spill_st,
                         spill_loads=spill_ld, shared_bytes=compiled.metadata.shared, shared_limit=SMEM_LIMIT[arch],
                         tensor_core_op=op, tensor_core_count=_tensor_core_count(compiled.asm["cubin"], op),
-                    ))  # fmt: skip
+                    ))
     return reports
 
 
@@ -174,7 +174,7 @@ def format_table(reports: list[KernelReport]) -> str:
          f"{r.shared_bytes / 1024:.0f}/{r.shared_limit / 1024:.0f}", f"{r.tensor_core_op} x{r.tensor_core_count}",
          "yes" if r.ok else "NO")
         for r in reports
-    ]  # fmt: skip
+    ]
     widths = [max(len(x) for x in col) for col in zip(head, *rows, strict=True)]
     line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
     return "\n".join([line(head), line(tuple("-" * w for w in widths)), *map(line, rows)])

@@ -14,7 +14,7 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
     """The CONFIG positional and repeatable ``--set key=value`` overrides (shared with ``eval``)."""
     parser.add_argument("config", help="TOML run config (see examples/opd_tiny.toml)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. --set optim.lr=1e-3 (repeatable)")  # fmt: skip
+                        help="override a config key, e.g. --set optim.lr=1e-3 (repeatable)")
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -32,7 +32,7 @@ def _run(args: argparse.Namespace) -> int:
 
         kept = latest_checkpoint(config.run.out_dir)
         print(f"opd-fast: {exc or 'interrupted'}; " + (f"--resume continues from {kept}" if kept else
-              "no checkpoint was written"), file=sys.stderr)  # fmt: skip
+              "no checkpoint was written"), file=sys.stderr)
         return 130
     print(json.dumps(summary, indent=2))
     return 130 if summary["interrupted"] else 0

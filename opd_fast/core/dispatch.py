@@ -76,7 +76,7 @@ def make_engine(call: LossCall, name: Backend, tokens: TokenRows, labels: torch.
     if isinstance(teacher, TeacherHead):
         head = teacher.head
         rows = Student(tokens.take(head.hidden).contiguous(), head.weight.contiguous(),
-                       None if head.bias is None else head.bias.contiguous())  # fmt: skip
+                       None if head.bias is None else head.bias.contiguous())
         if name == "triton":
             from ..backends.triton_backend import TritonEngine
 

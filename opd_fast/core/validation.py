@@ -419,7 +419,7 @@ def logprobs_call(args: Mapping[str, Any]) -> LossCall:
     options = LossOptions(
         divergence="forward_kl", beta=0.0, temperature=float(args["temperature"]), temperature_sq_scaling=False,
         reduction="none", num_items=None, student=spec, teacher=HeadSpec(), vocab_size=vocab,
-    )  # fmt: skip
+    )
     return LossCall(
         student=Head(hidden, weight, bias),
         teacher=SampledTokens(token_ids),

@@ -61,7 +61,7 @@ ARMS: tuple[Arm, ...] = (
     Arm("on_policy_jsd", "on-policy JSD(0.5)", {"off_policy_fraction": 0.0, "divergence": "jsd", "beta": 0.5}),
     Arm("mixed_rkl", "mixed: 50% ground truth, rev KL",
         {"off_policy_fraction": 0.5, "off_policy_source": "dataset", "divergence": "reverse_kl"}),
-)  # fmt: skip
+)
 DEFAULT_ARMS = tuple(a.name for a in ARMS if a.name != "mixed_rkl")
 ARMS_BY_NAME = {a.name: a for a in ARMS}
 # One intra-op thread: the demo's models are tiny, and on shared cores torch's thread pool makes each
@@ -87,17 +87,17 @@ def run_config(arm: Arm, profile: Profile, student: Path, teacher: Path, out: Pa
         metrics=MetricsConfig(progress=True, tensorboard=False),
         eval=EvalConfig(every=max(1, profile.arm_steps // evals) if evals > 1 else 0,
                         num_prompts=profile.eval_prompts),
-    )  # fmt: skip
+    )
     validate_config(config)
     return config
 
 
 def _result(arm: Arm, seed: int, evaluation: dict[str, float], curve: list[tuple[int, float]], scored: int,
-            generated: int, grad: int, wall: float) -> ArmResult:  # fmt: skip
+            generated: int, grad: int, wall: float) -> ArmResult:
     return ArmResult(arm=arm.name, label=arm.label, seed=seed, greedy_accuracy=evaluation["greedy/accuracy"],
                      sampled_accuracy=evaluation["sampled/accuracy"], reverse_kl=evaluation["reverse_kl"],
                      teacher_scored_tokens=scored, teacher_generated_tokens=generated, student_grad_tokens=grad,
-                     wall_s=wall, curve=curve)  # fmt: skip
+                     wall_s=wall, curve=curve)
 
 
 def _run_distill(arm: Arm, config: RunConfig) -> ArmResult:
@@ -127,7 +127,7 @@ def _run_sft(arm: Arm, config: RunConfig, profile: Profile) -> ArmResult:
         lm, lambda step: [pool[(step * profile.arm_batch + i) % len(pool)] for i in range(profile.arm_batch)],
         steps=o.steps, lr=o.lr, retry_rate=profile.student_retry_rate, seed=config.run.seed, warmup=o.warmup_steps,
         min_lr_ratio=o.min_lr_ratio, desc=arm.name,
-    )  # fmt: skip
+    )
     final = Path(config.run.out_dir) / "student"
     save_model(lm.model, lm.tokenizer, final)
     wall = time.perf_counter() - t0

@@ -36,7 +36,7 @@ ATTEMPTS = 3  # fresh initializations tried per model before settling for the be
 
 
 def accuracy(lm: LoadedModel, task: ColumnAdd, examples: list[Example], temperature: float, seed: int,
-             max_new_tokens: int, batch: int = 64) -> float:  # fmt: skip
+             max_new_tokens: int, batch: int = 64) -> float:
     """Verifier accuracy of ``lm``'s completions (greedy when ``temperature`` is 0), through the runner's rollout."""
     cfg = RolloutConfig(max_new_tokens=max_new_tokens, temperature=temperature, micro_batch_size=batch)
     gen = torch.Generator(lm.device).manual_seed(seed)
@@ -58,13 +58,13 @@ def _build(path: Path, size: ModelSize, seed: int) -> LoadedModel:
     """A fresh tiny Llama with the task's character tokenizer, saved to ``path`` and loaded trainable."""
     tok = char_tokenizer(ALPHABET)
     model = tiny_causal_lm(tok, hidden_size=size.hidden_size, num_layers=size.num_layers, num_heads=size.num_heads,
-                           max_positions=64, seed=seed)  # fmt: skip
+                           max_positions=64, seed=seed)
     save_model(model, tok, path)
     return load_model(str(path), name=path.name, trainable=True)
 
 
 def _train_to_target(kind: str, path: Path, profile: Profile, size: ModelSize, seed: int, *, retry_rate: float,
-                     lr: float, batch: int, max_steps: int, target: float, need_sampled: bool) -> dict:  # fmt: skip
+                     lr: float, batch: int, max_steps: int, target: float, need_sampled: bool) -> dict:
     """SFT a fresh model until its dev accuracy reaches ``target`` (greedy, and T=1 when ``need_sampled``).
 
     Whether a tiny model learns the task within ``max_steps`` depends on its initialization (an abrupt,
@@ -93,7 +93,7 @@ def _train_to_target(kind: str, path: Path, profile: Profile, size: ModelSize, s
 
         steps, _ = train_sft(lm, _stream(task, batch, init), steps=max_steps, lr=lr, retry_rate=retry_rate, seed=init,
                              warmup=min(100, max_steps // 10), check_every=profile.check_every, done=done,
-                             desc=f"{kind} (attempt {attempt + 1})")  # fmt: skip
+                             desc=f"{kind} (attempt {attempt + 1})")
         if not reached:
             done(steps)
         ok = met(reached)
@@ -102,7 +102,7 @@ def _train_to_target(kind: str, path: Path, profile: Profile, size: ModelSize, s
             break
     recipe = {"kind": kind, "seed": attempts[-1]["init_seed"], "steps": steps, "dev_accuracy": reached,
               "target": target, "reached_target": ok, "attempts": attempts, "size": asdict(size),
-              "retry_rate": retry_rate, "profile": asdict(profile)}  # fmt: skip
+              "retry_rate": retry_rate, "profile": asdict(profile)}
     save_model(lm.model, lm.tokenizer, tmp)
     (tmp / RECIPE).write_text(json.dumps(recipe, indent=2))
     tmp.replace(path)  # atomic: a half-trained model is never picked up from the cache
@@ -133,7 +133,7 @@ def prepare_teacher(profile: Profile, cache: Path) -> tuple[Path, dict]:
             "teacher", path, profile, profile.teacher, 0, retry_rate=profile.teacher_retry_rate, lr=profile.teacher_lr,
             batch=profile.teacher_batch, max_steps=profile.teacher_max_steps, target=profile.teacher_target,
             need_sampled=True,
-        )  # fmt: skip
+        )
     _link(path, "teacher")
     return path, recipe
 
@@ -147,7 +147,7 @@ def prepare_student(profile: Profile, cache: Path, seed: int) -> tuple[Path, dic
             "student", path, profile, profile.student, seed + 1, retry_rate=profile.student_retry_rate,
             lr=profile.student_lr, batch=profile.student_batch, max_steps=profile.student_max_steps,
             target=profile.student_target, need_sampled=False,
-        )  # fmt: skip
+        )
     _link(path, f"student-seed{seed}")
     return path, recipe
 

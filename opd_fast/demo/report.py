@@ -76,7 +76,7 @@ def table_rows(rows: Sequence[dict[str, Any]]) -> list[list[str]]:
          _count(row["teacher_scored_tokens"]), _count(row["teacher_generated_tokens"]),
          _count(row["student_grad_tokens"]), f"{row['wall_s']:.0f}"]
         for row in rows
-    ]  # fmt: skip
+    ]
 
 
 def text_table(rows: Sequence[dict[str, Any]]) -> str:
@@ -84,7 +84,7 @@ def text_table(rows: Sequence[dict[str, Any]]) -> str:
     body = [list(HEADER), *table_rows(rows)]
     widths = [max(len(r[i]) for r in body) for i in range(len(HEADER))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
-             for r in body]  # fmt: skip
+             for r in body]
     lines.insert(1, "-" * len(lines[0]))
     return "\n".join(lines)
 

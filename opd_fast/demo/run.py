@@ -29,7 +29,7 @@ def _evaluate_start(profile: Profile, student: Path, teacher: Path, out: Path, s
     e = evaluate_run(config)
     return ArmResult(arm=START.name, label=START.label, seed=seed, greedy_accuracy=e["greedy/accuracy"],
                      sampled_accuracy=e["sampled/accuracy"], reverse_kl=e["reverse_kl"], teacher_scored_tokens=0,
-                     teacher_generated_tokens=0, student_grad_tokens=0, wall_s=0.0)  # fmt: skip
+                     teacher_generated_tokens=0, student_grad_tokens=0, wall_s=0.0)
 
 
 def _trained(recipe: dict) -> str:
@@ -54,7 +54,7 @@ def run_demo(
 def _run(profile: Profile, seeds: Sequence[int], arms: Sequence[str], out: Path, cache: Path) -> list[dict[str, Any]]:
     t0 = time.perf_counter()
     print(f"[demo] profile {profile.name}: task column_add ({profile.digits} digits), arms {', '.join(arms)}, "
-          f"seeds {list(seeds)}; cache {cache}")  # fmt: skip
+          f"seeds {list(seeds)}; cache {cache}")
     teacher, t_recipe = prepare_teacher(profile, cache)
     print(f"[demo] teacher: {parameter_count(teacher):,} parameters, {_trained(t_recipe)}")
     results: list[ArmResult] = []
@@ -68,7 +68,7 @@ def _run(profile: Profile, seeds: Sequence[int], arms: Sequence[str], out: Path,
             print(f"[demo] seed {seed}: arm {name}")
             results.append(run_arm(ARMS_BY_NAME[name], profile, student, teacher, out / f"seed{seed}" / name, seed))
     meta = {"profile": profile.name, "settings": asdict(profile), "seeds": list(seeds), "arms": list(arms),
-            "teacher": t_recipe, "students": students, "total_wall_s": time.perf_counter() - t0}  # fmt: skip
+            "teacher": t_recipe, "students": students, "total_wall_s": time.perf_counter() - t0}
     rows = write_results(results, out, meta)
     print()
     print(text_table(rows))

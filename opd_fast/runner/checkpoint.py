@@ -128,7 +128,7 @@ def _rename(src: Path, dst: Path) -> None:
 
 
 def save_checkpoint(run_dir: str | Path, step: int, student: LoadedModel, state: dict[str, Any], keep: int,
-                    config: dict[str, Any] | None = None) -> Path:  # fmt: skip
+                    config: dict[str, Any] | None = None) -> Path:
     """Write student + trainer state (+ the config in effect) for ``step`` durably; prune to the last ``keep``.
 
     ``state["run_id"]`` (when given) marks the checkpoint as the current run's: only those are pruned."""
@@ -172,7 +172,7 @@ def _complete(root: Path) -> list[Path]:
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit()
-             and ((p / STATE_JSON).is_file() or (p / PICKLED_STATE).is_file())]  # fmt: skip
+             and ((p / STATE_JSON).is_file() or (p / PICKLED_STATE).is_file())]
     return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
 
 
@@ -252,7 +252,7 @@ def load_latest(run_dir: str | Path) -> tuple[Path, dict[str, Any]] | None:
             if (path / PICKLED_STATE).is_file():
                 raise
             warnings.warn(f"skipping unreadable checkpoint {path} ({exc}); falling back to the previous one",
-                          stacklevel=2)  # fmt: skip
+                          stacklevel=2)
     if found:
         raise CheckpointError(f"no readable checkpoint under {checkpoint_dir(run_dir)} (tried {len(found)})")
     return None

@@ -321,7 +321,7 @@ def validate_config(c: RunConfig) -> None:
         _require(t.weight > 0, f"teachers.{name}.weight", "must be > 0", t.weight)
     d = c.data
     _require(bool(d.prompts) != bool(d.task), "data.prompts", "xor data.task must be set (exactly one)",
-             (d.prompts, d.task))  # fmt: skip
+             (d.prompts, d.task))
     _require(d.prompts_per_step >= 1, "data.prompts_per_step", "must be >= 1", d.prompts_per_step)
     _require(d.group_size >= 1, "data.group_size", "must be >= 1", d.group_size)
     _require(d.num_prompts >= 1, "data.num_prompts", "must be >= 1", d.num_prompts)
@@ -344,12 +344,12 @@ def validate_config(c: RunConfig) -> None:
     _require(lo.temperature > 0, "loss.temperature", "must be > 0", lo.temperature)
     _require(lo.topk >= 1, "loss.topk", "must be >= 1", lo.topk)
     _require(0 <= lo.off_policy_fraction <= 1, "loss.off_policy_fraction", "must be in [0, 1]",
-             lo.off_policy_fraction)  # fmt: skip
+             lo.off_policy_fraction)
     _require(lo.kd_weight >= 0, "loss.kd_weight", "must be >= 0", lo.kd_weight)
     _require(lo.sft_weight >= 0, "loss.sft_weight", "must be >= 0", lo.sft_weight)
     _require(lo.verifier_weight >= 0, "loss.verifier_weight", "must be >= 0", lo.verifier_weight)
     _require(lo.kd_weight + lo.sft_weight + lo.verifier_weight > 0, "loss.kd_weight",
-             "+ loss.sft_weight + loss.verifier_weight must be > 0 (nothing to learn)", lo.kd_weight)  # fmt: skip
+             "+ loss.sft_weight + loss.verifier_weight must be > 0 (nothing to learn)", lo.kd_weight)
     _choice("loss.backend", lo.backend, BACKEND_NAMES)
     for dom, spec in lo.verifiers.items():
         _require(":" in spec, f"loss.verifiers.{dom}", "must be 'module:function' or 'file.py:function'", spec)
@@ -358,9 +358,9 @@ def validate_config(c: RunConfig) -> None:
     _require(o.lr > 0, "optim.lr", "must be > 0", o.lr)
     _require(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0", o.weight_decay)
     _require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", "must be two numbers in [0, 1)",
-             o.betas)  # fmt: skip
+             o.betas)
     _require(0 <= o.warmup_steps <= o.steps, "optim.warmup_steps", f"must be in [0, optim.steps={o.steps}]",
-             o.warmup_steps)  # fmt: skip
+             o.warmup_steps)
     _require(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]", o.min_lr_ratio)
     _require(o.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 = off)", o.grad_clip)
     _require(o.max_consecutive_skips >= 1, "optim.max_consecutive_skips", "must be >= 1", o.max_consecutive_skips)

@@ -77,7 +77,7 @@ class PromptPool:
     (parsed again only when drawn), so a million-line file costs a few arrays, not a million objects."""
 
     def __init__(self, domain_names: list[str], domain_codes: np.ndarray, has_reference: np.ndarray,
-                 fetch: Callable[[int], Example]) -> None:  # fmt: skip
+                 fetch: Callable[[int], Example]) -> None:
         if len(domain_codes) == 0:
             raise ValueError("the prompt pool is empty")
         self.domain_names, self.domain_codes, self.has_reference = domain_names, domain_codes, has_reference
@@ -293,7 +293,7 @@ class PromptSource:
         """Plain data: the prompts with feedback and their EMAs (tensors), and the RNG state (ints)."""
         seen = np.flatnonzero(~np.isnan(self.ema))
         return {"ema_index": torch.from_numpy(seen), "ema_value": torch.from_numpy(self.ema[seen]),
-                "rng": self.rng.getstate()}  # fmt: skip
+                "rng": self.rng.getstate()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.ema[:] = np.nan
@@ -311,9 +311,9 @@ class PromptSource:
 def prompt_source(data: DataConfig, seed: int) -> PromptSource:
     """The training ``PromptSource`` a config describes."""
     pool = (PromptPool.from_jsonl(data.prompts) if data.prompts
-            else PromptPool.from_examples(load_examples(data, "train", data.num_prompts, seed)))  # fmt: skip
+            else PromptPool.from_examples(load_examples(data, "train", data.num_prompts, seed)))
     return PromptSource(
         pool,
         prompts_per_step=data.prompts_per_step, group_size=data.group_size, mixture=data.mixture,
         sampler=data.sampler, min_weight=data.sampler_min_weight, ema=data.sampler_ema, seed=seed,
-    )  # fmt: skip
+    )

@@ -77,7 +77,7 @@ class Verifiers:
 
 @torch.no_grad()
 def _reverse_kl(student: LoadedModel, teachers: dict[str, Teacher], router: Router,
-                batch: Any) -> dict[str, tuple[float, int]]:  # fmt: skip
+                batch: Any) -> dict[str, tuple[float, int]]:
     """Sum of per-token reverse KL and token count per domain."""
     scored = score(batch, teachers, router)
     device = student.device
@@ -89,7 +89,7 @@ def _reverse_kl(student: LoadedModel, teachers: dict[str, Teacher], router: Rout
             hs, student.head.weight, ts.hidden, ts.head.weight, divergence="reverse_kl", reduction="none",
             vocab_size=teachers[ts.teacher].vocab_size, **student.head.loss_kwargs("student"),
             **ts.head.loss_kwargs("teacher"),
-        )  # fmt: skip
+        )
         counts = batch.target_mask[ts.rows].sum(1).tolist()
         for r, part in zip(ts.rows.tolist(), torch.split(per_tok.float().cpu(), counts), strict=True):
             s, n = sums.get(batch.prompts[r].domain, (0.0, 0))
@@ -143,7 +143,7 @@ def evaluate_run(config: RunConfig, checkpoint: str | Path | None = None) -> dic
     check_config(config, training=False, student_dir=checkpoint is None or config.student.lora is not None)
     with torch_threads(config.run.threads):
         student, teachers = load_run_models(config, None if checkpoint is None else str(checkpoint),
-                                            trainable=False)  # fmt: skip
+                                            trainable=False)
         router = Router(teachers)
         examples = load_examples(config.data, "eval", config.eval.num_prompts, config.run.seed)
         router.check(sorted({ex.domain for ex in examples}))

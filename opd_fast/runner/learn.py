@@ -68,7 +68,7 @@ class Learner:
         if not self.params:
             raise ValueError("the student has no trainable parameters")
         self.optimizer = torch.optim.AdamW(self.params, lr=optim.lr, betas=tuple(optim.betas),
-                                           weight_decay=optim.weight_decay)  # fmt: skip
+                                           weight_decay=optim.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_lambda(s, optim.warmup_steps, optim.steps, optim.min_lr_ratio)
         )
@@ -88,7 +88,7 @@ class Learner:
                 temperature=cfg.temperature, reduction="mean", num_items=num_items,
                 vocab_size=teacher.vocab_size, backend=cfg.backend, return_stats=True,
                 **head.loss_kwargs("student"), **ts.head.loss_kwargs("teacher"),
-            )  # fmt: skip
+            )
             return weight * loss, st["divergence"], st["student_entropy"]
         if cfg.signal == "topk":
             loss, st = opd_fast.fused_linear_kl_topk(
@@ -96,7 +96,7 @@ class Learner:
                 temperature=cfg.temperature, reduction="mean", num_items=num_items, student_bias=head.bias,
                 student_logit_scale=head.scale, student_softcap=head.softcap, vocab_size=teacher.vocab_size,
                 backend=cfg.backend, return_stats=True,
-            )  # fmt: skip
+            )
             return weight * loss, st.get("divergence"), st.get("student_entropy")
         # "sampled": score-function gradient of the single-sample reverse-KL estimate log q(y) - log p(y).
         targets = batch.target_ids(ts.rows).to(hs.device)

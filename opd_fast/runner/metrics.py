@@ -48,7 +48,7 @@ class MetricsLogger:
     """Writes rows; shows a tqdm bar from ``start_step`` to ``total_steps``."""
 
     def __init__(self, run_dir: str | Path, total_steps: int, start_step: int = 0, *, progress: bool = True,
-                 tensorboard: bool = True) -> None:  # fmt: skip
+                 tensorboard: bool = True) -> None:
         self.path = Path(run_dir) / METRICS_FILE
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.kept = [r for r in read_metrics(run_dir) if r.get("step", 0) <= start_step]

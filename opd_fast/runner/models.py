@@ -150,7 +150,7 @@ def load_model(
             model = PeftModel.from_pretrained(lm, adapter_path, is_trainable=trainable)
         else:
             cfg = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                 target_modules=list(lora.target_modules), task_type="CAUSAL_LM")  # fmt: skip
+                                 target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
             model = get_peft_model(lm, cfg)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -191,7 +191,7 @@ def forward_hidden(
         positions = position_ids(attention_mask)[:, -input_ids.shape[1]:]
     kwargs = {_cache_kwarg(type(lm.decoder)): cache} if cache is not None else {}
     out = lm.decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                     use_cache=cache is not None, **kwargs)  # fmt: skip
+                     use_cache=cache is not None, **kwargs)
     return out.last_hidden_state, cache  # the cache object is updated in place
 
 
@@ -215,7 +215,7 @@ def head_logits(hidden: torch.Tensor, head: Head, temperature: float = 1.0) -> t
 def token_logprobs(hidden: torch.Tensor, head: Head, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Differentiable log-prob of ``tokens`` ``(N,)`` under ``head`` at ``hidden`` ``(N, H)``, no logits kept."""
     return opd_fast.fused_linear_logprobs(hidden, head.weight, tokens, temperature=temperature, bias=head.bias,
-                                          logit_scale=head.scale, softcap=head.softcap)  # fmt: skip
+                                          logit_scale=head.scale, softcap=head.softcap)
 
 
 def _first_diff(a: dict[str, int], b: dict[str, int]) -> list[str]:
@@ -242,7 +242,7 @@ def check_compatible(student: LoadedModel, teacher: LoadedModel, chat_template: 
     if s_special != t_special:
         bad = {k: (s_special[k], t_special[k]) for k in s_special if s_special[k] != t_special[k]}
         raise ValueError(f"special tokens differ between student and teacher {teacher.name!r} (student, teacher): "
-                         f"{bad}")  # fmt: skip
+                         f"{bad}")
     v_s, v_t, n_tok = student.head.weight.shape[0], teacher.head.weight.shape[0], len(s_tok)
     if min(v_s, v_t) < n_tok:
         raise ValueError(
@@ -280,11 +280,11 @@ def load_run_models(
             adapter = str(Path(checkpoint) / "student")
     student = load_model(student_path, name="student", dtype=r.dtype, device=r.device,
                          attn_implementation=s.attn_implementation, trust_remote_code=s.trust_remote_code,
-                         lora=s.lora, adapter_path=adapter, trainable=trainable)  # fmt: skip
+                         lora=s.lora, adapter_path=adapter, trainable=trainable)
     teachers = {}
     for name, t in config.teachers.items():
         model = load_model(t.path, name=name, dtype=r.dtype, device=r.device, attn_implementation=t.attn_implementation,
-                           trust_remote_code=t.trust_remote_code)  # fmt: skip
+                           trust_remote_code=t.trust_remote_code)
         vocab = check_compatible(student, model, config.data.chat_template)
         teachers[name] = Teacher(model, vocab, t.weight, list(t.domains))
     return student, teachers

@@ -24,7 +24,7 @@ from .models import LoadedModel, Teacher
 
 # Any of these makes a directory loadable by a transformers tokenizer class.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
-                   "spiece.model")  # fmt: skip
+                   "spiece.model")
 
 
 def _device(config: RunConfig) -> torch.device:
@@ -36,7 +36,7 @@ def _device(config: RunConfig) -> torch.device:
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0 or (device.index or 0) >= count:
             raise ValueError(f"config key 'run.device' = {config.run.device!r}: this machine has {count} CUDA "
-                             "device(s)")  # fmt: skip
+                             "device(s)")
     elif device.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"config key 'run.device' = {config.run.device!r}: MPS is not available here")
     elif device.type not in ("cpu", "cuda", "mps"):
@@ -52,7 +52,7 @@ def _model_dir(key: str, role: str, path: str) -> None:
         raise ValueError(f"config key {key!r}: the {role} model directory {path} has no config.json")
     if not any((directory / name).is_file() for name in TOKENIZER_FILES):
         raise ValueError(f"config key {key!r}: the {role} model directory {path} has no tokenizer files "
-                         f"(expected one of {', '.join(TOKENIZER_FILES)})")  # fmt: skip
+                         f"(expected one of {', '.join(TOKENIZER_FILES)})")
 
 
 def check_config(config: RunConfig, *, training: bool = True, student_dir: bool = True) -> None:
@@ -78,13 +78,13 @@ def check_config(config: RunConfig, *, training: bool = True, student_dir: bool 
     if training and evaluates and not c.data.task:
         if not c.data.eval_prompts:
             raise ValueError("config key 'data.eval_prompts' must be set: the run evaluates (eval.at_end / "
-                             "eval.every) and has no data.task to draw evaluation prompts from")  # fmt: skip
+                             "eval.every) and has no data.task to draw evaluation prompts from")
         if not Path(c.data.eval_prompts).is_file():
             raise ValueError(f"config key 'data.eval_prompts': no file {c.data.eval_prompts}")
 
 
 def check_lengths(config: RunConfig, student: LoadedModel, teachers: dict[str, Teacher],
-                  prompts: Sequence[Example]) -> None:  # fmt: skip
+                  prompts: Sequence[Example]) -> None:
     """Every training (and evaluation) prompt plus ``rollout.max_new_tokens`` fits every model's positions."""
     c = config
     limits = {f"the student ({student.path})": getattr(student.decoder.config, "max_position_embeddings", None)}
@@ -99,7 +99,7 @@ def check_lengths(config: RunConfig, student: LoadedModel, teachers: dict[str, T
     if c.eval.at_end or c.eval.every > 0:
         evals = load_examples(c.data, "eval", c.eval.num_prompts, c.run.seed)
         texts += [("data.eval_prompts" if not c.data.task else f"task {c.data.task!r} (eval)", ex.prompt)
-                  for ex in evals]  # fmt: skip
+                  for ex in evals]
     for source, text in texts:
         need = len(encode_prompt(student.tokenizer, text, c.data.chat_template)) + c.rollout.max_new_tokens
         if need > limit:

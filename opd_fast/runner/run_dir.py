@@ -38,7 +38,7 @@ RUN_FILES = (METRICS_FILE, "config.json", HISTORY_FILE, "checkpoints", "tensorbo
 # Keys a resumed run may change; they are applied from the next step on. Prefixes end with ".".
 APPLIED = ("optim.lr", "optim.steps", "optim.min_lr_ratio", "optim.weight_decay", "optim.grad_clip",
            "optim.max_consecutive_skips", "checkpoint.", "metrics.", "eval.", "run.threads", "run.out_dir",
-           "run.device", "loss.backend")  # fmt: skip
+           "run.device", "loss.backend")
 _SCHEDULE_KEYS = ("optim.steps", "optim.min_lr_ratio")
 
 
@@ -91,7 +91,7 @@ def open_run(config: RunConfig, *, resume: bool, overwrite: bool) -> RunStart:
     out = Path(config.run.out_dir)
     if resume and overwrite:
         raise RunDirError("--resume and --overwrite exclude each other: resume continues the run in "
-                          f"{out}, overwrite deletes it")  # fmt: skip
+                          f"{out}, overwrite deletes it")
     existing = used(out)
     if not resume:
         if existing and not overwrite:
@@ -109,7 +109,7 @@ def open_run(config: RunConfig, *, resume: bool, overwrite: bool) -> RunStart:
     if saved is None and (out / "config.json").is_file():
         saved = json.loads((out / "config.json").read_text())
     start = RunStart(run_id=state.get("run_id") or uuid.uuid4().hex, checkpoint=path, state=state,
-                     saved_config=saved)  # fmt: skip
+                     saved_config=saved)
     if saved is None:
         return start
     changes = config_changes(saved, config_to_dict(config))
@@ -123,7 +123,7 @@ def open_run(config: RunConfig, *, resume: bool, overwrite: bool) -> RunStart:
         )
     if config.optim.steps < state["step"]:
         raise RunDirError(f"config key 'optim.steps' = {config.optim.steps} is below the checkpoint's step "
-                          f"{state['step']} ({path})")  # fmt: skip
+                          f"{state['step']} ({path})")
     start.changed = changes
     return start
 
@@ -188,7 +188,7 @@ def record_config(config: RunConfig, start: RunStart, step: int) -> None:
     write_atomic(out / "config.json", json.dumps(data, indent=2))
     entry = {"start_step": step, "run_id": start.run_id,
              "resumed_from": None if start.checkpoint is None else str(start.checkpoint),
-             "changed": start.changed, "config": data}  # fmt: skip
+             "changed": start.changed, "config": data}
     history = out / HISTORY_FILE
     previous = history.read_text() if history.is_file() else ""
     write_atomic(history, previous + json.dumps(entry) + "\n")

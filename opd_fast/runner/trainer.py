@@ -101,15 +101,15 @@ class Trainer:
             return rollout(self.student, prompts, c.rollout, self.generator, chat_template=c.data.chat_template)
         if c.loss.off_policy_source == "dataset":
             return from_completions(self.student.tokenizer, prompts, [p.reference or "" for p in prompts], c.rollout,
-                                    chat_template=c.data.chat_template)  # fmt: skip
+                                    chat_template=c.data.chat_template)
         texts = [""] * len(prompts)
         for name, rows in self.router.route([p.domain for p in prompts]).items():
             part = rollout(self.teachers[name].model, [prompts[i] for i in rows], c.rollout, self.generator,
-                           chat_template=c.data.chat_template, source="teacher")  # fmt: skip
+                           chat_template=c.data.chat_template, source="teacher")
             for i, text in zip(rows, part.completions, strict=True):
                 texts[i] = text
         return from_completions(self.student.tokenizer, prompts, texts, c.rollout,
-                                chat_template=c.data.chat_template, source="teacher")  # fmt: skip
+                                chat_template=c.data.chat_template, source="teacher")
 
     def advantages(self, batches: list[RolloutBatch]) -> list[torch.Tensor | None]:
         """Verifier reward minus the mean of its prompt group (consecutive ``group_size`` samples).
@@ -129,7 +129,7 @@ class Trainer:
         if c.loss.sft_weight <= 0:
             return [None] * len(micro), 1.0
         batches = [from_completions(self.student.tokenizer, mb, [p.reference or "" for p in mb], c.rollout,
-                                    chat_template=c.data.chat_template) for mb in micro]  # fmt: skip
+                                    chat_template=c.data.chat_template) for mb in micro]
         return list(batches), float(sum(b.num_tokens for b in batches))
 
     def score_batch(self, batch: RolloutBatch, timer: StageTimer) -> ScoredBatch:
@@ -139,7 +139,7 @@ class Trainer:
             if c.loss.kd_weight <= 0:
                 return ScoredBatch(batch)
             return score(batch, self.teachers, self.router, signal=c.loss.signal, topk=c.loss.topk,
-                         temperature=c.loss.temperature)  # fmt: skip
+                         temperature=c.loss.temperature)
 
     def learn_step(
         self, micro: list[list[Prompt]], off_policy: bool, timer: StageTimer, scorer: StageWorker | None
@@ -182,7 +182,7 @@ class Trainer:
             batches, stats, update, num_items = self.learn_step(micro, off_policy, timer, None)
         with timer.timed("sample"):
             self.source.update([p.index for b in batches for p in b.prompts],
-                               [d for s in stats for d in s.per_sample_divergence])  # fmt: skip
+                               [d for s in stats for d in s.per_sample_divergence])
         self.step += 1
         elapsed = time.perf_counter() - t_start
         lengths = [n for b in batches for n in b.completion_lengths()]
@@ -213,9 +213,9 @@ class Trainer:
     # -- bookkeeping ----------------------------------------------------------------------------
     def save(self) -> Path:
         state = {"learner": self.learner.state_dict(), "sampler": self.source.state_dict(),
-                 "mix_rng": self.mix_rng.getstate(), "rng": rng_state(self.generator), **self.run_info}  # fmt: skip
+                 "mix_rng": self.mix_rng.getstate(), "rng": rng_state(self.generator), **self.run_info}
         return save_checkpoint(self.config.run.out_dir, self.step, self.student, state, self.config.checkpoint.keep,
-                               config_to_dict(self.config))  # fmt: skip
+                               config_to_dict(self.config))
 
     def evaluate(self) -> dict[str, float]:
         c = self.config
@@ -228,7 +228,7 @@ class Trainer:
 
 
 def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False,
-          stop_after: int | None = None) -> dict[str, Any]:  # fmt: skip
+          stop_after: int | None = None) -> dict[str, Any]:
     """Run (or with ``resume`` continue) training; ``overwrite`` replaces a previous run in ``run.out_dir``;
     ``stop_after`` ends early after that step, checkpointed."""
     preflight.check_config(config)

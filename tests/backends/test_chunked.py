@@ -72,7 +72,7 @@ def test_gradcheck_small_float64():
             return opd_fast.fused_linear_kl(
                 hs, ws, ht, wt, student_bias=bs,
                 divergence=div, reduction="none", temperature=1.5, backend="torch", tuning=tuning,
-            )  # fmt: skip
+            )
 
         assert torch.autograd.gradcheck(f, (hs, ws, bs), atol=1e-7)
 
@@ -199,7 +199,7 @@ def test_hard_labels_match_reference_fp64(tuning, divergence, reduction, tempera
     mask = torch.rand(11, generator=torch.Generator().manual_seed(3)) > 0.2
     kw = dict(divergence=divergence, beta=0.3, reduction=reduction, temperature=temperature, mask=mask,
               labels=_labels(11, 29, 4), hard_weight=0.6, student_softcap=4.0, student_logit_scale=1.3,
-              temperature_sq_scaling=True)  # fmt: skip
+              temperature_sq_scaling=True)
     assert_close(run(case, "torch", tuning=tuning, **kw), run(case, "reference", **kw), 1e-9)
 
 
@@ -208,7 +208,7 @@ def test_hard_labels_match_reference_fp64(tuning, divergence, reduction, tempera
 def test_hard_labels_low_precision_and_vocab_size(tuning, dtype, tol):
     case = make_case(dtype=dtype, v=31, seed=9)
     kw = dict(divergence="jsd", temperature=1.0, labels=_labels(11, 27, 5, ignore=-1), ignore_index=-1,
-              hard_weight=1.5, vocab_size=27, num_items=20.0)  # fmt: skip
+              hard_weight=1.5, vocab_size=27, num_items=20.0)
     ref = run({k: v.double().detach().requires_grad_(v.requires_grad) for k, v in case.items()}, "reference", **kw)
     assert_close(run(case, "torch", tuning=tuning, **kw), ref, tol)
 

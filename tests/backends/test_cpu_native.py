@@ -27,7 +27,7 @@ def make_case(n=13, h_s=8, h_t=11, v=67, dtype=torch.float32, seed=0, scale=1.0,
     g = torch.Generator().manual_seed(seed)
     t = lambda *s: (torch.randn(*s, generator=g, dtype=torch.float64) * scale).to(dtype)
     case = dict(student_hidden=t(n, h_s).requires_grad_(), student_weight=t(v, h_s).requires_grad_(),
-                teacher_hidden=t(n, h_t), teacher_weight=t(v, h_t))  # fmt: skip
+                teacher_hidden=t(n, h_t), teacher_weight=t(v, h_t))
     if bias:
         case.update(student_bias=t(v).requires_grad_(), teacher_bias=t(v))
     return case
@@ -77,7 +77,7 @@ def test_bf16_chunked_and_sliced_grad_weight_matches_one_chunk(monkeypatch):
     whole = run(case, "cpu", divergence="reverse_kl")
     monkeypatch.setattr(chunked, "_GRAD_W_SLICE_ELEMS", 16 * 100)  # 100-row slices, the last one partial
     assert_close(run(case, "cpu", divergence="reverse_kl", tuning=Tuning(chunk_tokens=16)), whole,
-                 rtol=1e-2, atol=1e-3)  # fmt: skip
+                 rtol=1e-2, atol=1e-3)
 
 
 @needs_lib
@@ -96,7 +96,7 @@ def _tile_inputs(dtype, n=9, k=1003, seed=0):
 
 def _options(divergence="jsd", beta=0.3, temperature=1.3, softcap=7.0, k=1003):
     return LossOptions(divergence, beta, temperature, False, "mean", None, HeadSpec(softcap=softcap),
-                       HeadSpec(softcap=None), k)  # fmt: skip
+                       HeadSpec(softcap=None), k)
 
 
 def _full_rows(math, raw_s, raw_t, opts):
@@ -233,7 +233,7 @@ def _labels(n, v, seed, ignore=-100):
 def test_hard_labels_agree_with_torch_backend_over_chunks(dtype, temperature):
     case = make_case(n=40, h_s=16, h_t=24, v=1001, dtype=dtype, seed=13)
     kw = dict(divergence="tvd", temperature=temperature, labels=_labels(40, 1001, 7), hard_weight=0.4,
-              tuning=Tuning(chunk_tokens=16))  # fmt: skip
+              tuning=Tuning(chunk_tokens=16))
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-3)
     assert_close(run(case, "cpu", **kw), run(case, "torch", **kw), **tol)
 
@@ -250,6 +250,6 @@ def test_ctest_passes(tmp_path):
     build = tmp_path / "build"
     for cmd in (["cmake", "-S", str(REPO), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release"],
                 ["cmake", "--build", str(build)],
-                ["ctest", "--test-dir", str(build), "--output-on-failure"]):  # fmt: skip
+                ["ctest", "--test-dir", str(build), "--output-on-failure"]):
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
         assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"

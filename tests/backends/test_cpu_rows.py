@@ -82,7 +82,7 @@ def test_topk_k_one_and_k_vocab(k, tail, divergence, beta):
     ids, log_p = _teacher(k=k, pad=False)
     kw = dict(ids=ids, log_p=log_p, divergence=divergence, beta=beta, tail=tail, return_stats=True)
     _assert_close(_run(_topk("cpu"), student, **kw), _run(_topk("reference"), _as64(student), **kw),
-                  TOL[torch.float32])  # fmt: skip
+                  TOL[torch.float32])
 
 
 def test_topk_vocab_size_and_dominant_ids():
@@ -94,7 +94,7 @@ def test_topk_vocab_size_and_dominant_ids():
     kw = dict(ids=ids, log_p=log_p, divergence="reverse_kl", vocab_size=64, return_stats=True)
     student = (hidden, weight, bias)
     _assert_close(_run(_topk("cpu"), student, **kw), _run(_topk("reference"), _as64(student), **kw),
-                  dict(rtol=2e-4, atol=1e-4))  # fmt: skip
+                  dict(rtol=2e-4, atol=1e-4))
 
 
 def _logprobs(backend):
@@ -124,7 +124,7 @@ def _raw(dtype, n=9, v=300, seed=0):
 def _topk_rows(tail, divergence="jsd", beta=0.3, temperature=1.3, softcap=6.0, n=9, v=300, k=7, **native):
     ids, log_p = _teacher(n=n, v=v, k=k, seed=2)
     opts = LossOptions(divergence, beta, temperature, False, "mean", None, HeadSpec(softcap=softcap),
-                       HeadSpec(softcap=None), v)  # fmt: skip
+                       HeadSpec(softcap=None), v)
     return NativeTopKRows(TopKRows(TopKCategories(ids, log_p, opts, tail), entropy=True), opts, **native)
 
 
@@ -147,7 +147,7 @@ def _upstream(kernel, n=9):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("make", [lambda **kw: _topk_rows("bucket", **kw), lambda **kw: _topk_rows("renormalize", **kw),
-                                  _logprob_rows], ids=["bucket", "renormalize", "logprobs"])  # fmt: skip
+                                  _logprob_rows], ids=["bucket", "renormalize", "logprobs"])
 def test_tile_matches_torch_kernel_on_every_isa_and_thread_count(dtype, make):
     raw = _raw(dtype)
     want = _call(make(), raw, _upstream(make()), native=False)

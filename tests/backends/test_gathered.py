@@ -35,10 +35,10 @@ def test_matches_reference_fp64(divergence, reduction):
     mask = torch.ones(13, dtype=torch.bool)
     mask[5] = False
     opts = dict(divergence=divergence, beta=0.3, reduction=reduction, mask=mask, temperature=1.4,
-                student_softcap=5.0, student_logit_scale=0.8)  # fmt: skip
+                student_softcap=5.0, student_logit_scale=0.8)
     upstream = torch.randn(13 if reduction == "none" else (), dtype=torch.float64)
     got = _run(opd_fast.fused_linear_kl_topk, student, ids, log_p, upstream, tuning=Tuning(memory_budget_mb=0.001),
-               **opts)  # fmt: skip
+               **opts)
     want = _run(reference.fused_linear_kl_topk, student, ids, log_p, upstream, **opts)
     torch.testing.assert_close(got[0], want[0], rtol=1e-9, atol=1e-11)
     for a, b in zip(got[1], want[1], strict=True):
@@ -51,7 +51,7 @@ def test_equals_the_vocabulary_sweep(dtype, tol):
     student, ids, log_p = _case(dtype=dtype, seed=4)
     upstream = torch.tensor(1.0)
     sparse = _run(opd_fast.fused_linear_kl_topk, student, ids, log_p, upstream, divergence="reverse_kl",
-                  backend="torch")  # fmt: skip
+                  backend="torch")
     sweep_fn = lambda *a, **kw: opd_fast.fused_linear_kl_topk(*a, **kw, return_stats=True)[0]
     sweep = _run(sweep_fn, student, ids, log_p, upstream, divergence="reverse_kl", backend="torch")
     torch.testing.assert_close(sparse[0], sweep[0], rtol=tol, atol=tol)

@@ -47,7 +47,7 @@ def make(dtype=torch.float32, v_s=V, v_t=V, bias=True):
     t = dict(
         student_hidden=g(N, HS).requires_grad_(), student_weight=g(v_s, HS, s=0.5).requires_grad_(),
         teacher_hidden=g(N, HT), teacher_weight=g(v_t, HT, s=0.5),
-    )  # fmt: skip
+    )
     if bias:
         t["student_bias"] = g(v_s).requires_grad_()
         t["teacher_bias"] = g(v_t)
@@ -129,7 +129,7 @@ def test_hard_labels_all_ignored_give_the_divergence_alone(triton_loss, seed):
     args = [t[k] for k in ("student_hidden", "student_weight", "teacher_hidden", "teacher_weight")]
     plain = triton_loss(*args, divergence="jsd", backend="triton", temperature=1.5)
     out, stats = triton_loss(*args, divergence="jsd", backend="triton", temperature=1.5, labels=torch.full((N,), -100),
-                             hard_weight=2.0, return_stats=True)  # fmt: skip
+                             hard_weight=2.0, return_stats=True)
     assert torch.equal(out, plain)
     assert torch.count_nonzero(stats["cross_entropy"]) == 0 and stats["hard_loss"].item() == 0.0
 
@@ -173,7 +173,7 @@ def test_compile_check_default_configs():
     out = subprocess.run(
         [sys.executable, "-m", "opd_fast.cli", "kernels", "check", "--json", "--default-only"],
         capture_output=True, text=True, env=env, timeout=600,
-    )  # fmt: skip
+    )
     reports = json.loads(out.stdout)
     dtypes = ("float32", "float16", "bfloat16")
     kernels = ("lse[jsd]", "terms[jsd]", "terms[forward_kl]", "grad[jsd]", "lse[jsd+labels]",

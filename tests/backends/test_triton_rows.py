@@ -171,7 +171,7 @@ def test_gradient_filter(triton, seed):
     grads = {}
     for eps in (None, 1e-30, 1e30):
         loss = triton[1](hidden, weight, ids, log_p, student_bias=bias, backend="triton",
-                         tuning=Tuning(grad_filter_eps=eps))  # fmt: skip
+                         tuning=Tuning(grad_filter_eps=eps))
         grads[eps] = torch.autograd.grad(loss, (hidden, weight, bias))
     for exact, tiny, huge in zip(grads[None], grads[1e-30], grads[1e30], strict=True):
         torch.testing.assert_close(tiny, exact)
@@ -191,7 +191,7 @@ def test_refuses_cpu_tensors_without_the_interpreter_and_is_never_auto_on_cpu(se
     hidden, weight, _ = student(bias=False)
     ids = torch.randint(0, V, (N,))
     torch.testing.assert_close(opd_fast.fused_linear_logprobs(hidden, weight, ids, backend="auto"),
-                               opd_fast.fused_linear_logprobs(hidden, weight, ids, backend="torch"))  # fmt: skip
+                               opd_fast.fused_linear_logprobs(hidden, weight, ids, backend="torch"))
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="Triton kernels need CUDA tensors"):
         opd_fast.fused_linear_logprobs(hidden, weight, ids, backend="triton")

@@ -50,5 +50,5 @@ def test_bf16_is_checked_with_its_own_tolerance():
     cpu = torch.device("cpu")
     x = make_inputs(SHAPE, "bf16", seed=2)
     result = correctness.check(by_name("opd_fast:torch", cpu), x, "bf16", "forward_kl", 0.5,
-                               correctness.reference_outputs(x, "forward_kl", 0.5))  # fmt: skip
+                               correctness.reference_outputs(x, "forward_kl", 0.5))
     assert result.ok and result.tolerance == correctness.TOLERANCE["bf16"]

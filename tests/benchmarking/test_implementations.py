@@ -34,7 +34,7 @@ def test_missing_peer_is_reported_skipped_not_failed(monkeypatch):
 
 def test_unsupported_divergence_and_unbuilt_backend_are_skipped():
     results = _precheck(select(["triton"], ["naive", "trl"], CPU), Shape(8, 64, 8, 8), "fp32",
-                        BenchConfig(divergence="tvd"))  # fmt: skip
+                        BenchConfig(divergence="tvd"))
     status = {r.impl: r for r in results}
     assert status["opd_fast:triton"].status == "skipped" and "CUDA" in status["opd_fast:triton"].reason
     assert status["naive"].status == status["trl"].status == "skipped"

@@ -15,7 +15,7 @@ def _results():
         CaseResult(SHAPE, "fp32", "opd_fast:torch", rel_err=1e-6, first_call_s=5.0, peak_extra_mb=600.0,
                    runs_s=[4.0, 4.5, 3.9], ratio_to_floor=4.0 / 3.0),
         CaseResult(SHAPE, "fp32", "naive", status="oom", reason="would need ~30.0 GiB", estimated_mb=30720.0),
-    ]  # fmt: skip
+    ]
 
 
 def test_table_is_aligned_and_says_why_a_case_was_skipped():

@@ -14,12 +14,12 @@ CPU = torch.device("cpu")
 def test_a_wrong_loss_is_reported_incorrect_and_never_timed(monkeypatch):
     monkeypatch.setattr(runner, "run_in_subprocess", lambda spec, timeout=None: worker.measure(spec))
     wrong = dataclasses.replace(by_name("naive", CPU), name="naive",
-                                make_loss=lambda div, beta: naive_loss("reverse_kl", beta))  # fmt: skip
+                                make_loss=lambda div, beta: naive_loss("reverse_kl", beta))
     impls = [*select(["torch"], [], CPU), wrong]
     seen = []
     results = run_loss_bench(impls, [Shape(32, 256, 16, 16), Shape(48, 256, 16, 16)], ["fp32"],
                              BenchConfig(repeats=2), log=lambda msg: None,
-                             on_case=lambda so_far: seen.append(len(so_far)))  # fmt: skip
+                             on_case=lambda so_far: seen.append(len(so_far)))
     assert seen == [3, 6]  # results handed over after every case (a stopped run keeps them)
     for res in results:
         if res.impl == "naive":

@@ -14,7 +14,7 @@ def test_bench_loss_end_to_end_writes_json_csv_and_plot(tmp_path, capsys, monkey
     out = tmp_path / "r"
     code = main(["bench", "loss", "--shapes", "32x256x16", "--dtypes", "fp32", "--backends", "torch",
                  "--peers", "naive", "--repeats", "2", "--seed", "5",
-                 "--json", f"{out}.json", "--csv", f"{out}.csv", "--plot", f"{out}.png"])  # fmt: skip
+                 "--json", f"{out}.json", "--csv", f"{out}.csv", "--plot", f"{out}.png"])
     assert code == 0
     data = json.loads((tmp_path / "r.json").read_text())
     assert "--seed 5" in data["command"] and data["config"]["repeats"] == 2
@@ -32,7 +32,7 @@ def test_bench_loss_end_to_end_writes_json_csv_and_plot(tmp_path, capsys, monkey
 def test_bench_memory_reports_every_n(tmp_path, capsys, monkeypatch):
     _in_process_worker(monkeypatch)
     code = main(["bench", "memory", "--ns", "64,128", "--vocab", "512", "--hidden", "16", "--dtype", "fp32",
-                 "--backends", "torch", "--peers", "naive", "--json", str(tmp_path / "m.json")])  # fmt: skip
+                 "--backends", "torch", "--peers", "naive", "--json", str(tmp_path / "m.json")])
     assert code == 0
     data = json.loads((tmp_path / "m.json").read_text())
     assert sorted((r["n"], r["impl"]) for r in data["results"]) == sorted(
@@ -46,9 +46,9 @@ def test_bench_report_merges_runs(tmp_path, capsys, monkeypatch):
     _in_process_worker(monkeypatch)
     for n in (32, 64):
         main(["bench", "loss", "--shapes", f"{n}x256x16", "--dtypes", "fp32", "--backends", "torch", "--peers", "",
-              "--repeats", "1", "--json", str(tmp_path / f"{n}.json")])  # fmt: skip
+              "--repeats", "1", "--json", str(tmp_path / f"{n}.json")])
     capsys.readouterr()
     assert main(["bench", "report", str(tmp_path / "32.json"), str(tmp_path / "64.json"), "--markdown",
-                 "--csv", str(tmp_path / "all.csv")]) == 0  # fmt: skip
+                 "--csv", str(tmp_path / "all.csv")]) == 0
     text = capsys.readouterr().out
     assert text.count("| 32 | 256 |") == 2 and text.count("| 64 | 256 |") == 2

@@ -13,7 +13,7 @@ from opd_fast.demo.report import merge_results
 from opd_fast.demo.run import run_demo
 
 TINY = replace(QUICK, name="tiny", teacher_max_steps=4, student_max_steps=4, check_every=2, dev_prompts=8,
-               arm_steps=2, arm_batch=4, eval_prompts=8, eval_points=2, train_prompts=64)  # fmt: skip
+               arm_steps=2, arm_batch=4, eval_prompts=8, eval_points=2, train_prompts=64)
 
 
 @pytest.fixture(scope="module")

@@ -46,7 +46,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 def prompts_file(tmp_path_factory: pytest.TempPathFactory) -> str:
     path = tmp_path_factory.mktemp("data") / "prompts.jsonl"
     rows = [{"prompt": f"{w}=", "domain": dom, "reference": w if dom == "a" else w[::-1]}
-            for w in ("abc", "bad", "cafe", "dead", "face", "head") for dom in ("a", "b")]  # fmt: skip
+            for w in ("abc", "bad", "cafe", "dead", "face", "head") for dom in ("a", "b")]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)
 

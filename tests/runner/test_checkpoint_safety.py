@@ -46,7 +46,7 @@ def test_state_round_trips_exactly_and_unknown_tags_are_refused() -> None:
                      "generator": gen.get_state()},
              "optimizer": {"state": {0: {"step": torch.tensor(2.0), "exp_avg": torch.randn(3, 2)}},
                            "param_groups": [{"lr": 1e-3, "betas": (0.9, 0.999), "foreach": None, "params": [0]}]},
-             "sampler": {"ema": {3: 0.5}}, "step": 7, "nan": float("inf")}  # fmt: skip
+             "sampler": {"ema": {3: 0.5}}, "step": 7, "nan": float("inf")}
     tensors: dict = {}
     back = _decode(json.loads(json.dumps(_encode(state, tensors))), tensors, "test")
     assert torch.equal(back["rng"]["torch"], state["rng"]["torch"])
@@ -67,7 +67,7 @@ def _fd_path(fd: int) -> str:
 
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to name fsynced descriptors")
 def test_files_and_directories_are_fsynced_around_the_commit(make_config, tmp_path: Path,
-                                                            monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     events: list[tuple[str, str]] = []
     real_fsync, real_rename = os.fsync, ckpt_mod._rename
     monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", _fd_path(fd))), real_fsync(fd))[1])
@@ -88,7 +88,7 @@ def test_files_and_directories_are_fsynced_around_the_commit(make_config, tmp_pa
 
 @pytest.mark.parametrize("damage", ["state_json", "weights"])
 def test_unreadable_newest_checkpoint_falls_back_to_the_previous_one(make_config, tmp_path: Path,
-                                                                    damage: str) -> None:  # fmt: skip
+                                                                    damage: str) -> None:
     config = make_config(tmp_path / "run", checkpoint={"every": 1, "keep": 3})
     train(config, stop_after=2)
     newest = latest_checkpoint(tmp_path / "run")
@@ -122,7 +122,7 @@ def test_a_broken_middle_metrics_line_is_an_error_naming_it(tmp_path: Path) -> N
 
 
 def test_a_crash_while_rewriting_metrics_keeps_the_old_file(make_config, tmp_path: Path,
-                                                           monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     config = make_config(tmp_path / "run")
     train(config, stop_after=2)
     metrics = tmp_path / "run" / "metrics.jsonl"

@@ -50,7 +50,7 @@ def test_overrides_and_relative_paths(tmp_path: Path) -> None:
         '[student]\npath = "models/s"\n[teachers.t]\npath = "/abs/t"\n[data]\ntask = "x"\n[optim]\nlr = 0.1\n'
     )
     c = load_config(tmp_path / "c.toml", ["optim.lr=1e-3", 'rollout.stop=["\\n"]', "teachers.t.weight=2",
-                                          "run.out_dir=out"])  # fmt: skip
+                                          "run.out_dir=out"])
     assert c.optim.lr == 1e-3 and c.rollout.stop == ["\n"] and c.teachers["t"].weight == 2.0
     assert c.student.path == str(tmp_path / "models/s") and c.teachers["t"].path == "/abs/t"
     assert c.run.out_dir == str(tmp_path / "out")

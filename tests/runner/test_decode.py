@@ -39,7 +39,7 @@ def test_tail_window_finds_the_first_stop_like_a_whole_decode(stop: list[str]) -
     specials = [tok.pad_token_id, tok.bos_token_id, tok.unk_token_id]  # decode to "": the window must grow
     chars = [tok.convert_tokens_to_ids(c) for c in "abcdefgh =\n"]
     rows = [[rng.choice(specials) if rng.random() < p else rng.choice(chars) for _ in range(90)]
-            for p in (0.0, 0.3, 0.8, 0.95) for _ in range(6)]  # fmt: skip
+            for p in (0.0, 0.3, 0.8, 0.95) for _ in range(6)]
     spread = [t for c in stop[0] for t in (tok.convert_tokens_to_ids(c), *[tok.pad_token_id] * rng.randrange(4))]
     rows.append((spread + [chars[0]] * 90)[:90])  # the stop string spread over many special tokens
     got = stop_steps(tok, rows, stop)

@@ -12,12 +12,12 @@ from opd_fast.runner.rollout import rollout
 from opd_fast.runner.score import Router, score
 
 PROMPTS = [Prompt(0, "abc=", "a", None), Prompt(1, "a=", "b", None), Prompt(2, "hhgg fed=", "b", None),
-           Prompt(3, "fa=", "a", None)]  # fmt: skip
+           Prompt(3, "fa=", "a", None)]
 
 
 def full_logits(lm, batch) -> torch.Tensor:
     out = lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                   position_ids=position_ids(batch.attention_mask))  # fmt: skip
+                   position_ids=position_ids(batch.attention_mask))
     return out.logits[:, :-1][batch.target_mask]
 
 
@@ -25,7 +25,7 @@ def setup(models: dict, teacher_paths: dict[str, str], loss: LossConfig, weights
     student = load_model(models["student"], name="student", trainable=True)
     domains = {"ta": ["a"], "tb": ["b"]}
     teachers = {n: Teacher(load_model(p, name=n), student.head.weight.shape[0], weights[n], domains[n])
-                for n, p in teacher_paths.items()}  # fmt: skip
+                for n, p in teacher_paths.items()}
     router = Router(teachers)
     learner = Learner(student, loss, OptimConfig(lr=1e-2), teachers)
     return student, teachers, router, learner
@@ -35,7 +35,7 @@ def setup(models: dict, teacher_paths: dict[str, str], loss: LossConfig, weights
     ("divergence", "beta", "temperature"), [("forward_kl", 0.5, 1.0), ("reverse_kl", 0.5, 1.0), ("jsd", 0.3, 2.0)]
 )
 def test_loss_equals_reference_divergence_from_full_logits(models: dict, divergence: str, beta: float,
-                                                           temperature: float) -> None:  # fmt: skip
+                                                           temperature: float) -> None:
     loss_cfg = LossConfig(divergence=divergence, beta=beta, temperature=temperature)
     weights = {"ta": 2.0, "tb": 0.5}
     student, teachers, router, learner = setup(
@@ -43,7 +43,7 @@ def test_loss_equals_reference_divergence_from_full_logits(models: dict, diverge
     )
     g = torch.Generator().manual_seed(0)
     micro = [rollout(student, PROMPTS[:2], RolloutConfig(max_new_tokens=7), g),
-             rollout(student, PROMPTS[2:], RolloutConfig(max_new_tokens=7), g)]  # fmt: skip
+             rollout(student, PROMPTS[2:], RolloutConfig(max_new_tokens=7), g)]
     num_items = float(sum(b.num_tokens for b in micro))
     total = sum(learner.micro_step(score(b, teachers, router), num_items).loss for b in micro)
     grad = student.head.weight.grad.clone()
@@ -58,7 +58,7 @@ def test_loss_equals_reference_divergence_from_full_logits(models: dict, diverge
             with torch.no_grad():
                 t_logits = full_logits(teachers[name].model, b)[keep]
             d = divergence_from_logits(s_logits[keep].double() / temperature, t_logits.double() / temperature,
-                                       divergence, beta)  # fmt: skip
+                                       divergence, beta)
             expected = expected + weights[name] * d.sum() / num_items
     expected.backward()
     assert total == pytest.approx(float(expected.detach()), rel=1e-4, abs=1e-6)
@@ -68,7 +68,7 @@ def test_loss_equals_reference_divergence_from_full_logits(models: dict, diverge
 def test_student_equal_to_teacher_gives_zero_loss(models: dict) -> None:
     student, teachers, router, learner = setup(models, {"ta": models["student"]}, LossConfig(), {"ta": 1.0})
     batch = rollout(student, [p for p in PROMPTS if p.domain == "a"], RolloutConfig(max_new_tokens=8),
-                    torch.Generator().manual_seed(0))  # fmt: skip
+                    torch.Generator().manual_seed(0))
     stats = learner.micro_step(score(batch, teachers, router), float(batch.num_tokens))
     assert abs(stats.loss) < 1e-5
     assert all(abs(d) < 1e-5 for d in stats.per_sample_divergence)

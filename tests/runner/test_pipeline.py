@@ -13,13 +13,13 @@ COMPARED = ("loss", "grad_norm", "tokens", "completion_len", "divergence/teacher
 
 
 @pytest.mark.parametrize("loss", [{}, {"off_policy_fraction": 0.5, "off_policy_source": "teacher"},
-                                  {"signal": "topk", "topk": 4, "divergence": "forward_kl"}])  # fmt: skip
+                                  {"signal": "topk", "topk": 4, "divergence": "forward_kl"}])
 def test_strict_pipeline_gives_the_serial_losses(make_config, tmp_path: Path, loss: dict) -> None:
     runs = {}
     for mode in ("serial", "strict"):
         # 3 micro-batches per step, so scoring of one overlaps the rollout of the next
         config = make_config(tmp_path / mode, run={"pipeline": mode, "seed": 3}, loss=loss, optim={"steps": 3},
-                             data={"prompts_per_step": 3, "group_size": 2})  # fmt: skip
+                             data={"prompts_per_step": 3, "group_size": 2})
         trainer = Trainer(config)
         scored_on, score_batch = set(), trainer.score_batch
 

@@ -20,7 +20,7 @@ def test_missing_eval_prompts_fail_before_training(make_config, tmp_path: Path) 
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # not a single step was spent
     with pytest.raises(ValueError, match=r"'data\.eval_prompts': no file .*missing\.jsonl"):
         train(make_config(tmp_path / "run", data={"eval_prompts": str(tmp_path / "missing.jsonl")},
-                          eval={"at_end": True}))  # fmt: skip
+                          eval={"at_end": True}))
 
 
 @pytest.mark.parametrize(("run", "loss", "match"), [
@@ -28,9 +28,9 @@ def test_missing_eval_prompts_fail_before_training(make_config, tmp_path: Path) 
     ({"device": "cuda:7"}, {}, r"'run\.device' = 'cuda:7': this machine has \d+ CUDA"),
     ({}, {"backend": "triton"}, r"'loss\.backend' = 'triton' is unusable on cpu"),
     ({"dtype": "float16"}, {}, r"'run\.dtype' = 'float16' would train .* pure fp16"),
-])  # fmt: skip
+])
 def test_device_backend_and_dtype_are_checked_up_front(make_config, tmp_path: Path, run: dict, loss: dict,
-                                                      match: str, monkeypatch) -> None:  # fmt: skip
+                                                      match: str, monkeypatch) -> None:
     if run.get("device") == "cuda:7" and torch.cuda.device_count() > 7:
         pytest.skip("this machine has a cuda:7")
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # the interpreter would make Triton usable on CPU tensors
@@ -46,7 +46,7 @@ def test_unknown_backend_is_a_config_error(make_config, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("role", ["student", "teacher"])
 def test_model_dir_without_tokenizer_names_role_and_path(make_config, models: dict, tmp_path: Path,
-                                                        role: str) -> None:  # fmt: skip
+                                                        role: str) -> None:
     bare = tmp_path / "bare"
     shutil.copytree(models["student"], bare)
     for f in bare.iterdir():
@@ -64,7 +64,7 @@ def test_model_dir_without_tokenizer_names_role_and_path(make_config, models: di
 
 @pytest.mark.parametrize("split", ["prompts", "eval_prompts"])
 def test_prompts_beyond_the_models_positions_fail_at_start(make_config, prompts_file: str, tmp_path: Path,
-                                                          split: str) -> None:  # fmt: skip
+                                                          split: str) -> None:
     long = tmp_path / "long.jsonl"
     long.write_text(Path(prompts_file).read_text() + json.dumps({"prompt": "ab" * 130 + "=", "domain": "a"}) + "\n")
     # BOS + 261 characters + rollout.max_new_tokens (6) = 268 positions; the tiny models have 256

@@ -55,9 +55,9 @@ def test_more_steps_on_resume_continue_the_schedule_without_a_jump(make_config, 
     ("run", {"seed": 5}, "run.seed"),
     ("loss", {"divergence": "jsd"}, "loss.divergence"),
     ("student", {"path": "teacher_b"}, "student.path"),
-])  # fmt: skip
+])
 def test_resume_refuses_changes_it_cannot_apply(make_config, models: dict, tmp_path: Path, section: str,
-                                               values: dict, key: str) -> None:  # fmt: skip
+                                               values: dict, key: str) -> None:
     train(make_config(tmp_path / "run"), stop_after=1)
     recorded = (tmp_path / "run" / "config.json").read_text()
     if key == "student.path":

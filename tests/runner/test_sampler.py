@@ -84,7 +84,7 @@ def test_state_is_plain_data_and_resume_is_exact(tmp_path: Path) -> None:
 def test_jsonl_pool_keeps_arrays_and_parses_drawn_lines(tmp_path: Path) -> None:
     path = tmp_path / "big.jsonl"
     rows = [{"prompt": f"q{i}", "domain": "d1" if i % 3 else "d0", **({"reference": f"a{i}"} if i % 4 else {})}
-            for i in range(5000)]  # fmt: skip
+            for i in range(5000)]
     lines = [json.dumps(r) for r in rows]
     lines.insert(10, "   ")  # blank lines are skipped; line numbers still count them
     path.write_text("\n".join(lines))  # no trailing newline

@@ -52,7 +52,7 @@ def test_topk_and_sampled_signals(models: dict) -> None:
     teachers = {"ta": load_teacher(models["teacher_a"], "ta")}
     router = Router(teachers)
     batch = rollout(student, [Prompt(0, "ab=", "a", None)], RolloutConfig(max_new_tokens=5),
-                    torch.Generator().manual_seed(0))  # fmt: skip
+                    torch.Generator().manual_seed(0))
     full = score(batch, teachers, router).scores[0]
     logp = torch.log_softmax(full.hidden @ full.head.weight.T, -1)
     top = score(batch, teachers, router, signal="topk", topk=3).scores[0]

@@ -14,7 +14,7 @@ from opd_fast.runner.trainer import Trainer, train
 
 def test_second_sigint_force_quits_without_finishing_the_step(toml_config: Path, tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch,
-                                                              capsys: pytest.CaptureFixture) -> None:  # fmt: skip
+                                                              capsys: pytest.CaptureFixture) -> None:
     real_step = Trainer.train_step
 
     def impatient(self: Trainer) -> dict:
@@ -31,7 +31,7 @@ def test_second_sigint_force_quits_without_finishing_the_step(toml_config: Path,
 
 
 def test_sigterm_during_the_final_evaluation_stops_it(make_config, tmp_path: Path,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
     real_evaluate = Trainer.evaluate
 
@@ -48,7 +48,7 @@ def test_sigterm_during_the_final_evaluation_stops_it(make_config, tmp_path: Pat
 
 
 def test_verifier_file_next_to_the_config_needs_no_pythonpath(toml_config: Path, tmp_path: Path,
-                                                              capsys: pytest.CaptureFixture) -> None:  # fmt: skip
+                                                              capsys: pytest.CaptureFixture) -> None:
     calls = tmp_path / "calls.txt"
     for name in ("my_verifier.py", "checks.py"):
         (tmp_path / name).write_text(
@@ -63,7 +63,7 @@ def test_verifier_file_next_to_the_config_needs_no_pythonpath(toml_config: Path,
     assert set(calls.read_text().split()) == {"my_verifier.py"}
     calls.unlink()
     assert main(["train", str(toml_config), "--overwrite", "--set", "optim.steps=1", "--set", "eval.at_end=false",
-                 "--set", "loss.verifiers.a='checks.py:check'"]) == 0  # fmt: skip
+                 "--set", "loss.verifiers.a='checks.py:check'"]) == 0
     assert set(calls.read_text().split()) == {"checks.py"}
     capsys.readouterr()
     run_files = sorted(p.name for p in (tmp_path / "out").iterdir())

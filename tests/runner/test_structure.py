@@ -13,7 +13,7 @@ from opd_fast.runner.trainer import StageTimer
 
 def test_old_lmbda_key_names_its_replacement() -> None:
     data = {"student": {"path": "s"}, "teachers": {"t": {"path": "t"}}, "data": {"task": "x"},
-            "loss": {"lmbda": 0.5}}  # fmt: skip
+            "loss": {"lmbda": 0.5}}
     with pytest.raises(ValueError, match=r"'loss\.lmbda' was renamed to 'loss\.off_policy_fraction'"):
         config_from_dict(data)
     data["loss"] = {"off_policy_fraction": 0.5}
@@ -35,7 +35,7 @@ def test_target_states_and_ids_pick_completion_tokens_row_major() -> None:
     ids = torch.tensor([[5, 6, 7, 8], [0, 9, 3, 0]])
     completion = torch.tensor([[False, False, True, True], [False, False, True, False]])
     batch = RolloutBatch([Prompt(0, "", "d", None)] * 2, ids, completion.long(), completion,
-                         torch.zeros(2, 4), ["", ""], [False, False])  # fmt: skip
+                         torch.zeros(2, 4), ["", ""], [False, False])
     hidden = torch.arange(8.0).view(2, 4, 1)  # state (b, j) = 4 b + j predicts token j + 1 of row b
     assert batch.target_ids().tolist() == [7, 8, 3]
     assert batch.target_states(hidden).squeeze(1).tolist() == [1.0, 2.0, 5.0]

@@ -19,14 +19,14 @@ def step_rows(run_dir: Path) -> list[dict]:
 
 def test_end_to_end_metrics_checkpoints_eval_and_plots(make_config, models: dict, tmp_path: Path) -> None:
     config = make_config(tmp_path / "run", checkpoint={"every": 1, "keep": 2},
-                         eval={"at_end": True, "num_prompts": 4})  # fmt: skip
+                         eval={"at_end": True, "num_prompts": 4})
     summary = train(config)
     assert summary["steps"] == 3 and not summary["interrupted"] and summary["tokens_per_s"] > 0
     rows = step_rows(tmp_path / "run")
     assert [r["step"] for r in rows] == [1, 2, 3]
     for key in ("loss", "divergence/teacher/ta", "divergence/domain/b", "student_entropy", "completion_len",
                 "truncation_rate", "tokens_per_s", "time/rollout", "time/score", "time/learn", "grad_norm", "lr",
-                "skipped_steps"):  # fmt: skip
+                "skipped_steps"):
         assert key in rows[0] or key in rows[1] or key in rows[2], key
     ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert ckpts == ["step-00000002", "step-00000003"]  # keep = 2
@@ -51,7 +51,7 @@ def test_resume_continues_exactly(make_config, models: dict, tmp_path: Path) -> 
 
 
 def test_interrupted_checkpoint_write_keeps_the_previous_one(make_config, models: dict, tmp_path: Path,
-                                                            monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     config = make_config(tmp_path / "run", checkpoint={"every": 1, "keep": 3})
     real_rename = ckpt_mod._rename
 
@@ -73,7 +73,7 @@ def test_interrupted_checkpoint_write_keeps_the_previous_one(make_config, models
 
 
 def test_sigterm_checkpoints_and_exits_cleanly(make_config, models: dict, tmp_path: Path,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
     real_step = Trainer.train_step
 
     def step_then_sigterm(self: Trainer) -> dict:
@@ -90,7 +90,7 @@ def test_sigterm_checkpoints_and_exits_cleanly(make_config, models: dict, tmp_pa
 @pytest.mark.parametrize(("fraction", "source"),
                          [(0.0, {"student"}), (1.0, {"dataset"}), (0.5, {"student", "dataset"})])
 def test_off_policy_fraction_mixes_off_policy_batches(make_config, models: dict, tmp_path: Path, fraction: float,
-                                                      source: set) -> None:  # fmt: skip
+                                                      source: set) -> None:
     config = make_config(tmp_path, loss={"off_policy_fraction": fraction}, optim={"steps": 8})
     trainer = Trainer(config)
     trainer.learner.step = lambda: {"grad_norm": 0.0, "lr": 0.0, "skipped": 0.0}  # only the data path matters
@@ -170,7 +170,7 @@ def test_builtin_task_as_prompt_source_and_verifier(make_config, tmp_path: Path)
     with contextlib.suppress(ValueError):  # already registered by an earlier run in this process
         register_task(_EchoTask.name)(_EchoTask)
     config = make_config(tmp_path, data={"prompts": "", "eval_prompts": "", "task": _EchoTask.name, "num_prompts": 6},
-                         eval={"at_end": True, "num_prompts": 2})  # fmt: skip
+                         eval={"at_end": True, "num_prompts": 2})
     trainer = Trainer(config)
     pool = trainer.source.pool
     assert sorted(pool[i].prompt for i in range(len(pool))) == sorted(f"{w}=" for w in _EchoTask.words[:6])

@@ -46,14 +46,14 @@ from .common import (
     label_hit,
     push_grad_tile,
     tile_terms,
-)  # fmt: skip
+)
 
 
 @triton.heuristics({
     **HEAD_HEURISTICS,
     **LABEL_HEURISTICS,
     **GRAD_HEURISTICS,
-})  # fmt: skip
+})
 @triton.jit
 def grad_kernel(
     hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, lse_s_ptr, lse_t_ptr, coef_ptr, row_scale_ptr,
@@ -66,7 +66,7 @@ def grad_kernel(
     HAS_LABELS: tl.constexpr, HARD_LSE: tl.constexpr,
     HAS_FILTER: tl.constexpr, NEED_H: tl.constexpr, NEED_W: tl.constexpr, NEED_B: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):  # fmt: skip
+):
     pid_m = tl.program_id(0)
     split = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -104,7 +104,7 @@ def grad_kernel(
 def grad_arguments(
     hs, ws, bs, ht, wt, bt, lse_s, lse_t, coef, row_scale, opts: LossOptions, want: tuple[bool, bool, bool],
     n_splits: int, filter_eps: float | None, hard: HardLabels | None = None, hard_lse: torch.Tensor | None = None,
-) -> dict:  # fmt: skip
+) -> dict:
     """Keyword arguments of ``grad_kernel``; zeroed fp32 accumulators for the wanted gradients.
 
     ``hard``: labels and per-row gradient scales of the cross-entropy; ``hard_lse`` its
@@ -125,14 +125,14 @@ def grad_arguments(
         "grad_b_ptr": torch.zeros(ws.shape[0], **acc) if want_b and bs is not None else None,
         "beta": opts.beta, "log_beta": log_beta, "log_1m_beta": log_1m_beta,
         "filter_eps": filter_eps or 0.0, "DIVERGENCE": divergence_code(opts.divergence, opts.beta),
-    }  # fmt: skip
+    }
 
 
 def launch_grad(
     hs, ws, bs, ht, wt, bt, lse_s, lse_t, coef, row_scale, opts: LossOptions, want: tuple[bool, bool, bool],
     config: BlockConfig, n_splits: int, filter_eps: float | None = None, hard: HardLabels | None = None,
     hard_lse: torch.Tensor | None = None,
-) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:  # fmt: skip
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """fp32 (grad_h, grad_w, grad_b) of ``sum_i row_scale_i D_i + hard.scale_i CE_i``; None where not wanted."""
     args = grad_arguments(hs, ws, bs, ht, wt, bt, lse_s, lse_t, coef, row_scale, opts, want, n_splits, filter_eps,
                           hard, hard_lse)

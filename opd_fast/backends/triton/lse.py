@@ -31,7 +31,7 @@ from .common import (
     merge_labels,
     online_lse,
     scaled_lse_step,
-)  # fmt: skip
+)
 
 
 @triton.heuristics({**HEAD_HEURISTICS, **LABEL_HEURISTICS})
@@ -43,7 +43,7 @@ def lse_kernel(
     HAS_BIAS_S: tl.constexpr, HAS_BIAS_T: tl.constexpr, HAS_SOFTCAP_S: tl.constexpr, HAS_SOFTCAP_T: tl.constexpr,
     EVEN_KS: tl.constexpr, EVEN_KT: tl.constexpr, HAS_LABELS: tl.constexpr, HARD_LSE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):  # fmt: skip
+):
     pid_m = tl.program_id(0)
     split = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -82,12 +82,12 @@ def lse_arguments(hs, ws, bs, ht, wt, bt, opts: LossOptions, n_splits: int, labe
     return {
         **head_arguments(hs, ws, bs, ht, wt, bt, opts, n_splits), "lse_s_ptr": partial[0], "lse_t_ptr": partial[1],
         **label_arguments(labels, opts, None if labels is None else partial[2:]),
-    }  # fmt: skip
+    }
 
 
 def launch_lse(
     hs, ws, bs, ht, wt, bt, opts: LossOptions, config: BlockConfig, n_splits: int, labels: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:  # fmt: skip
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Full-row (student_lse, teacher_lse, cross_entropy, lse(T z)), fp32 ``(N,)`` each; the last two
     None without ``labels``."""
     args = lse_arguments(hs, ws, bs, ht, wt, bt, opts, n_splits, labels)

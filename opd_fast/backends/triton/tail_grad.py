@@ -31,7 +31,7 @@ from .tail_lse import ROW_HEURISTICS, row_head_arguments
     **ROW_HEURISTICS,
     "HAS_SLOPE": lambda args: args["slope_ptr"] is not None,
     **GRAD_HEURISTICS,
-})  # fmt: skip
+})
 @triton.jit
 def tail_grad_kernel(
     hs_ptr, ws_ptr, bs_ptr, ids_ptr, lse_ptr, coef_ptr, slope_ptr, grad_h_ptr, grad_w_ptr, grad_b_ptr,
@@ -39,7 +39,7 @@ def tail_grad_kernel(
     DOT_PRECISION: tl.constexpr, HAS_BIAS_S: tl.constexpr, HAS_SOFTCAP_S: tl.constexpr, EVEN_KS: tl.constexpr,
     HAS_SLOPE: tl.constexpr, HAS_FILTER: tl.constexpr, NEED_H: tl.constexpr, NEED_W: tl.constexpr,
     NEED_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):  # fmt: skip
+):
     """``lse_ptr`` must be finite (the caller puts 0 where a row's tail is empty)."""
     pid_m = tl.program_id(0)
     split = tl.program_id(1)
@@ -68,7 +68,7 @@ def tail_grad_kernel(
 
 def tail_grad_arguments(
     hs, ws, bs, ids: torch.Tensor, lse, coef, slope, setup: RowSetup, want: tuple[bool, bool, bool], n_splits: int,
-) -> dict:  # fmt: skip
+) -> dict:
     """Keyword arguments of ``tail_grad_kernel``; zeroed fp32 accumulators for the wanted gradients."""
     acc = {"dtype": torch.float32, "device": hs.device}
     want_h, want_w, want_b = want
@@ -79,13 +79,13 @@ def tail_grad_arguments(
         "grad_w_ptr": torch.zeros(ws.shape, **acc) if want_w else None,
         "grad_b_ptr": torch.zeros(ws.shape[0], **acc) if want_b and bs is not None else None,
         "filter_eps": setup.tuning.grad_filter_eps or 0.0,
-    }  # fmt: skip
+    }
 
 
 def launch_tail_grad(
     hs, ws, bs, ids: torch.Tensor, lse, coef, slope, setup: RowSetup, want: tuple[bool, bool, bool],
     config: BlockConfig, n_splits: int,
-) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:  # fmt: skip
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """fp32 (grad_h, grad_w, grad_b) of the dense part; None where not wanted (``slope`` may be None)."""
     args = tail_grad_arguments(hs, ws, bs, ids, lse, coef, slope, setup, want, n_splits)
     grid = (triton.cdiv(hs.shape[0], config.block_m), n_splits)
