@@ -7,7 +7,7 @@ place. ``cpu_rows`` binds the single-head row kernels (log-probs, top-k) the sam
 
 The library is found through ``importlib.resources.files("opd_fast")``, which also works in
 editable installs (the shared library is not beside the sources there). A missing library
-leaves the package usable: ``availability()`` says why and the registry refuses ``"cpu"``.
+leaves the package usable: ``availability()`` says why and ``core.dispatch`` refuses ``"cpu"``.
 """
 
 from __future__ import annotations
