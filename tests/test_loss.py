@@ -73,8 +73,37 @@ def test_integer_and_device_errors_name_the_argument():
         opd_fast.fused_linear_kl(hs, ws, ht, wt.long())
     with pytest.raises(ValueError, match="all tensors must be on one device.*teacher_weight on meta"):
         opd_fast.fused_linear_kl(hs, ws, ht, wt.to("meta"))
-    with pytest.raises(ValueError, match="student_hidden .* and student_weight .* must share a dtype"):
-        opd_fast.fused_linear_kl(hs, ws.double(), ht, wt)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu", "reference"])
+def test_mixed_precision_head_follows_the_hidden_states(backend):
+    """bf16 activations with an fp32 master LM head (HF bf16 training): the head is cast once, its
+    gradient arrives in fp32 and equals the all-bf16 call's; the teacher's head likewise."""
+    if backend == "cpu" and opd_fast.available_backends()["cpu"]:
+        pytest.skip(opd_fast.available_backends()["cpu"])
+    hs, ws, ht, wt = _case()
+    hs = hs.detach().bfloat16().requires_grad_()
+    ws32 = ws.detach().float().requires_grad_()
+    ws16 = ws.detach().bfloat16().requires_grad_()
+    mixed = opd_fast.fused_linear_kl(hs, ws32, ht.bfloat16(), wt.float(), backend=backend)
+    mixed.backward()
+    grad_h, hs.grad = hs.grad, None
+    plain = opd_fast.fused_linear_kl(hs, ws16, ht.bfloat16(), wt.bfloat16(), backend=backend)
+    plain.backward()
+    assert ws32.grad.dtype == torch.float32
+    torch.testing.assert_close(mixed, plain, rtol=0, atol=0)
+    torch.testing.assert_close(ws32.grad, ws16.grad.float(), rtol=0, atol=0)
+    torch.testing.assert_close(grad_h, hs.grad, rtol=0, atol=0)
+
+
+def test_autocast_sets_the_compute_dtype():
+    hs, ws, ht, wt = _case()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = opd_fast.fused_linear_kl(hs, ws, ht, wt, backend="torch")
+    plain = opd_fast.fused_linear_kl(hs.bfloat16(), ws.bfloat16(), ht.bfloat16(), wt.bfloat16(), backend="torch")
+    torch.testing.assert_close(auto, plain, rtol=0, atol=0)
+    auto.backward()
+    assert ws.grad.dtype == torch.float32 and torch.isfinite(ws.grad).all()
 
 
 def test_num_items_scales_mean_for_gradient_accumulation():

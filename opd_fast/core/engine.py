@@ -112,7 +112,8 @@ class FusedLoss(torch.autograd.Function):
         ctx.want, ctx.scalar = want, coefficients is not None
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         student = Student(hidden, weight, bias)
-        with torch.no_grad():
+        # The call fixed the compute dtype; autocast must not re-round the fp32 tile math inside.
+        with torch.no_grad(), torch.autocast(hidden.device.type, enabled=False):
             if coefficients is None:
                 result = engine.run(student, None, want)
                 ctx.state = result.state
@@ -143,7 +144,7 @@ class FusedLoss(torch.autograd.Function):
             upstream = [None if g is None else g.to(acc) for g in grad_outputs[: engine.n_differentiable]]
             if all(u is None for u in upstream):
                 return nothing
-            with torch.no_grad():
+            with torch.no_grad(), torch.autocast(hidden.device.type, enabled=False):
                 grads = engine.run(Student(hidden, weight, bias), upstream, ctx.want, ctx.state).grads
         cast = [None if g is None else g.to(dtype) for g, dtype in zip(grads.as_tuple(), ctx.dtypes, strict=True)]
         return (None, None, *cast)

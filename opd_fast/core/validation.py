@@ -58,8 +58,6 @@ def _check_head(
             f"{prefix}hidden has hidden size {hidden.shape[-1]} but {prefix}weight has shape "
             f"{_shape(weight)} (expected (V, {hidden.shape[-1]}))"
         )
-    if weight.dtype != hidden.dtype:  # one GEMM reads both
-        raise ValueError(f"{prefix}hidden ({hidden.dtype}) and {prefix}weight ({weight.dtype}) must share a dtype")
     if bias is not None:
         _check_float(f"{prefix}bias", bias)
         if bias.dim() != 1 or bias.shape[0] != weight.shape[0]:
@@ -68,6 +66,20 @@ def _check_head(
                 f"got {_shape(bias)}"
             )
     return weight.shape[0], weight.shape[1]
+
+
+def compute_head(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> Head:
+    """The head in one compute dtype, since one GEMM reads hidden states and weight.
+
+    Under autocast, fp32 tensors take autocast's dtype; otherwise the LM head follows the hidden
+    states (an fp32 master head meeting bf16 activations is what mixed-precision training gives).
+    The cast is differentiable, so a master weight still gets its gradient in its own dtype.
+    """
+    device = hidden.device.type
+    dtype = hidden.dtype
+    if torch.is_autocast_enabled(device) and dtype == torch.float32:
+        dtype = torch.get_autocast_dtype(device)
+    return Head(hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
 
 
 def _check_positive(name: str, value: float | None, allow_none: bool = False) -> None:
@@ -345,8 +357,8 @@ def kl_call(args: Mapping[str, Any]) -> LossCall:
     teacher = validate_head_spec("teacher_", args["teacher_logit_scale"], args["teacher_softcap"])
     backend, tuning = _backend_and_tuning(args)
     return LossCall(
-        student=Head(hs, ws, bs),
-        teacher=TeacherHead(Head(ht.detach(), wt.detach(), None if bt is None else bt.detach())),
+        student=compute_head(hs, ws, bs),
+        teacher=TeacherHead(compute_head(ht.detach(), wt.detach(), None if bt is None else bt.detach())),
         options=_options(args, num, student, teacher, k, hard_weight),
         backend=backend,
         return_stats=bool(args["return_stats"]),
@@ -390,7 +402,7 @@ def topk_call(args: Mapping[str, Any]) -> LossCall:
     student = validate_head_spec("student_", args["student_logit_scale"], args["student_softcap"])
     backend, tuning = _backend_and_tuning(args)
     return LossCall(
-        student=Head(hs, ws, bs),
+        student=compute_head(hs, ws, bs),
         teacher=TopKTeacher(ids, logprobs, tail),
         options=_options(args, num, student, HeadSpec(), vocab),  # the teacher arrives as log-probs: no head
         backend=backend,
@@ -421,7 +433,7 @@ def logprobs_call(args: Mapping[str, Any]) -> LossCall:
         reduction="none", num_items=None, student=spec, teacher=HeadSpec(), vocab_size=vocab,
     )
     return LossCall(
-        student=Head(hidden, weight, bias),
+        student=compute_head(hidden, weight, bias),
         teacher=SampledTokens(token_ids),
         options=options,
         backend=backend,
