@@ -61,7 +61,10 @@ class MetricsLogger:
                 from torch.utils.tensorboard import SummaryWriter
 
                 self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
-            except ImportError:  # tensorboard not installed: JSONL + PNG only
+            except ImportError:  # tensorboard not installed: JSONL + PNG only, and the user is told once
+                warnings.warn("metrics.tensorboard is on but the tensorboard package is not installed: metrics go "
+                              "to metrics.jsonl only (pip install tensorboard, or set metrics.tensorboard=false)",
+                              stacklevel=2)
                 self.tb = None
 
     def recorded_eval(self, step: int) -> dict[str, float] | None:

@@ -38,3 +38,11 @@ def test_rows_tensorboard_resume_truncation_and_plots(tmp_path: Path, monkeypatc
     assert {p.name for p in plot_metrics(tmp_path, tmp_path / "png")} == {"loss.png"}
     with pytest.raises(ValueError, match="no metrics"):
         plot_metrics(tmp_path / "empty")
+
+
+def test_missing_tensorboard_is_said_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails as if not installed
+    with pytest.warns(UserWarning, match="tensorboard package is not installed"):
+        logger = MetricsLogger(tmp_path, total_steps=1, start_step=0, progress=False, tensorboard=True)
+    assert logger.tb is None
+    logger.close()
