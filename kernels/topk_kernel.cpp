@@ -61,7 +61,7 @@ void topk_rows(const TopKJob &job, int64_t r0, int64_t r1, float *scratch) {
             if (job.bucket) {
                 for (int64_t i = 0; i < n_ids; ++i) {
                     const float lq = z_ids[i] - lse;
-                    if (z_ids[i] > -kInf) qlq += std::exp(lq) * lq;
+                    if (z_ids[i] != -kInf) qlq += std::exp(lq) * lq;  // NaN passes
                 }
             }
             job.entropy_out[r] = -qlq;
@@ -70,7 +70,7 @@ void topk_rows(const TopKJob &job, int64_t r0, int64_t r1, float *scratch) {
         const float scale = job.row_scale[r];
         for (int64_t j = 0; j < mp; j += W) store(cat_a + j, (load(cat_a + j) - load(cat_q + j) * s.coef) * scale);
         // d lse_tail / dz = exp(z - lse_tail) off the ids (hidden ids: exp(-inf) = 0, overwritten below)
-        const float g_tail = job.bucket && rest.lse > -kInf ? cat_a[n_ids] : 0.0f;
+        const float g_tail = job.bucket && rest.lse != -kInf ? cat_a[n_ids] : 0.0f;  // a NaN tail passes
         for (int64_t j = 0; j < k; j += W) {
             V g = splat(0.0f);
             if (g_tail != 0.0f) {

@@ -80,10 +80,12 @@ def head_logits(
 def _kl(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
     """KL(a || b) per row from log-probabilities; 0 log 0 = 0, -inf logits are legal.
 
-    The difference is masked *before* the product so autograd never sees 0 * nan.
+    The difference is masked *before* the product so autograd never sees 0 * nan; only an
+    exact zero is masked, so a NaN probability (a non-finite input) reaches the value and the
+    gradient.
     """
     a = log_a.exp()
-    diff = torch.where(a > 0, log_a - log_b, torch.zeros_like(a))
+    diff = torch.where(a == 0, torch.zeros_like(a), log_a - log_b)
     return (a * diff).sum(-1)
 
 
@@ -111,7 +113,11 @@ def divergence_from_logits(
         log_m = _log_mixture(log_p, log_q, beta)
         return beta * _kl(log_p, log_m) + (1 - beta) * _kl(log_q, log_m)
     if divergence == "tvd":
-        return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)
+        # |d| as d sign(d) with sign(NaN) = NaN: abs's gradient, sign(d), is 0 at NaN in torch,
+        # which would hide a non-finite input from the gradient
+        diff = log_p.exp() - log_q.exp()
+        sign = torch.where(diff.isnan(), diff, diff.sign()).detach()
+        return 0.5 * (diff * sign).sum(-1)
     raise ValueError(f"unknown divergence {divergence!r}")
 
 
@@ -333,5 +339,5 @@ def fused_linear_logprobs(
     logprobs = log_q.gather(-1, token_ids.long()[..., None]).squeeze(-1)
     if not return_entropy:
         return logprobs
-    finite = torch.where(log_q > float("-inf"), log_q, torch.zeros_like(log_q))
+    finite = torch.where(log_q == float("-inf"), torch.zeros_like(log_q), log_q)  # NaN passes, as in _kl
     return logprobs, -(log_q.exp() * finite).sum(-1)
