@@ -36,6 +36,9 @@ inline V bits_to_float(VI i) { V v; std::memcpy(&v, &i, sizeof(V)); return v; }
 inline VI float_to_bits(V v) { VI i; std::memcpy(&i, &v, sizeof(V)); return i; }
 inline V select(VI mask, V a, V b) { return mask ? a : b; }
 inline V vmax(V a, V b) { return select(a > b, a, b); }
+// Running maximum that keeps a NaN of either side: a row's max is NaN when any element is, so a
+// row with a NaN logit cannot pass for an all -inf (zero mass) row.
+inline V vmax_nan(V acc, V v) { return select((v > acc) | (v != v), v, acc); }
 inline V vmin(V a, V b) { return select(a < b, a, b); }
 inline V vabs(V x) { return bits_to_float(float_to_bits(x) & 0x7fffffff); }
 
@@ -125,7 +128,7 @@ inline float hsum(V v) {
 
 inline float hmax(V v) {
     float m = v[0];
-    for (int i = 1; i < W; ++i) m = v[i] > m ? v[i] : m;
+    for (int i = 1; i < W; ++i) m = v[i] > m || v[i] != v[i] ? v[i] : m;  // NaN sticks, as in vmax_nan
     return m;
 }
 
@@ -164,7 +167,7 @@ float stage_row(const opd_tile &t, int64_t row, int64_t k, float softcap, float 
             for (int64_t i = valid; i < W; ++i) v[i] = -kInf;
         }
         store(z + j, v);
-        mx = vmax(mx, v);
+        mx = vmax_nan(mx, v);
     }
     for (int64_t j = (k + W - 1) / W * W; j < padded(k); ++j) z[j] = -kInf;
     return hmax(mx);
@@ -172,7 +175,7 @@ float stage_row(const opd_tile &t, int64_t row, int64_t k, float softcap, float 
 
 float row_max(const float *z, int64_t kp) {
     V mx = splat(-kInf);
-    for (int64_t j = 0; j < kp; j += W) mx = vmax(mx, load(z + j));
+    for (int64_t j = 0; j < kp; j += W) mx = vmax_nan(mx, load(z + j));
     return hmax(mx);
 }
 

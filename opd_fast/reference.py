@@ -242,10 +242,13 @@ def topk_divergence_from_logits(
     log_q = torch.log_softmax(student_logits.double(), -1)
     vocab = log_q.shape[-1]
     values = []
-    for row_q, row_ids, row_lp in zip(log_q, teacher_topk_ids, teacher_topk_logprobs, strict=True):
+    for row_z, row_q, row_ids, row_lp in zip(student_logits, log_q, teacher_topk_ids, teacher_topk_logprobs,
+                                             strict=True):
         keep = row_ids != TOPK_PAD_ID
         row_ids, log_p = row_ids[keep].long(), row_lp[keep].double().clamp_max(0.0)
-        student = row_q[row_ids]
+        # renormalized, the value depends on the ids' logits only, so a NaN logit elsewhere in the
+        # row must not reach it (the k-sparse backends never compute those logits)
+        student = row_q[row_ids] if tail == "bucket" else row_z.double()[row_ids]
         if tail == "bucket" and row_ids.numel() < vocab:
             outside = torch.ones(vocab, dtype=torch.bool, device=row_q.device)
             outside[row_ids] = False
