@@ -164,13 +164,15 @@ def fused_linear_kl(
     )  # fmt: skip
     leading = student_hidden.shape[:-1]
     k, t = opts.vocab_size, opts.temperature
+    counted = torch.ones(leading, dtype=torch.bool, device=student_hidden.device) if mask is None else mask
+    # Masked rows are dropped before any math, as the backends do, so a masked row whose
+    # logits are garbage (NaN, all -inf) cannot poison the result or its gradient; their hidden
+    # states are zeroed before the GEMM too, or a NaN there would reach the weight gradient as 0 * NaN.
+    student_hidden = _counted_only(student_hidden, counted)
     z_s = head_logits(student_hidden, student_weight, student_bias, opts.student, t, k)
     with torch.no_grad():
-        z_t = head_logits(teacher_hidden, teacher_weight, teacher_bias, opts.teacher, t, k)
+        z_t = head_logits(_counted_only(teacher_hidden, counted), teacher_weight, teacher_bias, opts.teacher, t, k)
 
-    counted = torch.ones(leading, dtype=torch.bool, device=z_s.device) if mask is None else mask
-    # Masked rows are dropped before any math, as the backends do, so a masked row whose
-    # logits are garbage (NaN, all -inf) cannot poison the result or its gradient.
     per_token = torch.zeros(leading, dtype=torch.float64, device=z_s.device)
     per_token = per_token.masked_scatter(
         counted, divergence_from_logits(z_s[counted], z_t[counted], opts.divergence, opts.beta)
@@ -190,7 +192,7 @@ def fused_linear_kl(
     with torch.no_grad():
         log_q = torch.log_softmax(z_s, -1)
         q = log_q.exp()
-        entropy = -torch.where(q > 0, q * log_q, torch.zeros_like(q)).sum(-1)
+        entropy = -torch.where(q == 0, torch.zeros_like(q), q * log_q).sum(-1)  # a NaN row stays NaN
         zero = torch.zeros((), dtype=torch.float64, device=z_s.device)
         # Stats are 0 on masked tokens: the backends never compute those rows.
         stats = {
@@ -202,6 +204,11 @@ def fused_linear_kl(
         if labels is not None:
             stats.update(cross_entropy=ce.detach(), soft_loss=soft.detach(), hard_loss=hard.detach())
     return loss, stats
+
+
+def _counted_only(hidden: torch.Tensor, counted: torch.Tensor) -> torch.Tensor:
+    """``hidden`` with the rows of uncounted tokens zeroed (differentiable: they get zero gradient)."""
+    return hidden.masked_fill(~counted[..., None], 0.0)
 
 
 def _reduce(weighted: torch.Tensor, weights: torch.Tensor, opts: LossOptions) -> torch.Tensor:
@@ -259,7 +266,7 @@ def topk_divergence_from_logits(
             values.append(row_q.new_zeros(()))
             continue
         values.append(divergence_from_logits(student[None], log_p[None], divergence, beta)[0])
-    return torch.stack(values) if values else log_q.new_zeros(0)
+    return torch.stack(values) if values else log_q[:, :0].sum(-1)  # no rows: still on the graph (zero grads)
 
 
 def fused_linear_kl_topk(
@@ -296,8 +303,9 @@ def fused_linear_kl_topk(
         vocab_size=vocab_size,
     )  # fmt: skip
     leading = student_hidden.shape[:-1]
+    counted = torch.ones(leading, dtype=torch.bool, device=student_hidden.device) if mask is None else mask
+    student_hidden = _counted_only(student_hidden, counted)  # as in fused_linear_kl
     z = head_logits(student_hidden, student_weight, student_bias, opts.student, opts.temperature, opts.vocab_size)
-    counted = torch.ones(leading, dtype=torch.bool, device=z.device) if mask is None else mask
     ids, log_p = teacher_topk_ids[counted], teacher_topk_logprobs.detach()[counted]
     validate_topk_values(ids, log_p, opts.vocab_size, tail)
     per_token = torch.zeros(leading, dtype=torch.float64, device=z.device).masked_scatter(
