@@ -29,6 +29,7 @@ import pytest
 import torch
 
 import opd_fast
+from opd_fast import Tuning
 from opd_fast.backends import availability
 
 CPU = torch.device("cpu")
@@ -42,7 +43,7 @@ UNCHECKED = {"triton": {torch.bfloat16}} if os.environ.get("TRITON_INTERPRET") =
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd")
 # (rtol, atol): atol is relative to the largest |value| of the compared tensor (at least 1)
 TOL = {torch.float64: (1e-7, 1e-8), torch.float32: (2e-4, 2e-5), torch.float16: (1e-2, 4e-3),
-       torch.bfloat16: (6e-2, 3e-2)}  # fmt: skip
+       torch.bfloat16: (6e-2, 3e-2), "tvd low precision": (6e-2, 0.25)}  # fmt: skip
 
 
 @dataclass
@@ -143,6 +144,9 @@ def _draw(seed: str) -> Case:
         tensors["token_ids"] = torch.randint(0, v_s, leading, generator=g)
         options.update(return_entropy=r.random() < 0.5, **{k.removeprefix("student_"): v for k, v in
                                                            head_options("student_").items()})  # fmt: skip
+    if r.random() < 0.3:  # several token chunks, and for two heads the vocabulary-tiled regime
+        options["tuning"] = Tuning(chunk_tokens=r.choice([1, 2, 5, 16]),
+                                   chunk_vocab=r.choice([None, 3, 16]) if signal == "kl" else None)  # fmt: skip
     case = Case(seed, signal, tensors, options, tuple(grad_names), dtype)
     if n and r.random() < 0.25:
         _poison(case, r, n)
@@ -243,6 +247,9 @@ def _check(case: Case, backend: str, want: tuple[dict, dict]) -> list[str]:
                 f"{sorted(want_out)} / {sorted(want_grad)}"]  # fmt: skip
     poisoned = bool(case.poisoned)
     problems = [_compare(name, got_out[name], want, dtype, "element", poisoned) for name, want in want_out.items()]
+    if case.options.get("divergence") == "tvd" and dtype in (torch.bfloat16, torch.float16):
+        # TVD's gradient has a jump where p = q: a rounded logit may land on its other side
+        dtype = "tvd low precision"
     for name, want in want_grad.items():
         problems.append(_compare(f"grad {name}", got_grad[name], want, dtype, "row" if name == "hidden" else "whole"))
     return [p for p in problems if p]
