@@ -144,9 +144,9 @@ def _draw(seed: str) -> Case:
         tensors["token_ids"] = torch.randint(0, v_s, leading, generator=g)
         options.update(return_entropy=r.random() < 0.5, **{k.removeprefix("student_"): v for k, v in
                                                            head_options("student_").items()})  # fmt: skip
-    if r.random() < 0.3:  # several token chunks, and for two heads the vocabulary-tiled regime
-        options["tuning"] = Tuning(chunk_tokens=r.choice([1, 2, 5, 16]),
-                                   chunk_vocab=r.choice([None, 3, 16]) if signal == "kl" else None)  # fmt: skip
+    if r.random() < 0.2:  # several token chunks, and for two heads the vocabulary-tiled regime
+        options["tuning"] = Tuning(chunk_tokens=r.choice([3, 5, 16]),
+                                   chunk_vocab=r.choice([None, 24]) if signal == "kl" else None)  # fmt: skip
     case = Case(seed, signal, tensors, options, tuple(grad_names), dtype)
     if n and r.random() < 0.25:
         _poison(case, r, n)
