@@ -235,3 +235,16 @@ def test_triton_logprob_rows_propagate(routed_triton):
         tensors["student_hidden"][row, 1] = value
     per_row, loss = _call("logprobs", tensors, "triton", "forward_kl", 0.5, "none", None)
     _check(per_row, loss, tensors, set(STUDENT_POISON), None)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_all_minus_inf_row_has_no_distribution(backend):
+    """Every logit of a row -inf (a -inf hidden state on a positive weight column): log-prob and entropy are
+    both NaN there, not a log-prob of NaN beside an entropy of 0."""
+    g = torch.Generator().manual_seed(4)
+    hs, ws = torch.randn(3, 4, generator=g), torch.randn(6, 4, generator=g)
+    ws[:, 0] = ws[:, 0].abs() + 0.1
+    hs[1, 0] = -INF
+    logp, ent = opd_fast.fused_linear_logprobs(hs, ws, torch.tensor([0, 1, 2]), return_entropy=True, backend=backend)
+    assert torch.isfinite(logp).tolist() == [True, False, True]
+    assert torch.isfinite(ent).tolist() == [True, False, True]
