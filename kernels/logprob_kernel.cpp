@@ -19,7 +19,8 @@ void logprob_rows(const LogProbJob &job, int64_t r0, int64_t r1, float *z) {
         if (job.entropy_out) {
             const LseParts p = row_lse_parts(z, kp, mx);
             lse = p.lse;
-            entropy = -q_log_q(p, lse);
+            // an all -inf row has no distribution: NaN, like its log-prob (-inf - -inf), not q_log_q's 0
+            entropy = lse == -kInf ? std::numeric_limits<float>::quiet_NaN() : -q_log_q(p, lse);
             job.entropy_out[r] = entropy;
         } else {
             lse = row_lse(z, kp, mx);

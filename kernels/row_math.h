@@ -36,6 +36,9 @@ inline V bits_to_float(VI i) { V v; std::memcpy(&v, &i, sizeof(V)); return v; }
 inline VI float_to_bits(V v) { VI i; std::memcpy(&i, &v, sizeof(V)); return i; }
 inline V select(VI mask, V a, V b) { return mask ? a : b; }
 inline V vmax(V a, V b) { return select(a > b, a, b); }
+// Running maximum that keeps a NaN of either side: a row's max is NaN when any element is, so a
+// row with a NaN logit cannot pass for an all -inf (zero mass) row.
+inline V vmax_nan(V acc, V v) { return select((v > acc) | (v != v), v, acc); }
 inline V vmin(V a, V b) { return select(a < b, a, b); }
 inline V vabs(V x) { return bits_to_float(float_to_bits(x) & 0x7fffffff); }
 
@@ -55,7 +58,8 @@ inline void store_bf16(uint16_t *p, V v) {  // round to nearest even; NaN stays 
     std::memcpy(p, &h, sizeof(VH));
 }
 
-// exp(x) with ~1 ulp error (Cephes polynomial); exactly 0 below -87.3 (so -inf gives 0).
+// exp(x) with ~1 ulp error (Cephes polynomial); exactly 0 below -87.3 (so -inf gives 0), NaN for NaN
+// (the clamps below would otherwise turn a NaN into a finite value and hide a non-finite input).
 inline V vexp(V x) {
     V xc = vmin(vmax(x, splat(-87.3f)), splat(88.3f));
     V fx = xc * 1.44269504088896341f;
@@ -72,10 +76,11 @@ inline V vexp(V x) {
     VI n = __builtin_convertvector(fx, VI);
     y = y * bits_to_float((n + 127) << 23);
     y = select(x < -87.3f, splat(0.0f), y);
-    return select(x > 88.3f, splat(kInf), y);
+    y = select(x > 88.3f, splat(kInf), y);
+    return select(x != x, x, y);
 }
 
-// log(x) for finite x > 0 (Cephes polynomial, ~1 ulp).
+// log(x) for finite x > 0 (Cephes polynomial, ~1 ulp); NaN stays NaN (the bit tricks would not).
 inline V vlog(V x) {
     VI bits = float_to_bits(x);
     VI e = ((bits >> 23) & 0xff) - 126;
@@ -97,7 +102,7 @@ inline V vlog(V x) {
     V ef = __builtin_convertvector(e, V);
     y = y + ef * -2.12194440e-4f;
     y = y - z * 0.5f;
-    return m + y + ef * 0.693359375f;
+    return select(x != x, x, m + y + ef * 0.693359375f);
 }
 
 // tanh(x): odd polynomial near 0 (Cephes), 1 - 2 / (exp(2|x|) + 1) elsewhere.
@@ -123,11 +128,13 @@ inline float hsum(V v) {
 
 inline float hmax(V v) {
     float m = v[0];
-    for (int i = 1; i < W; ++i) m = v[i] > m ? v[i] : m;
+    for (int i = 1; i < W; ++i) m = v[i] > m || v[i] != v[i] ? v[i] : m;  // NaN sticks, as in vmax_nan
     return m;
 }
 
-inline V where_pos(V weight, V value) { return select(weight > 0.0f, weight * value, splat(0.0f)); }
+// weight * value with 0 * anything = 0 (zero mass: -inf logits are legal); only an exact zero is
+// guarded, so a NaN weight (a non-finite input) still reaches the sums.
+inline V where_pos(V weight, V value) { return select(weight == 0.0f, splat(0.0f), weight * value); }
 
 inline V load_any(const opd_tile &t, int64_t row, int64_t j) {
     if (t.dtype == OPD_BF16) return load_bf16(static_cast<const uint16_t *>(t.data) + row * t.ld + j);
@@ -160,7 +167,7 @@ float stage_row(const opd_tile &t, int64_t row, int64_t k, float softcap, float 
             for (int64_t i = valid; i < W; ++i) v[i] = -kInf;
         }
         store(z + j, v);
-        mx = vmax(mx, v);
+        mx = vmax_nan(mx, v);
     }
     for (int64_t j = (k + W - 1) / W * W; j < padded(k); ++j) z[j] = -kInf;
     return hmax(mx);
@@ -168,7 +175,7 @@ float stage_row(const opd_tile &t, int64_t row, int64_t k, float softcap, float 
 
 float row_max(const float *z, int64_t kp) {
     V mx = splat(-kInf);
-    for (int64_t j = 0; j < kp; j += W) mx = vmax(mx, load(z + j));
+    for (int64_t j = 0; j < kp; j += W) mx = vmax_nan(mx, load(z + j));
     return hmax(mx);
 }
 
@@ -230,7 +237,8 @@ Sums divergence_row(int32_t divergence, float beta, const float *zs, float *zt, 
                 V la = log_p + log_b, lb = log_q + log_1mb;
                 V hi = vmax(la, lb), lo = vmin(la, lb);
                 V d = select(hi == -kInf, splat(0.0f), lo - hi);
-                V log_m = hi + vlog(vexp(d) + 1.0f);
+                V either = la + lb;  // NaN when one side is: max / min above would drop it
+                V log_m = select(either != either, either, hi + vlog(vexp(d) + 1.0f));
                 kl_p += where_pos(p, log_p - log_m);  // KL(p || M)
                 a = where_pos(q, log_q - log_m);
                 value += a;                             // KL(q || M)
@@ -241,6 +249,7 @@ Sums divergence_row(int32_t divergence, float beta, const float *zs, float *zt, 
                 V diff = q - p;
                 value += vabs(diff);
                 V sign = select(diff > 0.0f, splat(1.0f), select(diff < 0.0f, splat(-1.0f), splat(0.0f)));
+                sign = select(diff != diff, diff, sign);  // sign(NaN) = NaN keeps a NaN input in the gradient
                 a = sign * q * 0.5f;
                 coef += a;
             }

@@ -1,8 +1,8 @@
 // ctest: the native kernels against plain double-precision implementations of the same
 // math (written independently here, scalar and unfused; the log-prob and top-k gradients by
 // central differences), for every instruction-set variant this CPU runs, fp32 and bf16 tiles,
-// every divergence, temperature and softcap, hard labels; plus thread-count determinism and
-// -inf logits. Exit code 0 = pass.
+// every divergence, temperature and softcap, hard labels; plus thread-count determinism, -inf
+// logits and non-finite inputs. Exit code 0 = pass.
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -207,6 +207,89 @@ void case_neg_inf(int isa) {
         check(close(r.div[0], reference_row(rs, rt, o, 1.0).value, 1e-4, 1e-6), "-inf value", ctx);
         Result r1 = run(s, t, n, k, OPD_F32, o, scale, 1, isa);  // row 1: one-sided zero mass
         check(!std::isnan(r1.div[1]) && !std::isnan(r1.ent[1]), "no NaN", ctx);
+    }
+}
+
+// A NaN or inf in a row's inputs reaches its value and every element of its gradient; the other rows
+// stay finite (rows: 0 clean, 1 student NaN, 2 teacher NaN, 3 student +inf, 4 teacher -inf).
+void case_non_finite(int isa) {
+    const int64_t n = 5, k = 37;  // k: two and a bit vectors for every ISA width
+    std::vector<float> s(n * k), t(n * k), scale(n, 0.5f);
+    for (int64_t j = 0; j < n * k; ++j) { s[j] = 0.3f * float(j % 7) - 1.0f; t[j] = 0.2f * float(j % 5); }
+    s[1 * k + 20] = NAN;
+    t[2 * k + 3] = NAN;
+    s[3 * k + 36] = INFINITY;
+    t[4 * k + 9] = -INFINITY;  // legal (zero mass): this row stays finite
+    t[4 * k + 10] = INFINITY;  // not legal: the whole row is poisoned
+    auto row_ok = [&](const std::vector<float> &g, int64_t row, bool finite) {
+        for (int64_t j = 0; j < k; ++j) {
+            if (bool(std::isfinite(g[row * k + j])) != finite) return false;
+        }
+        return true;
+    };
+    for (int dtype : {OPD_F32, OPD_BF16}) {
+        for (int div : {OPD_FORWARD_KL, OPD_REVERSE_KL, OPD_JSD, OPD_TVD}) {
+            for (float T : {1.0f, 0.7f}) {
+                opd_tile_options o{div, 0.3f, T, 0.0f, 0.0f};
+                char ctx[96];
+                std::snprintf(ctx, sizeof ctx, "non-finite isa=%s dtype=%d div=%d T=%g", opd_isa_name(isa), dtype, div,
+                              double(T));
+                const std::vector<int64_t> labels{2, 5, -1, 7, 0};
+                Result r = run(s, t, n, k, dtype, o, scale, 2, isa, labels, scale);
+                for (int64_t i = 0; i < n; ++i) {
+                    const bool finite = i == 0;
+                    check(bool(std::isfinite(r.div[i])) == finite, "non-finite value", ctx);
+                    check(row_ok(r.grad, i, finite), "non-finite gradient row", ctx);
+                }
+            }
+            // top-k (both tails) and log-probs on the student rows 0, 1 and 3
+            for (int bucket : {1, 0}) {
+                const opd_topk_options o{div, 0.3f, 1.0f, 0.0f, bucket};
+                const std::vector<int64_t> ids{1, 4, 20, 1, 4, 20, 1, 4, 20, 1, 4, 20, 1, 4, 20};
+                const std::vector<float> log_p(n * 4, std::log(0.2f));
+                std::vector<float> x = s, div_out(n), lse(n), mass(n);
+                std::vector<uint16_t> xb(n * k);
+                for (int64_t j = 0; j < n * k; ++j) xb[j] = to_bf16(s[j]);
+                const bool bf = dtype == OPD_BF16;
+                opd_tile tile{bf ? static_cast<const void *>(xb.data()) : x.data(), dtype, k};
+                void *grad = bf ? static_cast<void *>(xb.data()) : x.data();
+                check(opd_topk_rows(&tile, n, k, &o, ids.data(), 3, 3, log_p.data(), 4, scale.data(), grad, dtype, k,
+                                    div_out.data(), lse.data(), mass.data(), nullptr, 1, isa) == OPD_OK,
+                      "status", "non-finite top-k");
+                std::vector<float> g(n * k);
+                for (int64_t j = 0; j < n * k; ++j) g[j] = bf ? from_bf16(xb[j]) : x[j];
+                const char *tail = bucket ? "bucket" : "renormalize";
+                for (int64_t i : {0, 1, 3}) {
+                    // renormalized, a row depends on its ids' logits only: row 3's +inf (column 36) is not one
+                    const bool finite = i == 0 || (i == 3 && !bucket);
+                    check(bool(std::isfinite(div_out[i])) == finite, "non-finite top-k value", tail);
+                    if (bucket || finite) {
+                        check(row_ok(g, i, finite), "non-finite top-k gradient row", tail);
+                        continue;
+                    }
+                    for (int64_t j = 0; j < k; ++j) {
+                        const bool id = j == 1 || j == 4 || j == 20;
+                        check(id ? !std::isfinite(g[i * k + j]) : g[i * k + j] == 0.0f, "renormalized gradient", tail);
+                    }
+                }
+            }
+        }
+        const std::vector<int64_t> ids{0, 1, 2, 3, 4};
+        std::vector<float> x = s, lp(n), ent(n), u(n, 1.0f);
+        std::vector<uint16_t> xb(n * k);
+        for (int64_t j = 0; j < n * k; ++j) xb[j] = to_bf16(s[j]);
+        const bool bf = dtype == OPD_BF16;
+        opd_tile tile{bf ? static_cast<const void *>(xb.data()) : x.data(), dtype, k};
+        check(opd_logprob_rows(&tile, n, k, 1.0f, 0.0f, ids.data(), u.data(), u.data(),
+                               bf ? static_cast<void *>(xb.data()) : x.data(), dtype, k, lp.data(), ent.data(), 1,
+                               isa) == OPD_OK,
+              "status", "non-finite log-probs");
+        std::vector<float> g(n * k);
+        for (int64_t j = 0; j < n * k; ++j) g[j] = bf ? from_bf16(xb[j]) : x[j];
+        for (int64_t i : {0, 1, 3}) {
+            check(bool(std::isfinite(lp[i]) && std::isfinite(ent[i])) == (i == 0), "non-finite log-prob", "log-probs");
+            check(row_ok(g, i, i == 0), "non-finite log-prob gradient row", "log-probs");
+        }
     }
 }
 
@@ -520,6 +603,7 @@ int main() {
         ++variants;
         case_matrix(isa);
         case_neg_inf(isa);
+        case_non_finite(isa);
         case_logprobs(isa);
         case_topk(isa);
         case_topk_far_tail(isa);

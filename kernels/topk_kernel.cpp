@@ -46,7 +46,8 @@ void topk_rows(const TopKJob &job, int64_t r0, int64_t r1, float *scratch) {
                                               : LseParts{row_lse(z, kp, rest_max), 0.0f, 0.0f, rest_max};
         const float lse = job.bucket ? logaddexp(rest.lse, lse_top) : rest.lse;
         const float top_norm = job.bucket ? lse : lse_top;  // category log q = z_id - top_norm
-        for (int64_t i = 0; i < n_ids; ++i) log_q[i] = top_norm == -kInf ? -kInf : z_ids[i] - top_norm;
+        // a valid id whose normalizer is -inf too (every compared logit -inf) is 0/0: NaN, as in torch
+        for (int64_t i = 0; i < n_ids; ++i) log_q[i] = ids[i] >= 0 ? z_ids[i] - top_norm : -kInf;
         if (job.bucket) log_q[n_ids] = rest.lse - lse;
         fill(log_q, m, mp, -kInf);
         const float *teacher = job.teacher_log_p + r * job.log_p_ld;
@@ -61,7 +62,7 @@ void topk_rows(const TopKJob &job, int64_t r0, int64_t r1, float *scratch) {
             if (job.bucket) {
                 for (int64_t i = 0; i < n_ids; ++i) {
                     const float lq = z_ids[i] - lse;
-                    if (z_ids[i] > -kInf) qlq += std::exp(lq) * lq;
+                    if (z_ids[i] != -kInf) qlq += std::exp(lq) * lq;  // NaN passes
                 }
             }
             job.entropy_out[r] = -qlq;
@@ -70,7 +71,7 @@ void topk_rows(const TopKJob &job, int64_t r0, int64_t r1, float *scratch) {
         const float scale = job.row_scale[r];
         for (int64_t j = 0; j < mp; j += W) store(cat_a + j, (load(cat_a + j) - load(cat_q + j) * s.coef) * scale);
         // d lse_tail / dz = exp(z - lse_tail) off the ids (hidden ids: exp(-inf) = 0, overwritten below)
-        const float g_tail = job.bucket && rest.lse > -kInf ? cat_a[n_ids] : 0.0f;
+        const float g_tail = job.bucket && rest.lse != -kInf ? cat_a[n_ids] : 0.0f;  // a NaN tail passes
         for (int64_t j = 0; j < k; j += W) {
             V g = splat(0.0f);
             if (g_tail != 0.0f) {

@@ -85,10 +85,12 @@ def head_logits(
 def _kl(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
     """KL(a || b) per row from log-probabilities; 0 log 0 = 0, -inf logits are legal.
 
-    The difference is masked *before* the product so autograd never sees 0 * nan.
+    The difference is masked *before* the product so autograd never sees 0 * nan; only an
+    exact zero is masked, so a NaN probability (a non-finite input) reaches the value and the
+    gradient.
     """
     a = log_a.exp()
-    diff = torch.where(a > 0, log_a - log_b, torch.zeros_like(a))
+    diff = torch.where(a == 0, torch.zeros_like(a), log_a - log_b)
     return (a * diff).sum(-1)
 
 
@@ -116,7 +118,11 @@ def divergence_from_logits(
         log_m = _log_mixture(log_p, log_q, beta)
         return beta * _kl(log_p, log_m) + (1 - beta) * _kl(log_q, log_m)
     if divergence == "tvd":
-        return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)
+        # |d| as d sign(d) with sign(NaN) = NaN: abs's gradient, sign(d), is 0 at NaN in torch,
+        # which would hide a non-finite input from the gradient
+        diff = log_p.exp() - log_q.exp()
+        sign = torch.where(diff.isnan(), diff, diff.sign()).detach()
+        return 0.5 * (diff * sign).sum(-1)
     raise ValueError(f"unknown divergence {divergence!r}")
 
 
@@ -158,13 +164,15 @@ def _teacher_head_loss(call: LossCall, teacher: Head) -> Any:
     labels = None if call.hard is None else call.hard.labels
     leading = student_hidden.shape[:-1]
     k, t = opts.vocab_size, opts.temperature
+    counted = torch.ones(leading, dtype=torch.bool, device=student_hidden.device) if mask is None else mask
+    # Masked rows are dropped before any math, as the backends do, so a masked row whose
+    # logits are garbage (NaN, all -inf) cannot poison the result or its gradient; their hidden
+    # states are zeroed before the GEMM too, or a NaN there would reach the weight gradient as 0 * NaN.
+    student_hidden = _counted_only(student_hidden, counted)
     z_s = head_logits(student_hidden, student_weight, student_bias, opts.student, t, k)
     with torch.no_grad():
-        z_t = head_logits(teacher_hidden, teacher_weight, teacher_bias, opts.teacher, t, k)
+        z_t = head_logits(_counted_only(teacher_hidden, counted), teacher_weight, teacher_bias, opts.teacher, t, k)
 
-    counted = torch.ones(leading, dtype=torch.bool, device=z_s.device) if mask is None else mask
-    # Masked rows are dropped before any math, as the backends do, so a masked row whose
-    # logits are garbage (NaN, all -inf) cannot poison the result or its gradient.
     per_token = torch.zeros(leading, dtype=torch.float64, device=z_s.device)
     per_token = per_token.masked_scatter(
         counted, divergence_from_logits(z_s[counted], z_t[counted], opts.divergence, opts.beta)
@@ -184,7 +192,7 @@ def _teacher_head_loss(call: LossCall, teacher: Head) -> Any:
     with torch.no_grad():
         log_q = torch.log_softmax(z_s, -1)
         q = log_q.exp()
-        entropy = -torch.where(q > 0, q * log_q, torch.zeros_like(q)).sum(-1)
+        entropy = -torch.where(q == 0, torch.zeros_like(q), q * log_q).sum(-1)  # a NaN row stays NaN
         zero = torch.zeros((), dtype=torch.float64, device=z_s.device)
         # Stats are 0 on masked tokens: the backends never compute those rows.
         stats = {
@@ -196,6 +204,11 @@ def _teacher_head_loss(call: LossCall, teacher: Head) -> Any:
         if labels is not None:
             stats.update(cross_entropy=ce.detach(), soft_loss=soft.detach(), hard_loss=hard.detach())
     return loss, stats
+
+
+def _counted_only(hidden: torch.Tensor, counted: torch.Tensor) -> torch.Tensor:
+    """``hidden`` with the rows of uncounted tokens zeroed (differentiable: they get zero gradient)."""
+    return hidden.masked_fill(~counted[..., None], 0.0)
 
 
 def _reduce(weighted: torch.Tensor, weights: torch.Tensor, opts: LossOptions) -> torch.Tensor:
@@ -233,10 +246,13 @@ def topk_divergence_from_logits(
     log_q = torch.log_softmax(student_logits.double(), -1)
     vocab = log_q.shape[-1]
     values = []
-    for row_q, row_ids, row_lp in zip(log_q, teacher_topk_ids, teacher_topk_logprobs, strict=True):
+    for row_z, row_q, row_ids, row_lp in zip(student_logits, log_q, teacher_topk_ids, teacher_topk_logprobs,
+                                             strict=True):
         keep = row_ids != TOPK_PAD_ID
         row_ids, log_p = row_ids[keep].long(), row_lp[keep].double().clamp_max(0.0)
-        student = row_q[row_ids]
+        # renormalized, the value depends on the ids' logits only, so a NaN logit elsewhere in the
+        # row must not reach it (the k-sparse backends never compute those logits)
+        student = row_q[row_ids] if tail == "bucket" else row_z.double()[row_ids]
         if tail == "bucket" and row_ids.numel() < vocab:
             outside = torch.ones(vocab, dtype=torch.bool, device=row_q.device)
             outside[row_ids] = False
@@ -247,7 +263,7 @@ def topk_divergence_from_logits(
             values.append(row_q.new_zeros(()))
             continue
         values.append(divergence_from_logits(student[None], log_p[None], divergence, beta)[0])
-    return torch.stack(values) if values else log_q.sum(-1)  # no rows: an empty tensor still on the graph
+    return torch.stack(values) if values else log_q[:, :0].sum(-1)  # no rows: still on the graph (zero grads)
 
 
 def _topk_loss(call: LossCall, teacher: TopKTeacher) -> Any:
@@ -256,8 +272,9 @@ def _topk_loss(call: LossCall, teacher: TopKTeacher) -> Any:
     student_hidden, student_weight, student_bias = call.student.hidden, call.student.weight, call.student.bias
     teacher_topk_ids, teacher_topk_logprobs, tail = teacher.ids, teacher.logprobs, teacher.tail
     leading = student_hidden.shape[:-1]
+    counted = torch.ones(leading, dtype=torch.bool, device=student_hidden.device) if mask is None else mask
+    student_hidden = _counted_only(student_hidden, counted)  # as in fused_linear_kl
     z = head_logits(student_hidden, student_weight, student_bias, opts.student, opts.temperature, opts.vocab_size)
-    counted = torch.ones(leading, dtype=torch.bool, device=z.device) if mask is None else mask
     ids, log_p = teacher_topk_ids[counted], teacher_topk_logprobs.detach()[counted]
     per_token = torch.zeros(leading, dtype=torch.float64, device=z.device).masked_scatter(
         counted, topk_divergence_from_logits(z[counted], ids, log_p, opts.divergence, opts.beta, tail)
@@ -289,5 +306,5 @@ def _logprob_loss(call: LossCall, tokens: SampledTokens) -> Any:
     logprobs = log_q.gather(-1, token_ids.long()[..., None]).squeeze(-1)
     if not return_entropy:
         return logprobs
-    finite = torch.where(log_q > float("-inf"), log_q, torch.zeros_like(log_q))
+    finite = torch.where(log_q == float("-inf"), torch.zeros_like(log_q), log_q)  # NaN passes, as in _kl
     return logprobs, -(log_q.exp() * finite).sum(-1)

@@ -87,8 +87,11 @@ def logits_grad_to_raw(grad_z: torch.Tensor, z: torch.Tensor, spec: HeadSpec, te
 
 
 def _where_pos(weight: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """weight * value with 0 * anything = 0, so -inf logits (zero mass) stay legal."""
-    return torch.where(weight > 0, weight * value, torch.zeros((), dtype=value.dtype, device=value.device))
+    """weight * value with 0 * anything = 0, so -inf logits (zero mass) stay legal.
+
+    Only an exact zero weight is guarded: a NaN weight (a non-finite input) must reach the sum.
+    """
+    return torch.where(weight == 0, torch.zeros((), dtype=value.dtype, device=value.device), weight * value)
 
 
 def _rowdot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -123,7 +126,7 @@ def tile_terms(
     ``lse_s`` / ``lse_t`` are the full-row log-sum-exps, so the tile's q and p are exact.
     """
     log_q = z_s - lse_s[:, None]
-    log_p = z_t - lse_t[:, None]
+    log_p = (z_t - lse_t[:, None]).to(log_q.dtype)  # a float64 teacher meets a float32 student in fp32
     q = log_q.exp()
     p = log_p.exp()
     prod = _Products(log_q, log_p)
@@ -155,7 +158,9 @@ def tile_terms(
         diff = q - p
         value = 0.5 * diff.abs().sum(-1)
         a = diff.sign_().mul_(q).mul_(0.5)
-        coef = a.sum(-1)
+        # torch.sign(NaN) is 0, which would drop a NaN teacher entry from the gradient: the row's
+        # value (NaN then) poisons c instead, a per-row select rather than a pass over the tile
+        coef = torch.where(value.isnan(), value, a.sum(-1))
     return RowTerms(value, coef, entropy), a, q
 
 

@@ -67,8 +67,8 @@ class RowMath(Protocol):
 
 
 def _q_times(log_q: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """``exp(log_q) * value`` with zero mass giving 0 (no 0 * inf)."""
-    return torch.where(log_q > _NEG_INF, log_q.exp() * value, 0.0)
+    """``exp(log_q) * value`` with zero mass giving 0 (no 0 * inf); a NaN ``log_q`` stays NaN."""
+    return torch.where(log_q == _NEG_INF, 0.0, log_q.exp() * value)
 
 
 def _entropy(state: RowState, lse: torch.Tensor) -> torch.Tensor:

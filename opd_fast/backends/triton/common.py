@@ -186,17 +186,19 @@ def tile_terms(z_s, z_t, lse_s, lse_t, beta, log_beta, log_1m_beta, DIVERGENCE: 
 
     The gradient wrt the student logits is ``a - q c`` with ``c`` the row sum of ``a`` (see
     ``backends/tile_math.py``); products with a zero probability are 0, so -inf logits are legal.
+    Only an exact zero is guarded (``== 0``, not ``> 0``): a NaN probability, from a non-finite input,
+    must reach the value and the gradient.
     """
     log_q = z_s - lse_s[:, None]
     log_p = z_t - lse_t[:, None]
     q = tl.exp(log_q)
     p = tl.exp(log_p)
-    q_log_q = tl.where(q > 0, q * log_q, 0.0)
+    q_log_q = tl.where(q == 0, 0.0, q * log_q)
     if DIVERGENCE == 0:  # forward KL
-        value = tl.where(p > 0, p * (log_p - log_q), 0.0)
+        value = tl.where(p == 0, 0.0, p * (log_p - log_q))
         a = -p
     elif DIVERGENCE == 1:  # reverse KL
-        a = tl.where(q > 0, q * (log_q - log_p), 0.0)
+        a = tl.where(q == 0, 0.0, q * (log_q - log_p))
         value = a
     elif DIVERGENCE == 2:  # generalized JSD, 0 < beta < 1
         x = log_p + log_beta
@@ -204,13 +206,14 @@ def tile_terms(z_s, z_t, lse_s, lse_t, beta, log_beta, log_1m_beta, DIVERGENCE: 
         mx = tl.maximum(x, y)
         mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
         log_m = mx_safe + tl.log(tl.exp(x - mx_safe) + tl.exp(y - mx_safe))
-        kl_q = tl.where(q > 0, q * (log_q - log_m), 0.0)
-        value = beta * tl.where(p > 0, p * (log_p - log_m), 0.0) + (1.0 - beta) * kl_q
+        kl_q = tl.where(q == 0, 0.0, q * (log_q - log_m))
+        value = beta * tl.where(p == 0, 0.0, p * (log_p - log_m)) + (1.0 - beta) * kl_q
         a = (1.0 - beta) * kl_q
     else:  # total variation
         diff = q - p
         value = 0.5 * tl.abs(diff)
-        a = 0.5 * q * tl.where(diff > 0, 1.0, tl.where(diff < 0, -1.0, 0.0))
+        sign = tl.where(diff > 0, 1.0, tl.where(diff < 0, -1.0, tl.where(diff == diff, 0.0, diff)))  # NaN stays
+        a = 0.5 * q * sign
     return value, a, q, q_log_q
 
 

@@ -61,11 +61,11 @@ def tail_lse_kernel(
         m, alpha, e = online_step(m, z)
         total = total * alpha + tl.sum(e, 1)
         if ENTROPY:
-            moment = moment * alpha + tl.sum(tl.where(e > 0, e * z, 0.0), 1)
+            moment = moment * alpha + tl.sum(tl.where(e == 0, 0.0, e * z), 1)
     out = split * N + rows
     tl.store(lse_ptr + out, finish_lse(m, total), mask=row_ok)
     if ENTROPY:
-        tl.store(mean_ptr + out, tl.where(total > 0, moment / total, 0.0), mask=row_ok)
+        tl.store(mean_ptr + out, tl.where(total == 0, 0.0, moment / total), mask=row_ok)
 
 
 def row_head_arguments(hs, ws, bs, ids: torch.Tensor, setup: RowSetup, n_splits: int) -> dict[str, Any]:

@@ -105,11 +105,11 @@ def terms_kernel(
             m_t, alpha_t, e_t = online_step(m_t, z_t)
             sum_s = sum_s * alpha_s + tl.sum(e_s, 1)
             sum_t = sum_t * alpha_t + tl.sum(e_t, 1)
-            ent = ent * alpha_s + tl.sum(tl.where(e_s > 0, e_s * z_s, 0.0), 1)
+            ent = ent * alpha_s + tl.sum(tl.where(e_s == 0, 0.0, e_s * z_s), 1)
             if DIVERGENCE == 0:
-                div = div * alpha_t + tl.sum(tl.where(e_t > 0, e_t * (z_t - z_s), 0.0), 1)
+                div = div * alpha_t + tl.sum(tl.where(e_t == 0, 0.0, e_t * (z_t - z_s)), 1)
             else:
-                div = div * alpha_s + tl.sum(tl.where(e_s > 0, e_s * (z_s - z_t), 0.0), 1)
+                div = div * alpha_s + tl.sum(tl.where(e_s == 0, 0.0, e_s * (z_s - z_t)), 1)
         else:
             value, a, _q, q_log_q = tile_terms(z_s, z_t, lse_s, lse_t, beta, log_beta, log_1m_beta, DIVERGENCE)
             div += tl.sum(value, 1)
@@ -117,8 +117,8 @@ def terms_kernel(
             ent -= tl.sum(q_log_q, 1)
     if ONLINE:
         norm = sum_t if DIVERGENCE == 0 else sum_s
-        div = tl.where(norm > 0, div / norm, 0.0)
-        ent = tl.where(sum_s > 0, ent / sum_s, 0.0)
+        div = tl.where(norm == 0, 0.0, div / norm)  # == 0, not > 0: a NaN sum (a NaN input) passes
+        ent = tl.where(sum_s == 0, 0.0, ent / sum_s)
         tl.store(lse_s_ptr + out, finish_lse(m_s, sum_s), mask=row_ok)
         tl.store(lse_t_ptr + out, finish_lse(m_t, sum_t), mask=row_ok)
     tl.store(div_ptr + out, div, mask=row_ok)
