@@ -45,7 +45,7 @@ TRITON_EVERY = int(os.environ.get("OPD_FUZZ_TRITON_EVERY", "10")) if not torch.c
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd")
 # (rtol, atol): atol is relative to the largest |value| of the compared tensor (at least 1)
 TOL = {torch.float64: (1e-7, 1e-8), torch.float32: (2e-4, 2e-5), torch.float16: (1e-2, 4e-3),
-       torch.bfloat16: (6e-2, 3e-2), "tvd low precision": (6e-2, 0.25)}  # fmt: skip
+       torch.bfloat16: (6e-2, 3e-2), "tvd low precision": (6e-2, 0.25)}
 
 
 @dataclass
@@ -63,7 +63,7 @@ class Case:
     def describe(self) -> str:
         shapes = {k: (tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in self.tensors.items()}
         return (f"case {self.seed} (replay: OPD_FUZZ_ONLY={self.seed}): {self.signal} {self.options} "
-                f"tensors {shapes} poisoned rows {self.poisoned}")  # fmt: skip
+                f"tensors {shapes} poisoned rows {self.poisoned}")
 
 
 def _draw(seed: str) -> Case:
@@ -128,7 +128,7 @@ def _draw(seed: str) -> Case:
         if r.random() < 0.25:
             labels = torch.randint(0, k, leading, generator=g)
             options.update(labels=torch.where(torch.rand(leading, generator=g) < 0.2, -100, labels),
-                           hard_weight=r.choice([0.0, 0.5, 2.0]))  # fmt: skip
+                           hard_weight=r.choice([0.0, 0.5, 2.0]))
     elif signal == "topk":
         tail = r.choice(["bucket", "renormalize"])
         top = r.randint(1, min(k, 8))
@@ -145,10 +145,10 @@ def _draw(seed: str) -> Case:
     else:
         tensors["token_ids"] = torch.randint(0, v_s, leading, generator=g)
         options.update(return_entropy=r.random() < 0.5, **{k.removeprefix("student_"): v for k, v in
-                                                           head_options("student_").items()})  # fmt: skip
+                                                           head_options("student_").items()})
     if r.random() < 0.2:  # several token chunks, and for two heads the vocabulary-tiled regime
         options["tuning"] = Tuning(chunk_tokens=r.choice([3, 5, 16]),
-                                   chunk_vocab=r.choice([None, 24]) if signal == "kl" else None)  # fmt: skip
+                                   chunk_vocab=r.choice([None, 24]) if signal == "kl" else None)
     case = Case(seed, signal, tensors, options, tuple(grad_names), dtype)
     if n and r.random() < 0.25:
         _poison(case, r, n)
@@ -178,7 +178,7 @@ def _run(case: Case, backend: str) -> tuple[dict[str, torch.Tensor], dict[str, t
         out = opd_fast.fused_linear_kl(*heads, **tensors, **options)
     elif case.signal == "topk":
         heads = [tensors.pop(k) for k in ("student_hidden", "student_weight", "teacher_topk_ids",
-                                          "teacher_topk_logprobs")]  # fmt: skip
+                                          "teacher_topk_logprobs")]
         out = opd_fast.fused_linear_kl_topk(*heads, **tensors, **options)
     else:
         heads = [tensors.pop(k) for k in ("student_hidden", "student_weight", "token_ids")]
@@ -194,7 +194,7 @@ def _run(case: Case, backend: str) -> tuple[dict[str, torch.Tensor], dict[str, t
     grads = torch.autograd.grad(total, leaves, allow_unused=True) if total.requires_grad else [None] * len(leaves)
     names = ("hidden", "weight", "bias")
     return ({k: v.detach().double() for k, v in outs.items()},
-            {names[i]: g.double() for i, g in enumerate(grads) if g is not None})  # fmt: skip
+            {names[i]: g.double() for i, g in enumerate(grads) if g is not None})
 
 
 def _upstream(v: torch.Tensor, i: int) -> torch.Tensor:
@@ -215,7 +215,7 @@ CONTRACT = ("loss", "divergence", "logprobs", "entropy")
 
 
 def _compare(name: str, got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, over: str,
-             poisoned: bool = False) -> str | None:  # fmt: skip
+             poisoned: bool = False) -> str | None:
     if got.shape != want.shape:
         return f"{name}: shape {tuple(got.shape)} != reference {tuple(want.shape)}"
     got_fin, want_fin = _finite(got, over), _finite(want, over)
@@ -246,7 +246,7 @@ def _check(case: Case, backend: str, want: tuple[dict, dict]) -> list[str]:
     dtype = min(sides, key=PRECISION.index)  # the coarser head's GEMM sets the tolerance
     if set(got_out) != set(want_out) or set(got_grad) != set(want_grad):
         return [f"outputs {sorted(got_out)} / grads {sorted(got_grad)} differ from the reference's "
-                f"{sorted(want_out)} / {sorted(want_grad)}"]  # fmt: skip
+                f"{sorted(want_out)} / {sorted(want_grad)}"]
     poisoned = bool(case.poisoned)
     problems = [_compare(name, got_out[name], want, dtype, "element", poisoned) for name, want in want_out.items()]
     if case.options.get("divergence") == "tvd" and dtype in (torch.bfloat16, torch.float16):
@@ -302,7 +302,7 @@ def test_cases_cover_the_space():
             ("poisoned", bool(case.poisoned)), ("empty", n == 0), ("labels", "labels" in o), ("mask", "mask" in o),
             ("vocab_size", "vocab_size" in o), ("softcap", any("softcap" in key for key in o)),
             ("mixed dtypes", case.tensors.get("teacher_hidden", case.tensors["student_hidden"]).dtype != case.dtype),
-        ) if hit)  # fmt: skip
+        ) if hit)
     assert seen["signal"] == {"kl", "topk", "logprobs"}
     assert seen["dtype"] == {torch.float32, torch.bfloat16, torch.float16, torch.float64}
     assert set(DIVERGENCES) <= seen["divergence"] and {"mean", "sum", "none"} <= seen["reduction"]

@@ -189,7 +189,7 @@ def label_logits(z: torch.Tensor, labels: torch.Tensor, v0: int = 0) -> tuple[to
 def add_hard_grad(
     grad: torch.Tensor, z: torch.Tensor, lse_y: torch.Tensor, hard: HardLabels, temperature: float, v0: int = 0,
     softmax_done: bool = False,
-) -> torch.Tensor:  # fmt: skip
+) -> torch.Tensor:
     """``grad += h T (softmax(T z) - onehot(label))`` on the tile's columns ``v0:``, in place.
 
     ``softmax_done``: the ``softmax`` part is already in ``grad`` (T = 1 fold, see the module docstring).

@@ -34,7 +34,7 @@ def _tensors(dtype: torch.dtype, seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     t = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
     return dict(student_hidden=t(N, H_S), student_weight=t(V, H_S), student_bias=t(V),
-                teacher_hidden=t(N, H_T), teacher_weight=t(V, H_T))  # fmt: skip
+                teacher_hidden=t(N, H_T), teacher_weight=t(V, H_T))
 
 
 def _poison(tensors: dict[str, torch.Tensor], rows: dict[int, tuple[str, float]]) -> None:
@@ -55,10 +55,10 @@ def _call(signal: str, tensors: dict, backend: str, divergence: str, beta: float
     hs, ws, bs = (tensors[k].requires_grad_() for k in ("student_hidden", "student_weight", "student_bias"))
     stats = reduction != "none"
     common = dict(divergence=divergence, beta=beta, reduction=reduction, mask=mask, backend=backend,
-                  return_stats=stats)  # fmt: skip
+                  return_stats=stats)
     if signal == "kl":
         out = opd_fast.fused_linear_kl(hs, ws, tensors["teacher_hidden"], tensors["teacher_weight"], student_bias=bs,
-                                       teacher_bias=tensors.get("teacher_bias"), temperature=0.9, **common)  # fmt: skip
+                                       teacher_bias=tensors.get("teacher_bias"), temperature=0.9, **common)
     elif signal.startswith("topk"):
         ids, log_p = _topk()
         out = opd_fast.fused_linear_kl_topk(hs, ws, ids, log_p, student_bias=bs, tail=signal.split("-")[1], **common)
@@ -210,7 +210,7 @@ def routed_triton():
 @needs_routed_triton
 @pytest.mark.parametrize("divergence,beta", DIVERGENCES)
 @pytest.mark.parametrize("signal,reduction", [("kl", "none"), ("kl", "mean"), ("topk-bucket", "mean"),
-                                              ("topk-renormalize", "mean")])  # fmt: skip
+                                              ("topk-renormalize", "mean")])
 def test_triton_rows_propagate(routed_triton, signal, reduction, divergence, beta):
     """fp32 only: the interpreter's ``tl.dot`` is wrong on bf16 (fp16 is covered by the fuzz hook)."""
     tensors = _tensors(torch.float32)

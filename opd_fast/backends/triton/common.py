@@ -107,7 +107,7 @@ def head_arguments(hs, ws, bs, ht, wt, bt, opts, n_splits: int) -> dict[str, Any
         "cap_s": opts.student.softcap or 0.0, "cap_t": opts.teacher.softcap or 0.0,
         "inv_temp": 1.0 / opts.temperature,
         "DOT_PRECISION": dot_precision(hs.dtype), "DOT_PRECISION_T": dot_precision(ht.dtype),
-    }  # fmt: skip
+    }
 
 
 @triton.jit
@@ -123,7 +123,7 @@ def head_tile(
     h_ptr, w_ptr, b_ptr, row0, col0, n_rows, n_cols, hidden, scale, softcap, inv_temp,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):  # fmt: skip
+):
     """Final fp32 logits ``softcap(scale (h W^T + b)) / T`` of the tile at rows ``row0:``, columns ``col0:``.
 
     Columns at or beyond ``n_cols`` (the compared vocabulary) come back as -inf: zero mass.
@@ -265,7 +265,7 @@ def label_arguments(labels: torch.Tensor | None, opts, partial: torch.Tensor | N
     return {
         "labels_ptr": labels, "label_logit_ptr": None if labels is None else partial[0],
         "lse_y_ptr": partial[1] if hard_lse else None, "temperature": None if labels is None else opts.temperature,
-    }  # fmt: skip
+    }
 
 
 def merge_labels(args: dict[str, Any], student_lse: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -335,7 +335,7 @@ def next_id(ids_ptr, rows, row_ok, n_ids, cur):
 @triton.jit
 def drop_ids(
     z, ids_ptr, z_ids_ptr, rows, row_ok, n_ids, cur, nxt, col0, GATHER: tl.constexpr, BLOCK_N: tl.constexpr
-):  # fmt: skip
+):
     """Remove each row's ids from the logit tile at columns ``col0:``: their logits become -inf.
 
     Ids are ascending per row (``NO_ID`` padded) and a program walks its vocabulary tiles in
@@ -365,7 +365,7 @@ def push_grad_tile(
     HAS_SOFTCAP: tl.constexpr, HAS_FILTER: tl.constexpr, NEED_H: tl.constexpr, NEED_W: tl.constexpr,
     NEED_B: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-):  # fmt: skip
+):
     """Finish a ``dL/dz`` tile (already divided by T) and push it through the gradient GEMMs.
 
     Chains the softcap (``1 - tanh^2``, recovered from the final logits ``z``) and the head's
@@ -389,7 +389,7 @@ def grad_gemms(
     g, h_ptr, w_ptr, grad_h_ptr, grad_w_ptr, grad_b_ptr, row0, col0, n_rows, n_cols, hidden,
     NEED_H: tl.constexpr, NEED_W: tl.constexpr, NEED_B: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):  # fmt: skip
+):
     """Push a dL/d(h W^T + b) tile through the gradient GEMMs with relaxed fp32 atomics.
 
     ``grad_h[rows] += g @ W[cols]``, ``grad_w[cols] += g^T @ h[rows]`` (streaming ``hidden`` in

@@ -29,7 +29,7 @@ from .common import (
     head_tile,
     next_id,
     online_step,
-)  # fmt: skip
+)
 
 # The student head's heuristics of ``common.HEAD_HEURISTICS`` (these kernels have no teacher).
 ROW_HEURISTICS = {name: HEAD_HEURISTICS[name] for name in ("HAS_BIAS_S", "HAS_SOFTCAP_S", "EVEN_KS")}
@@ -42,7 +42,7 @@ def tail_lse_kernel(
     N, K, HS, n_ids, n_splits, scale_s, cap_s, inv_temp,
     DOT_PRECISION: tl.constexpr, HAS_BIAS_S: tl.constexpr, HAS_SOFTCAP_S: tl.constexpr, EVEN_KS: tl.constexpr,
     ENTROPY: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):  # fmt: skip
+):
     """``ids_ptr``: ``(N, n_ids)`` int32, ascending per row, ``NO_ID`` for empty slots; ``z_ids_ptr``
     (same shape, fp32, pre-filled with -inf) receives the ids' logits."""
     pid_m = tl.program_id(0)
@@ -75,7 +75,7 @@ def row_head_arguments(hs, ws, bs, ids: torch.Tensor, setup: RowSetup, n_splits:
         "N": hs.shape[0], "K": setup.vocab, "HS": hs.shape[1], "n_ids": ids.shape[1], "n_splits": n_splits,
         "scale_s": setup.spec.scale, "cap_s": setup.spec.softcap or 0.0, "inv_temp": 1.0 / setup.temperature,
         "DOT_PRECISION": dot_precision(hs.dtype),
-    }  # fmt: skip
+    }
 
 
 def tail_lse_arguments(hs, ws, bs, ids: torch.Tensor, setup: RowSetup, entropy: bool, n_splits: int) -> dict:
@@ -85,7 +85,7 @@ def tail_lse_arguments(hs, ws, bs, ids: torch.Tensor, setup: RowSetup, entropy: 
         **row_head_arguments(hs, ws, bs, ids, setup, n_splits),
         "z_ids_ptr": torch.full(ids.shape, float("-inf"), dtype=torch.float32, device=hs.device),
         "lse_ptr": partial[0], "mean_ptr": partial[1] if entropy else None,
-    }  # fmt: skip
+    }
 
 
 def launch_tail_lse(

@@ -47,13 +47,13 @@ from .common import (
     online_step,
     scaled_lse_step,
     tile_terms,
-)  # fmt: skip
+)
 from .lse import launch_lse
 
 
 @triton.heuristics({
     **HEAD_HEURISTICS, **LABEL_HEURISTICS, "ONLINE": lambda args: args["DIVERGENCE"] in (FORWARD_KL, REVERSE_KL),
-})  # fmt: skip
+})
 @triton.jit
 def terms_kernel(
     hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, lse_s_ptr, lse_t_ptr, div_ptr, coef_ptr, ent_ptr,
@@ -64,7 +64,7 @@ def terms_kernel(
     EVEN_KS: tl.constexpr, EVEN_KT: tl.constexpr, ONLINE: tl.constexpr,
     HAS_LABELS: tl.constexpr, HARD_LSE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):  # fmt: skip
+):
     """ONLINE: ``lse_*_ptr`` receive per-split partial LSEs, ``div_ptr`` / ``ent_ptr`` the split's
     softmax-weighted means of ``z_t - z_s`` (forward) or ``z_s - z_t`` (reverse) and of ``z_s``.
     HAS_LABELS (ONLINE only): ``label_logit_ptr`` receives the split's share of ``z[label]`` (0
@@ -144,7 +144,7 @@ class RowStats(NamedTuple):
 
 def terms_arguments(
     hs, ws, bs, ht, wt, bt, lse_s, lse_t, opts: LossOptions, n_splits: int, labels: torch.Tensor | None = None
-) -> dict:  # fmt: skip
+) -> dict:
     """Keyword arguments of ``terms_kernel``; ``lse_s`` / ``lse_t`` None: one-pass mode outputs.
 
     ``labels`` (int64 ``(N,)``, -1 = none; one-pass mode only): also the label partials.
@@ -158,7 +158,7 @@ def terms_arguments(
         **label_arguments(labels, opts, None if labels is None else partial[5:]),
         "beta": opts.beta, "log_beta": log_beta, "log_1m_beta": log_1m_beta,
         "DIVERGENCE": divergence_code(opts.divergence, opts.beta),
-    }  # fmt: skip
+    }
 
 
 def _merge_online(args: dict) -> RowStats:
@@ -179,7 +179,7 @@ def _merge_online(args: dict) -> RowStats:
 
 def launch_row_stats(
     hs, ws, bs, ht, wt, bt, opts: LossOptions, config: BlockConfig, n_splits: int, labels: torch.Tensor | None = None
-) -> RowStats:  # fmt: skip
+) -> RowStats:
     """Per-row statistics (and with ``labels`` the cross-entropy at temperature 1).
 
     One sweep for the KLs, two (pass 1, then this kernel) for JSD and TVD.
