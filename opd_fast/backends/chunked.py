@@ -31,7 +31,7 @@ from typing import NamedTuple, Protocol
 import torch
 
 from ..core.call import LossOptions, Tuning
-from ..core.engine import EngineResult, Student, StudentGrads, Upstream, Want, accum_dtype
+from ..core.engine import TEACHER_HEAD_OUTPUTS, EngineResult, Student, StudentGrads, Upstream, Want, accum_dtype
 from .tile_math import (
     HardLabels,
     RowTerms,
@@ -114,8 +114,8 @@ class GradSink:
     per-row scale), in fp32 or in the GEMM dtype when the tile math wrote them in place.
     """
 
-    def __init__(self, hs: torch.Tensor, head: Head, want: tuple[bool, bool, bool], tuning: Tuning) -> None:
-        self.want_h, self.want_w, self.want_b = want
+    def __init__(self, hs: torch.Tensor, head: Head, want: Want, tuning: Tuning) -> None:
+        self.want_h, self.want_w, self.want_b = want.hidden, want.weight, want.bias
         self.grad_h = torch.zeros_like(hs) if self.want_h else None
         acc = dict(dtype=accum_dtype(hs.dtype), device=hs.device)
         self.grad_w = torch.zeros(head.weight.shape, **acc) if self.want_w else None
@@ -214,7 +214,7 @@ class ChunkedEngine:
     statistics of an earlier run) lets the 2-D regime skip its statistics passes.
     """
 
-    output_names = ("divergence", "cross_entropy", "student_lse", "teacher_lse", "student_entropy")
+    output_names = TEACHER_HEAD_OUTPUTS
     n_differentiable = 2
 
     def __init__(self, teacher: Student, opts: LossOptions, tiles: TileMath, tuning: Tuning,
@@ -229,7 +229,7 @@ class ChunkedEngine:
         n, k = hs.shape[0], opts.vocab_size
         head = Head(student.weight, student.bias, opts.student.scale)
         acc = dict(dtype=accum_dtype(hs.dtype), device=hs.device)
-        sink = GradSink(hs, head, (want.hidden, want.weight, want.bias), self.tuning) if upstream else None
+        sink = GradSink(hs, head, want, self.tuning) if upstream else None
         row_scale, hard = None, None if self.labels is None else HardLabels(self.labels, None)
         if sink is not None:  # the sink takes tiles with the logit scale folded into the row scales
             zeros = torch.zeros(n, **acc)

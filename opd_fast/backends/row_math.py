@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from ..core.call import TOPK_PAD_ID, TOPK_TAIL_FLOOR, LossOptions, Tail
-from ..core.engine import Upstream, accum_dtype
+from ..core.engine import Upstream, accum_dtype, logprob_outputs, topk_outputs
 from .tile_math import RowTerms, grad_from_terms, tile_terms
 
 __all__ = ["LogProbRows", "TopKCategories", "TopKRows"]
@@ -33,7 +33,7 @@ class LogProbRows:
     def __init__(self, token_ids: torch.Tensor, entropy: bool) -> None:
         self.token_ids = token_ids
         self.entropy = entropy
-        self.output_names = ("logprob", "entropy") if entropy else ("logprob",)
+        self.output_names = logprob_outputs(entropy)
         self.n_differentiable = len(self.output_names)
 
     def __call__(
@@ -104,8 +104,7 @@ class TopKRows:
 
     def __init__(self, categories: TopKCategories, entropy: bool) -> None:
         self.categories, self.entropy = categories, entropy
-        stats = ("divergence", "student_lse", "student_topk_mass")
-        self.output_names = (*stats, "student_entropy") if entropy else stats
+        self.output_names = topk_outputs(entropy)
 
     def __call__(
         self, z: torch.Tensor, rows: slice, upstream: Upstream | None

@@ -114,8 +114,7 @@ class RowsEngine:
         hs, ws, bs = student
         sink = None
         if upstream is not None:
-            sink = GradSink(hs, Head(ws, bs, self.setup.spec.scale), (want.hidden, want.weight, want.bias),
-                            self.setup.tuning)
+            sink = GradSink(hs, Head(ws, bs, self.setup.spec.scale), want, self.setup.tuning)
         outs = sweep_rows(hs, ws, bs, self.kernel, self.setup, upstream, sink)
         grads = None if sink is None else StudentGrads(sink.grad_h, sink.grad_w, sink.grad_b)
         return EngineResult(tuple(outs), grads)

@@ -18,7 +18,7 @@ import contextlib
 import torch
 
 from ..core.call import LossOptions, Tuning
-from ..core.engine import EngineResult, Student, StudentGrads, Upstream, Want
+from ..core.engine import TEACHER_HEAD_OUTPUTS, EngineResult, Student, StudentGrads, Upstream, Want
 from .tile_math import HardLabels
 from .triton import launch_grad, launch_row_stats, pick_config
 from .triton.common import INTERPRET
@@ -80,7 +80,7 @@ def check_dtypes(**tensors: torch.Tensor) -> None:
 class TritonEngine:
     """The two-head divergence on the Triton kernels (``chunked.ChunkedEngine``'s outputs)."""
 
-    output_names = ("divergence", "cross_entropy", "student_lse", "teacher_lse", "student_entropy")
+    output_names = TEACHER_HEAD_OUTPUTS
     n_differentiable = 2
 
     def __init__(self, teacher: Student, opts: LossOptions, tuning: Tuning, labels: torch.Tensor | None) -> None:

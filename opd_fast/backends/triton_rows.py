@@ -18,7 +18,7 @@ from typing import NamedTuple, Protocol
 
 import torch
 
-from ..core.engine import EngineResult, Student, StudentGrads, Upstream, Want
+from ..core.engine import EngineResult, Student, StudentGrads, Upstream, Want, logprob_outputs, topk_outputs
 from .row_math import TopKCategories
 from .rows import RowSetup
 from .tile_math import grad_from_terms, logits_grad_to_raw
@@ -85,7 +85,7 @@ class LogProbMath:
         self.ids = token_ids[:, None]
         self.valid = torch.ones_like(self.ids, dtype=torch.bool)
         self.entropy = entropy
-        self.output_names = ("logprob", "entropy") if entropy else ("logprob",)
+        self.output_names = logprob_outputs(entropy)
         self.n_differentiable = len(self.output_names)
 
     def _values(self, state: RowState) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -119,8 +119,7 @@ class TopKMath:
     def __init__(self, categories: TopKCategories, entropy: bool) -> None:
         self.categories = categories
         self.ids, self.valid, self.entropy, self.bucket = categories.ids, categories.valid, entropy, categories.bucket
-        stats = ("divergence", "student_lse", "student_topk_mass")
-        self.output_names = (*stats, "student_entropy") if entropy else stats
+        self.output_names = topk_outputs(entropy)
 
     def _terms(self, state: RowState):
         top = state.z_ids  # -inf on padding

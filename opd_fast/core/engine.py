@@ -26,6 +26,20 @@ import torch
 
 Upstream = Sequence[torch.Tensor | None]
 
+# What each kind of engine returns per row, named once for every backend (the differentiable ones first).
+TEACHER_HEAD_OUTPUTS = ("divergence", "cross_entropy", "student_lse", "teacher_lse", "student_entropy")
+
+
+def topk_outputs(entropy: bool) -> tuple[str, ...]:
+    """The top-k teacher's per-row outputs (the divergence is differentiable; the entropy costs a pass)."""
+    stats = ("divergence", "student_lse", "student_topk_mass")
+    return (*stats, "student_entropy") if entropy else stats
+
+
+def logprob_outputs(entropy: bool) -> tuple[str, ...]:
+    """The sampled tokens' per-row outputs, all differentiable."""
+    return ("logprob", "entropy") if entropy else ("logprob",)
+
 
 def accum_dtype(dtype: torch.dtype) -> torch.dtype:
     """fp32 accumulation for fp32/bf16/fp16 inputs; float64 stays float64 (gradcheck, references)."""
