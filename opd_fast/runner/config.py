@@ -43,9 +43,15 @@ class RunSection:
     # torch intra-op threads for the run; 0 = torch's default. Small models on shared CPUs run far
     # faster with 1 (thread spin-waits dominate tiny GEMMs when cores are oversubscribed).
     threads: int = 0
-    # "serial": stages one after another; "strict": the teacher scores micro-batches on a worker thread
-    # while the student samples the next ones and learns from the scored ones (same computation).
-    pipeline: str = "serial"
+    # "strict": the teacher scores micro-batches on a worker thread while the student samples the next
+    # ones and learns from the scored ones; "serial": stages one after another. Same computation.
+    pipeline: str = "strict"
+    # Async mode when >= 1: rollouts run up to this many optimizer steps ahead of the learner, on a
+    # snapshot of the student (runner/async_rollout.py); 0 = on-policy (the pipeline mode above).
+    max_staleness: int = 0
+    # Async mode: sampled-token terms (loss.signal = "sampled", the verifier term) are weighted per token
+    # by min(importance_clip, q_now / q_sampler); 0 = unweighted. Full-vocab / top-k terms never are.
+    importance_clip: float = 2.0
 
 
 @dataclass
@@ -300,6 +306,12 @@ def resolve_verifier(spec: str, base: Path) -> str:
     return f"{candidate}:{func}" if candidate.is_file() else spec
 
 
+def uses_importance_weights(c: RunConfig) -> bool:
+    """Async mode with a sampled-token term to weight (the only terms importance weights apply to)."""
+    sampled_terms = (c.loss.kd_weight > 0 and c.loss.signal == "sampled") or c.loss.verifier_weight > 0
+    return c.run.max_staleness >= 1 and c.run.importance_clip > 0 and sampled_terms
+
+
 def _require(ok: bool, key: str, message: str, value: Any) -> None:
     if not ok:
         raise ValueError(f"config key {key!r} {message}, got {value!r}")
@@ -314,6 +326,14 @@ def validate_config(c: RunConfig) -> None:
     _choice("run.dtype", c.run.dtype, DTYPES)
     _require(c.run.threads >= 0, "run.threads", "must be >= 0 (0 = torch default)", c.run.threads)
     _choice("run.pipeline", c.run.pipeline, ("serial", "strict"))
+    _require(c.run.max_staleness >= 0, "run.max_staleness", "must be >= 0 (0 = on-policy)", c.run.max_staleness)
+    _require(c.run.importance_clip >= 0, "run.importance_clip", "must be >= 0 (0 = off)", c.run.importance_clip)
+    if uses_importance_weights(c):
+        r = c.rollout
+        _require(r.temperature > 0 and r.top_k == 0 and r.top_p == 1, "run.importance_clip",
+                 "needs plain sampling (rollout.temperature > 0, top_k = 0, top_p = 1), where the sampler's "
+                 "recorded log-probs are the model's own; set run.importance_clip = 0 to train unweighted",
+                 c.run.importance_clip)
     _require(bool(c.student.path), "student.path", "must name a model directory", c.student.path)
     _require(bool(c.teachers), "teachers", "must configure at least one teacher ([teachers.NAME])", c.teachers)
     for name, t in c.teachers.items():

@@ -38,10 +38,10 @@ class StageWorker:
     At most ``depth`` items wait for the worker (``submit`` blocks beyond that: a bounded queue); an
     exception in ``fn`` is raised again by the ``result()`` of its item. Use as a context manager."""
 
-    def __init__(self, fn: Callable[[Any], Any], threads: int, depth: int = 2) -> None:
+    def __init__(self, fn: Callable[[Any], Any], threads: int, depth: int = 2, name: str = "stage-worker") -> None:
         self._in: queue.Queue = queue.Queue(depth)
         self._out: queue.Queue = queue.Queue()
-        self._thread = threading.Thread(target=self._run, args=(fn, threads), daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(fn, threads), name=name, daemon=True)
         self._thread.start()
 
     def _run(self, fn: Callable[[Any], Any], threads: int) -> None:

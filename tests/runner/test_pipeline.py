@@ -23,9 +23,9 @@ def test_strict_pipeline_gives_the_serial_losses(make_config, tmp_path: Path, lo
         trainer = Trainer(config)
         scored_on, score_batch = set(), trainer.score_batch
 
-        def record(batch, timer, score_batch=score_batch, scored_on=scored_on):
+        def record(step, micro_batch, batch, score_batch=score_batch, scored_on=scored_on):
             scored_on.add(threading.current_thread() is threading.main_thread())
-            return score_batch(batch, timer)
+            return score_batch(step, micro_batch, batch)
 
         trainer.score_batch = record
         rows = [trainer.train_step() for _ in range(3)]
