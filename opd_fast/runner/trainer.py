@@ -4,10 +4,10 @@
 stage on a worker thread, see ``pipeline.py``), ``"serial"``, or async (``run.max_staleness >= 1``:
 rollouts on a student snapshot, ahead of the learner, see ``async_rollout.py``). Each step draws a
 prompt group from the ``PromptSource``; the student samples completions micro-batch by micro-batch
-(``rollout``), or, on a fraction ``off_policy_fraction`` of steps, the batch uses off-policy completions (dataset references or
-teacher samples); the global completion-token count of the step fixes the loss normalization; each
-micro-batch is then scored by its domain's teacher (``score``) and learned from
-(``Learner.micro_step``); one optimizer step ends the step. Stages only pass plain data (``Prompt``
+(``rollout``), or, on a fraction ``off_policy_fraction`` of steps, the batch uses off-policy
+completions (dataset references or teacher samples); the global completion-token count of the step
+fixes the loss normalization; each micro-batch is then scored by its domain's teacher (``score``) and
+learned from (``Learner.micro_step``); one optimizer step ends the step. Stages only pass plain data (``Prompt``
 lists, ``RolloutBatch``, ``ScoredBatch``), so the pipelined modes overlap them without changing what
 they compute. Every stage run is an interval of the ``Timeline`` (``timeline.py``), which gives the
 step's stage times and overlap metrics and ``RUN_DIR/timeline.jsonl``.
@@ -70,8 +70,8 @@ class Trainer:
         for key, needed in needs_refs.items():
             if needed and missing:
                 raise ValueError(f"config key {key!r} trains on dataset references, but {missing} prompts have none")
-        importance = ImportanceWeights(c.run.importance_clip, c.rollout.temperature) \
-            if uses_importance_weights(c) else None
+        importance = (ImportanceWeights(c.run.importance_clip, c.rollout.temperature)
+                      if uses_importance_weights(c) else None)
         self.learner = Learner(self.student, c.loss, c.optim, self.teachers, importance)
         self.verifiers = Verifiers(c.loss.verifiers, c.data.task)
         self.generator = torch.Generator(c.run.device).manual_seed(c.run.seed)

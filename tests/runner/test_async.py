@@ -54,7 +54,7 @@ def test_producer_runs_exactly_max_staleness_ahead_and_samples_the_version_it_re
     seen: list[tuple[int, float]] = []
 
     def roll(step: int, lm: LoadedModel) -> StepRollouts:
-        seen.append((step, float(lm.model.weight)))
+        seen.append((step, float(lm.model.weight.detach())))
         return StepRollouts(step, False, [[Prompt(step, "", "d", None)] * 2], [], version=-1)
 
     with RolloutProducer(roll, student, start=0, last=6, max_staleness=2, threads=1) as producer:
