@@ -12,7 +12,9 @@ a line of ``RUN_DIR/timeline.jsonl``::
 ``start`` and ``end`` are seconds since this process started the run (a resumed run restarts at 0);
 ``micro_batch`` is null for per-step stages. On resume, lines after the checkpoint's step are dropped,
 as in ``metrics.jsonl``. Async mode records a step's rollouts while an earlier step learns, so a step's
-intervals may begin before the previous step ends.
+intervals may begin before the previous step ends, and one step's ``overlap_efficiency`` counts rollout
+time spent during earlier steps: there, read the ratio of the sums over a window of steps (every
+interval belongs to exactly one step, so that is the lanes' true utilization).
 
 Public API: ``Interval``, ``Timeline``, ``stage_metrics``, ``read_timeline``, ``TIMELINE_FILE``.
 """
