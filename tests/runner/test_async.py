@@ -118,6 +118,13 @@ def test_async_resume_drops_and_counts_the_in_flight_rollouts(make_config, tmp_p
         assert 0 < row["async/importance_weight"] <= 2.0  # sampled-token signal: weighted, truncated at 2
 
 
+@pytest.mark.parametrize(("run", "key"), [({"max_staleness": -1}, "run.max_staleness"),
+                                          ({"importance_clip": -0.5}, "run.importance_clip")])
+def test_async_keys_are_range_checked(make_config, tmp_path: Path, run: dict, key: str) -> None:
+    with pytest.raises(ValueError, match=f"'{key}' must be >= 0"):
+        make_config(tmp_path, run=run)
+
+
 def test_importance_weights_need_plain_sampling(make_config, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"'run\.importance_clip' needs plain sampling"):
         make_config(tmp_path, run={"max_staleness": 1}, loss={"signal": "sampled"}, rollout={"top_k": 3})

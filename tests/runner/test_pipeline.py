@@ -56,6 +56,28 @@ def test_stage_worker_keeps_order_and_reraises() -> None:
     assert threading.main_thread() not in threads
 
 
+def test_stage_worker_blocks_submit_beyond_its_depth() -> None:
+    started, release = threading.Event(), threading.Event()
+
+    def work(x: int) -> int:
+        started.set()
+        release.wait()
+        return x
+
+    with StageWorker(work, threads=1, depth=2) as worker:
+        worker.submit(0)
+        started.wait()  # item 0 is being worked on; two more may wait
+        worker.submit(1)
+        worker.submit(2)
+        blocked = threading.Thread(target=worker.submit, args=(3,))
+        blocked.start()
+        blocked.join(timeout=0.2)
+        assert blocked.is_alive()  # the bounded queue holds the producer back
+        release.set()
+        blocked.join()
+        assert [worker.result() for _ in range(4)] == [0, 1, 2, 3]
+
+
 def test_thread_split_never_exceeds_the_budget() -> None:
     assert split_threads(1) == (1, 1)
     assert split_threads(2) == (1, 1)
