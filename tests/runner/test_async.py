@@ -132,3 +132,24 @@ def test_importance_weights_need_plain_sampling(make_config, tmp_path: Path) -> 
                          rollout={"top_k": 3})
     assert config.run.importance_clip == 0.0
     make_config(tmp_path, run={"max_staleness": 1}, rollout={"top_k": 3})  # full-vocab KD: nothing is weighted
+
+
+@pytest.mark.parametrize("sections", [
+    {},
+    {"student": {"lora": {"r": 2, "alpha": 4, "target_modules": ["q_proj", "v_proj"]}}},
+    {"loss": {"off_policy_fraction": 0.5, "off_policy_source": "teacher"}},  # teachers sample on the producer
+], ids=["full", "lora", "teacher-samples"])
+def test_the_snapshot_samples_with_the_published_weights(make_config, tmp_path: Path, sections: dict) -> None:
+    if "student" in sections:
+        pytest.importorskip("peft")
+    config = make_config(tmp_path, run={"max_staleness": 1}, optim={"steps": 3}, **sections)
+    trainer = Trainer(config)
+    initial = {n: p.detach().clone() for n, p in trainer.student.model.named_parameters() if p.requires_grad}
+    with trainer.run_ahead():
+        rows = [trainer.train_step() for _ in range(3)]
+        snapshot = dict(trainer.producer.snapshot.model.named_parameters())
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all(0 <= r["async/staleness"] <= 1 for r in rows) and rows[0]["async/staleness"] == 0
+    # step 3 could only start from version >= 1: the snapshot's trainable weights moved off the initial ones
+    assert any(not torch.equal(snapshot[n], p) for n, p in initial.items())
+    assert trainer.producer is None
