@@ -15,6 +15,9 @@ resumed run starts with fresh prompts and counts the in-flight samples in ``asyn
 Async runs are not bit-reproducible: which weights version a step samples from depends on thread timing
 (within the bound).
 
+Memory: a second copy of the student (the snapshot) and, per update, one staged copy of its trainable
+weights (for LoRA, only the adapters).
+
 Threads: the producer gets the larger share of ``run.threads`` (rollout is most of a step) and the
 learner the rest, as ``pipeline.split_threads`` splits them.
 
