@@ -9,11 +9,13 @@ train/eval mode between two threads); async mode (``async_rollout.py``) is what 
 rollouts. Scoring is one stage behind the rollouts, so with two or more micro-batches per step it is
 hidden except for the last micro-batch's, which overlaps the first learning micro-steps.
 
-Threads: the worker gets ``max(1, T // 4)`` torch intra-op threads and the main thread the rest (``T`` =
-``run.threads``, or torch's count), so the two never ask for more than ``T`` cores; with ``T = 1`` both
-get one, i.e. two cores (``run.pipeline = "serial"`` stays on one). Results equal the serial loop's bit
-for bit when each thread's count equals the serial run's (``T = 1``); with more threads, CPU kernels may
-split reductions differently, which changes rounding only. On CUDA the worker thread issues its kernels
+Threads: while the worker has work it gets ``max(1, T // 4)`` torch intra-op threads and the main thread
+the rest (``T`` = ``run.threads``, or torch's count), so the two never ask for more than ``T`` cores; once
+the last micro-batch is scored, the main thread learns with all ``T``. With ``T = 1`` both get one, i.e.
+two cores (``run.pipeline = "serial"`` stays on one). A step of one micro-batch has nothing to overlap
+and runs serially with all ``T`` threads. Results equal the serial loop's bit for bit when each thread's
+count equals the serial run's (``T = 1``); with more threads, CPU kernels may split reductions
+differently, which changes rounding only. On CUDA the worker thread issues its kernels
 to the same (default) stream, so the overlap hides the host side of each stage (Python, kernel launches),
 not GPU time.
 

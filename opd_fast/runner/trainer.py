@@ -181,15 +181,24 @@ class Trainer:
         if self.producer is not None:
             plan = self.producer.take()
             return (plan, *self.learn(plan, lambda i, b: self.score_batch(step, i, b)))
-        if c.run.pipeline == "serial":
+        samples = c.data.prompts_per_step * c.data.group_size
+        if c.run.pipeline == "serial" or samples <= c.rollout.micro_batch_size:  # one micro-batch: no overlap
             plan = self.roll_out(step, self.student)
             return (plan, *self.learn(plan, lambda i, b: self.score_batch(step, i, b)))
-        main, worker = split_threads(c.run.threads or torch.get_num_threads())
+        total = c.run.threads or torch.get_num_threads()
+        main, worker = split_threads(total)
         order = itertools.count()
+
+        def scored(i: int, batch: RolloutBatch) -> ScoredBatch:
+            result = scorer.result()
+            if i == len(plan.batches) - 1:  # the worker has nothing left: the rest of learning gets every thread
+                torch.set_num_threads(total)
+            return result
+
         with main_threads(main), StageWorker(lambda b: self.score_batch(step, next(order), b), worker,
                                              name="score-worker") as scorer:
             plan = self.roll_out(step, self.student, scorer.submit)
-            return (plan, *self.learn(plan, lambda i, b: scorer.result()))
+            return (plan, *self.learn(plan, scored))
 
     def train_step(self) -> dict[str, Any]:
         """One optimizer step; returns its metrics row."""

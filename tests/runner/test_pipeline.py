@@ -37,6 +37,20 @@ def test_strict_pipeline_gives_the_serial_losses(make_config, tmp_path: Path, lo
     assert all(torch.equal(x, y) for x, y in zip(w_serial, w_strict, strict=True))
 
 
+def test_learning_gets_every_thread_once_scoring_is_done(make_config, tmp_path: Path) -> None:
+    config = make_config(tmp_path, run={"threads": 2}, data={"prompts_per_step": 2, "group_size": 2})
+    trainer = Trainer(config)
+    threads, micro_step = [], trainer.learner.micro_step
+
+    def record(*args, **kwargs):
+        threads.append(torch.get_num_threads())
+        return micro_step(*args, **kwargs)
+
+    trainer.learner.micro_step = record
+    trainer.train_step()
+    assert threads == [1, 2]  # beside the scorer: its share only; after the last score: all of run.threads
+
+
 def test_stage_worker_keeps_order_and_reraises() -> None:
     threads = []
 

@@ -64,19 +64,23 @@ def test_stage_metrics_sum_busy_time_per_stage(intervals: list, wall: float, bus
         assert metrics[f"idle/{stage}"] == pytest.approx(wall - busy.get(stage, 0.0))
 
 
-@pytest.mark.parametrize("pipeline", ["serial", "strict"])
-def test_a_run_writes_every_stage_of_every_step(make_config, tmp_path: Path, pipeline: str) -> None:
+@pytest.mark.parametrize(("pipeline", "prompts", "score_lane"), [
+    ("serial", 2, "main"),
+    ("strict", 2, "score-worker"),
+    ("strict", 1, "main"),  # one micro-batch per step: nothing to overlap, so it runs serially
+])
+def test_a_run_writes_every_stage_of_every_step(make_config, tmp_path: Path, pipeline: str, prompts: int,
+                                                score_lane: str) -> None:
     config = make_config(tmp_path / "run", run={"pipeline": pipeline}, optim={"steps": 2},
-                         data={"prompts_per_step": 2, "group_size": 2})  # two micro-batches of 2
+                         data={"prompts_per_step": prompts, "group_size": 2})  # micro-batches of 2 samples
     train(config)
     rows = read_timeline(tmp_path / "run")
     assert {r["step"] for r in rows} == {1, 2}
     for step in (1, 2):
         mine = [r for r in rows if r["step"] == step]
         for stage in ("rollout", "score", "learn"):
-            assert sorted(r["micro_batch"] for r in mine if r["stage"] == stage) == [0, 1]
+            assert sorted(r["micro_batch"] for r in mine if r["stage"] == stage) == list(range(prompts))
         assert [r["micro_batch"] for r in mine if r["stage"] == "optim"] == [None]
-        score_lane = "main" if pipeline == "serial" else "score-worker"
         assert {r["lane"] for r in mine if r["stage"] == "score"} == {score_lane}
     metrics = [r for r in read_metrics(tmp_path / "run") if r.get("kind") != "eval"]
     for row in metrics:
