@@ -19,7 +19,9 @@ Memory: a second copy of the student (the snapshot) and, per update, one staged 
 weights (for LoRA, only the adapters).
 
 Threads: the producer gets the larger share of ``run.threads`` (rollout is most of a step) and the
-learner the rest, as ``pipeline.split_threads`` splits them.
+learner the rest, as ``pipeline.split_threads`` splits them. On CUDA both threads issue kernels to the
+same default stream, which orders them, so the weight hand-off needs no events; the overlap there is
+the host side of each stage.
 
 Public API: ``StepRollouts``, ``RolloutProducer``.
 """

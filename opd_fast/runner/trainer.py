@@ -114,8 +114,9 @@ class Trainer:
         return from_completions(self.student.tokenizer, prompts, texts, c.rollout,
                                 chat_template=c.data.chat_template, source="teacher")
 
-    def roll_out(self, step: int, lm: LoadedModel, on_batch: Callable[[RolloutBatch], None] | None = None,
-                 ) -> StepRollouts:
+    def roll_out(
+        self, step: int, lm: LoadedModel, on_batch: Callable[[RolloutBatch], None] | None = None
+    ) -> StepRollouts:
         """Sample stage then rollout stage of ``step``: its prompts and every micro-batch's rollout; each
         batch goes to ``on_batch`` (the strict mode's scorer) as soon as it exists."""
         c = self.config
@@ -162,8 +163,9 @@ class Trainer:
             return score(batch, self.teachers, self.router, signal=c.loss.signal, topk=c.loss.topk,
                          temperature=c.loss.temperature)
 
-    def learn(self, plan: StepRollouts, scored: Callable[[int, RolloutBatch], ScoredBatch],
-              ) -> tuple[list[MicroStats], dict[str, float], float]:
+    def learn(
+        self, plan: StepRollouts, scored: Callable[[int, RolloutBatch], ScoredBatch]
+    ) -> tuple[list[MicroStats], dict[str, float], float]:
         """Learn stage of every micro-batch (``scored(i, batch)`` gives its teacher signal, in order), then
         the optimizer step; returns the stats, the update and the step's completion-token count."""
         step, batches = plan.step, plan.batches
