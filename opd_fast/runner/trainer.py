@@ -36,6 +36,7 @@ from . import preflight, run_dir
 from .async_rollout import RolloutProducer, StepRollouts
 from .checkpoint import load_state, rng_state, save_checkpoint, set_rng_state
 from .config import RunConfig, config_to_dict, uses_importance_weights
+from .correction import Corrector
 from .data import Prompt, load_examples, prompt_source
 from .evaluate import Verifiers, evaluate
 from .learn import ImportanceWeights, Learner, MicroStats
@@ -79,6 +80,9 @@ class Trainer:
                                trust_remote_code=c.loss.reward_trust_remote_code)
         self.generator = torch.Generator(c.run.device).manual_seed(c.run.seed)
         self.mix_rng = random.Random(c.run.seed + 1)
+        self.corrector = None if c.rollout.correction is None else Corrector(
+            c.rollout.correction, c.rollout, self.student.tokenizer, self.teachers, self.router,
+            torch.Generator(c.run.device).manual_seed(c.run.seed + 2))
         self.step = 0
         self.dropped_samples = 0  # async mode: rollouts never learned from (in flight at a checkpoint)
         self.run_info: dict[str, Any] = {}  # run id and schedule anchor, saved with every checkpoint
@@ -92,16 +96,20 @@ class Trainer:
             self.mix_rng.setstate(state["mix_rng"])
             self.rewards.load_state_dict(state.get("rewards", {}))
             set_rng_state(state["rng"], self.generator)
+            if self.corrector is not None and "correction_rng" in state:
+                self.corrector.generator.set_state(state["correction_rng"])
             self.step = state["step"]
             self.dropped_samples = state.get("dropped_samples", 0) + state.get("in_flight_samples", 0)
 
     # -- stages ---------------------------------------------------------------------------------
-    def make_batch(self, lm: LoadedModel, prompts: list[Prompt], off_policy: bool) -> RolloutBatch:
-        """Rollout stage: ``lm`` (the student or its async snapshot) samples, or off-policy completions on
-        an off-policy step."""
+    def make_batch(self, step: int, lm: LoadedModel, prompts: list[Prompt], off_policy: bool) -> RolloutBatch:
+        """Rollout stage: ``lm`` (the student or its async snapshot) samples, teacher-corrected when so
+        configured, or off-policy completions on an off-policy step."""
         c = self.config
         if not off_policy:
-            return rollout(lm, prompts, c.rollout, self.generator, chat_template=c.data.chat_template)
+            correction = None if self.corrector is None else self.corrector.begin(prompts, step)
+            return rollout(lm, prompts, c.rollout, self.generator, chat_template=c.data.chat_template,
+                           correction=correction)
         if c.loss.off_policy_source == "dataset":
             return from_completions(self.student.tokenizer, prompts, [p.reference or "" for p in prompts], c.rollout,
                                     chat_template=c.data.chat_template)
@@ -128,7 +136,7 @@ class Trainer:
         batches = []
         for i, mb in enumerate(micro):
             with self.timeline.stage(step, "rollout", i):
-                batches.append(self.make_batch(lm, mb, off_policy))
+                batches.append(self.make_batch(step, lm, mb, off_policy))
             if on_batch is not None:
                 on_batch(batches[-1])
         return StepRollouts(step, off_policy, micro, batches, version=step - 1)
@@ -233,6 +241,9 @@ class Trainer:
             "lr": update["lr"],
             "skipped_steps": self.learner.skipped,
         }
+        if self.corrector is not None and batches[0].source == "student":
+            row["correction_rate"] = self.corrector.rate(step)
+            row["corrected_fraction"] = sum(b.num_corrected for b in batches) / max(1, num_items)
         if self.config.run.max_staleness >= 1:
             row["async/staleness"] = (step - 1) - plan.version
             row["async/dropped_samples"] = self.dropped_samples
@@ -247,6 +258,11 @@ class Trainer:
             total = sum(s.divergence_sum.get(key, 0.0) for s in stats)
             count = sum(s.divergence_tokens.get(key, 0) for s in stats)
             row[f"divergence/{key}"] = total / max(1, count)
+        for name in sorted({n for s in stats for n in s.teacher_tokens}):
+            routed = sum(s.teacher_tokens.get(name, 0) for s in stats)
+            row[f"token_share/teacher/{name}"] = routed / max(1, num_items)
+            if any(name in s.teacher_entropy_sum for s in stats):
+                row[f"entropy/teacher/{name}"] = sum(s.teacher_entropy_sum.get(name, 0.0) for s in stats) / max(1, routed)
         return row
 
     @contextlib.contextmanager
@@ -274,6 +290,7 @@ class Trainer:
             state = {"learner": self.learner.state_dict(), "sampler": self.source.state_dict(),
                      "mix_rng": self.mix_rng.getstate(), "rewards": self.rewards.state_dict(),
                      "rng": rng_state(self.generator), "dropped_samples": self.dropped_samples,
+                     **({} if self.corrector is None else {"correction_rng": self.corrector.generator.get_state()}),
                      "in_flight_samples": in_flight, **self.run_info}
             return save_checkpoint(self.config.run.out_dir, self.step, self.student, state,
                                    self.config.checkpoint.keep, config_to_dict(self.config))
