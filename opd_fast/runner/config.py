@@ -3,8 +3,8 @@
 Public API (stable, used by the demo and the CLI):
 
 - ``RunConfig`` and its sections (``RunSection``, ``StudentConfig``, ``TeacherConfig``, ``DataConfig``,
-  ``RolloutConfig`` (with ``CorrectionConfig``), ``LossConfig``, ``OptimConfig``, ``CheckpointConfig``, ``MetricsConfig``,
-  ``EvalConfig``): plain dataclasses with defaults, so code can also build a config directly.
+  ``RolloutConfig`` (with ``CorrectionConfig``), ``LossConfig``, ``OptimConfig``, ``CheckpointConfig``,
+  ``MetricsConfig``, ``EvalConfig``): plain dataclasses with defaults, so code can also build a config directly.
 - ``load_config(path, overrides=())``: read TOML, apply ``--set key=value`` overrides
   (``"optim.lr=1e-3"``, ``"teachers.main.weight=2"``; values parsed as TOML, falling back to strings),
   and validate.

@@ -261,8 +261,9 @@ class Trainer:
         for name in sorted({n for s in stats for n in s.teacher_tokens}):
             routed = sum(s.teacher_tokens.get(name, 0) for s in stats)
             row[f"token_share/teacher/{name}"] = routed / max(1, num_items)
-            if any(name in s.teacher_entropy_sum for s in stats):
-                row[f"entropy/teacher/{name}"] = sum(s.teacher_entropy_sum.get(name, 0.0) for s in stats) / max(1, routed)
+            entropies = [s.teacher_entropy_sum[name] for s in stats if name in s.teacher_entropy_sum]
+            if entropies:
+                row[f"entropy/teacher/{name}"] = sum(entropies) / max(1, routed)
         return row
 
     @contextlib.contextmanager

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from opd_fast.models.tiny import save_model, tiny_causal_lm
 from opd_fast.reference import divergence_from_logits
 from opd_fast.runner.config import LossConfig, OptimConfig, RolloutConfig
 from opd_fast.runner.data import Prompt
@@ -20,19 +19,6 @@ from opd_fast.runner.trainer import Trainer
 
 PROMPTS = [Prompt(0, "abc=", "a", None), Prompt(1, "a=", "b", None), Prompt(2, "hhgg fed=", "b", None),
            Prompt(3, "fa=", "a", None), Prompt(4, "dead=", "b", None)]
-PAD_ROWS = 6
-
-
-@pytest.fixture(scope="module")
-def padded_teacher(models: dict, tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A wider Llama teacher whose head has ``PAD_ROWS`` rows beyond the (student's) tokenizer's vocabulary."""
-    tok = load_model(models["student"]).tokenizer
-    model = tiny_causal_lm(tok, hidden_size=64, num_layers=1, num_heads=2, seed=5)
-    model.resize_token_embeddings(len(tok) + PAD_ROWS)
-    torch.nn.init.normal_(model.get_output_embeddings().weight)  # padded rows with real mass: they must be cut
-    return str(save_model(model, tok, tmp_path_factory.mktemp("padded") / "teacher"))
-
-
 def full_logits(lm, input_ids: torch.Tensor, attention_mask: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     out = lm.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask))
     return out.logits[:, :-1][target]
@@ -46,7 +32,7 @@ def test_mixed_batch_loss_is_the_sum_of_per_teacher_losses(models: dict, padded_
     for name, (path, domains, weight, temperature) in calibration.items():
         model = load_model(path, name=name)
         teachers[name] = Teacher(model, check_compatible(student, model), weight, domains, temperature)
-    assert teachers["tb"].head.weight.shape[0] == teachers["tb"].vocab_size + PAD_ROWS
+    assert teachers["tb"].head.weight.shape[0] == teachers["tb"].vocab_size + 6
     assert {t.head.weight.shape[1] for t in teachers.values()} == {48, 64}
     loss_cfg = LossConfig(divergence=divergence, beta=0.3, temperature=1.5)
     router = Router(teachers)
@@ -69,8 +55,8 @@ def test_mixed_batch_loss_is_the_sum_of_per_teacher_losses(models: dict, padded_
         expected = expected + teacher.weight * div.sum() / num_items
         entropy = -(torch.log_softmax(s_logits, -1).exp() * torch.log_softmax(s_logits, -1)).sum(-1)
         assert stats.teacher_tokens[name] == div.numel()
-        assert stats.divergence_sum[f"teacher/{name}"] == pytest.approx(float(div.sum()), rel=1e-4)
-        assert stats.teacher_entropy_sum[name] == pytest.approx(float(entropy.sum()), rel=1e-4)
+        assert stats.divergence_sum[f"teacher/{name}"] == pytest.approx(float(div.detach().sum()), rel=1e-4)
+        assert stats.teacher_entropy_sum[name] == pytest.approx(float(entropy.detach().sum()), rel=1e-4)
     expected.backward()
     assert stats.loss == pytest.approx(float(expected.detach()), rel=1e-4, abs=1e-6)
     torch.testing.assert_close(grad, student.head.weight.grad, atol=1e-5, rtol=1e-3)

@@ -25,13 +25,13 @@ SAMPLING = [RolloutConfig(max_new_tokens=8), RolloutConfig(max_new_tokens=8, tem
 
 def corrector(models: dict, cfg: CorrectionConfig, sampling: RolloutConfig, teachers: dict[str, str],
               seed: int = 7) -> Corrector:
-    """``teachers``: name -> model key; ``ta`` takes domain a, every other name the rest."""
-    loaded = {}
-    for name, key in teachers.items():
-        model = load_model(models[key], name=name)
-        loaded[name] = Teacher(model, model.head.weight.shape[0], domains=["a"] if name == "ta" else [])
-    student_tok = load_model(models["student"]).tokenizer
-    return Corrector(cfg, sampling, student_tok, loaded, Router(loaded), torch.Generator().manual_seed(seed))
+    """``teachers``: name -> model directory; ``ta`` takes domain a, every other name the rest."""
+    student, loaded = load_model(models["student"]), {}
+    for name, path in teachers.items():
+        model = load_model(path, name=name)
+        vocab = min(model.head.weight.shape[0], student.head.weight.shape[0])  # the ids both heads cover
+        loaded[name] = Teacher(model, vocab, domains=["a"] if name == "ta" else [])
+    return Corrector(cfg, sampling, student.tokenizer, loaded, Router(loaded), torch.Generator().manual_seed(seed))
 
 
 def sampler_logprobs(lm, batch: RolloutBatch, rows: torch.Tensor, sampling: RolloutConfig) -> torch.Tensor:
@@ -43,6 +43,10 @@ def sampler_logprobs(lm, batch: RolloutBatch, rows: torch.Tensor, sampling: Roll
         z = z / sampling.temperature
         if sampling.top_k:
             z = z.masked_fill(z < z.topk(sampling.top_k, -1).values[:, -1:], float("-inf"))
+        if sampling.top_p < 1:  # nucleus: keep a token while the mass of the tokens above it is below top_p
+            p = z.softmax(-1)
+            above = (p[:, None, :] * (p[:, None, :] > p[:, :, None])).sum(-1)
+            z = z.masked_fill(above >= sampling.top_p, float("-inf"))
     return torch.log_softmax(z, -1).gather(-1, batch.target_ids(rows)[:, None]).squeeze(-1)
 
 
@@ -52,7 +56,7 @@ def test_a_rule_that_rejects_nothing_is_the_plain_rollout(models: dict, sampling
                                                           rule: CorrectionConfig) -> None:
     student = load_model(models["student"])
     assert student.head.weight.shape[0] == 15  # topk = vocabulary: every token is inside it
-    fix = corrector(models, rule, sampling, {"ta": "teacher_a", "tb": "teacher_b"})
+    fix = corrector(models, rule, sampling, {"ta": models["teacher_a"], "tb": models["teacher_b"]})
     corrected = rollout(student, PROMPTS, sampling, torch.Generator().manual_seed(0),
                         correction=fix.begin(PROMPTS, step=1))
     plain = rollout(student, PROMPTS, sampling, torch.Generator().manual_seed(0))
@@ -64,7 +68,7 @@ def test_a_rule_that_rejects_nothing_is_the_plain_rollout(models: dict, sampling
 @pytest.mark.parametrize("sampling", SAMPLING)
 def test_replacing_every_token_is_teacher_sampling(models: dict, sampling: RolloutConfig) -> None:
     student = load_model(models["student"])
-    fix = corrector(models, CorrectionConfig(min_prob=1.0), sampling, {"all": "teacher_a"}, seed=3)
+    fix = corrector(models, CorrectionConfig(min_prob=1.0), sampling, {"all": models["teacher_a"]}, seed=3)
     corrected = rollout(student, PROMPTS, sampling, torch.Generator().manual_seed(0),
                         correction=fix.begin(PROMPTS, step=1))
     teacher = rollout(fix.teachers["all"].model, PROMPTS, sampling, torch.Generator().manual_seed(3))
@@ -76,10 +80,12 @@ def test_replacing_every_token_is_teacher_sampling(models: dict, sampling: Rollo
 
 @pytest.mark.parametrize("sampling", SAMPLING[:2])
 @pytest.mark.parametrize("rule", [CorrectionConfig(topk=3), CorrectionConfig(topk=4, min_prob=0.1, rate=0.5)])
+@pytest.mark.parametrize("padded", [False, True], ids=["same-heads", "padded-teacher-head"])
 def test_kept_and_replaced_tokens_record_the_distribution_that_drew_them(
-        models: dict, sampling: RolloutConfig, rule: CorrectionConfig) -> None:
+        models: dict, padded_teacher: str, sampling: RolloutConfig, rule: CorrectionConfig, padded: bool) -> None:
     student = load_model(models["student"])
-    fix = corrector(models, rule, sampling, {"ta": "teacher_a", "tb": "teacher_b"})
+    fix = corrector(models, rule, sampling, {"ta": models["teacher_a"],
+                                             "tb": padded_teacher if padded else models["teacher_b"]})
     batch = rollout(student, PROMPTS, sampling, torch.Generator().manual_seed(0), correction=fix.begin(PROMPTS, 1))
     corrected = batch.corrected_mask[:, 1:][batch.target_mask]
     assert 0 < int(corrected.sum()) < batch.num_tokens  # both kinds present: the test can tell them apart
@@ -94,7 +100,7 @@ def test_kept_and_replaced_tokens_record_the_distribution_that_drew_them(
         if rule.rate == 1:  # every kept token passed the teacher's top-k rule
             with torch.no_grad():
                 hidden, _ = forward_hidden(fix.teachers[name].model, batch.input_ids[idx], batch.attention_mask[idx])
-                z = head_logits(batch.target_states(hidden, idx), fix.teachers[name].head)
+                z = head_logits(batch.target_states(hidden, idx), fix.teachers[name].head)[:, :15]
             rank = (z > z.gather(-1, batch.target_ids(idx)[:, None])).sum(-1)
             assert bool((rank[~corrected[in_rows]] < rule.topk).all())
     torch.testing.assert_close(recorded, expected, atol=1e-4, rtol=1e-4)
@@ -106,7 +112,7 @@ def test_rate_schedule_hands_control_back() -> None:
 
     decaying = schedule(CorrectionConfig(topk=2, rate=0.8, decay_steps=4))
     assert [round(decaying.rate(s), 6) for s in range(1, 7)] == [0.8, 0.6, 0.4, 0.2, 0.0, 0.0]
-    assert decaying.begin(PROMPTS, 4) is not None and decaying.begin(PROMPTS, 5) is None  # no teacher decode at 0
+    assert decaying.begin([], 4) is not None and decaying.begin([], 5) is None  # no teacher decode at rate 0
     assert {schedule(CorrectionConfig(topk=2, rate=0.3)).rate(s) for s in (1, 50, 10_000)} == {0.3}
 
 
@@ -124,7 +130,7 @@ def test_trainer_logs_exact_corrected_fraction_and_stops_correcting_after_the_sc
 
 def test_different_tokenizer_is_refused(models: dict) -> None:
     with pytest.raises(ValueError, match=r"rollout.correction.*'odd'.*maps tokens to ids differently"):
-        corrector(models, CorrectionConfig(topk=2), SAMPLING[0], {"odd": "other_tok"})
+        corrector(models, CorrectionConfig(topk=2), SAMPLING[0], {"odd": models["other_tok"]})
 
 
 @pytest.mark.parametrize(("correction", "loss", "message"), [
