@@ -91,14 +91,14 @@ class CorrectedDecode:
         positions: torch.Tensor | None,
         tokens: torch.Tensor,
         logprobs: torch.Tensor,
-        active: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Feed every teacher this step's inputs (as the student got them: ``step_ids`` ``(B, S)``, ``mask``
         over past + new, ``positions`` or None at the prefill), vet the student's ``tokens`` / ``logprobs``
-        ``(B,)``; return the corrected tokens and log-probs and the bool mask of replaced active rows."""
+        ``(B,)``; return the corrected tokens and log-probs and the bool mask of the rows replaced (finished
+        rows included: the caller pads them and does not count them)."""
         s = self.corrector.sampling
         tokens, logprobs = tokens.clone(), logprobs.clone()
-        replaced = torch.zeros_like(active)
+        replaced = torch.zeros_like(tokens, dtype=torch.bool)
         for teacher, rows, cache in self.parts:
             device = teacher.model.device
             idx = rows.to(step_ids.device)
@@ -112,7 +112,7 @@ class CorrectedDecode:
             if self.rate < 1:
                 coins = torch.rand(swap.shape, generator=self.corrector.generator, device=device)
                 swap &= coins < self.rate
-            swap = swap.to(tokens.device) & active[idx]
+            swap = swap.to(tokens.device)
             tokens[idx] = torch.where(swap, t_tokens.to(tokens.device), tokens[idx])
             logprobs[idx] = torch.where(swap, t_lps.to(logprobs.device), logprobs[idx])
             replaced[idx] = swap
