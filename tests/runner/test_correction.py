@@ -12,10 +12,11 @@ from opd_fast.models.tiny import char_tokenizer
 from opd_fast.runner.config import CorrectionConfig, RolloutConfig
 from opd_fast.runner.correction import Corrector
 from opd_fast.runner.data import Prompt
+from opd_fast.runner.metrics import read_metrics
 from opd_fast.runner.models import Teacher, forward_hidden, head_logits, load_model
 from opd_fast.runner.rollout import RolloutBatch, rollout
 from opd_fast.runner.score import Router
-from opd_fast.runner.trainer import Trainer
+from opd_fast.runner.trainer import Trainer, train
 
 PROMPTS = [Prompt(0, "abc=", "a", None), Prompt(1, "a=", "b", None), Prompt(2, "hhgg fed=", "b", None),
            Prompt(3, "fa=", "a", None)]
@@ -148,6 +149,11 @@ def test_invalid_correction_configs_name_the_key(make_config, tmp_path: Path, co
         make_config(tmp_path, rollout={"correction": correction}, loss=loss)
 
 
-def test_async_mode_accepts_correction(make_config, tmp_path: Path) -> None:
-    cfg = make_config(tmp_path, run={"max_staleness": 1}, rollout={"correction": {"topk": 2}})
-    assert cfg.rollout.correction == CorrectionConfig(topk=2)
+def test_async_mode_corrects_by_the_rollout_step_schedule(make_config, tmp_path: Path) -> None:
+    cfg = make_config(tmp_path, run={"max_staleness": 1, "threads": 2}, optim={"steps": 3},
+                      rollout={"correction": {"min_prob": 1.0, "decay_steps": 2}})
+    train(cfg)
+    rows = [r for r in read_metrics(tmp_path) if r.get("kind") != "eval"]
+    assert [r["correction_rate"] for r in rows] == [1.0, 0.5, 0.0]
+    assert rows[0]["corrected_fraction"] == 1.0 and rows[2]["corrected_fraction"] == 0.0
+    assert 0.0 <= rows[1]["corrected_fraction"] <= 1.0
