@@ -159,7 +159,7 @@ class Trainer:
         stats: list[MicroStats] = []
         for batch, adv, ref in zip(batches, advantages, sft, strict=True):
             scored = self.score_batch(batch, timer) if scorer is None else scorer.result()
-            with timer.timed("learn"):
+            with timer.timed("learn"), self.student.autocast():  # the loss too computes in run.dtype
                 stats.append(self.learner.micro_step(scored, num_items, adv, ref, sft_items))
         with timer.timed("learn"):
             update = self.learner.step()
