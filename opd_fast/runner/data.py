@@ -182,6 +182,11 @@ def load_examples(data: DataConfig, split: str, n: int, seed: int) -> list[Examp
     return [pool[i] for i in range(len(pool) if split == "train" else min(n, len(pool)))]
 
 
+def prompt_text(prompt: str | list[Message]) -> str:
+    """A prompt as one readable string (a conversation as ``role: content`` lines), for logs and tables."""
+    return prompt if isinstance(prompt, str) else "\n".join(f"{m['role']}: {m['content']}" for m in prompt)
+
+
 def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str | list[Message],
                   chat_template: bool = False) -> list[int]:
     """Prompt ids. A conversation, or a text with ``chat_template``, goes through the tokenizer's chat template

@@ -129,6 +129,16 @@ def _load_tokenizer(path: str, trust_remote_code: bool) -> PreTrainedTokenizerBa
     return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
 
 
+def _enable_checkpointing(lm: PreTrainedModel) -> None:
+    """HF's activation (gradient) checkpointing, non-reentrant: it works with frozen inputs (LoRA) and autocast.
+    transformers >= 5.2x renamed the API; older versions only have ``gradient_checkpointing_enable``."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(lm, "activation_checkpointing_enable"):
+        lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def load_model(
     path: str,
     *,
@@ -157,8 +167,8 @@ def load_model(
     except OSError as exc:
         raise ValueError(f"{name}: cannot load a model/tokenizer from {path!r}: {exc}") from exc
     lm.to(device)
-    if trainable and gradient_checkpointing:  # non-reentrant: works with frozen inputs (LoRA) and autocast
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if trainable and gradient_checkpointing:
+        _enable_checkpointing(lm)
     model: nn.Module = lm
     if lora is not None:
         from peft import LoraConfig as PeftLoraConfig

@@ -31,10 +31,10 @@ from .checkpoint import checkpoints, load_config_json, load_latest
 from .config import OptimConfig, RunConfig, config_to_dict
 from .files import write_atomic
 from .learn import Learner, lr_lambda
-from .metrics import METRICS_FILE
+from .metrics import METRICS_FILE, SAMPLES_FILE
 
 HISTORY_FILE = "config_history.jsonl"
-RUN_FILES = (METRICS_FILE, "config.json", HISTORY_FILE, "checkpoints", "tensorboard", "plots")
+RUN_FILES = (METRICS_FILE, SAMPLES_FILE, "config.json", HISTORY_FILE, "checkpoints", "tensorboard", "wandb", "plots")
 # Keys a resumed run may change; they are applied from the next step on. Prefixes end with ".".
 APPLIED = ("optim.lr", "optim.steps", "optim.min_lr_ratio", "optim.weight_decay", "optim.grad_clip",
            "optim.max_consecutive_skips", "checkpoint.", "metrics.", "eval.", "run.threads", "run.out_dir",

@@ -31,7 +31,7 @@ import torch
 from . import preflight, run_dir
 from .checkpoint import load_state, rng_state, save_checkpoint, set_rng_state
 from .config import RunConfig, config_to_dict
-from .data import Prompt, load_examples, prompt_source
+from .data import Prompt, load_examples, prompt_source, prompt_text
 from .evaluate import Verifiers, evaluate
 from .learn import Learner, MicroStats
 from .metrics import MetricsLogger
@@ -40,6 +40,7 @@ from .pipeline import StageWorker, main_threads, split_threads
 from .rollout import RolloutBatch, from_completions, rollout
 from .score import Router, ScoredBatch, score
 from .signals import stop_on_signals
+from .trackers import RunIdentity, SampleRecord
 
 
 class StageTimer:
@@ -84,6 +85,7 @@ class Trainer:
         self.generator = torch.Generator(c.run.device).manual_seed(c.run.seed)
         self.mix_rng = random.Random(c.run.seed + 1)
         self.step = 0
+        self.last_step: tuple[list[RolloutBatch], list[MicroStats]] = ([], [])
         self.run_info: dict[str, Any] = {}  # run id and schedule anchor, saved with every checkpoint
         if checkpoint is not None:
             state = load_state(checkpoint) if state is None else state
@@ -184,6 +186,7 @@ class Trainer:
             self.source.update([p.index for b in batches for p in b.prompts],
                                [d for s in stats for d in s.per_sample_divergence])
         self.step += 1
+        self.last_step = (batches, stats)  # what ``sample_records`` reports
         elapsed = time.perf_counter() - t_start
         lengths = [n for b in batches for n in b.completion_lengths()]
         row: dict[str, Any] = {
@@ -211,6 +214,16 @@ class Trainer:
         return row
 
     # -- bookkeeping ----------------------------------------------------------------------------
+    def sample_records(self, n: int) -> list[SampleRecord]:
+        """The first ``n`` completions of the last step, with their reward and mean per-token divergence."""
+        batches, stats = self.last_step
+        rows = [(p, text, length, div) for b, s in zip(batches, stats, strict=True)
+                for p, text, length, div in zip(b.prompts, b.completions, b.completion_lengths(),
+                                                s.per_sample_divergence, strict=True)]
+        return [SampleRecord(self.step, p.domain, prompt_text(p.prompt), text, p.reference or "",
+                             self.verifiers(p.domain, p.prompt, text, p.reference or ""), div, length)
+                for p, text, length, div in rows[:n]]
+
     def save(self) -> Path:
         state = {"learner": self.learner.state_dict(), "sampler": self.source.state_dict(),
                  "mix_rng": self.mix_rng.getstate(), "rng": rng_state(self.generator), **self.run_info}
@@ -244,7 +257,7 @@ def _train(config: RunConfig, resume: bool, overwrite: bool, stop_after: int | N
     trainer.run_info = {"run_id": begin.run_id, "schedule": run_dir.apply_resumed_optim(trainer.learner, config, begin)}
     run_dir.record_config(config, begin, trainer.step)
     c, start = config, trainer.step
-    logger = MetricsLogger(out, c.optim.steps, start, progress=c.metrics.progress, tensorboard=c.metrics.tensorboard)
+    logger = MetricsLogger(out, c.optim.steps, start, c.metrics, RunIdentity(begin.run_id, out.name, config_to_dict(c)))
     last_ckpt, eval_results, interrupted, row = begin.checkpoint, {}, False, {}
     tokens, t0 = 0, time.perf_counter()
     try:
@@ -255,6 +268,8 @@ def _train(config: RunConfig, resume: bool, overwrite: bool, stop_after: int | N
                     preflight.check_weights_finite(trainer.student, trainer.step)
                 tokens += row["tokens"]
                 logger.log(row)
+                if c.metrics.samples_every and trainer.step % c.metrics.samples_every == 0:
+                    logger.log_samples(trainer.sample_records(c.metrics.samples_per_step))
                 at_end = trainer.step == c.optim.steps
                 if c.checkpoint.every and trainer.step % c.checkpoint.every == 0 and not at_end:
                     last_ckpt = trainer.save()

@@ -27,7 +27,7 @@ def write(rows: list[dict], path: Path) -> Path:
     if path.suffix == ".jsonl":
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
         return path
-    if path.suffix == ".json":
+    if path.suffix in (".json", ".txt"):
         path.write_text(json.dumps(rows))
         return path
     dataset = datasets.Dataset.from_list(rows)
@@ -98,7 +98,7 @@ def test_dataset_errors_name_the_problem(tmp_path: Path, rows: list[dict], data:
 def test_format_errors(tmp_path: Path, setup: Callable[[Path], Path], error: str) -> None:
     path = setup(tmp_path)
     with pytest.raises(ValueError, match=error):
-        PromptPool.open(path, DataConfig(split="dev"), "train")
+        PromptPool.open(path, DataConfig(), "dev")
 
 
 @pytest.mark.parametrize(("data", "error"), [
