@@ -202,7 +202,7 @@ def find_checkpoint(run_dir: str | Path, spec: str) -> Path:
     if path is not None and (path / STATE_JSON).is_file():
         return path
     names = [p.name for p in checkpoints(run_dir)] or "none"
-    what = "any checkpoint" if spec == "latest" else f"checkpoint {spec!r}"
+    what = "checkpoint" if spec == "latest" else f"checkpoint {spec!r}"
     raise CheckpointError(f"no {what} under {checkpoint_dir(run_dir)} (never written, or pruned by "
                           f"checkpoint.keep); checkpoints there: {names}")
 

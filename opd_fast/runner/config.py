@@ -35,6 +35,7 @@ from .sources import FIELDS, FORMATS
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd")
 SIGNALS = ("hidden", "topk", "sampled")
 DTYPES = ("float32", "bfloat16", "float16")
+SCHEDULES = ("cosine", "linear", "constant")
 
 
 @dataclass
@@ -145,6 +146,7 @@ class OptimConfig:
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     warmup_steps: int = 0
+    schedule: str = "cosine"  # after the linear warm-up: "cosine" | "linear" decay to min_lr_ratio, or "constant"
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
     max_consecutive_skips: int = 5
@@ -271,6 +273,12 @@ def config_to_dict(config: RunConfig) -> dict[str, Any]:
         return x
 
     return strip(dataclasses.asdict(config))
+
+
+def complete_config_dict(data: dict[str, Any]) -> dict[str, Any]:
+    """A saved config with every key the current version has: keys added since it was written get their
+    defaults (so resuming an older run does not see them as changed)."""
+    return config_to_dict(_build(RunConfig, data))
 
 
 def _parse_value(text: str) -> Any:
@@ -410,6 +418,7 @@ def validate_config(c: RunConfig) -> None:
     _require(0 <= o.warmup_steps <= o.steps, "optim.warmup_steps", f"must be in [0, optim.steps={o.steps}]",
              o.warmup_steps)
     _require(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]", o.min_lr_ratio)
+    _choice("optim.schedule", o.schedule, SCHEDULES)
     _require(o.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 = off)", o.grad_clip)
     _require(o.max_consecutive_skips >= 1, "optim.max_consecutive_skips", "must be >= 1", o.max_consecutive_skips)
     _require(c.checkpoint.every >= 0, "checkpoint.every", "must be >= 0 (0 = only at the end)", c.checkpoint.every)

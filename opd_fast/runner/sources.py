@@ -52,7 +52,11 @@ def detect_format(path: str | Path, declared: str = "auto") -> Format:
 
 def open_dataset(path: str | Path, fmt: Format, split: str) -> Any:
     """A ``datasets.Dataset`` over the file or directory (memory-mapped Arrow, nothing downloaded)."""
-    import datasets
+    try:
+        import datasets
+    except ImportError as exc:
+        raise ValueError(f"reading {path} as {fmt} needs the datasets package: pip install 'opd-fast[data]' "
+                         "(or use a JSONL file)") from exc
 
     path = Path(path)
     if not path.exists():
