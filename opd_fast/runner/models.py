@@ -164,7 +164,7 @@ def load_model(
             path, dtype=DTYPES[dtype], attn_implementation=attn_implementation, trust_remote_code=trust_remote_code
         )
         tokenizer = _load_tokenizer(path, trust_remote_code)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # missing files; a config.json transformers does not recognize
         raise ValueError(f"{name}: cannot load a model/tokenizer from {path!r}: {exc}") from exc
     lm.to(device)
     if trainable and gradient_checkpointing:
