@@ -37,7 +37,7 @@ RUN_FILES = (METRICS_FILE, SAMPLES_FILE, "config.json", HISTORY_FILE, "checkpoin
 # Keys a resumed run may change; they are applied from the next step on. Prefixes end with ".".
 APPLIED = ("optim.lr", "optim.steps", "optim.min_lr_ratio", "optim.weight_decay", "optim.grad_clip",
            "optim.max_consecutive_skips", "checkpoint.", "metrics.", "eval.", "run.threads", "run.out_dir",
-           "run.device", "loss.backend")
+           "run.device", "loss.backend", "student.gradient_checkpointing", "student.local_files_only")
 _SCHEDULE_KEYS = ("optim.steps", "optim.min_lr_ratio")
 
 
