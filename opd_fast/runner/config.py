@@ -137,6 +137,11 @@ class LossConfig:
     # domain -> "module:function" or "file.py:function" (relative to the config file). Trusted code: it
     # is imported and run in the training process.
     verifiers: dict[str, str] = field(default_factory=dict)
+    # domain -> local directory of a Hugging Face sequence-classification reward model (one output);
+    # its scores, standardized per domain, replace the verifier's reward there.
+    reward_models: dict[str, str] = field(default_factory=dict)
+    # A model directory is data: its Python (remote code) runs only when this is set.
+    reward_trust_remote_code: bool = False
 
 
 @dataclass
@@ -327,6 +332,8 @@ def load_config(path: str | Path, overrides: Iterable[str] = ()) -> RunConfig:
         config.loss.verifiers[domain] = resolve_code_spec(spec, base)
     if is_code_spec(config.data.task):
         config.data.task = resolve_code_spec(config.data.task, base)
+    for domain, model_dir in config.loss.reward_models.items():
+        config.loss.reward_models[domain] = resolve(model_dir)
     return config
 
 
@@ -409,6 +416,11 @@ def validate_config(c: RunConfig) -> None:
     _choice("loss.backend", lo.backend, BACKEND_NAMES)
     for dom, spec in lo.verifiers.items():
         _require(":" in spec, f"loss.verifiers.{dom}", "must be 'module:function' or 'file.py:function'", spec)
+    if lo.reward_models:
+        _require(lo.verifier_weight > 0, "loss.reward_models",
+                 "is set but loss.verifier_weight is 0, so its rewards would never be used", lo.reward_models)
+    both = sorted(set(lo.verifiers) & set(lo.reward_models))
+    _require(not both, "loss.reward_models", "and loss.verifiers both score domain(s) (pick one per domain)", both)
     o = c.optim
     _require(o.steps >= 1, "optim.steps", "must be >= 1", o.steps)
     _require(o.lr > 0, "optim.lr", "must be > 0", o.lr)

@@ -37,6 +37,7 @@ from .learn import Learner, MicroStats
 from .metrics import MetricsLogger
 from .models import load_run_models, torch_threads
 from .pipeline import StageWorker, main_threads, split_threads
+from .rewards import Rewards
 from .rollout import RolloutBatch, from_completions, rollout
 from .score import Router, ScoredBatch, score
 from .signals import stop_on_signals
@@ -82,6 +83,8 @@ class Trainer:
                 raise ValueError(f"config key {key!r} trains on dataset references, but {missing} prompts have none")
         self.learner = Learner(self.student, c.loss, c.optim, self.teachers)
         self.verifiers = Verifiers(c.loss.verifiers, c.data.task)
+        self.rewards = Rewards(self.verifiers, c.loss.reward_models, device=c.run.device,
+                               trust_remote_code=c.loss.reward_trust_remote_code)
         self.generator = torch.Generator(c.run.device).manual_seed(c.run.seed)
         self.mix_rng = random.Random(c.run.seed + 1)
         self.step = 0
@@ -92,6 +95,7 @@ class Trainer:
             self.learner.load_state_dict(state["learner"])
             self.source.load_state_dict(state["sampler"])
             self.mix_rng.setstate(state["mix_rng"])
+            self.rewards.load_state_dict(state.get("rewards", {}))
             set_rng_state(state["rng"], self.generator)
             self.step = state["step"]
 
@@ -114,13 +118,13 @@ class Trainer:
                                 chat_template=c.data.chat_template, source="teacher")
 
     def advantages(self, batches: list[RolloutBatch]) -> list[torch.Tensor | None]:
-        """Verifier reward minus the mean of its prompt group (consecutive ``group_size`` samples).
+        """Reward (verifier, or standardized reward model) minus the mean of its prompt group
+        (consecutive ``group_size`` samples).
 
         Only student samples get the policy-gradient term: it is an on-policy estimator."""
         if self.config.loss.verifier_weight <= 0 or batches[0].source != "student":
             return [None] * len(batches)
-        samples = [(p, text) for b in batches for p, text in zip(b.prompts, b.completions, strict=True)]
-        rewards = torch.tensor([self.verifiers(p.domain, p.prompt, text, p.reference or "") for p, text in samples])
+        rewards = self.rewards([p for b in batches for p in b.prompts], [t for b in batches for t in b.completions])
         groups = rewards.view(-1, self.config.data.group_size)
         adv = (groups - groups.mean(1, keepdim=True)).view(-1)
         return list(torch.split(adv, [len(b.prompts) for b in batches]))
@@ -226,7 +230,8 @@ class Trainer:
 
     def save(self) -> Path:
         state = {"learner": self.learner.state_dict(), "sampler": self.source.state_dict(),
-                 "mix_rng": self.mix_rng.getstate(), "rng": rng_state(self.generator), **self.run_info}
+                 "mix_rng": self.mix_rng.getstate(), "rewards": self.rewards.state_dict(),
+                 "rng": rng_state(self.generator), **self.run_info}
         return save_checkpoint(self.config.run.out_dir, self.step, self.student, state, self.config.checkpoint.keep,
                                config_to_dict(self.config))
 
