@@ -95,7 +95,8 @@ class DataConfig:
     prompts: str = ""
     task: str = ""
     eval_prompts: str = ""
-    format: str = "auto"  # "auto" (directory or file suffix) | "jsonl" | "json" | "csv" | "parquet" | "arrow" | ...
+    format: str = "auto"  # "auto" (by directory / file suffix) | "jsonl" | "json" | "csv" | "parquet" | "arrow" |
+    #                       "dataset_dir" (a save_to_disk directory)
     columns: dict[str, str] = field(default_factory=dict)  # field (prompt/messages/reference/domain) -> column
     split: str = "train"  # the split of a saved DatasetDict directory used for training
     eval_split: str = "test"  # ... and for evaluation (data.eval_prompts)
@@ -168,7 +169,7 @@ class MetricsConfig:
     progress: bool = True
     # Trackers (each needs its package; 'opd-fast[tracking]' installs all): TensorBoard under RUN_DIR/tensorboard,
     # Weights & Biases (wandb_mode "offline" writes RUN_DIR/wandb only; "" = wandb's default / WANDB_MODE) and
-    # MLflow (mlflow_tracking_uri "" = MLflow's default / MLFLOW_TRACKING_URI; a "file:" URI is a local store).
+    # MLflow (mlflow_tracking_uri "" = MLflow's default / MLFLOW_TRACKING_URI; a server, database or file: URI).
     tensorboard: bool = True
     wandb: bool = False
     wandb_project: str = "opd-fast"

@@ -35,7 +35,7 @@ class SampleRecord:
     prompt: str
     completion: str
     reference: str
-    reward: float
+    reward: float  # the domain's verifier (loss.verifiers, the task's verify, or exact match vs the reference)
     divergence_per_token: float  # mean over the completion's tokens of the configured divergence
     tokens: int
 
