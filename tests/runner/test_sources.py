@@ -119,20 +119,27 @@ def test_conversations_use_the_chat_template(models: dict[str, str]) -> None:
     assert encode_prompt(tokenizer, [{"role": "user", "content": "ab"}]) == tokenizer("ab=")["input_ids"]
 
 
-def test_train_on_trl_prompt_completion_parquet_and_on_conversations(
-        toml_config: Path, tmp_path: Path, models: dict[str, str], capsys: pytest.CaptureFixture) -> None:
-    trl = write([{"prompt": r["prompt"], "completion": r["completion"] or "x"} for r in ROWS], tmp_path / "trl.parquet")
-    # off-policy steps train on the dataset's completion column: every row needs one
-    common = ["--set", "optim.steps=1", "--set", "eval.at_end=false", "--set", "checkpoint.every=0"]
-    assert main(["train", str(toml_config), *common, "--set", f"data.prompts='{trl}'",
+COMMON = ["--set", "optim.steps=1", "--set", "eval.at_end=false", "--set", "checkpoint.every=0"]
+
+
+@pytest.mark.parametrize("name", ["p.jsonl", "p.json", "p.csv", "p.parquet", "p.arrow", "saved", "saved-dict"])
+def test_train_on_trl_prompt_completion_rows_in_every_format(toml_config: Path, tmp_path: Path, name: str,
+                                                             capsys: pytest.CaptureFixture) -> None:
+    path = write([{**r, "completion": r["completion"] or "x"} for r in ROWS], tmp_path / name)
+    # off-policy steps train on the data's completion column, so every row's completion is read and used
+    assert main(["train", str(toml_config), *COMMON, "--set", f"data.prompts='{path}'",
                  "--set", "loss.off_policy_fraction=1.0"]) == 0
     assert json.loads(capsys.readouterr().out)["steps"] == 1
+
+
+def test_train_on_conversations_with_the_chat_template(toml_config: Path, tmp_path: Path, models: dict[str, str],
+                                                       capsys: pytest.CaptureFixture) -> None:
     for role in ("student", "teacher_a"):  # the same tiny models, with a chat template
         shutil.copytree(models[role], tmp_path / role)
         config = json.loads((tmp_path / role / "tokenizer_config.json").read_text())
         (tmp_path / role / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": TEMPLATE}))
     chat = write([{"messages": [{"role": "user", "content": "ab"}]}], tmp_path / "chat.jsonl")
-    assert main(["train", str(toml_config), *common, "--overwrite", "--set", f"data.prompts='{chat}'",
+    assert main(["train", str(toml_config), *COMMON, "--set", f"data.prompts='{chat}'",
                  "--set", f"student.path='{tmp_path / 'student'}'",
                  "--set", f"teachers.all.path='{tmp_path / 'teacher_a'}'"]) == 0
     assert json.loads(capsys.readouterr().out)["steps"] == 1
