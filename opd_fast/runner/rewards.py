@@ -20,7 +20,8 @@ from typing import Any
 
 import torch
 
-from .data import Prompt
+from ..tasks import Message
+from .data import Prompt, prompt_text
 from .evaluate import Verifiers
 
 
@@ -88,14 +89,15 @@ class RewardModel:
         self.device = device
         self.max_length = max_length
 
-    def _text(self, prompt: str, completion: str) -> str:
+    def _text(self, prompt: str | list[Message], completion: str) -> str:
         if getattr(self.tokenizer, "chat_template", None):
-            conversation = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+            turns = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+            conversation = [*turns, {"role": "assistant", "content": completion}]
             return self.tokenizer.apply_chat_template(conversation, tokenize=False)
-        return prompt + completion
+        return prompt_text(prompt) + completion
 
     @torch.no_grad()
-    def __call__(self, prompts: list[str], completions: list[str]) -> torch.Tensor:
+    def __call__(self, prompts: list[str | list[Message]], completions: list[str]) -> torch.Tensor:
         texts = [self._text(p, c) for p, c in zip(prompts, completions, strict=True)]
         enc = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True,
                              max_length=self.max_length).to(self.device)
