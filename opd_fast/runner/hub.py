@@ -7,7 +7,9 @@ string shaped like a Hub id (``org/name``) is a model id, looked up in the local
 directory, so the runner's checks and loaders see one kind of input.
 
 Downloads: with ``local_files_only`` or ``HF_HUB_OFFLINE=1`` only the cache is read. Otherwise a model
-missing from the cache is fetched once (config, safetensors weights, tokenizer files) into the cache.
+missing from the cache is fetched once (config, safetensors weights, tokenizer files) into the cache. A
+cached revision is used as it is, without asking the Hub for a newer commit of a branch, so a run's
+start needs no network once its models are cached.
 
 Public API: ``model_directory``, ``is_model_id``.
 """
@@ -54,16 +56,16 @@ def model_directory(path: str, *, revision: str = "", local_files_only: bool = F
     try:
         return snapshot_download(path, revision=revision or None, local_files_only=True)
     except (OSError, ValueError) as exc:  # not cached (LocalEntryNotFoundError), a revision never fetched
-        cached_error = exc
+        error = exc
     if not offline:
         try:
             return snapshot_download(path, revision=revision or None, allow_patterns=list(HUB_PATTERNS))
         except (OSError, ValueError) as exc:  # no network, no such repository or revision
-            cached_error = exc
+            error = exc
     why = "offline mode (HF_HUB_OFFLINE / local_files_only), so nothing is downloaded" if offline else (
-        f"and fetching it failed: {type(cached_error).__name__}: {str(cached_error).splitlines()[0]}")
+        f"fetching it from the Hub failed: {type(error).__name__}: {str(error).splitlines()[0]}")
     at = f" at revision {revision!r}" if revision else ""
     raise ValueError(
         f"{label} = {path!r}: no such local directory (relative paths are taken from the config file's directory), "
         f"and not in the Hugging Face cache ({constants.HF_HUB_CACHE}) as a model id{at}; {why}"
-    ) from cached_error
+    ) from error

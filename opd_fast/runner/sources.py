@@ -96,12 +96,8 @@ class Columns:
 
     @classmethod
     def resolve(cls, mapping: dict[str, str], available: list[str] | None, where: str) -> Columns:
-        """Columns from ``data.columns`` and the default names; ``available`` = the data's columns (``None``
-        for JSONL, whose lines are checked one by one)."""
-        unknown = sorted(set(mapping) - set(FIELDS))
-        if unknown:
-            raise ValueError(f"config key 'data.columns' has unknown fields {unknown}; fields: {list(FIELDS)} "
-                             "(each maps to a column name of the data)")
+        """Columns from ``data.columns`` (its field names are checked by the config) and the default names;
+        ``available`` = the data's columns (``None`` for JSONL, whose lines are checked one by one)."""
         if available is not None:
             missing = sorted(f"{f} -> {c!r}" for f, c in mapping.items() if c not in available)
             if missing:
