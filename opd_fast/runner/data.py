@@ -21,7 +21,8 @@ proposals (at most ``1 / min_weight`` on average), whatever the pool size; the d
 kept in a lazy heap (``O(log pool)`` per feedback). When a draw rejects ``MAX_PROPOSALS`` proposals in a
 row it falls back to one exact weighted draw over the domain (vectorized), which keeps the distribution
 exact. A JSONL pool keeps byte offsets into the memory-mapped file plus a domain code per line (numpy),
-not a Python object per line; a prompt's text is parsed when it is drawn.
+not a Python object per line, and a ``datasets`` pool the memory-mapped Arrow table; a prompt's row is
+parsed when it is drawn.
 """
 
 from __future__ import annotations
