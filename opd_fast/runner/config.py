@@ -138,7 +138,7 @@ class LossConfig:
     # domain -> "module:function" or "file.py:function" (relative to the config file). Trusted code: it
     # is imported and run in the training process.
     verifiers: dict[str, str] = field(default_factory=dict)
-    # domain -> local directory of a Hugging Face sequence-classification reward model (one output);
+    # domain -> a Hugging Face sequence-classification reward model (one output): a local directory or a model id;
     # its scores, standardized per domain, replace the verifier's reward there.
     reward_models: dict[str, str] = field(default_factory=dict)
     # A model directory is data: its Python (remote code) runs only when this is set.
@@ -334,7 +334,7 @@ def load_config(path: str | Path, overrides: Iterable[str] = ()) -> RunConfig:
     if is_code_spec(config.data.task):
         config.data.task = resolve_code_spec(config.data.task, base)
     for domain, model_dir in config.loss.reward_models.items():
-        config.loss.reward_models[domain] = resolve(model_dir)
+        config.loss.reward_models[domain] = resolve_model_path(model_dir, base)
     return config
 
 

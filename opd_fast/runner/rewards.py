@@ -23,6 +23,7 @@ import torch
 from ..tasks import Message
 from .data import Prompt, prompt_text
 from .evaluate import Verifiers
+from .hub import model_directory
 
 
 @dataclass
@@ -57,7 +58,8 @@ class RunningMoments:
 
 
 class RewardModel:
-    """A local Hugging Face sequence-classification model with one output (its score for a completion).
+    """A Hugging Face sequence-classification model with one output (its score for a completion), from a local
+    directory or a model id in the HF cache.
 
     The prompt and completion are rendered as a user/assistant conversation when the reward model's
     tokenizer has a chat template (how reward models are trained), else concatenated. Remote code runs
@@ -68,6 +70,7 @@ class RewardModel:
                  max_length: int = 2048, key: str = "loss.reward_models") -> None:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+        path = model_directory(path, label=f"config key {key!r}")  # a local directory or a cached model id
         if not Path(path, "config.json").is_file():
             raise ValueError(f"config key {key!r}: {path!r} is not a model directory (no config.json there)")
         try:

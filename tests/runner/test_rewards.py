@@ -64,7 +64,7 @@ def test_reward_model_scores_do_not_depend_on_batch_padding(reward_dir: str) -> 
 
 
 @pytest.mark.parametrize(("make", "match"), [
-    (lambda tmp: str(tmp / "absent"), r"loss\.reward_models.*not a model directory"),
+    (lambda tmp: str(tmp / "absent"), r"loss\.reward_models.*no such local directory"),
     (lambda tmp: make_reward_model(tmp / "two", num_labels=2), r"num_labels=2.*one output"),
 ])
 def test_reward_model_errors_name_the_config_key_and_the_problem(tmp_path: Path, make, match: str) -> None:
