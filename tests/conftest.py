@@ -1,6 +1,9 @@
-"""Shared fixtures. TRITON_INTERPRET must be set before any module defines a Triton kernel."""
+"""Shared fixtures. TRITON_INTERPRET must be set before any module defines a Triton kernel, and
+HF_HUB_OFFLINE before huggingface_hub is imported (it reads it once): no test may download a model."""
 
 import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 

@@ -8,13 +8,29 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:
-    """The CONFIG positional and repeatable ``--set key=value`` overrides (shared with ``eval``)."""
+    """The CONFIG positional, repeatable ``--set key=value`` overrides and ``--task`` (shared with ``eval``)."""
     parser.add_argument("config", help="TOML run config (see examples/opd_tiny.toml)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set optim.lr=1e-3 (repeatable)")
+    parser.add_argument("--task", default=None, metavar="NAME|module:Class",
+                        help="prompts and verifier from a built-in task or a custom task class (module:Class or "
+                             "file.py:Class, relative to the current directory; trusted code), replacing the "
+                             "config's data.prompts / data.task")
+
+
+def config_overrides(args: argparse.Namespace) -> list[str]:
+    """``--set`` overrides, plus those ``--task`` stands for."""
+    if args.task is None:
+        return list(args.set)
+    from ..plugins import is_code_spec
+    from ..runner.config import resolve_code_spec
+
+    task = resolve_code_spec(args.task, Path.cwd()) if is_code_spec(args.task) else args.task
+    return [*args.set, f"data.task={json.dumps(task)}", 'data.prompts=""']
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -24,7 +40,7 @@ def _run(args: argparse.Namespace) -> int:
     from ..runner.config import load_config
     from ..runner.trainer import train
 
-    config = load_config(args.config, args.set)
+    config = load_config(args.config, config_overrides(args))
     try:
         summary = train(config, resume=args.resume, overwrite=args.overwrite)
     except KeyboardInterrupt as exc:

@@ -14,8 +14,8 @@ moment leaves either the previous complete checkpoint or the new one under a rea
 the current run (same run id) and never touches another run's. ``load_latest`` falls back to the
 previous checkpoint, with a warning, when the newest cannot be read.
 
-Public API: ``save_checkpoint``, ``latest_checkpoint``, ``checkpoints``, ``load_latest``, ``load_state``,
-``load_config_json``, ``rng_state``, ``set_rng_state``, ``CheckpointError``.
+Public API: ``save_checkpoint``, ``latest_checkpoint``, ``find_checkpoint``, ``checkpoints``, ``load_latest``,
+``load_state``, ``load_config_json``, ``rng_state``, ``set_rng_state``, ``CheckpointError``.
 """
 
 from __future__ import annotations
@@ -189,6 +189,22 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
             shutil.rmtree(stale, ignore_errors=True)
     found = _complete(root)
     return found[-1] if found else None
+
+
+def find_checkpoint(run_dir: str | Path, spec: str) -> Path:
+    """The checkpoint ``spec`` names in ``run_dir``: ``"latest"``, a checkpoint name (``step-00000010``) or a
+    checkpoint directory; a missing one (never written, or pruned by ``checkpoint.keep``) is an error
+    listing what exists."""
+    if spec == "latest":
+        path = latest_checkpoint(run_dir)
+    else:
+        path = Path(spec) if Path(spec).is_dir() else checkpoint_dir(run_dir) / spec
+    if path is not None and (path / STATE_JSON).is_file():
+        return path
+    names = [p.name for p in checkpoints(run_dir)] or "none"
+    what = "checkpoint" if spec == "latest" else f"checkpoint {spec!r}"
+    raise CheckpointError(f"no {what} under {checkpoint_dir(run_dir)} (never written, or pruned by "
+                          f"checkpoint.keep); checkpoints there: {names}")
 
 
 def _check_safetensors(path: Path) -> None:

@@ -28,10 +28,14 @@ from typing import Any
 import tomllib
 
 from ..core.call import BACKEND_NAMES
+from ..plugins import is_code_spec
+from .hub import is_model_id
+from .sources import FIELDS, FORMATS
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd")
 SIGNALS = ("hidden", "topk", "sampled")
 DTYPES = ("float32", "bfloat16", "float16")
+SCHEDULES = ("cosine", "linear", "constant")
 
 
 @dataclass
@@ -39,7 +43,7 @@ class RunSection:
     out_dir: str = "runs/opd"
     seed: int = 0
     device: str = "cpu"
-    dtype: str = "float32"
+    dtype: str = "float32"  # compute dtype: the student's forward and loss (autocast), and the teachers' default
     # torch intra-op threads for the run; 0 = torch's default. Small models on shared CPUs run far
     # faster with 1 (thread spin-waits dominate tiny GEMMs when cores are oversubscribed).
     threads: int = 0
@@ -64,7 +68,14 @@ class LoraConfig:
 
 @dataclass
 class StudentConfig:
+    # A local model directory, or a Hugging Face model id (``org/name``) read from the HF cache.
     path: str = ""
+    revision: str = ""  # branch, tag or commit of a model id; "" = the repository's default branch
+    local_files_only: bool = False  # never download a model id (as HF_HUB_OFFLINE=1 does)
+    # The student's weight (master) dtype: "" = float32, so a bfloat16 run (run.dtype) keeps fp32 master weights
+    # and optimizer state and computes its forward and loss in bf16 under autocast; "bfloat16" = pure bf16.
+    dtype: str = ""
+    gradient_checkpointing: bool = False  # recompute activations in backward (HF's gradient checkpointing)
     attn_implementation: str = "sdpa"
     trust_remote_code: bool = False
     lora: LoraConfig | None = None
@@ -72,7 +83,10 @@ class StudentConfig:
 
 @dataclass
 class TeacherConfig:
-    path: str = ""
+    path: str = ""  # a local model directory or a Hugging Face model id, as ``student.path``
+    revision: str = ""
+    local_files_only: bool = False
+    dtype: str = ""  # the teacher's weight and compute dtype; "" = run.dtype (teachers never train)
     # Domains routed to this teacher; empty = every domain not claimed by another teacher.
     domains: list[str] = field(default_factory=list)
     weight: float = 1.0
@@ -85,10 +99,16 @@ class TeacherConfig:
 
 @dataclass
 class DataConfig:
-    # Exactly one of `prompts` (JSONL with prompt / optional domain / optional reference) or `task`.
+    # Exactly one of `prompts` (a prompt file or a saved dataset directory, see runner/sources.py) or `task`
+    # (a built-in task's name, or a custom task class as "module:Class" / "file.py:Class").
     prompts: str = ""
     task: str = ""
     eval_prompts: str = ""
+    format: str = "auto"  # "auto" (by directory / file suffix) | "jsonl" | "json" | "csv" | "parquet" | "arrow" |
+    #                       "dataset_dir" (a save_to_disk directory)
+    columns: dict[str, str] = field(default_factory=dict)  # field (prompt/messages/reference/domain) -> column
+    split: str = "train"  # the split of a saved DatasetDict directory used for training
+    eval_split: str = "test"  # ... and for evaluation (data.eval_prompts)
     num_prompts: int = 256  # pool size drawn from a task's train split
     mixture: dict[str, float] = field(default_factory=dict)  # domain -> weight; empty = by pool size
     prompts_per_step: int = 4
@@ -139,7 +159,7 @@ class LossConfig:
     # domain -> "module:function" or "file.py:function" (relative to the config file). Trusted code: it
     # is imported and run in the training process.
     verifiers: dict[str, str] = field(default_factory=dict)
-    # domain -> local directory of a Hugging Face sequence-classification reward model (one output);
+    # domain -> a Hugging Face sequence-classification reward model (one output): a local directory or a model id;
     # its scores, standardized per domain, replace the verifier's reward there.
     reward_models: dict[str, str] = field(default_factory=dict)
     # A model directory is data: its Python (remote code) runs only when this is set.
@@ -153,6 +173,7 @@ class OptimConfig:
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     warmup_steps: int = 0
+    schedule: str = "cosine"  # after the linear warm-up: "cosine" | "linear" decay to min_lr_ratio, or "constant"
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
     max_consecutive_skips: int = 5
@@ -167,7 +188,19 @@ class CheckpointConfig:
 @dataclass
 class MetricsConfig:
     progress: bool = True
+    # Trackers (each needs its package; 'opd-fast[tracking]' installs all): TensorBoard under RUN_DIR/tensorboard,
+    # Weights & Biases (wandb_mode "offline" writes RUN_DIR/wandb only; "" = wandb's default / WANDB_MODE) and
+    # MLflow (mlflow_tracking_uri "" = MLflow's default / MLFLOW_TRACKING_URI; a server, database or file: URI).
     tensorboard: bool = True
+    wandb: bool = False
+    wandb_project: str = "opd-fast"
+    wandb_mode: str = ""
+    mlflow: bool = False
+    mlflow_tracking_uri: str = ""
+    mlflow_experiment: str = "opd-fast"
+    # Every N steps (0 = never) log this many of the step's completions (prompt, completion, reward, divergence)
+    samples_every: int = 0
+    samples_per_step: int = 4
 
 
 @dataclass
@@ -269,6 +302,12 @@ def config_to_dict(config: RunConfig) -> dict[str, Any]:
     return strip(dataclasses.asdict(config))
 
 
+def complete_config_dict(data: dict[str, Any]) -> dict[str, Any]:
+    """A saved config with every key the current version has: keys added since it was written get their
+    defaults (so resuming an older run does not see them as changed)."""
+    return config_to_dict(_build(RunConfig, data))
+
+
 def _parse_value(text: str) -> Any:
     try:
         return tomllib.loads(f"v = {text}")["v"]
@@ -305,22 +344,34 @@ def load_config(path: str | Path, overrides: Iterable[str] = ()) -> RunConfig:
     def resolve(p: str) -> str:
         return p if not p or Path(p).is_absolute() else str(base / p)
 
-    config.student.path = resolve(config.student.path)
+    config.student.path = resolve_model_path(config.student.path, base)
     for teacher in config.teachers.values():
-        teacher.path = resolve(teacher.path)
+        teacher.path = resolve_model_path(teacher.path, base)
     config.data.prompts = resolve(config.data.prompts)
     config.data.eval_prompts = resolve(config.data.eval_prompts)
     config.run.out_dir = resolve(config.run.out_dir)
     for domain, spec in config.loss.verifiers.items():
-        config.loss.verifiers[domain] = resolve_verifier(spec, base)
+        config.loss.verifiers[domain] = resolve_code_spec(spec, base)
+    if is_code_spec(config.data.task):
+        config.data.task = resolve_code_spec(config.data.task, base)
     for domain, model_dir in config.loss.reward_models.items():
-        config.loss.reward_models[domain] = resolve(model_dir)
+        config.loss.reward_models[domain] = resolve_model_path(model_dir, base)
     return config
 
 
-def resolve_verifier(spec: str, base: Path) -> str:
-    """``file.py:fn`` relative to the config's directory, or ``module:fn`` whose ``module.py`` lies there,
-    becomes an absolute ``/dir/file.py:fn``; any other spec stays an importable module name."""
+def resolve_model_path(path: str, base: Path) -> str:
+    """A relative model path that exists under ``base`` (the config's directory) becomes absolute; one that
+    does not, but is shaped like a Hub id (``org/name``), stays as written: a model id for the HF cache."""
+    if not path or Path(path).is_absolute():
+        return path
+    candidate = base / path
+    return path if not candidate.exists() and is_model_id(path) else str(candidate)
+
+
+def resolve_code_spec(spec: str, base: Path) -> str:
+    """A verifier's or task's ``file.py:attr`` relative to the config's directory, or ``module:attr`` whose
+    ``module.py`` lies there, becomes an absolute ``/dir/file.py:attr``; any other spec stays an importable
+    module name."""
     module, _, func = spec.rpartition(":")
     if module.endswith(".py"):
         return f"{module if Path(module).is_absolute() else base / module}:{func}"
@@ -366,6 +417,7 @@ def _validate_correction(c: RunConfig) -> None:
 def validate_config(c: RunConfig) -> None:
     """Check value ranges and cross-field rules; every error names the dotted key."""
     _choice("run.dtype", c.run.dtype, DTYPES)
+    _choice("student.dtype", c.student.dtype, ("", *DTYPES))
     _require(c.run.threads >= 0, "run.threads", "must be >= 0 (0 = torch default)", c.run.threads)
     _choice("run.pipeline", c.run.pipeline, ("serial", "strict"))
     _require(c.run.max_staleness >= 0, "run.max_staleness", "must be >= 0 (0 = on-policy)", c.run.max_staleness)
@@ -376,13 +428,14 @@ def validate_config(c: RunConfig) -> None:
                  "needs plain sampling (rollout.temperature > 0, top_k = 0, top_p = 1), where the sampler's "
                  "recorded log-probs are the model's own; set run.importance_clip = 0 to train unweighted",
                  c.run.importance_clip)
-    _require(bool(c.student.path), "student.path", "must name a model directory", c.student.path)
+    _require(bool(c.student.path), "student.path", "must name a model directory or a model id", c.student.path)
     _require(bool(c.teachers), "teachers", "must configure at least one teacher ([teachers.NAME])", c.teachers)
     for name, t in c.teachers.items():
-        _require(bool(t.path), f"teachers.{name}.path", "must name a model directory", t.path)
+        _require(bool(t.path), f"teachers.{name}.path", "must name a model directory or a model id", t.path)
         _require(t.weight > 0, f"teachers.{name}.weight", "must be > 0", t.weight)
         _require(t.temperature is None or t.temperature > 0, f"teachers.{name}.temperature", "must be > 0",
                  t.temperature)
+        _choice(f"teachers.{name}.dtype", t.dtype, ("", *DTYPES))
     d = c.data
     _require(bool(d.prompts) != bool(d.task), "data.prompts", "xor data.task must be set (exactly one)",
              (d.prompts, d.task))
@@ -390,6 +443,10 @@ def validate_config(c: RunConfig) -> None:
     _require(d.group_size >= 1, "data.group_size", "must be >= 1", d.group_size)
     _require(d.num_prompts >= 1, "data.num_prompts", "must be >= 1", d.num_prompts)
     _choice("data.sampler", d.sampler, ("adaptive", "uniform"))
+    _choice("data.format", d.format, FORMATS)
+    for name, column in d.columns.items():
+        _choice(f"data.columns.{name}", name, FIELDS)
+        _require(bool(column), f"data.columns.{name}", "must name a column", column)
     _require(0 < d.sampler_min_weight <= 1, "data.sampler_min_weight", "must be in (0, 1]", d.sampler_min_weight)
     _require(0 <= d.sampler_ema < 1, "data.sampler_ema", "must be in [0, 1)", d.sampler_ema)
     for dom, w in d.mixture.items():
@@ -433,10 +490,15 @@ def validate_config(c: RunConfig) -> None:
     _require(0 <= o.warmup_steps <= o.steps, "optim.warmup_steps", f"must be in [0, optim.steps={o.steps}]",
              o.warmup_steps)
     _require(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]", o.min_lr_ratio)
+    _choice("optim.schedule", o.schedule, SCHEDULES)
     _require(o.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 = off)", o.grad_clip)
     _require(o.max_consecutive_skips >= 1, "optim.max_consecutive_skips", "must be >= 1", o.max_consecutive_skips)
     _require(c.checkpoint.every >= 0, "checkpoint.every", "must be >= 0 (0 = only at the end)", c.checkpoint.every)
     _require(c.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1", c.checkpoint.keep)
+    m = c.metrics
+    _choice("metrics.wandb_mode", m.wandb_mode, ("", "online", "offline", "disabled"))
+    _require(m.samples_every >= 0, "metrics.samples_every", "must be >= 0 (0 = never)", m.samples_every)
+    _require(m.samples_per_step >= 1, "metrics.samples_per_step", "must be >= 1", m.samples_per_step)
     _require(c.eval.every >= 0, "eval.every", "must be >= 0", c.eval.every)
     _require(c.eval.num_prompts >= 1, "eval.num_prompts", "must be >= 1", c.eval.num_prompts)
     if c.student.lora is not None:

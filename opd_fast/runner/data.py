@@ -1,8 +1,9 @@
 """Prompts: where they come from, how they are mixed, and which ones the student sees next.
 
-Public API: ``Prompt`` (one sample slot, plain data), ``PromptPool`` (the training prompts, columnar),
-``read_jsonl`` / ``load_examples`` (JSONL or a built-in task), ``PromptSource`` (mixture + group
-sampling + the anti-overfitting sampler, with ``state_dict``), ``encode_prompt``.
+Public API: ``Prompt`` (one sample slot, plain data), ``PromptPool`` (the training prompts, columnar;
+the formats it reads are ``sources``'), ``read_jsonl`` / ``load_examples`` (prompt data or a task),
+``PromptSource`` (mixture + group sampling + the anti-overfitting sampler, with ``state_dict``),
+``encode_prompt``.
 
 The anti-overfitting sampler ("adaptive"): each prompt keeps an exponential moving average of the
 mean per-token divergence its recent samples had against the teacher. Within a domain a prompt is
@@ -20,7 +21,8 @@ proposals (at most ``1 / min_weight`` on average), whatever the pool size; the d
 kept in a lazy heap (``O(log pool)`` per feedback). When a draw rejects ``MAX_PROPOSALS`` proposals in a
 row it falls back to one exact weighted draw over the domain (vectorized), which keeps the distribution
 exact. A JSONL pool keeps byte offsets into the memory-mapped file plus a domain code per line (numpy),
-not a Python object per line; a prompt's text is parsed when it is drawn.
+not a Python object per line, and a ``datasets`` pool the memory-mapped Arrow table; a prompt's row is
+parsed when it is drawn.
 """
 
 from __future__ import annotations
@@ -41,10 +43,12 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from ..tasks import Example, get_task
+from ..tasks import Example, Message, get_task
 from .config import DataConfig
+from .sources import Columns, detect_format, open_dataset
 
 MAX_PROPOSALS = 64  # rejected proposals before a draw switches to the exact vectorized draw
+DATASET_BATCH = 4096  # rows per batch when a dataset is validated at start-up
 
 
 @dataclass(frozen=True)
@@ -52,29 +56,32 @@ class Prompt:
     """One sample slot: ``index`` identifies the prompt in the pool (for sampler feedback)."""
 
     index: int
-    prompt: str
+    prompt: str | list[Message]
     domain: str
     reference: str | None
 
 
-def _parse_line(path: str | Path, lineno: int, line: str) -> Example:
+def _parse_line(path: str | Path, lineno: int, line: str, columns: Columns) -> Example:
     """One JSONL line as an ``Example``; errors name the file and line."""
+    where = f"{path}:{lineno}"
     try:
         row = json.loads(line)
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}:{lineno}: invalid JSON: {exc}") from exc
-    if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-        raise ValueError(f"{path}:{lineno}: each line needs a string 'prompt', got {line[:80]!r}")
-    unknown = set(row) - {"prompt", "domain", "reference"}
+        raise ValueError(f"{where}: invalid JSON: {exc}") from exc
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: each line must be a JSON object, got {line[:80]!r}")
+    unknown = set(row) - columns.names
     if unknown:
-        raise ValueError(f"{path}:{lineno}: unknown keys {sorted(unknown)} (allowed: prompt, domain, reference)")
-    return Example(row["prompt"], row.get("reference") or "", row.get("domain") or "default")
+        raise ValueError(f"{where}: unknown keys {sorted(unknown)} (allowed: {', '.join(sorted(columns.names))}; "
+                         "data.columns maps other column names)")
+    return columns.example(row, where)
 
 
 class PromptPool:
     """The training prompts, stored by column: a domain code and a has-reference flag per prompt (numpy),
-    and the texts either as given ``Example`` objects or as byte ranges of a memory-mapped JSONL file
-    (parsed again only when drawn), so a million-line file costs a few arrays, not a million objects."""
+    and the texts either as given ``Example`` objects, as byte ranges of a memory-mapped JSONL file, or as
+    rows of a memory-mapped Arrow dataset (parsed again only when drawn), so a million-line file costs a
+    few arrays, not a million objects."""
 
     def __init__(self, domain_names: list[str], domain_codes: np.ndarray, has_reference: np.ndarray,
                  fetch: Callable[[int], Example]) -> None:
@@ -91,8 +98,9 @@ class PromptPool:
         return cls(list(names), codes, refs, examples.__getitem__)
 
     @classmethod
-    def from_jsonl(cls, path: str | Path) -> PromptPool:
+    def from_jsonl(cls, path: str | Path, columns: Columns | None = None) -> PromptPool:
         """Validate every line once (errors name the line) and keep only offsets, domains and flags."""
+        columns = columns or Columns.resolve({}, None, str(path))
         with open(path, "rb") as f:
             data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if Path(path).stat().st_size else b""
             buf = np.frombuffer(data, np.uint8)
@@ -107,7 +115,7 @@ class PromptPool:
             for lineno, raw in enumerate(f, 1):  # streamed: one line's objects alive at a time
                 line = raw.decode()
                 if line.strip():
-                    ex = _parse_line(path, lineno, line)
+                    ex = _parse_line(path, lineno, line, columns)
                     keep[lineno - 1], refs[lineno - 1] = True, bool(ex.reference)
                     codes[lineno - 1] = names.setdefault(ex.domain, len(names))
         if not keep.any():
@@ -116,9 +124,36 @@ class PromptPool:
         lo_of, hi_of = starts[rows], ends[rows]
 
         def fetch(i: int) -> Example:
-            return _parse_line(path, int(rows[i]) + 1, data[int(lo_of[i]):int(hi_of[i])].decode())
+            return _parse_line(path, int(rows[i]) + 1, data[int(lo_of[i]):int(hi_of[i])].decode(), columns)
 
         return cls(list(names), codes[rows], refs[rows], fetch)
+
+    @classmethod
+    def from_dataset(cls, dataset: Any, columns: Columns, where: str) -> PromptPool:
+        """Validate every row once, streaming in batches, and keep the Arrow-backed dataset for the texts."""
+        names: dict[str, int] = {}
+        codes = np.zeros(len(dataset), np.int32)
+        refs = np.zeros(len(dataset), bool)
+        selected = dataset.select_columns(sorted(columns.names & set(dataset.column_names)))
+        for start in range(0, len(dataset), DATASET_BATCH):
+            batch = selected[start:start + DATASET_BATCH]
+            for offset, values in enumerate(zip(*batch.values(), strict=True)):
+                ex = columns.example(dict(zip(batch, values, strict=True)), f"{where} row {start + offset}")
+                codes[start + offset] = names.setdefault(ex.domain, len(names))
+                refs[start + offset] = bool(ex.reference)
+        if not len(dataset):
+            raise ValueError(f"{where}: no prompts")
+        return cls(list(names), codes, refs, lambda i: columns.example(selected[int(i)], f"{where} row {i}"))
+
+    @classmethod
+    def open(cls, path: str | Path, data: DataConfig, split: str) -> PromptPool:
+        """The pool of a prompt file or dataset directory in any supported format (see ``sources``)."""
+        fmt = detect_format(path, data.format)
+        if fmt == "jsonl":
+            return cls.from_jsonl(path, Columns.resolve(data.columns, None, str(path)))
+        dataset = open_dataset(path, fmt, split)
+        where = f"{path} ({fmt})"
+        return cls.from_dataset(dataset, Columns.resolve(data.columns, dataset.column_names, where), where)
 
     def __len__(self) -> int:
         return len(self.domain_codes)
@@ -138,22 +173,34 @@ def read_jsonl(path: str | Path) -> list[Example]:
 
 
 def load_examples(data: DataConfig, split: str, n: int, seed: int) -> list[Example]:
-    """Train or eval examples: ``data.prompts`` / ``data.eval_prompts`` files, or the task's split."""
+    """Train or eval examples: ``data.prompts`` / ``data.eval_prompts`` (any format), or the task's split."""
     if data.task:
         return get_task(data.task).examples(split, n, seed)
     path = data.prompts if split == "train" else data.eval_prompts
     if not path:
         raise ValueError("config key 'data.eval_prompts' must be set to evaluate without a task")
-    return read_jsonl(path)[:n] if split == "eval" else read_jsonl(path)
+    pool = PromptPool.open(path, data, data.split if split == "train" else data.eval_split)
+    return [pool[i] for i in range(len(pool) if split == "train" else min(n, len(pool)))]
 
 
-def encode_prompt(tokenizer: PreTrainedTokenizerBase, text: str, chat_template: bool = False) -> list[int]:
-    """Prompt ids; a BOS is prepended when the tokenizer has one and did not add it."""
-    if chat_template:
-        messages = [{"role": "user", "content": text}]
+def prompt_text(prompt: str | list[Message]) -> str:
+    """A prompt as one readable string (a conversation as ``role: content`` lines), for logs and tables."""
+    return prompt if isinstance(prompt, str) else "\n".join(f"{m['role']}: {m['content']}" for m in prompt)
+
+
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str | list[Message],
+                  chat_template: bool = False) -> list[int]:
+    """Prompt ids. A conversation, or a text with ``chat_template``, goes through the tokenizer's chat template
+    (as one user turn) with the generation prompt; a plain text gets a BOS when the tokenizer has one and did not
+    add it."""
+    if chat_template or not isinstance(prompt, str):
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        if not tokenizer.chat_template:
+            raise ValueError(f"the prompt is a conversation (or data.chat_template is on) but the tokenizer "
+                             f"{tokenizer.name_or_path!r} has no chat template: {str(messages)[:80]!r}")
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
         return list(ids)
-    ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+    ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
     bos = tokenizer.bos_token_id
     if bos is not None and (not ids or ids[0] != bos):
         ids = [bos, *ids]
@@ -310,7 +357,7 @@ class PromptSource:
 
 def prompt_source(data: DataConfig, seed: int) -> PromptSource:
     """The training ``PromptSource`` a config describes."""
-    pool = (PromptPool.from_jsonl(data.prompts) if data.prompts
+    pool = (PromptPool.open(data.prompts, data, data.split) if data.prompts
             else PromptPool.from_examples(load_examples(data, "train", data.num_prompts, seed)))
     return PromptSource(
         pool,

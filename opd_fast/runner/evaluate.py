@@ -12,10 +12,6 @@ checkpoint), ``Verifiers``, ``exact_match``.
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import importlib.util
-import sys
-import types
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,6 +20,7 @@ import torch
 
 import opd_fast
 
+from ..plugins import load_object
 from ..tasks import Example, get_task
 from .config import RolloutConfig, RunConfig
 from .data import Prompt, load_examples
@@ -39,24 +36,6 @@ def exact_match(prompt: str, completion: str, reference: str) -> float:
     return float(completion.strip() == reference.strip())
 
 
-def _import(module: str) -> types.ModuleType:
-    """An importable module by name, or a ``.py`` file by path (a verifier next to the config file).
-
-    Either way this runs the module's code in the training process: verifiers are trusted code."""
-    if not module.endswith(".py"):
-        return importlib.import_module(module)
-    path = Path(module)
-    if not path.is_file():
-        raise ImportError(f"no verifier file {path}")
-    name = f"opd_fast_verifier_{path.stem}_{abs(hash(str(path.resolve())))}"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, path)
-        loaded = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(loaded)
-        sys.modules[name] = loaded
-    return sys.modules[name]
-
-
 class Verifiers:
     """Domain -> verifier, resolved once from the config (``module:function`` or ``file.py:function``, trusted
     code run in-process), the task, or exact match."""
@@ -65,11 +44,7 @@ class Verifiers:
         self.default: Verifier = get_task(task).verify if task else exact_match
         self.by_domain: dict[str, Verifier] = {}
         for domain, spec in specs.items():
-            module, _, func = spec.rpartition(":")
-            try:
-                self.by_domain[domain] = getattr(_import(module), func)
-            except (ImportError, AttributeError, OSError) as exc:
-                raise ValueError(f"config key 'loss.verifiers.{domain}': cannot import {spec!r}: {exc}") from exc
+            self.by_domain[domain] = load_object(spec, f"loss.verifiers.{domain}")
 
     def __call__(self, domain: str, prompt: str, completion: str, reference: str) -> float:
         return float(self.by_domain.get(domain, self.default)(prompt, completion, reference))

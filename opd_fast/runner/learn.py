@@ -44,12 +44,22 @@ from .rollout import RolloutBatch
 from .score import ScoredBatch, TeacherScores
 
 
-def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
-    """Linear warm-up to 1, then cosine decay to ``min_ratio`` at ``total``."""
+def decay(schedule: str, progress: float) -> float:
+    """The share of the way from the peak down to the floor still left at ``progress`` in [0, 1] of the decay."""
+    if schedule == "constant":
+        return 1.0
+    return 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
+
+
+def lr_lambda(step: int, warmup: int, total: int, min_ratio: float, schedule: str = "cosine") -> float:
+    """Linear warm-up to 1, then a cosine or linear decay to ``min_ratio`` at ``total`` (or constant 1).
+
+    The warm-up's first step already has ``1 / (warmup + 1)`` of the rate, unlike the Hugging Face
+    schedules' 0, so no optimizer step is spent only on AdamW's moments."""
     if step < warmup:
         return (step + 1) / (warmup + 1)
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return min_ratio + (1 - min_ratio) * decay(schedule, progress)
 
 
 @dataclass
@@ -104,7 +114,7 @@ class Learner:
         self.optimizer = torch.optim.AdamW(self.params, lr=optim.lr, betas=tuple(optim.betas),
                                            weight_decay=optim.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_lambda(s, optim.warmup_steps, optim.steps, optim.min_lr_ratio)
+            self.optimizer, lambda s: lr_lambda(s, optim.warmup_steps, optim.steps, optim.min_lr_ratio, optim.schedule)
         )
         self.skipped = 0
         self.consecutive_skips = 0

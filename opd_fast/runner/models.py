@@ -37,6 +37,7 @@ import opd_fast
 
 from .config import LoraConfig, RunConfig
 from .data import encode_prompt
+from .hub import model_directory
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -64,6 +65,14 @@ class LoadedModel:
     decoder: nn.Module  # returns last_hidden_state
     tokenizer: PreTrainedTokenizerBase
     path: str
+    # Dtype of the forward's math when it differs from the weights' (fp32 master weights, bf16 compute)
+    compute_dtype: torch.dtype | None = None
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        """Autocast to ``compute_dtype`` (nothing to do when the weights already have it)."""
+        if self.compute_dtype is None or self.compute_dtype == self.head.weight.dtype:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.compute_dtype)
 
     @property
     def head(self) -> Head:
@@ -125,27 +134,46 @@ def _load_tokenizer(path: str, trust_remote_code: bool) -> PreTrainedTokenizerBa
     return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
 
 
+def _enable_checkpointing(lm: PreTrainedModel) -> None:
+    """HF's activation (gradient) checkpointing, non-reentrant: it works with frozen inputs (LoRA) and autocast.
+    transformers >= 5.2x renamed the API; older versions only have ``gradient_checkpointing_enable``."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(lm, "activation_checkpointing_enable"):
+        lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def load_model(
     path: str,
     *,
     name: str = "model",
+    revision: str = "",
+    local_files_only: bool = False,
     dtype: str = "float32",
+    compute_dtype: str | None = None,
     device: str = "cpu",
     attn_implementation: str = "sdpa",
     trust_remote_code: bool = False,
     lora: LoraConfig | None = None,
     adapter_path: str | None = None,
     trainable: bool = False,
+    gradient_checkpointing: bool = False,
 ) -> LoadedModel:
-    """Load model + tokenizer from a local directory; optionally wrap a LoRA adapter (peft)."""
+    """Load model + tokenizer from a local directory or a cached Hub model id (``revision``); optionally
+    wrap a LoRA adapter (peft). Weights are stored in ``dtype``; the forward runs under autocast to
+    ``compute_dtype`` when given and different."""
+    path = model_directory(path, revision=revision, local_files_only=local_files_only, label=name)
     try:
         lm = AutoModelForCausalLM.from_pretrained(
             path, dtype=DTYPES[dtype], attn_implementation=attn_implementation, trust_remote_code=trust_remote_code
         )
         tokenizer = _load_tokenizer(path, trust_remote_code)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # missing files; a config.json transformers does not recognize
         raise ValueError(f"{name}: cannot load a model/tokenizer from {path!r}: {exc}") from exc
     lm.to(device)
+    if trainable and gradient_checkpointing:
+        _enable_checkpointing(lm)
     model: nn.Module = lm
     if lora is not None:
         from peft import LoraConfig as PeftLoraConfig
@@ -163,7 +191,8 @@ def load_model(
         model.requires_grad_(trainable)
     model.train(trainable)
     decoder = getattr(lm, lm.base_model_prefix)
-    return LoadedModel(name=name, model=model, decoder=decoder, tokenizer=tokenizer, path=path)
+    return LoadedModel(name=name, model=model, decoder=decoder, tokenizer=tokenizer, path=path,
+                       compute_dtype=None if compute_dtype is None else DTYPES[compute_dtype])
 
 
 @contextlib.contextmanager
@@ -195,8 +224,9 @@ def forward_hidden(
     if positions is None:
         positions = position_ids(attention_mask)[:, -input_ids.shape[1]:]
     kwargs = {_cache_kwarg(type(lm.decoder)): cache} if cache is not None else {}
-    out = lm.decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                     use_cache=cache is not None, **kwargs)
+    with lm.autocast():
+        out = lm.decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                         use_cache=cache is not None, **kwargs)
     return out.last_hidden_state, cache  # the cache object is updated in place
 
 
@@ -277,18 +307,21 @@ def load_run_models(
 ) -> tuple[LoadedModel, dict[str, Teacher]]:
     """Student (from ``checkpoint/student`` when given) and the teachers by name, each checked against it."""
     r, s = config.run, config.student
-    student_path, adapter = s.path, None
+    student_path, revision, adapter = s.path, s.revision, None
     if checkpoint is not None:
         if s.lora is None:
-            student_path = str(Path(checkpoint) / "student")
+            student_path, revision = str(Path(checkpoint) / "student"), ""
         else:
             adapter = str(Path(checkpoint) / "student")
-    student = load_model(student_path, name="student", dtype=r.dtype, device=r.device,
+    student = load_model(student_path, name="student", revision=revision, local_files_only=s.local_files_only,
+                         dtype=s.dtype or "float32", compute_dtype=r.dtype, device=r.device,
+                         gradient_checkpointing=s.gradient_checkpointing,
                          attn_implementation=s.attn_implementation, trust_remote_code=s.trust_remote_code,
                          lora=s.lora, adapter_path=adapter, trainable=trainable)
     teachers = {}
     for name, t in config.teachers.items():
-        model = load_model(t.path, name=name, dtype=r.dtype, device=r.device, attn_implementation=t.attn_implementation,
+        model = load_model(t.path, name=name, revision=t.revision, local_files_only=t.local_files_only,
+                           dtype=t.dtype or r.dtype, device=r.device, attn_implementation=t.attn_implementation,
                            trust_remote_code=t.trust_remote_code)
         vocab = check_compatible(student, model, config.data.chat_template)
         teachers[name] = Teacher(model, vocab, t.weight, list(t.domains), t.temperature)

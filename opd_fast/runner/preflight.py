@@ -20,6 +20,7 @@ from ..core.dispatch import availability
 from ..tasks import Example
 from .config import RunConfig
 from .data import encode_prompt, load_examples
+from .hub import model_directory
 from .models import LoadedModel, Teacher
 
 # Any of these makes a directory loadable by a transformers tokenizer class.
@@ -44,14 +45,13 @@ def _device(config: RunConfig) -> torch.device:
     return device
 
 
-def _model_dir(key: str, role: str, path: str) -> None:
-    directory = Path(path)
-    if not directory.is_dir():
-        raise ValueError(f"config key {key!r}: the {role} model directory {path} does not exist")
+def _model_dir(key: str, role: str, path: str, revision: str, local_files_only: bool) -> None:
+    directory = Path(model_directory(path, revision=revision, local_files_only=local_files_only,
+                                     label=f"config key {key!r} ({role})"))
     if not (directory / "config.json").is_file():
-        raise ValueError(f"config key {key!r}: the {role} model directory {path} has no config.json")
+        raise ValueError(f"config key {key!r}: the {role} model directory {directory} has no config.json")
     if not any((directory / name).is_file() for name in TOKENIZER_FILES):
-        raise ValueError(f"config key {key!r}: the {role} model directory {path} has no tokenizer files "
+        raise ValueError(f"config key {key!r}: the {role} model directory {directory} has no tokenizer files "
                          f"(expected one of {', '.join(TOKENIZER_FILES)})")
 
 
@@ -60,10 +60,16 @@ def check_config(config: RunConfig, *, training: bool = True, student_dir: bool 
 
     ``student_dir=False`` skips ``student.path`` (evaluating a full checkpoint does not read it)."""
     c = config
+    if training and c.student.dtype == "float16":
+        raise ValueError(
+            "config key 'student.dtype' = 'float16' would train the student's weights in pure fp16: AdamW's eps and "
+            "small updates underflow and the weights turn NaN/inf within a step. Use 'float32' (the default) or "
+            "'bfloat16'"
+        )
     if training and c.run.dtype == "float16":
         raise ValueError(
-            "config key 'run.dtype' = 'float16' would train the student's weights in pure fp16: AdamW's eps and "
-            "small updates underflow and the weights turn NaN/inf within a step. Use 'bfloat16' or 'float32'"
+            "config key 'run.dtype' = 'float16' would compute the student's gradients in fp16 without loss scaling, "
+            "which the runner does not do: small gradients underflow to zero. Use 'bfloat16' or 'float32'"
         )
     device = _device(c)
     if c.loss.backend != "auto":
@@ -71,16 +77,16 @@ def check_config(config: RunConfig, *, training: bool = True, student_dir: bool 
         if not ok:
             raise ValueError(f"config key 'loss.backend' = {c.loss.backend!r} is unusable on {device}: {reason}")
     if student_dir:
-        _model_dir("student.path", "student", c.student.path)
+        _model_dir("student.path", "student", c.student.path, c.student.revision, c.student.local_files_only)
     for name, t in c.teachers.items():
-        _model_dir(f"teachers.{name}.path", f"teacher {name!r}", t.path)
+        _model_dir(f"teachers.{name}.path", f"teacher {name!r}", t.path, t.revision, t.local_files_only)
     evaluates = c.eval.at_end or c.eval.every > 0
     if training and evaluates and not c.data.task:
         if not c.data.eval_prompts:
             raise ValueError("config key 'data.eval_prompts' must be set: the run evaluates (eval.at_end / "
                              "eval.every) and has no data.task to draw evaluation prompts from")
-        if not Path(c.data.eval_prompts).is_file():
-            raise ValueError(f"config key 'data.eval_prompts': no file {c.data.eval_prompts}")
+        if not Path(c.data.eval_prompts).exists():
+            raise ValueError(f"config key 'data.eval_prompts': no file or dataset directory {c.data.eval_prompts}")
 
 
 def check_lengths(config: RunConfig, student: LoadedModel, teachers: dict[str, Teacher],

@@ -20,8 +20,10 @@ from typing import Any
 
 import torch
 
-from .data import Prompt
+from ..tasks import Message
+from .data import Prompt, prompt_text
 from .evaluate import Verifiers
+from .hub import model_directory
 
 
 @dataclass
@@ -56,7 +58,8 @@ class RunningMoments:
 
 
 class RewardModel:
-    """A local Hugging Face sequence-classification model with one output (its score for a completion).
+    """A Hugging Face sequence-classification model with one output (its score for a completion), from a local
+    directory or a model id in the HF cache.
 
     The prompt and completion are rendered as a user/assistant conversation when the reward model's
     tokenizer has a chat template (how reward models are trained), else concatenated. Remote code runs
@@ -67,6 +70,7 @@ class RewardModel:
                  max_length: int = 2048, key: str = "loss.reward_models") -> None:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+        path = model_directory(path, label=f"config key {key!r}")  # a local directory or a cached model id
         if not Path(path, "config.json").is_file():
             raise ValueError(f"config key {key!r}: {path!r} is not a model directory (no config.json there)")
         try:
@@ -88,14 +92,15 @@ class RewardModel:
         self.device = device
         self.max_length = max_length
 
-    def _text(self, prompt: str, completion: str) -> str:
+    def _text(self, prompt: str | list[Message], completion: str) -> str:
         if getattr(self.tokenizer, "chat_template", None):
-            conversation = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+            turns = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+            conversation = [*turns, {"role": "assistant", "content": completion}]
             return self.tokenizer.apply_chat_template(conversation, tokenize=False)
-        return prompt + completion
+        return prompt_text(prompt) + completion
 
     @torch.no_grad()
-    def __call__(self, prompts: list[str], completions: list[str]) -> torch.Tensor:
+    def __call__(self, prompts: list[str | list[Message]], completions: list[str]) -> torch.Tensor:
         texts = [self._text(p, c) for p, c in zip(prompts, completions, strict=True)]
         enc = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True,
                              max_length=self.max_length).to(self.device)

@@ -20,7 +20,6 @@ Public API: ``open_run``, ``RunStart``, ``RunDirError``, ``apply_resumed_optim``
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import uuid
 from dataclasses import dataclass, field
@@ -28,19 +27,21 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import checkpoints, load_config_json, load_latest
-from .config import OptimConfig, RunConfig, config_to_dict
+from .config import OptimConfig, RunConfig, complete_config_dict, config_to_dict
 from .files import write_atomic
-from .learn import Learner, lr_lambda
-from .metrics import METRICS_FILE
+from .learn import Learner, decay, lr_lambda
+from .metrics import METRICS_FILE, SAMPLES_FILE
 from .timeline import TIMELINE_FILE
 
 HISTORY_FILE = "config_history.jsonl"
-RUN_FILES = (METRICS_FILE, TIMELINE_FILE, "config.json", HISTORY_FILE, "checkpoints", "tensorboard", "plots")
+RUN_FILES = (METRICS_FILE, TIMELINE_FILE, SAMPLES_FILE, "config.json", HISTORY_FILE, "checkpoints", "tensorboard",
+             "wandb", "plots")
 # Keys a resumed run may change; they are applied from the next step on. Prefixes end with ".". The
 # pipeline modes keep no state of their own (async in-flight rollouts are dropped at a checkpoint).
 APPLIED = ("optim.lr", "optim.steps", "optim.min_lr_ratio", "optim.weight_decay", "optim.grad_clip",
            "optim.max_consecutive_skips", "checkpoint.", "metrics.", "eval.", "run.threads", "run.out_dir",
-           "run.device", "loss.backend", "run.pipeline", "run.max_staleness", "run.importance_clip")
+           "run.device", "loss.backend", "run.pipeline", "run.max_staleness", "run.importance_clip",
+           "student.gradient_checkpointing", "student.local_files_only")
 _SCHEDULE_KEYS = ("optim.steps", "optim.min_lr_ratio")
 
 
@@ -114,7 +115,7 @@ def open_run(config: RunConfig, *, resume: bool, overwrite: bool) -> RunStart:
                      saved_config=saved)
     if saved is None:
         return start
-    changes = config_changes(saved, config_to_dict(config))
+    changes = config_changes(complete_config_dict(saved), config_to_dict(config))
     refused = {k: v for k, v in changes.items() if not _applied(k)}
     if refused:
         listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in refused.items())
@@ -134,10 +135,10 @@ def schedule_factor(step: int, optim: OptimConfig, anchor: list[float] | None) -
     """The lr multiplier at ``step``: warm-up + cosine, or after a schedule change on resume, a cosine
     from the multiplier at the resume point (``anchor`` = [step, factor]) down to ``min_lr_ratio``."""
     if anchor is None:
-        return lr_lambda(step, optim.warmup_steps, optim.steps, optim.min_lr_ratio)
+        return lr_lambda(step, optim.warmup_steps, optim.steps, optim.min_lr_ratio, optim.schedule)
     s0, f0 = int(anchor[0]), float(anchor[1])
     progress = min(1.0, max(0, step - s0) / max(1, optim.steps - s0))
-    return optim.min_lr_ratio + (f0 - optim.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return optim.min_lr_ratio + (f0 - optim.min_lr_ratio) * decay(optim.schedule, progress)
 
 
 def apply_resumed_optim(learner: Learner, config: RunConfig, start: RunStart) -> list[float] | None:

@@ -37,7 +37,7 @@ from .async_rollout import RolloutProducer, StepRollouts
 from .checkpoint import load_state, rng_state, save_checkpoint, set_rng_state
 from .config import RunConfig, config_to_dict, uses_importance_weights
 from .correction import Corrector
-from .data import Prompt, load_examples, prompt_source
+from .data import Prompt, load_examples, prompt_source, prompt_text
 from .evaluate import Verifiers, evaluate
 from .learn import ImportanceWeights, Learner, MicroStats
 from .metrics import MetricsLogger
@@ -48,6 +48,7 @@ from .rollout import RolloutBatch, from_completions, rollout
 from .score import Router, ScoredBatch, score
 from .signals import stop_on_signals
 from .timeline import Timeline, stage_metrics
+from .trackers import RunIdentity, SampleRecord
 
 
 def _chunks(items: list[Prompt], size: int) -> list[list[Prompt]]:
@@ -85,6 +86,7 @@ class Trainer:
             torch.Generator(c.run.device).manual_seed(c.run.seed + 2))
         self.step = 0
         self.dropped_samples = 0  # async mode: rollouts never learned from (in flight at a checkpoint)
+        self.last_step: tuple[list[RolloutBatch], list[MicroStats]] = ([], [])
         self.run_info: dict[str, Any] = {}  # run id and schedule anchor, saved with every checkpoint
         self.timeline = Timeline()
         self.producer: RolloutProducer | None = None
@@ -183,7 +185,7 @@ class Trainer:
         stats: list[MicroStats] = []
         for i, (batch, adv, ref) in enumerate(zip(batches, advantages, sft, strict=True)):
             signal = scored(i, batch)
-            with self.timeline.stage(step, "learn", i):
+            with self.timeline.stage(step, "learn", i), self.student.autocast():  # the loss too computes in run.dtype
                 stats.append(self.learner.micro_step(signal, num_items, adv, ref, sft_items))
         with self.timeline.stage(step, "optim"):
             update = self.learner.step()
@@ -225,6 +227,7 @@ class Trainer:
         self.step = step
         if self.producer is not None:
             self.producer.publish(step)
+        self.last_step = (batches, stats)  # what ``sample_records`` reports
         elapsed = time.perf_counter() - t_start
         lengths = [n for b in batches for n in b.completion_lengths()]
         row: dict[str, Any] = {
@@ -283,6 +286,16 @@ class Trainer:
                 self.producer = None
 
     # -- bookkeeping ----------------------------------------------------------------------------
+    def sample_records(self, n: int) -> list[SampleRecord]:
+        """The first ``n`` completions of the last step, with their reward and mean per-token divergence."""
+        batches, stats = self.last_step
+        rows = [(p, text, length, div) for b, s in zip(batches, stats, strict=True)
+                for p, text, length, div in zip(b.prompts, b.completions, b.completion_lengths(),
+                                                s.per_sample_divergence, strict=True)]
+        return [SampleRecord(self.step, p.domain, prompt_text(p.prompt), text, p.reference or "",
+                             self.verifiers(p.domain, p.prompt, text, p.reference or ""), div, length)
+                for p, text, length, div in rows[:n]]
+
     def save(self) -> Path:
         """Checkpoint the step; in async mode with the producer paused, its in-flight samples counted as dropped
         for a resumed run (they are not saved)."""
@@ -323,7 +336,7 @@ def _train(config: RunConfig, resume: bool, overwrite: bool, stop_after: int | N
     trainer.run_info = {"run_id": begin.run_id, "schedule": run_dir.apply_resumed_optim(trainer.learner, config, begin)}
     run_dir.record_config(config, begin, trainer.step)
     c, start = config, trainer.step
-    logger = MetricsLogger(out, c.optim.steps, start, progress=c.metrics.progress, tensorboard=c.metrics.tensorboard)
+    logger = MetricsLogger(out, c.optim.steps, start, c.metrics, RunIdentity(begin.run_id, out.name, config_to_dict(c)))
     last_ckpt, eval_results, interrupted, row = begin.checkpoint, {}, False, {}
     tokens, t0 = 0, time.perf_counter()
     trainer.timeline.open(out, start)
@@ -335,6 +348,8 @@ def _train(config: RunConfig, resume: bool, overwrite: bool, stop_after: int | N
                     preflight.check_weights_finite(trainer.student, trainer.step)
                 tokens += row["tokens"]
                 logger.log(row)
+                if c.metrics.samples_every and trainer.step % c.metrics.samples_every == 0:
+                    logger.log_samples(trainer.sample_records(c.metrics.samples_per_step))
                 at_end = trainer.step == c.optim.steps
                 if c.checkpoint.every and trainer.step % c.checkpoint.every == 0 and not at_end:
                     last_ckpt = trainer.save()

@@ -1,8 +1,11 @@
 """Task plug-ins: prompt generators with references and a verifier.
 
-A task is what the runner samples prompts from (when no JSONL file is given) and what
+A task is what the runner samples prompts from (when no prompt file is given) and what
 evaluation scores completions with. Built-in tasks register themselves here by name;
-``get_task(name)`` imports the built-ins on first use.
+``get_task(name)`` imports the built-ins on first use. A custom task is named by its class,
+``"module:Class"`` or ``"path/file.py:Class"`` (``data.task`` or ``--task``): any class whose instances
+have ``examples`` and ``verify`` as ``Task`` below, built without arguments (trusted code, imported
+into the training process).
 """
 
 from __future__ import annotations
@@ -12,12 +15,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from ..plugins import is_code_spec, load_object
+
+Message = dict[str, str]  # one chat turn: {"role": ..., "content": ...}
+
 
 @dataclass(frozen=True)
 class Example:
-    """One prompt with its ground truth. ``domain`` routes it to a teacher."""
+    """One prompt with its ground truth. ``domain`` routes it to a teacher. A conversation prompt (chat
+    messages) is rendered with the tokenizer's chat template."""
 
-    prompt: str
+    prompt: str | list[Message]
     reference: str
     domain: str = "default"
 
@@ -51,7 +59,20 @@ def register_task(name: str) -> Callable[[Callable[[], Task]], Callable[[], Task
     return deco
 
 
+def _custom_task(spec: str) -> Task:
+    factory = load_object(spec, "data.task")
+    task = factory() if callable(factory) else factory
+    missing = [m for m in ("examples", "verify") if not callable(getattr(task, m, None))]
+    if missing:
+        raise ValueError(f"config key 'data.task' = {spec!r}: the task has no {' or '.join(missing)} method "
+                         "(a task needs examples(split, n, seed) and verify(prompt, completion, reference))")
+    return task
+
+
 def get_task(name: str) -> Task:
+    """A built-in task by name, or a custom one by ``module:Class`` / ``file.py:Class``."""
+    if is_code_spec(name):
+        return _custom_task(name)
     for module in BUILTIN_MODULES:
         importlib.import_module(f"opd_fast.tasks.{module}")
     if name not in _REGISTRY:

@@ -1,9 +1,10 @@
 import json
+import re
 from pathlib import Path
 
 import pytest
 
-from opd_fast.cli import main
+from opd_fast.cli import console, main
 
 
 def test_train_eval_generate_plot_commands(toml_config: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -30,3 +31,29 @@ def test_bad_config_key_fails_before_any_work(toml_config: Path) -> None:
     config = toml_config
     with pytest.raises(ValueError, match=r"unknown config key 'optim\.learning_rate'"):
         main(["train", str(config), "--set", "optim.learning_rate=1"])
+
+
+def test_generate_from_a_run_directory_and_its_checkpoints(
+        toml_config: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    assert main(["train", str(toml_config), "--set", "optim.steps=2", "--set", "eval.at_end=false",
+                 "--set", "checkpoint.keep=1"]) == 0  # step 1's checkpoint is pruned by step 2's
+    capsys.readouterr()
+    run = tmp_path / "out"
+    for model, checkpoint in ((run, "latest"), (run, "step-00000002"), (run / "checkpoints" / "step-00000002", None)):
+        assert main(["generate", str(model), "--prompt", "ab=", "--max-new-tokens", "2",
+                     *(["--checkpoint", checkpoint] if checkpoint else [])]) == 0
+        assert "'ab=' -> " in capsys.readouterr().out
+    pruned = str(run / "checkpoints" / "step-00000001" / "student")
+    for argv, error in (
+        ([str(run), "--checkpoint", "step-00000001"], r"no checkpoint 'step-00000001' under .*pruned by "
+                                                      r"checkpoint.keep\); checkpoints there: \['step-00000002'\]"),
+        ([str(tmp_path / "empty"), "--checkpoint", "latest"], r"no checkpoint under .*empty/checkpoints .*there: none"),
+        ([pruned], rf"model: no such local directory {pruned}$"),
+        ([str(run)], r"is a run directory: pass --checkpoint latest"),
+    ):
+        monkeypatch.setattr("sys.argv", ["opd-fast", "generate", *argv, "--prompt", "ab="])
+        with pytest.raises(SystemExit) as exit_info:
+            console()
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and re.search(error, err), err  # one line, no traceback

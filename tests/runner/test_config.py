@@ -46,6 +46,7 @@ def test_exactly_one_prompt_source_and_a_teacher() -> None:
 
 
 def test_overrides_and_relative_paths(tmp_path: Path) -> None:
+    (tmp_path / "models" / "s").mkdir(parents=True)  # an existing directory (else "models/s" is a model id)
     (tmp_path / "c.toml").write_text(
         '[student]\npath = "models/s"\n[teachers.t]\npath = "/abs/t"\n[data]\ntask = "x"\n[optim]\nlr = 0.1\n'
     )

@@ -6,6 +6,7 @@ from typing import ClassVar
 
 import pytest
 
+from opd_fast.runner.config import MetricsConfig
 from opd_fast.runner.metrics import MetricsLogger, plot_metrics, read_metrics
 
 
@@ -24,7 +25,7 @@ class FakeWriter:
 
 def test_rows_tensorboard_resume_truncation_and_plots(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=FakeWriter))
-    log = MetricsLogger(tmp_path, total_steps=3, progress=False)
+    log = MetricsLogger(tmp_path, total_steps=3, metrics=MetricsConfig(progress=False))
     for step in (1, 2, 3):
         log.log({"step": step, "loss": 1.0 / step, "source": "student"})
     log.log({"step": 3, "kind": "eval", "reverse_kl": 0.5}, advance=False)
@@ -33,7 +34,8 @@ def test_rows_tensorboard_resume_truncation_and_plots(tmp_path: Path, monkeypatc
     assert ("loss", 0.5, 2) in FakeWriter.scalars and ("eval/reverse_kl", 0.5, 3) in FakeWriter.scalars
     assert not any(tag == "source" for tag, _, _ in FakeWriter.scalars)  # strings are not scalars
     # resuming from the step-2 checkpoint drops the rows of the steps that will be redone
-    MetricsLogger(tmp_path, total_steps=3, start_step=2, progress=False, tensorboard=False).close()
+    quiet = MetricsConfig(progress=False, tensorboard=False)
+    MetricsLogger(tmp_path, total_steps=3, start_step=2, metrics=quiet).close()
     assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
     assert {p.name for p in plot_metrics(tmp_path, tmp_path / "png")} == {"loss.png"}
     with pytest.raises(ValueError, match="no metrics"):
@@ -43,6 +45,6 @@ def test_rows_tensorboard_resume_truncation_and_plots(tmp_path: Path, monkeypatc
 def test_missing_tensorboard_is_said_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails as if not installed
     with pytest.warns(UserWarning, match="tensorboard package is not installed"):
-        logger = MetricsLogger(tmp_path, total_steps=1, start_step=0, progress=False, tensorboard=True)
-    assert logger.tb is None
+        logger = MetricsLogger(tmp_path, total_steps=1, start_step=0, metrics=MetricsConfig(progress=False))
+    assert logger.trackers == []
     logger.close()

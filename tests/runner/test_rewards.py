@@ -58,11 +58,13 @@ def test_reward_model_scores_do_not_depend_on_batch_padding(reward_dir: str) -> 
     alone = torch.cat([rm([p], [c]) for p, c in zip(prompts, completions, strict=True)])
     assert batched.shape == (3,)
     torch.testing.assert_close(batched, alone, rtol=1e-5, atol=1e-5)
+    conversation = [{"role": "user", "content": "ab="}]  # a conversation prompt, rendered without a template
+    assert rm([conversation], ["ba"]) == pytest.approx(float(rm(["user: ab="], ["ba"])[0]))
     assert len(set(batched.tolist())) == 3  # a real model: different texts, different scores
 
 
 @pytest.mark.parametrize(("make", "match"), [
-    (lambda tmp: str(tmp / "absent"), r"loss\.reward_models.*not a model directory"),
+    (lambda tmp: str(tmp / "absent"), r"loss\.reward_models.*no such local directory"),
     (lambda tmp: make_reward_model(tmp / "two", num_labels=2), r"num_labels=2.*one output"),
 ])
 def test_reward_model_errors_name_the_config_key_and_the_problem(tmp_path: Path, make, match: str) -> None:

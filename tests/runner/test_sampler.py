@@ -98,7 +98,7 @@ def test_jsonl_pool_keeps_arrays_and_parses_drawn_lines(tmp_path: Path) -> None:
     assert {p.domain for p in src.next_batch()} == {"d0"}
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a"}\n\n{"prompt": 3}\n')
-    with pytest.raises(ValueError, match=r"bad\.jsonl:3: each line needs a string 'prompt'"):
+    with pytest.raises(ValueError, match=r"bad\.jsonl:3: 'prompt' must be a string or a list of .* messages"):
         PromptPool.from_jsonl(bad)
     (tmp_path / "empty.jsonl").write_text("")
     with pytest.raises(ValueError, match="no prompts"):

@@ -113,8 +113,11 @@ def test_startup_errors_name_the_problem(make_config, models: dict, tmp_path: Pa
         Trainer(make_config(tmp_path, teachers={"tb": {"path": models["other_tok"]}}))
     with pytest.raises(ValueError, match="domain 'b' has no teacher"):
         Trainer(make_config(tmp_path, teachers={"tb": {"path": models["teacher_b"], "domains": ["c"]}}))
-    with pytest.raises(ValueError, match="cannot load"):
+    with pytest.raises(ValueError, match="student: no such local directory .*missing"):
         Trainer(make_config(tmp_path, student={"path": str(tmp_path / "missing")}))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="cannot load"):
+        Trainer(make_config(tmp_path, student={"path": str(tmp_path / "empty")}))
 
 
 def test_sft_and_verifier_terms_run(make_config, models: dict, tmp_path: Path) -> None:
