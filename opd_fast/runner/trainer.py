@@ -98,7 +98,7 @@ class Trainer:
             self.mix_rng.setstate(state["mix_rng"])
             self.rewards.load_state_dict(state.get("rewards", {}))
             set_rng_state(state["rng"], self.generator)
-            if self.corrector is not None and "correction_rng" in state:
+            if self.corrector is not None:  # rollout.correction cannot change on resume (run_dir.APPLIED)
                 self.corrector.generator.set_state(state["correction_rng"])
             self.step = state["step"]
             self.dropped_samples = state.get("dropped_samples", 0) + state.get("in_flight_samples", 0)

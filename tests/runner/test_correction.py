@@ -121,12 +121,21 @@ def test_trainer_logs_exact_corrected_fraction_and_stops_correcting_after_the_sc
         make_config, tmp_path: Path) -> None:
     cfg = make_config(tmp_path, rollout={"correction": {"min_prob": 1.0, "decay_steps": 1}}, optim={"steps": 2})
     trainer = Trainer(cfg)
-    first = trainer.train_step()
+    first, second = trainer.train_step(), trainer.train_step()
     assert (first["correction_rate"], first["corrected_fraction"]) == (1.0, 1.0)
-    resumed = Trainer(cfg, trainer.save())  # the corrector's random stream resumes where it was
-    assert torch.equal(resumed.corrector.generator.get_state(), trainer.corrector.generator.get_state())
-    second = resumed.train_step()
     assert (second["correction_rate"], second["corrected_fraction"]) == (0.0, 0.0)
+
+
+def test_resume_continues_the_corrected_rollouts_exactly(make_config, tmp_path: Path) -> None:
+    opts = {"optim": {"steps": 4}, "rollout": {"correction": {"topk": 3, "rate": 0.9, "decay_steps": 6}}}
+    train(make_config(tmp_path / "full", **opts))
+    train(make_config(tmp_path / "split", **opts), stop_after=2)
+    train(make_config(tmp_path / "split", **opts), resume=True)
+    full, split = (read_metrics(tmp_path / run) for run in ("full", "split"))
+    assert [r["step"] for r in split] == [1, 2, 3, 4]
+    assert 0 < split[2]["corrected_fraction"] < 1  # after the resume, corrections still draw from their stream
+    for a, b in zip(full, split, strict=True):
+        assert (a["loss"], a["corrected_fraction"]) == (b["loss"], b["corrected_fraction"])
 
 
 def test_different_tokenizer_is_refused(models: dict) -> None:
