@@ -91,17 +91,21 @@ class CorrectedDecode:
         positions: torch.Tensor | None,
         tokens: torch.Tensor,
         logprobs: torch.Tensor,
+        active: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Feed every teacher this step's inputs (as the student got them: ``step_ids`` ``(B, S)``, ``mask``
         over past + new, ``positions`` or None at the prefill), vet the student's ``tokens`` / ``logprobs``
         ``(B,)``; return the corrected tokens and log-probs and the bool mask of the rows replaced (finished
-        rows included: the caller pads them and does not count them)."""
+        rows included: the caller pads them and does not count them). A teacher whose rows have all
+        finished (not ``active``) is not run again: they never resume."""
         s = self.corrector.sampling
         tokens, logprobs = tokens.clone(), logprobs.clone()
         replaced = torch.zeros_like(tokens, dtype=torch.bool)
         for teacher, rows, cache in self.parts:
             device = teacher.model.device
             idx = rows.to(step_ids.device)
+            if not bool(active[idx].any()):
+                continue
             pos = None if positions is None else positions[idx].to(device)
             hidden, _ = forward_hidden(teacher.model, step_ids[idx].to(device), mask[idx].to(device),
                                        cache=cache, positions=pos)

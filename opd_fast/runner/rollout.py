@@ -250,7 +250,7 @@ def rollout(
         active = ~done
         replaced = torch.zeros_like(active)
         if correction is not None:
-            tokens, lps, replaced = correction(step_ids, mask[:, :p_len + step], positions, tokens, lps)
+            tokens, lps, replaced = correction(step_ids, mask[:, :p_len + step], positions, tokens, lps, active)
         tokens = torch.where(active, tokens, torch.full_like(tokens, pad))
         steps.append((tokens, lps, active, replaced))
         done = done | torch.isin(tokens, eos)

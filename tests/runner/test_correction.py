@@ -107,6 +107,21 @@ def test_kept_and_replaced_tokens_record_the_distribution_that_drew_them(
     torch.testing.assert_close(recorded, expected, atol=1e-4, rtol=1e-4)
 
 
+def test_a_teacher_whose_rows_all_finished_stops_decoding(models: dict) -> None:
+    student, sampling = load_model(models["student"]), RolloutConfig(max_new_tokens=6)
+    prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[3]]  # the one row of domain b is routed to tb
+    first = rollout(student, prompts, sampling, torch.Generator().manual_seed(0)).input_ids[:, -6].tolist()
+    assert first[1] not in (first[0], first[2])
+    student.model.generation_config.eos_token_id = [first[1]]  # the tb row ends at its first token
+    fix = corrector(models, CorrectionConfig(topk=15), sampling, {"ta": models["teacher_a"], "tb": models["teacher_b"]})
+    calls = {name: 0 for name in fix.teachers}
+    for name, teacher in fix.teachers.items():
+        teacher.model.decoder.register_forward_hook(lambda *_, name=name: calls.__setitem__(name, calls[name] + 1))
+    batch = rollout(student, prompts, sampling, torch.Generator().manual_seed(0), correction=fix.begin(prompts, 1))
+    assert batch.completion_lengths()[1] == 1 and max(batch.completion_lengths()) == 6
+    assert calls == {"ta": 6, "tb": 1}  # tb: the prefill only
+
+
 def test_rate_schedule_hands_control_back() -> None:
     def schedule(cfg: CorrectionConfig) -> Corrector:
         return Corrector(cfg, SAMPLING[0], char_tokenizer(), {}, Router({}))
