@@ -15,6 +15,8 @@ from gloo_group import run_group
 
 import opd_fast
 
+pytestmark = pytest.mark.slow  # one 2-process group run
+
 WORLD, N, H, V = 2, 6, 8, 21
 
 
