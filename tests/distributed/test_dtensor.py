@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from gloo_group import run_group
+from group_run import device, run_group
 
 import opd_fast
 
@@ -37,17 +37,17 @@ def _losses(w, b, wt, t: dict[str, torch.Tensor], h) -> dict[str, torch.Tensor]:
     }
 
 
-def _grads(use_dtensor: bool) -> dict[str, dict[str, torch.Tensor]]:
+def _grads(use_dtensor: bool, on: torch.device | None = None) -> dict[str, dict[str, torch.Tensor]]:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
-    t = _inputs()
+    t = {k: v.to(on) for k, v in _inputs().items()} if on is not None else _inputs()
     results = {}
     for name in ("kl", "topk", "logprobs"):
         h = t["h"].clone().requires_grad_(True)
         w, b, wt = t["w"], t["b"], t["wt"]
         if use_dtensor:
-            mesh = init_device_mesh("cpu", (torch.distributed.get_world_size(),))
+            mesh = init_device_mesh(t["h"].device.type, (torch.distributed.get_world_size(),))
             w, b = (distribute_tensor(x, mesh, [Shard(0)]) for x in (w, b))
             wt = distribute_tensor(wt, mesh, [Replicate()])
         w, b = w.detach().requires_grad_(True), b.detach().requires_grad_(True)
@@ -62,7 +62,7 @@ def _grads(use_dtensor: bool) -> dict[str, dict[str, torch.Tensor]]:
 
 
 def _worker(rank: int, world: int) -> dict:
-    return _grads(use_dtensor=True)
+    return _grads(use_dtensor=True, on=device(rank))
 
 
 @pytest.fixture(scope="module")

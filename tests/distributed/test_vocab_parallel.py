@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from gloo_group import run_group
+from group_run import device, run_group
 
 import opd_fast
 from opd_fast.core.call import DIVERGENCES
@@ -99,9 +99,9 @@ def _call(case: Case, t: dict, weight, bias, teacher_weight=None, group=None):
                                           process_group=group, **case.options)
 
 
-def _evaluate(case: Case, group=None) -> dict:
+def _evaluate(case: Case, group=None, on: torch.device | None = None) -> dict:
     """Values, stats and student gradients of one case; with ``group`` on this rank's shards."""
-    t = _inputs(case)
+    t = {k: v.to(on) if isinstance(v, torch.Tensor) and on is not None else v for k, v in _inputs(case).items()}
     t["hidden"].requires_grad_(True)
     shard = (lambda x: x) if group is None else (lambda x: None if x is None else shard_rows(x, group))
     weight = shard(t["weight"]).clone().requires_grad_(True)
@@ -120,41 +120,42 @@ def _evaluate(case: Case, group=None) -> dict:
 
 # ---- bad input: every rank must raise ---------------------------------------------------------
 
-def _bad_teacher_shard(rank: int, group) -> None:
-    h, w = torch.randn(4, H_S), torch.randn(V, H_S)
-    wt = torch.randn(20 if rank == 0 else 18, H_T)  # rank 0's student shard has 19 rows
-    opd_fast.fused_linear_kl(h, shard_rows(w, group), torch.randn(4, H_T), wt, process_group=group)
+def _bad_teacher_shard(rank: int, group, on: torch.device) -> None:
+    h, w = torch.randn(4, H_S, device=on), torch.randn(V, H_S, device=on)
+    wt = torch.randn(20 if rank == 0 else 18, H_T, device=on)  # rank 0's student shard has 19 rows
+    opd_fast.fused_linear_kl(h, shard_rows(w, group), torch.randn(4, H_T, device=on), wt, process_group=group)
 
 
-def _unsharded_teacher(rank: int, group) -> None:
-    w = torch.randn(V, H_S)
-    opd_fast.fused_linear_kl(torch.randn(4, H_S), shard_rows(w, group), torch.randn(4, H_T), torch.randn(V, H_T),
-                             process_group=group)
+def _unsharded_teacher(rank: int, group, on: torch.device) -> None:
+    w = torch.randn(V, H_S, device=on)
+    opd_fast.fused_linear_kl(torch.randn(4, H_S, device=on), shard_rows(w, group), torch.randn(4, H_T, device=on),
+                             torch.randn(V, H_T, device=on), process_group=group)
 
 
-def _unreplicated_hidden(rank: int, group) -> None:
-    w = torch.randn(V, H_S)
-    opd_fast.fused_linear_logprobs(torch.randn(4 + rank, H_S), shard_rows(w, group), torch.zeros(4 + rank,
-                                   dtype=torch.long), process_group=group)
+def _unreplicated_hidden(rank: int, group, on: torch.device) -> None:
+    w = torch.randn(V, H_S, device=on)
+    opd_fast.fused_linear_logprobs(torch.randn(4 + rank, H_S, device=on), shard_rows(w, group),
+                                   torch.zeros(4 + rank, dtype=torch.long, device=on), process_group=group)
 
 
-def _one_rank_bad_mask(rank: int, group) -> None:
-    w, h = torch.randn(V, H_S), torch.randn(4, H_S)
-    mask = torch.ones(4) if rank == 1 else torch.ones(4, dtype=torch.bool)
-    opd_fast.fused_linear_kl_topk(h, shard_rows(w, group), torch.zeros(4, 2, dtype=torch.long) + torch.arange(2),
-                                  torch.full((4, 2), -1.0), mask=mask, process_group=group)
+def _one_rank_bad_mask(rank: int, group, on: torch.device) -> None:
+    w, h = torch.randn(V, H_S, device=on), torch.randn(4, H_S, device=on)
+    mask = torch.ones(4, device=on) if rank == 1 else torch.ones(4, dtype=torch.bool, device=on)
+    ids = torch.arange(2, device=on).expand(4, 2)
+    opd_fast.fused_linear_kl_topk(h, shard_rows(w, group), ids, torch.full((4, 2), -1.0, device=on), mask=mask,
+                                  process_group=group)
 
 
-def _native_backend(rank: int, group) -> None:
-    w = torch.randn(V, H_S)
-    opd_fast.fused_linear_logprobs(torch.randn(4, H_S), shard_rows(w, group), torch.zeros(4, dtype=torch.long),
-                                   backend="cpu", process_group=group)
+def _native_backend(rank: int, group, on: torch.device) -> None:
+    w = torch.randn(V, H_S, device=on)
+    opd_fast.fused_linear_logprobs(torch.randn(4, H_S, device=on), shard_rows(w, group),
+                                   torch.zeros(4, dtype=torch.long, device=on), backend="cpu", process_group=group)
 
 
-def _ids_beyond_the_shards(rank: int, group) -> None:
-    w = torch.randn(V, H_S)
-    opd_fast.fused_linear_logprobs(torch.randn(4, H_S), shard_rows(w, group), torch.full((4,), V),
-                                   process_group=group)
+def _ids_beyond_the_shards(rank: int, group, on: torch.device) -> None:
+    w = torch.randn(V, H_S, device=on)
+    opd_fast.fused_linear_logprobs(torch.randn(4, H_S, device=on), shard_rows(w, group),
+                                   torch.full((4,), V, device=on), process_group=group)
 
 
 BAD = {  # name -> (the rank's call, what every rank's error says (rank 0's first, then rank 1's))
@@ -170,11 +171,11 @@ BAD = {  # name -> (the rank's call, what every rank's error says (rank 0's firs
 
 
 def _group_worker(rank: int, world: int) -> dict:
-    group = dist.group.WORLD
-    results = {case.name: _evaluate(case, group) for case in CASES}
+    group, on = dist.group.WORLD, device(rank)
+    results = {case.name: _evaluate(case, group, on) for case in CASES}
     for name, (fn, _) in BAD.items():
         try:
-            fn(rank, group)
+            fn(rank, group, on)
         except (ValueError, TypeError, RuntimeError) as exc:
             results[name] = str(exc)
         else:

@@ -1,4 +1,8 @@
-"""Running a function on a gloo group of CPU processes, with a deadline instead of a hang."""
+"""Running a function on a process group, with a deadline instead of a hang.
+
+gloo on CPU by default; ``OPD_TEST_DIST_BACKEND=nccl`` runs the same tests on NCCL, one GPU per rank
+(``device(rank)`` is where a rank's tensors go; results come back on the CPU).
+"""
 
 from __future__ import annotations
 
@@ -14,6 +18,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 DEADLINE_S = 180
+BACKEND = os.environ.get("OPD_TEST_DIST_BACKEND", "gloo")
+
+
+def device(rank: int) -> torch.device:
+    return torch.device("cuda", rank) if BACKEND == "nccl" else torch.device("cpu")
 
 
 def _free_port() -> int:
@@ -25,7 +34,9 @@ def _free_port() -> int:
 def _entry(rank: int, world: int, port: int, fn: Callable[[int, int], object], out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    if BACKEND == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(BACKEND, rank=rank, world_size=world, timeout=timedelta(seconds=60))
     try:
         result = fn(rank, world)
     except BaseException:
@@ -33,7 +44,15 @@ def _entry(rank: int, world: int, port: int, fn: Callable[[int, int], object], o
         raise
     finally:
         dist.destroy_process_group()
-    torch.save(result, Path(out, f"rank{rank}.pt"))
+    torch.save(_on_cpu(result), Path(out, f"rank{rank}.pt"))
+
+
+def _on_cpu(obj: object) -> object:
+    if isinstance(obj, torch.Tensor):
+        return obj.cpu()
+    if isinstance(obj, dict):
+        return {k: _on_cpu(v) for k, v in obj.items()}
+    return obj
 
 
 def run_group(fn: Callable[[int, int], object], world: int, tmp: Path) -> list:
