@@ -57,6 +57,10 @@ class _LossOp:
         return [p for p in inspect.signature(self.loss).parameters.values() if p.name not in _NOT_IN_OPS]
 
     def schema_args(self) -> str:
+        unknown = [f"{p.name}: {p.annotation}" for p in self.params if str(p.annotation) not in _SCHEMA_TYPES]
+        if unknown:
+            raise TypeError(f"opd_fast.ops: no op schema type for {self.name}'s argument(s) {unknown}; "
+                            "map the annotation in _SCHEMA_TYPES or list the argument in _NOT_IN_OPS")
         return ", ".join(f"{_SCHEMA_TYPES[str(p.annotation)]} {p.name}" for p in self.params)
 
     def per_token(self, kwargs: dict[str, Any]) -> bool:
