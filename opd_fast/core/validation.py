@@ -357,6 +357,16 @@ def _options(args: Mapping[str, Any], num: float | None, student: HeadSpec, teac
     )
 
 
+def _check_compared(shard: VocabShard | None, vocab: int) -> None:
+    """Every rank must hold some of the compared vocabulary (its sweep would have no columns otherwise)."""
+    if shard is None:
+        return
+    idle = [r for r in range(len(shard.rows_per_rank)) if shard.compared(vocab, r) == 0]
+    if idle:
+        raise ValueError(f"vocab_size={vocab} leaves rank(s) {idle} without compared rows (shard rows per rank "
+                         f"{list(shard.rows_per_rank)}): shard only the compared vocabulary, or use fewer ranks")
+
+
 def _on_group(args: Mapping[str, Any], weights: tuple[str, ...], hidden: str,
               build: Callable[[Mapping[str, Any], VocabShard | None], LossCall]) -> LossCall:
     """``build(args, None)``, or, with a ``process_group``, the call every rank of the group agrees on."""
@@ -378,6 +388,7 @@ def _kl_call(args: Mapping[str, Any], shard: VocabShard | None) -> LossCall:
     ht, wt, bt = args["teacher_hidden"], args["teacher_weight"], args["teacher_bias"]
     num = _common(args)
     k = validate_heads(hs, ws, ht, wt, bs, bt, args["vocab_size"], shard)
+    _check_compared(shard, k)
     leading = tuple(hs.shape[:-1])
     mask, token_weights = validate_token_tensors(leading, hs.device, args["mask"], args["token_weights"])
     labels = args["labels"]
@@ -430,6 +441,7 @@ def _topk_call(args: Mapping[str, Any], shard: VocabShard | None) -> LossCall:
         raise ValueError(f"teacher_topk_logprobs is on {logprobs.device} but the hidden states are on {hs.device}")
     mask, token_weights = validate_token_tensors(leading, hs.device, args["mask"], args["token_weights"])
     vocab = resolve_vocab(v_s if shard is None else shard.total, None, args["vocab_size"])
+    _check_compared(shard, vocab)
     logprobs = logprobs.detach()
     counted = (ids, logprobs) if mask is None else (ids[mask], logprobs[mask])
     validate_topk_values(*(t.reshape(-1, ids.shape[-1]) for t in counted), vocab, tail)

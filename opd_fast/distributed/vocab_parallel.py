@@ -74,7 +74,7 @@ def _all_reduce(shard: VocabShard, x: torch.Tensor) -> torch.Tensor:
 
 
 def _chunk_tokens(n: int, shard: VocabShard, vocab: int, tuning: Tuning, dtype: torch.dtype) -> int:
-    widest = max(1, shard.widest(vocab))
+    widest = shard.widest(vocab)
     bytes_per_logit = _LIVE_TILES * accum_dtype(dtype).itemsize
     return plan_chunks(n, widest, replace(tuning, chunk_vocab=widest), bytes_per_logit)[0]
 

@@ -158,6 +158,13 @@ def _ids_beyond_the_shards(rank: int, group, on: torch.device) -> None:
                                    torch.full((4,), V, device=on), process_group=group)
 
 
+def _vocab_size_short_of_a_shard(rank: int, group, on: torch.device) -> None:
+    w = torch.randn(V, H_S, device=on)
+    opd_fast.fused_linear_kl_topk(torch.randn(4, H_S, device=on), shard_rows(w, group),
+                                  torch.zeros(4, 1, dtype=torch.long, device=on), torch.zeros(4, 1, device=on),
+                                  vocab_size=19, process_group=group)
+
+
 BAD = {  # name -> (the rank's call, what every rank's error says (rank 0's first, then rank 1's))
     "teacher shard sizes differ": (_bad_teacher_shard,
                                    [r"rank 0: student_weight has 19 rows but teacher_weight has 20"] * 2),
@@ -167,6 +174,8 @@ BAD = {  # name -> (the rank's call, what every rank's error says (rank 0's firs
                                                  r"^mask must be bool"]),
     "native backend": (_native_backend, [r"backend='cpu' has no vocabulary-parallel engine"] * 2),
     "ids beyond the shards": (_ids_beyond_the_shards, [rf"token_ids must be in \[0, {V}\)"] * 2),
+    "vocab_size short of a shard": (_vocab_size_short_of_a_shard,
+                                    [r"vocab_size=19 leaves rank\(s\) \[1\] without compared rows"] * 2),
 }
 
 
