@@ -101,7 +101,7 @@ def _grads(op: _LossOp, leaves: dict[str, Any], value: torch.Tensor, upstream: t
     return out[0], out[1], out[2]
 
 
-def _register(op: _LossOp) -> Callable[..., torch.Tensor]:
+def _register(op: _LossOp) -> "CustomLoss":
     names = [p.name for p in op.params]
     args = op.schema_args()
 
