@@ -2,7 +2,8 @@
 
 On a 2-process gloo mesh with the student head sharded by rows (``Shard(0)``, what ``fully_shard``
 does to a weight) and the teacher head replicated, the loss and the student gradients equal the
-plain-tensor loss; the weight gradient arrives as a DTensor with the weight's placements.
+plain-tensor loss; the weight gradient arrives as a DTensor with the weight's placements. The same
+holds for the weight of an LM head wrapped by FSDP2's ``fully_shard`` itself.
 """
 
 from __future__ import annotations
@@ -61,8 +62,32 @@ def _grads(use_dtensor: bool, on: torch.device | None = None) -> dict[str, dict[
     return results
 
 
+def _fsdp2_head(on: torch.device) -> dict[str, torch.Tensor]:
+    """The kl loss through the weight of a ``fully_shard`` LM head (a DTensor parameter)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    t = {k: v.to(on) for k, v in _inputs().items()}
+    head = torch.nn.Linear(H, V, bias=False, dtype=torch.float64, device=on)
+    with torch.no_grad():
+        head.weight.copy_(t["w"])
+    fully_shard(head, mesh=init_device_mesh(on.type, (torch.distributed.get_world_size(),)))
+    h = t["h"].clone().requires_grad_(True)
+    loss = opd_fast.fused_linear_kl(h, head.weight, t["ht"], t["wt"], divergence="jsd", backend="torch")
+    loss.backward()
+    return {"loss": loss.detach(), "h": h.grad, "w": head.weight.grad.full_tensor()}
+
+
+def _plain_kl_without_bias() -> dict[str, torch.Tensor]:
+    t = _inputs()
+    h, w = t["h"].clone().requires_grad_(True), t["w"].clone().requires_grad_(True)
+    loss = opd_fast.fused_linear_kl(h, w, t["ht"], t["wt"], divergence="jsd", backend="torch")
+    loss.backward()
+    return {"loss": loss.detach(), "h": h.grad, "w": w.grad}
+
+
 def _worker(rank: int, world: int) -> dict:
-    return _grads(use_dtensor=True, on=device(rank))
+    return {**_grads(use_dtensor=True, on=device(rank)), "fsdp2": _fsdp2_head(device(rank))}
 
 
 @pytest.fixture(scope="module")
@@ -76,3 +101,10 @@ def test_dtensor_head_matches_plain_head(loss: str, ranks: list[dict]) -> None:
     for rank, results in enumerate(ranks):
         for k, expected in plain.items():
             torch.testing.assert_close(results[loss][k], expected, msg=lambda m, k=k, r=rank: f"rank {r} {k}: {m}")
+
+
+def test_fully_shard_head_matches_plain_head(ranks: list[dict]) -> None:
+    plain = _plain_kl_without_bias()
+    for rank, results in enumerate(ranks):
+        for k, expected in plain.items():
+            torch.testing.assert_close(results["fsdp2"][k], expected, msg=lambda m, k=k, r=rank: f"rank {r} {k}: {m}")
