@@ -7,12 +7,17 @@ every loss.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
 from .core import run
 from .core.call import Tuning
 from .core.validation import kl_call
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 __all__ = ["FusedLinearKL", "fused_linear_kl"]
 
@@ -46,6 +51,7 @@ def fused_linear_kl(
     backend: str = "auto",
     return_stats: bool = False,
     tuning: Tuning | None = None,
+    process_group: ProcessGroup | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, Stats]:
     """Teacher-student divergence per token, from hidden states and LM heads, fused.
 
@@ -82,6 +88,10 @@ def fused_linear_kl(
             parts of the loss, ``soft_loss`` and ``hard_loss``, reduced like the loss
             (``loss = soft_loss + hard_weight * hard_loss``).
         tuning: chunk sizes / memory budget / gradient filtering of the chunked backends.
+        process_group: vocabulary parallelism (``opd_fast.distributed``): each rank of the group passes
+            its contiguous row shard of both heads (rank order), the hidden states and per-token
+            tensors replicated; the loss and stats equal the unsharded ones on every rank, the
+            weight and bias gradients stay sharded, the hidden-state gradient is complete.
 
     Returns:
         The loss (fp32, float64 for float64 inputs; per token for ``reduction="none"``), and the stats when asked.

@@ -13,7 +13,7 @@ teacher's signal is one of three kinds:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -138,6 +138,37 @@ class HardLabelArgs:
 
 
 @dataclass(frozen=True)
+class VocabShard:
+    """This rank's contiguous slice of a vocabulary sharded over a process group (Megatron-style).
+
+    Rank ``r`` holds rows ``[offset, offset + rows)`` of every head, the ranks' slices in rank order
+    tiling ``[0, sum(rows_per_rank))``; hidden states and per-token tensors are replicated.
+    """
+
+    group: Any  # a torch.distributed ProcessGroup
+    rank: int
+    rows_per_rank: tuple[int, ...]
+
+    @property
+    def offset(self) -> int:
+        return sum(self.rows_per_rank[: self.rank])
+
+    @property
+    def total(self) -> int:
+        return sum(self.rows_per_rank)
+
+    def compared(self, vocab: int, rank: int | None = None) -> int:
+        """How many of a rank's rows (this rank's by default) fall inside the first ``vocab`` entries."""
+        r = self.rank if rank is None else rank
+        start = sum(self.rows_per_rank[:r])
+        return max(0, min(self.rows_per_rank[r], vocab - start))
+
+    def widest(self, vocab: int) -> int:
+        """The most compared rows any rank holds: every rank plans the same token chunks from it."""
+        return max(self.compared(vocab, r) for r in range(len(self.rows_per_rank)))
+
+
+@dataclass(frozen=True)
 class LossCall:
     """A validated call. ``mask`` (bool) and ``token_weights`` have the leading shape or are None."""
 
@@ -150,6 +181,7 @@ class LossCall:
     mask: torch.Tensor | None = None
     token_weights: torch.Tensor | None = None
     hard: HardLabelArgs | None = None
+    shard: VocabShard | None = None  # set when the heads are vocabulary shards (``process_group=``)
 
     @property
     def leading(self) -> tuple[int, ...]:
