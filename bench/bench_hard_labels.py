@@ -1,6 +1,6 @@
 """Extra time of hard labels (``fused_linear_kl(labels=..., hard_weight=...)``) on one backend.
 
-    .venv/bin/python bench/bench_hard_labels.py [--shape 4096x32768x1024] [--rounds 3] [--dtypes fp32 bf16]
+    .venv/bin/python bench/bench_hard_labels.py [--shape 4096x1024x32768] [--rounds 3] [--dtypes fp32 bf16]
                                                 [--backend cpu] [--temperature 1.0]
 
 End to end: forward+backward of the plain loss and of the loss with labels (a quarter of them
@@ -67,7 +67,7 @@ def loss_step(backend: str, temperature: float, labels: torch.Tensor | None):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shape", default="4096x32768x1024", type=parse_shape)
+    parser.add_argument("--shape", default="4096x1024x32768", type=parse_shape)
     parser.add_argument("--rounds", default=3, type=int)
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"])
     parser.add_argument("--backend", default="cpu", choices=["cpu", "torch"])

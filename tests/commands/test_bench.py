@@ -12,7 +12,7 @@ def _in_process_worker(monkeypatch):
 def test_bench_loss_end_to_end_writes_json_csv_and_plot(tmp_path, capsys, monkeypatch):
     _in_process_worker(monkeypatch)
     out = tmp_path / "r"
-    code = main(["bench", "loss", "--shapes", "32x256x16", "--dtypes", "fp32", "--backends", "torch",
+    code = main(["bench", "loss", "--shapes", "32x16x256", "--dtypes", "fp32", "--backends", "torch",
                  "--peers", "naive", "--repeats", "2", "--seed", "5",
                  "--json", f"{out}.json", "--csv", f"{out}.csv", "--plot", f"{out}.png"])
     assert code == 0
@@ -45,7 +45,7 @@ def test_bench_memory_reports_every_n(tmp_path, capsys, monkeypatch):
 def test_bench_report_merges_runs(tmp_path, capsys, monkeypatch):
     _in_process_worker(monkeypatch)
     for n in (32, 64):
-        main(["bench", "loss", "--shapes", f"{n}x256x16", "--dtypes", "fp32", "--backends", "torch", "--peers", "",
+        main(["bench", "loss", "--shapes", f"{n}x16x256", "--dtypes", "fp32", "--backends", "torch", "--peers", "",
               "--repeats", "1", "--json", str(tmp_path / f"{n}.json")])
     capsys.readouterr()
     assert main(["bench", "report", str(tmp_path / "32.json"), str(tmp_path / "64.json"), "--markdown",

@@ -6,7 +6,7 @@ from typing import ClassVar
 
 import pytest
 
-from opd_fast.runner.metrics import MetricsLogger, plot_metrics, read_metrics
+from opd_fast.runner.metrics import MetricsLogger, read_metrics
 
 
 class FakeWriter:
@@ -22,7 +22,7 @@ class FakeWriter:
         pass
 
 
-def test_rows_tensorboard_resume_truncation_and_plots(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_rows_tensorboard_resume_and_truncation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=FakeWriter))
     log = MetricsLogger(tmp_path, total_steps=3, progress=False)
     for step in (1, 2, 3):
@@ -35,9 +35,6 @@ def test_rows_tensorboard_resume_truncation_and_plots(tmp_path: Path, monkeypatc
     # resuming from the step-2 checkpoint drops the rows of the steps that will be redone
     MetricsLogger(tmp_path, total_steps=3, start_step=2, progress=False, tensorboard=False).close()
     assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
-    assert {p.name for p in plot_metrics(tmp_path, tmp_path / "png")} == {"loss.png"}
-    with pytest.raises(ValueError, match="no metrics"):
-        plot_metrics(tmp_path / "empty")
 
 
 def test_missing_tensorboard_is_said_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
