@@ -38,23 +38,24 @@ class RunGroup:
 
 
 Span = tuple[float, float, float]  # median, min, max
-Metric = Callable[[CaseResult, "CaseResult | None"], "Span | None"]
+Metric = Callable[[CaseResult], "Span | None"]
 
 
-def _time(r: CaseResult, floor: CaseResult | None) -> Span | None:
+def _time(r: CaseResult) -> Span | None:
     t = r.timed
     return None if t is None else (t.median, t.min, t.max)
 
 
-def _ratio(r: CaseResult, floor: CaseResult | None) -> Span | None:
-    """Median ratio as recorded; whiskers: the fastest and slowest run over the floor's median."""
-    t, f = r.timed, floor.timed if floor is not None else None
-    if t is None or f is None or r.ratio_to_floor is None or r.impl == FLOOR:
+def _ratio(r: CaseResult) -> Span | None:
+    """The recorded median ratio; whiskers: its fastest and slowest run, scaled the same way."""
+    t = r.timed
+    if t is None or r.ratio_to_floor is None or r.impl == FLOOR:
         return None
-    return r.ratio_to_floor, t.min / f.median, t.max / f.median
+    scale = r.ratio_to_floor / t.median
+    return r.ratio_to_floor, t.min * scale, t.max * scale
 
 
-def _memory(r: CaseResult, floor: CaseResult | None) -> Span | None:
+def _memory(r: CaseResult) -> Span | None:
     m = r.peak_extra_mb
     return None if m is None else (m, m, m)
 
@@ -66,22 +67,18 @@ _PANELS: dict[str, tuple[Metric, str, bool]] = {  # metric, axis label, log scal
 }
 
 
-def _floors(results: list[CaseResult]) -> dict[tuple, CaseResult]:
-    return {(r.shape, r.dtype): r for r in results if r.impl == FLOOR and r.timed is not None}
-
-
 def _points(group: RunGroup, metric: Metric) -> list[tuple[CaseResult, Span]]:
-    floors = _floors(group.results)
-    out = []
-    for r in group.results:
-        span = metric(r, floors.get((r.shape, r.dtype)))
-        if span is not None and span[0] > 0:
-            out.append((r, span))
-    return out
+    return [(r, span) for r in group.results if (span := metric(r)) is not None and span[0] > 0]
 
 
 def _impl_order(groups: list[RunGroup]) -> list[str]:
     return list(dict.fromkeys(r.impl for g in groups for r in g.results))
+
+
+def _errorbar(ax, points: list[tuple[int, Span]], **style) -> None:
+    med = [s[0] for _, s in points]
+    err = [[max(0.0, s[0] - s[1]) for _, s in points], [max(0.0, s[2] - s[0]) for _, s in points]]
+    ax.errorbar([x for x, _ in points], med, yerr=err, **style)
 
 
 def _lines(ax, groups: list[RunGroup], metric_name: str, axis: str) -> None:
@@ -97,13 +94,20 @@ def _lines(ax, groups: list[RunGroup], metric_name: str, axis: str) -> None:
     for gi, group in enumerate(groups):
         chosen = [(r, s) for g, r, s in pts if g is group and getattr(r.shape, fixed) == at]
         for impl, dtype in dict.fromkeys((r.impl, r.dtype) for r, _ in chosen):
-            line = sorted((getattr(r.shape, axis), s) for r, s in chosen if (r.impl, r.dtype) == (impl, dtype))
-            xs, med = [p[0] for p in line], [p[1][0] for p in line]
-            err = [[m - p[1][1] for m, p in zip(med, line, strict=True)],
-                   [p[1][2] - m for m, p in zip(med, line, strict=True)]]
-            ax.errorbar(xs, med, yerr=err, color=implementation_colour(impl),
-                        linestyle=DTYPE_LINESTYLES.get(dtype, "-"), marker=SETTING_MARKERS[gi % len(SETTING_MARKERS)],
-                        capsize=2, markersize=4)
+            line: dict[int, Span] = {}
+            repeats: list[tuple[int, Span]] = []  # a size measured twice in one setting: a point, not a zig-zag
+            for r, s in chosen:
+                if (r.impl, r.dtype) == (impl, dtype):
+                    x = getattr(r.shape, axis)
+                    if x in line:
+                        repeats.append((x, s))
+                    else:
+                        line[x] = s
+            style = {"color": implementation_colour(impl), "marker": SETTING_MARKERS[gi % len(SETTING_MARKERS)],
+                     "capsize": 2, "markersize": 4}
+            _errorbar(ax, sorted(line.items()), linestyle=DTYPE_LINESTYLES.get(dtype, "-"), **style)
+            if repeats:
+                _errorbar(ax, repeats, linestyle="", **style)
     if metric_name == "ratio":
         ax.axhline(1.0, color=implementation_colour(FLOOR), linewidth=1, linestyle=":")
     ax.set_xscale("log", base=2)
@@ -115,8 +119,11 @@ def _lines(ax, groups: list[RunGroup], metric_name: str, axis: str) -> None:
 
 
 def _bars(ax, groups: list[RunGroup], metric_name: str) -> list[tuple[str, str]]:
-    """Bars per implementation, one per (dtype, setting) variant; returns the variants in hatch order."""
-    metric, ylabel, log = _PANELS[metric_name]
+    """Bars per implementation, one per (dtype, setting) variant; returns the variants in hatch order.
+
+    Linear axes: a bar's length is its value (on a log axis the length would depend on where the axis starts).
+    """
+    metric, ylabel, _log = _PANELS[metric_name]
     impls = _impl_order(groups)
     variants = list(dict.fromkeys((r.dtype, g.setting) for g in groups for r in g.results))
     width = 0.8 / max(len(variants), 1)
@@ -127,15 +134,14 @@ def _bars(ax, groups: list[RunGroup], metric_name: str) -> list[tuple[str, str]]
             x = impls.index(r.impl) - 0.4 + width * (vi + 0.5)
             ax.bar(x, med, width, color=implementation_colour(r.impl), hatch=_HATCHES[vi % len(_HATCHES)],
                    edgecolor="black", linewidth=0.5)
-            ax.errorbar(x, med, yerr=[[med - lo], [hi - med]], color="black", capsize=3, linewidth=1)
+            ax.errorbar(x, med, yerr=[[max(0.0, med - lo)], [max(0.0, hi - med)]], color="black", capsize=3,
+                        linewidth=1)
             drawn = True
     if not drawn:
         ax.set_visible(False)
         return variants
     if metric_name == "ratio":
         ax.axhline(1.0, color=implementation_colour(FLOOR), linewidth=1, linestyle=":")
-    if log:
-        ax.set_yscale("log")
     ax.set_xticks(range(len(impls)), impls, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel(ylabel)
     ax.grid(True, axis="y", which="both", alpha=0.3)
@@ -156,7 +162,7 @@ def _legend(fig, groups: list[RunGroup], variants: list[tuple[str, str]] | None)
         handles += [Line2D([], [], color="black", linestyle=DTYPE_LINESTYLES.get(d, "-"), label=d) for d in dtypes]
         handles += [Line2D([], [], color="black", linestyle="", marker=SETTING_MARKERS[i % len(SETTING_MARKERS)],
                            label=g.setting) for i, g in enumerate(groups)]
-    fig.legend(handles=handles, loc="lower center", ncol=4, fontsize=8)
+    fig.legend(handles=handles, loc="lower center", ncol=4 if fig.get_figwidth() > 10 else 2, fontsize=8)
 
 
 def plot_loss(groups: list[RunGroup], path: str | Path, title: str) -> None:

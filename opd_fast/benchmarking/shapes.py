@@ -17,7 +17,7 @@ import torch
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SHAPE_FORMAT = "NxHxV or NxH_S/H_TxV (tokens x hidden x vocab), e.g. 2048x1024x32768 or 2048x1024/2048x131072"
 SHAPE_PRESETS: dict[str, str] = {
-    "small": "1024x256x8192,1024x256x32768",
+    "small": "512x256x8192",
     "large": "2048x1024x32768,8192x1024x32768,2048x1024x131072,8192x1024x131072",
 }
 _SHAPE_RE = re.compile(r"(\d+)x(\d+)(?:/(\d+))?x(\d+)")

@@ -12,7 +12,15 @@ import shlex
 import sys
 
 _DEFAULT_PEERS = "naive,trl,trl-full-logits,liger-eager"
-_Formatter = argparse.ArgumentDefaultsHelpFormatter
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except where there is none to show (None, flags): the help text says what happens."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def _csv(text: str) -> list[str]:
@@ -245,7 +253,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     e2e.add_argument("--cache-dir", default=".cache/opd-fast-bench-e2e", help="where the models are saved once")
     e2e.add_argument("--out-dir", default="runs/bench-e2e", help="run directories of every arm")
     e2e.add_argument("--quick", action="store_true",
-                     help="toy models, vocab 512, 3 steps, opd-fast serial vs trl-gkd: a smoke run of seconds")
+                     help="smoke run: toy models, vocab 512, 3 steps, opd-fast serial vs trl-gkd")
     e2e.add_argument("--json", help="write results + metadata as JSON")
     e2e.set_defaults(func=_run_e2e)
 

@@ -24,12 +24,11 @@ def _group(setting, ns, v=1024):
     return RunGroup(setting, out)
 
 
-def test_ratio_span_is_the_recorded_median_with_run_extremes_over_the_floor_median():
-    floor = _case(8, 64, "gemm-floor", [2.0, 2.0, 2.0])
+def test_ratio_span_is_the_recorded_median_with_the_run_extremes_scaled_alike():
     r = _case(8, 64, "naive", [3.0, 4.0, 6.0], floor_median=2.0)
-    assert plot._ratio(r, floor) == (2.0, 1.5, 3.0)
-    assert plot._ratio(floor, floor) is None  # the floor is the reference line, not a point
-    assert plot._ratio(r, None) is None
+    assert plot._ratio(r) == (2.0, 1.5, 3.0)
+    assert plot._ratio(_case(8, 64, "gemm-floor", [2.0], floor_median=2.0)) is None  # the y=1 line, not a point
+    assert plot._ratio(_case(8, 64, "naive", [3.0])) is None  # no floor measured
 
 
 def test_lines_never_join_points_of_different_settings():
