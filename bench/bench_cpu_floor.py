@@ -30,7 +30,7 @@ import torch
 
 import opd_fast
 from opd_fast.backends import chunked, cpu_native, tile_math
-from opd_fast.benchmarking.shapes import SHAPE_FORMAT, Shape, parse_shape
+from opd_fast.benchmarking.shapes import SHAPE_FORMAT, Shape, parse_shape, shape_arg
 
 SHAPES = [parse_shape("4096x1024x32768"), parse_shape("2048x1024/2048x131072")]
 BIG = parse_shape("16384x1024x152064")
@@ -174,7 +174,7 @@ def memory_case(shape: Shape, dtype_name: str, backend: str) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--shapes", nargs="+", type=parse_shape, default=SHAPES, metavar="SHAPE",
+    p.add_argument("--shapes", nargs="+", type=shape_arg, default=SHAPES, metavar="SHAPE",
                    help=f"shapes as {SHAPE_FORMAT} (default: {' '.join(s.spec for s in SHAPES)})")
     p.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     p.add_argument("--backends", nargs="+", default=["torch", "cpu"])

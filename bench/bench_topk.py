@@ -24,7 +24,7 @@ import torch
 import opd_fast
 from opd_fast.benchmarking.inputs import BenchInputs, make_inputs
 from opd_fast.benchmarking.memory import MB, PeakMeter
-from opd_fast.benchmarking.shapes import Shape, parse_shape
+from opd_fast.benchmarking.shapes import SHAPE_FORMAT, Shape, shape_arg
 from opd_fast.benchmarking.timing import interleaved
 
 SEED = 0
@@ -95,7 +95,8 @@ def peak_extra_mb(shape: Shape, dtype: str, k: int, name: str, backends: list[st
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shape", default="4096x1024x32768", type=parse_shape)
+    parser.add_argument("--shape", default="4096x1024x32768", type=shape_arg,
+                        help=f"{SHAPE_FORMAT} (default: %(default)s)")
     parser.add_argument("--k", default=64, type=int)
     parser.add_argument("--rounds", default=5, type=int)
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"])

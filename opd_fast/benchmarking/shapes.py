@@ -9,6 +9,7 @@ presets stand for lists of shapes (``small``: the default, about a minute on a 2
 
 from __future__ import annotations
 
+import argparse
 import re
 from dataclasses import asdict, dataclass
 
@@ -65,6 +66,14 @@ def parse_shape(text: str) -> Shape:
     if max(h_s, h_t) > v:
         raise ValueError(f"shape {text!r} reads as hidden {max(h_s, h_t)} > vocab {v}: the order is {SHAPE_FORMAT}")
     return Shape(n, v, h_s, h_t)
+
+
+def shape_arg(text: str) -> Shape:
+    """``parse_shape`` as an argparse ``type``: the reason reaches the user (argparse hides a ValueError's)."""
+    try:
+        return parse_shape(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def parse_shapes(text: str) -> list[Shape]:

@@ -1,6 +1,8 @@
+import argparse
+
 import pytest
 
-from opd_fast.benchmarking.shapes import SHAPE_PRESETS, Shape, grid, parse_dtypes, parse_shape, parse_shapes
+from opd_fast.benchmarking.shapes import SHAPE_PRESETS, Shape, grid, parse_dtypes, parse_shape, parse_shapes, shape_arg
 
 
 def test_parse_shape_is_n_h_v_with_an_optional_teacher_hidden():
@@ -43,3 +45,11 @@ def test_grid_puts_cheap_cases_first():
     shapes = grid([8192, 2048], [131072, 32768], 1024)
     assert [(s.n, s.v) for s in shapes] == [(2048, 32768), (2048, 131072), (8192, 32768), (8192, 131072)]
     assert shapes[0].label == "N=2048 H=1024 V=32768"
+
+
+def test_shape_arg_gives_argparse_the_reason():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shape", type=shape_arg)
+    assert parser.parse_args(["--shape", "8x4x16"]).shape == Shape(8, 16, 4, 4)
+    with pytest.raises(argparse.ArgumentTypeError, match="hidden 16 > vocab 4"):
+        shape_arg("8x16x4")
