@@ -20,6 +20,7 @@ import random
 import statistics
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -97,7 +98,7 @@ class E2EConfig:
     threads: int = 2
     seed: int = 0
     num_prompts: int = 512
-    cache_dir: str = ".cache/opd-fast-bench-e2e"
+    cache_dir: str = "runs/bench-e2e-models"
     models: dict[int, ModelSpec] = field(default_factory=dict)  # per vocab; default ModelSpec(vocab)
     timeout_s: float = 1800.0
 
@@ -203,7 +204,7 @@ def run_arm(arm: Arm, vocab: int, root: Path, cfg: E2EConfig, out_dir: Path) -> 
     return json.loads(lines[-1])
 
 
-def run_e2e(cfg: E2EConfig, out_dir: str | Path, log=print) -> list[ArmResult]:
+def run_e2e(cfg: E2EConfig, out_dir: str | Path, log: Callable[[str], None] = print) -> list[ArmResult]:
     """Every arm at every vocabulary, ``rounds`` times in rotated order; results per (arm, vocab)."""
     out_dir = Path(out_dir)
     results: list[ArmResult] = []

@@ -213,7 +213,7 @@ def _run_e2e(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from ..benchmarking.e2e import DEFAULT_ARMS
+    from ..benchmarking.e2e import DEFAULT_ARMS, E2EConfig
     from ..benchmarking.shapes import SHAPE_FORMAT, SHAPE_PRESETS
 
     bench = sub.add_parser("bench", help="benchmark the fused loss against the GEMM floor and peers")
@@ -241,16 +241,19 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     e2e = kinds.add_parser("e2e", help="end-to-end on-policy distillation: opd-fast train modes vs TRL trainers",
                            formatter_class=_Formatter)
-    e2e.add_argument("--vocab", default="512,32000", help="comma-separated vocabulary sizes")
-    e2e.add_argument("--steps", type=int, default=12, help="optimizer steps per process (warm-up included)")
-    e2e.add_argument("--warmup-steps", type=int, default=2, help="first steps of every process left out")
-    e2e.add_argument("--rounds", type=int, default=1, help="times every arm runs (in rotated order)")
-    e2e.add_argument("--threads", type=int, default=2, help="torch threads of every arm")
-    e2e.add_argument("--seed", type=int, default=0, help="seed of the models, prompts and training")
+    defaults = E2EConfig()
+    e2e.add_argument("--vocab", default=",".join(map(str, defaults.vocab_sizes)),
+                     help="comma-separated vocabulary sizes")
+    e2e.add_argument("--steps", type=int, default=defaults.steps, help="optimizer steps per process (warm-up included)")
+    e2e.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps,
+                     help="first steps of every process left out")
+    e2e.add_argument("--rounds", type=int, default=defaults.rounds, help="times every arm runs (in rotated order)")
+    e2e.add_argument("--threads", type=int, default=defaults.threads, help="torch threads of every arm")
+    e2e.add_argument("--seed", type=int, default=defaults.seed, help="seed of the models, prompts and training")
     e2e.add_argument("--arms", action="append", default=None, metavar="ARM",
                      help="repeatable: trl-gkd, trl-distill, or opd-fast[-NAME]=KEY=VALUE;KEY=VALUE (opd-fast config "
                           "overrides). Default: " + ", ".join(a.spec for a in DEFAULT_ARMS))
-    e2e.add_argument("--cache-dir", default=".cache/opd-fast-bench-e2e", help="where the models are saved once")
+    e2e.add_argument("--cache-dir", default=defaults.cache_dir, help="where the models are saved once")
     e2e.add_argument("--out-dir", default="runs/bench-e2e", help="run directories of every arm")
     e2e.add_argument("--quick", action="store_true",
                      help="smoke run: toy models, vocab 512, 3 steps, opd-fast serial vs trl-gkd")

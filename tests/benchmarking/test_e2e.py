@@ -92,3 +92,15 @@ def test_quick_mode_runs_both_sides_end_to_end(tmp_path, capsys):
         assert all(1 <= s["tokens"] <= 8 for s in rec["steps"])  # batch 2 x at most 4 new tokens, EOS included
     assert {"rollout", "score", "learn"} <= set(by_arm["opd-fast-serial"]["stage_medians_s"])
     assert "| 512 | 1 | opd-fast-serial |" in capsys.readouterr().out
+
+
+def test_trl_runs_at_its_fastest_fair_setting(tmp_path):
+    """No activation checkpointing (it would also turn the KV cache off in generation), fp32 like opd-fast,
+    constant lr, forward KL: the settings the comparison promises."""
+    from opd_fast.benchmarking.e2e_worker import _common_args
+
+    cfg = {"batch_size": 8, "steps": 12, "lr": 1e-4, "seed": 0}
+    args = _common_args(cfg, tmp_path)
+    assert args["gradient_checkpointing"] is False and args["bf16"] is False and args["fp16"] is False
+    assert args["lr_scheduler_type"] == "constant" and args["learning_rate"] == 1e-4 and args["beta"] == 0.0
+    assert args["per_device_train_batch_size"] == 8 and args["gradient_accumulation_steps"] == 1
