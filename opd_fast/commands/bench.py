@@ -11,16 +11,9 @@ import argparse
 import shlex
 import sys
 
+from ..cli import HelpFormatter as _Formatter
+
 _DEFAULT_PEERS = "naive,trl,trl-full-logits,liger-eager"
-
-
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows defaults, except where there is none to show (None, flags): the help text says what happens."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default is None or isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
-            return action.help
-        return super()._get_help_string(action)
 
 
 def _csv(text: str) -> list[str]:

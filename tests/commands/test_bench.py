@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from opd_fast.benchmarking import runner, worker
 from opd_fast.cli import main
 
@@ -52,3 +54,20 @@ def test_bench_report_merges_runs(tmp_path, capsys, monkeypatch):
                  "--csv", str(tmp_path / "all.csv")]) == 0
     text = capsys.readouterr().out
     assert text.count("| 32 | 256 |") == 2 and text.count("| 64 | 256 |") == 2
+
+
+@pytest.mark.parametrize("command", ["loss", "memory", "report", "e2e"])
+def test_help_shows_real_defaults_and_no_empty_ones(command, capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # help lines wrap anywhere
+    assert "(default: None)" not in text and "(default: False)" not in text and "(default: True)" not in text
+    if command != "report":
+        assert "(default: " in text
+    if command == "loss":
+        assert "(default: small)" in text and "NxHxV" in text
+
+
+def test_malformed_shape_is_a_clear_error():
+    with pytest.raises(ValueError, match="NxHxV"):
+        main(["bench", "loss", "--shapes", "2048x32768x1024", "--peers", ""])
