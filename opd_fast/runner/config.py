@@ -43,9 +43,15 @@ class RunSection:
     # torch intra-op threads for the run; 0 = torch's default. Small models on shared CPUs run far
     # faster with 1 (thread spin-waits dominate tiny GEMMs when cores are oversubscribed).
     threads: int = 0
-    # "serial": stages one after another; "strict": the teacher scores micro-batches on a worker thread
-    # while the student samples the next ones and learns from the scored ones (same computation).
-    pipeline: str = "serial"
+    # "strict": the teacher scores micro-batches on a worker thread while the student samples the next
+    # ones and learns from the scored ones; "serial": stages one after another. Same computation.
+    pipeline: str = "strict"
+    # Async mode when >= 1: rollouts run up to this many optimizer steps ahead of the learner, on a
+    # snapshot of the student (runner/async_rollout.py); 0 = on-policy (the pipeline mode above).
+    max_staleness: int = 0
+    # Async mode: sampled-token terms (loss.signal = "sampled", the verifier term) are weighted per token
+    # by min(importance_clip, q_now / q_sampler); 0 = unweighted. Full-vocab / top-k terms never are.
+    importance_clip: float = 2.0
 
 
 @dataclass
@@ -118,6 +124,11 @@ class LossConfig:
     # domain -> "module:function" or "file.py:function" (relative to the config file). Trusted code: it
     # is imported and run in the training process.
     verifiers: dict[str, str] = field(default_factory=dict)
+    # domain -> local directory of a Hugging Face sequence-classification reward model (one output);
+    # its scores, standardized per domain, replace the verifier's reward there.
+    reward_models: dict[str, str] = field(default_factory=dict)
+    # A model directory is data: its Python (remote code) runs only when this is set.
+    reward_trust_remote_code: bool = False
 
 
 @dataclass
@@ -287,6 +298,8 @@ def load_config(path: str | Path, overrides: Iterable[str] = ()) -> RunConfig:
     config.run.out_dir = resolve(config.run.out_dir)
     for domain, spec in config.loss.verifiers.items():
         config.loss.verifiers[domain] = resolve_verifier(spec, base)
+    for domain, model_dir in config.loss.reward_models.items():
+        config.loss.reward_models[domain] = resolve(model_dir)
     return config
 
 
@@ -298,6 +311,12 @@ def resolve_verifier(spec: str, base: Path) -> str:
         return f"{module if Path(module).is_absolute() else base / module}:{func}"
     candidate = base / (module.replace(".", "/") + ".py")
     return f"{candidate}:{func}" if candidate.is_file() else spec
+
+
+def uses_importance_weights(c: RunConfig) -> bool:
+    """Async mode with a sampled-token term to weight (the only terms importance weights apply to)."""
+    sampled_terms = (c.loss.kd_weight > 0 and c.loss.signal == "sampled") or c.loss.verifier_weight > 0
+    return c.run.max_staleness >= 1 and c.run.importance_clip > 0 and sampled_terms
 
 
 def _require(ok: bool, key: str, message: str, value: Any) -> None:
@@ -314,6 +333,14 @@ def validate_config(c: RunConfig) -> None:
     _choice("run.dtype", c.run.dtype, DTYPES)
     _require(c.run.threads >= 0, "run.threads", "must be >= 0 (0 = torch default)", c.run.threads)
     _choice("run.pipeline", c.run.pipeline, ("serial", "strict"))
+    _require(c.run.max_staleness >= 0, "run.max_staleness", "must be >= 0 (0 = on-policy)", c.run.max_staleness)
+    _require(c.run.importance_clip >= 0, "run.importance_clip", "must be >= 0 (0 = off)", c.run.importance_clip)
+    if uses_importance_weights(c):
+        r = c.rollout
+        _require(r.temperature > 0 and r.top_k == 0 and r.top_p == 1, "run.importance_clip",
+                 "needs plain sampling (rollout.temperature > 0, top_k = 0, top_p = 1), where the sampler's "
+                 "recorded log-probs are the model's own; set run.importance_clip = 0 to train unweighted",
+                 c.run.importance_clip)
     _require(bool(c.student.path), "student.path", "must name a model directory", c.student.path)
     _require(bool(c.teachers), "teachers", "must configure at least one teacher ([teachers.NAME])", c.teachers)
     for name, t in c.teachers.items():
@@ -353,6 +380,11 @@ def validate_config(c: RunConfig) -> None:
     _choice("loss.backend", lo.backend, BACKEND_NAMES)
     for dom, spec in lo.verifiers.items():
         _require(":" in spec, f"loss.verifiers.{dom}", "must be 'module:function' or 'file.py:function'", spec)
+    if lo.reward_models:
+        _require(lo.verifier_weight > 0, "loss.reward_models",
+                 "is set but loss.verifier_weight is 0, so its rewards would never be used", lo.reward_models)
+    both = sorted(set(lo.verifiers) & set(lo.reward_models))
+    _require(not both, "loss.reward_models", "and loss.verifiers both score domain(s) (pick one per domain)", both)
     o = c.optim
     _require(o.steps >= 1, "optim.steps", "must be >= 1", o.steps)
     _require(o.lr > 0, "optim.lr", "must be > 0", o.lr)

@@ -10,10 +10,18 @@ micro-batches), so gradient accumulation gives the same gradient as one big batc
 - Verifier reward: a policy-gradient term ``-adv * log q(token)`` on the sampled tokens with a per-sample
   advantage (reward minus its prompt group's mean), weight ``verifier_weight``.
 
+Async mode (rollouts sampled by an older snapshot of the student) can weight the sampled-token terms
+(the ``sampled`` signal, the verifier term) per token by the truncated importance ratio
+``min(clip, q_now(y) / q_sampler(y))`` (``ImportanceWeights``), from the sampler log-probs recorded at
+rollout. Full-vocabulary and top-k terms are never weighted: at each visited state they are exact
+expectations over the next token, so a per-token ratio corrects nothing there; the state distribution's
+shift would need the product of ratios over the whole prefix, whose variance grows with the length.
+
 ``Learner.step()`` clips, steps AdamW and the warm-up + cosine schedule; a non-finite loss or grad
 norm skips the update (counted), and ``max_consecutive_skips`` in a row raise ``RuntimeError``.
 
-Public API: ``Learner`` (``micro_step``, ``step``, ``state_dict``/``load_state_dict``), ``lr_lambda``.
+Public API: ``Learner`` (``micro_step``, ``step``, ``state_dict``/``load_state_dict``), ``MicroStats``,
+``ImportanceWeights``, ``lr_lambda``.
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ import torch
 import opd_fast
 
 from .config import LossConfig, OptimConfig
-from .models import LoadedModel, Teacher, forward_hidden, token_logprobs
+from .models import Head, LoadedModel, Teacher, forward_hidden, token_logprobs
 from .rollout import RolloutBatch
 from .score import ScoredBatch, TeacherScores
 
@@ -50,7 +58,26 @@ class MicroStats:
     divergence_sum: dict[str, float] = field(default_factory=dict)  # key "teacher/<name>" or "domain/<name>"
     divergence_tokens: dict[str, int] = field(default_factory=dict)
     per_sample_divergence: list[float] = field(default_factory=list)  # mean per token, per row
+    importance_sum: float = 0.0  # sum and count of the importance weights applied (async mode)
+    importance_tokens: int = 0
     finite: bool = True
+
+
+@dataclass(frozen=True)
+class ImportanceWeights:
+    """Per sampled token ``min(clip, exp(log q_now(y) - log q_sampler(y)))``, ``q_now`` at the rollout's
+    ``temperature`` (plain sampling only: top-k / top-p truncation would make the ratio differ from 1
+    even on the sampler's own weights). Truncation bounds the variance a stale, unlikely token adds."""
+
+    clip: float
+    temperature: float
+
+    @torch.no_grad()
+    def __call__(self, batch: RolloutBatch, states: torch.Tensor, head: Head) -> torch.Tensor:
+        """Weights ``(N,)`` of ``batch.targets`` given the student's ``states`` ``(N, H)`` predicting them."""
+        log_q = token_logprobs(states, head, batch.targets.to(states.device), self.temperature).float()
+        ratio = torch.exp(log_q - batch.target_sampler_logprobs().to(log_q.device))
+        return ratio.clamp(max=self.clip)
 
 
 class Learner:
@@ -62,8 +89,10 @@ class Learner:
         loss: LossConfig,
         optim: OptimConfig,
         teachers: dict[str, Teacher],
+        importance: ImportanceWeights | None = None,
     ) -> None:
         self.student, self.loss_cfg, self.optim_cfg, self.teachers = student, loss, optim, teachers
+        self.importance = importance
         self.params = [p for p in student.model.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("the student has no trainable parameters")
@@ -77,9 +106,11 @@ class Learner:
         self._finite = True
 
     def _teacher_loss(
-        self, hs: torch.Tensor, ts: TeacherScores, batch: RolloutBatch, num_items: float
+        self, hs: torch.Tensor, ts: TeacherScores, batch: RolloutBatch, num_items: float,
+        token_weights: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """One teacher's weighted loss and per-token (divergence, entropy) stats for its rows."""
+        """One teacher's weighted loss and per-token (divergence, entropy) stats for its rows;
+        ``token_weights`` (importance weights of the rows' tokens) weight the sampled-token form only."""
         cfg, head, teacher = self.loss_cfg, self.student.head, self.teachers[ts.teacher]
         weight = teacher.weight * cfg.kd_weight
         if cfg.signal == "hidden":
@@ -102,7 +133,8 @@ class Learner:
         targets = batch.target_ids(ts.rows).to(hs.device)
         log_q = token_logprobs(hs, head, targets, cfg.temperature)
         estimate = log_q.detach() - ts.token_logprobs
-        return weight * (estimate * log_q).sum() / num_items, estimate, None
+        per_token = estimate * log_q if token_weights is None else token_weights * estimate * log_q
+        return weight * per_token.sum() / num_items, estimate, None
 
     def micro_step(
         self,
@@ -119,9 +151,15 @@ class Learner:
         total = hidden.new_zeros((), dtype=torch.float32)
         out = MicroStats()
         row_div = torch.zeros(len(batch.prompts))
+        weights = row_of_token = None
+        if self.importance is not None and batch.source == "student":
+            weights = self.importance(batch, batch.target_states(hidden), head)
+            row_of_token = torch.arange(len(batch.prompts)).repeat_interleave(batch.target_mask.sum(1))
+            out.importance_sum, out.importance_tokens = float(weights.sum()), weights.numel()
         for ts in scored.scores:
             hs = batch.target_states(hidden[ts.rows.to(device)], ts.rows)
-            loss, div, ent = self._teacher_loss(hs, ts, batch, num_items)
+            rows_weights = None if weights is None else weights[torch.isin(row_of_token, ts.rows).to(weights.device)]
+            loss, div, ent = self._teacher_loss(hs, ts, batch, num_items, rows_weights)
             total = total + loss
             if div is None:
                 continue
@@ -139,6 +177,8 @@ class Learner:
         if advantages is not None and cfg.verifier_weight > 0:
             log_q = token_logprobs(batch.target_states(hidden), head, batch.targets.to(device))
             adv = advantages.to(device).repeat_interleave(batch.target_mask.sum(1).to(device))
+            if weights is not None:
+                adv = adv * weights
             total = total - cfg.verifier_weight * (adv * log_q).sum() / num_items
         if sft_batch is not None and cfg.sft_weight > 0:
             h_ref, _ = forward_hidden(self.student, sft_batch.input_ids.to(device), sft_batch.attention_mask.to(device))

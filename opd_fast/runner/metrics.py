@@ -20,7 +20,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from .files import write_atomic
+from .files import read_jsonl, write_atomic
 
 METRICS_FILE = "metrics.jsonl"
 PROGRESS_KEYS = ("loss", "completion_len", "tokens_per_s", "lr")
@@ -28,19 +28,7 @@ PROGRESS_KEYS = ("loss", "completion_len", "tokens_per_s", "lr")
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     """The rows of ``RUN_DIR/metrics.jsonl``; a torn last line is dropped with a warning."""
-    path = Path(run_dir) / METRICS_FILE
-    if not path.is_file():
-        return []
-    lines = [(n, line) for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1) if line.strip()]
-    rows = []
-    for i, (lineno, line) in enumerate(lines):
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as exc:
-            if i < len(lines) - 1:
-                raise ValueError(f"{path}:{lineno}: invalid JSON in a metrics row: {exc}") from exc
-            warnings.warn(f"{path}:{lineno}: dropping a torn last metrics line ({line[:60]!r})", stacklevel=2)
-    return rows
+    return read_jsonl(Path(run_dir) / METRICS_FILE)
 
 
 class MetricsLogger:

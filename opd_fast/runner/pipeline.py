@@ -1,14 +1,23 @@
-"""Strict pipelining on CPU: a stage on its own worker thread, fed in order through a bounded queue.
+"""Strict pipelining: a stage on its own worker thread, fed in order through a bounded queue.
 
-Strict mode (``run.pipeline = "strict"``) keeps every sample of step k on the weights after step k-1 and
+Strict mode (``run.pipeline = "strict"``, the default) keeps every sample of step k on the weights after step k-1 and
 changes no computation, only when it runs: the teacher scores micro-batch i on a worker thread while the
 student samples micro-batch i+1, and the student learns from the scored micro-batches while the teacher
 scores the rest. Learning cannot start before the last rollout because every term is normalized by the
-step's completion-token count. Threads: the worker gets ``max(1, T // 4)`` torch intra-op threads and
-the main thread the rest (``T`` = ``run.threads``, or torch's count), so the two never ask for more
-than ``T`` cores (with ``T = 1`` both get one: two cores). Results equal the serial loop's bit for bit
-when each thread's count equals the serial run's (``T = 1``); with more threads, CPU kernels may split
-reductions differently, which changes rounding only.
+step's completion-token count (and learning while the same student samples would share its weights and
+train/eval mode between two threads); async mode (``async_rollout.py``) is what overlaps learning with
+rollouts. Scoring is one stage behind the rollouts, so with two or more micro-batches per step it is
+hidden except for the last micro-batch's, which overlaps the first learning micro-steps.
+
+Threads: while the worker has work it gets ``max(1, T // 4)`` torch intra-op threads and the main thread
+the rest (``T`` = ``run.threads``, or torch's count), so the two never ask for more than ``T`` cores; once
+the last micro-batch is scored, the main thread learns with all ``T``. With ``T = 1`` both get one, i.e.
+two cores (``run.pipeline = "serial"`` stays on one). A step of one micro-batch has nothing to overlap
+and runs serially with all ``T`` threads. Results equal the serial loop's bit for bit when each thread's
+count equals the serial run's (``T = 1``); with more threads, CPU kernels may split reductions
+differently, which changes rounding only. On CUDA the worker thread issues its kernels
+to the same (default) stream, so the overlap hides the host side of each stage (Python, kernel launches),
+not GPU time.
 
 Public API: ``StageWorker``, ``split_threads``.
 """
@@ -38,10 +47,10 @@ class StageWorker:
     At most ``depth`` items wait for the worker (``submit`` blocks beyond that: a bounded queue); an
     exception in ``fn`` is raised again by the ``result()`` of its item. Use as a context manager."""
 
-    def __init__(self, fn: Callable[[Any], Any], threads: int, depth: int = 2) -> None:
+    def __init__(self, fn: Callable[[Any], Any], threads: int, depth: int = 2, name: str = "stage-worker") -> None:
         self._in: queue.Queue = queue.Queue(depth)
         self._out: queue.Queue = queue.Queue()
-        self._thread = threading.Thread(target=self._run, args=(fn, threads), daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(fn, threads), name=name, daemon=True)
         self._thread.start()
 
     def _run(self, fn: Callable[[Any], Any], threads: int) -> None:

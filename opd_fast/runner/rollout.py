@@ -59,6 +59,11 @@ class RolloutBatch:
         ids = self.input_ids if rows is None else self.input_ids[rows]
         return self._at_targets(ids[:, 1:], rows)
 
+    def target_sampler_logprobs(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The recorded sampler log-prob of each of ``target_ids(rows)``: ``(N,)``."""
+        lps = self.sampler_logprobs if rows is None else self.sampler_logprobs[rows]
+        return self._at_targets(lps[:, 1:], rows)
+
     def target_states(self, hidden: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """States ``(len(rows), L, H)`` of the batch's ``rows`` (all by default) at the positions predicting
         ``target_ids(rows)``: ``(N, H)``, on ``hidden``'s device."""

@@ -32,13 +32,15 @@ from .config import OptimConfig, RunConfig, config_to_dict
 from .files import write_atomic
 from .learn import Learner, lr_lambda
 from .metrics import METRICS_FILE
+from .timeline import TIMELINE_FILE
 
 HISTORY_FILE = "config_history.jsonl"
-RUN_FILES = (METRICS_FILE, "config.json", HISTORY_FILE, "checkpoints", "tensorboard", "plots")
-# Keys a resumed run may change; they are applied from the next step on. Prefixes end with ".".
+RUN_FILES = (METRICS_FILE, TIMELINE_FILE, "config.json", HISTORY_FILE, "checkpoints", "tensorboard", "plots")
+# Keys a resumed run may change; they are applied from the next step on. Prefixes end with ".". The
+# pipeline modes keep no state of their own (async in-flight rollouts are dropped at a checkpoint).
 APPLIED = ("optim.lr", "optim.steps", "optim.min_lr_ratio", "optim.weight_decay", "optim.grad_clip",
            "optim.max_consecutive_skips", "checkpoint.", "metrics.", "eval.", "run.threads", "run.out_dir",
-           "run.device", "loss.backend")
+           "run.device", "loss.backend", "run.pipeline", "run.max_staleness", "run.importance_clip")
 _SCHEDULE_KEYS = ("optim.steps", "optim.min_lr_ratio")
 
 

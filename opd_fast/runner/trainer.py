@@ -1,14 +1,16 @@
 """The on-policy distillation loop: prompt -> rollout -> score -> learn -> step.
 
-``train(config)`` runs it (serially, or with ``run.pipeline = "strict"`` the score stage on a worker
-thread, see ``pipeline.py``). Each step draws a prompt group from the ``PromptSource``; the student
-samples completions micro-batch by micro-batch (``rollout``), or, on a fraction
-``off_policy_fraction`` of steps, the batch uses off-policy completions (dataset references or
-teacher samples); the global completion-token count of the step fixes the loss normalization; each
-micro-batch is then scored by its domain's teacher (``score``) and learned from
-(``Learner.micro_step``); one optimizer step ends the step. Stages only pass plain data (``Prompt``
-lists, ``RolloutBatch``, ``ScoredBatch``), so the pipelined mode overlaps them without changing what
-they compute.
+``train(config)`` runs it in one of three modes: ``run.pipeline = "strict"`` (the default: the score
+stage on a worker thread, see ``pipeline.py``), ``"serial"``, or async (``run.max_staleness >= 1``:
+rollouts on a student snapshot, ahead of the learner, see ``async_rollout.py``). Each step draws a
+prompt group from the ``PromptSource``; the student samples completions micro-batch by micro-batch
+(``rollout``), or, on a fraction ``off_policy_fraction`` of steps, the batch uses off-policy
+completions (dataset references or teacher samples); the global completion-token count of the step
+fixes the loss normalization; each micro-batch is then scored by its domain's teacher (``score``) and
+learned from (``Learner.micro_step``); one optimizer step ends the step. Stages only pass plain data (``Prompt``
+lists, ``RolloutBatch``, ``ScoredBatch``), so the pipelined modes overlap them without changing what
+they compute. Every stage run is an interval of the ``Timeline`` (``timeline.py``), which gives the
+step's stage times and overlap metrics and ``RUN_DIR/timeline.jsonl``.
 
 Public API (stable): ``train(config, *, resume=False, overwrite=False, stop_after=None) -> dict``
 (summary: steps, final_loss, steps_per_s, tokens_per_s, skipped_steps, run_dir, checkpoint, eval,
@@ -20,41 +22,31 @@ is ``signals``'.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import random
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from . import preflight, run_dir
+from .async_rollout import RolloutProducer, StepRollouts
 from .checkpoint import load_state, rng_state, save_checkpoint, set_rng_state
-from .config import RunConfig, config_to_dict
+from .config import RunConfig, config_to_dict, uses_importance_weights
 from .data import Prompt, load_examples, prompt_source
 from .evaluate import Verifiers, evaluate
-from .learn import Learner, MicroStats
+from .learn import ImportanceWeights, Learner, MicroStats
 from .metrics import MetricsLogger
-from .models import load_run_models, torch_threads
+from .models import LoadedModel, load_run_models, torch_threads
 from .pipeline import StageWorker, main_threads, split_threads
+from .rewards import Rewards
 from .rollout import RolloutBatch, from_completions, rollout
 from .score import Router, ScoredBatch, score
 from .signals import stop_on_signals
-
-
-class StageTimer:
-    """Wall seconds per stage within one step: ``with timer.timed("score"):`` adds the block's time."""
-
-    def __init__(self, *stages: str) -> None:
-        self.seconds = dict.fromkeys(stages, 0.0)
-
-    @contextlib.contextmanager
-    def timed(self, stage: str) -> Iterator[None]:
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[stage] += time.perf_counter() - start
+from .timeline import Timeline, stage_metrics
 
 
 def _chunks(items: list[Prompt], size: int) -> list[list[Prompt]]:
@@ -79,26 +71,37 @@ class Trainer:
         for key, needed in needs_refs.items():
             if needed and missing:
                 raise ValueError(f"config key {key!r} trains on dataset references, but {missing} prompts have none")
-        self.learner = Learner(self.student, c.loss, c.optim, self.teachers)
+        importance = (ImportanceWeights(c.run.importance_clip, c.rollout.temperature)
+                      if uses_importance_weights(c) else None)
+        self.learner = Learner(self.student, c.loss, c.optim, self.teachers, importance)
         self.verifiers = Verifiers(c.loss.verifiers, c.data.task)
+        self.rewards = Rewards(self.verifiers, c.loss.reward_models, device=c.run.device,
+                               trust_remote_code=c.loss.reward_trust_remote_code)
         self.generator = torch.Generator(c.run.device).manual_seed(c.run.seed)
         self.mix_rng = random.Random(c.run.seed + 1)
         self.step = 0
+        self.dropped_samples = 0  # async mode: rollouts never learned from (in flight at a checkpoint)
         self.run_info: dict[str, Any] = {}  # run id and schedule anchor, saved with every checkpoint
+        self.timeline = Timeline()
+        self.producer: RolloutProducer | None = None
+        self._sampler_lock = threading.Lock()  # async mode: the producer draws while the learner updates
         if checkpoint is not None:
             state = load_state(checkpoint) if state is None else state
             self.learner.load_state_dict(state["learner"])
             self.source.load_state_dict(state["sampler"])
             self.mix_rng.setstate(state["mix_rng"])
+            self.rewards.load_state_dict(state.get("rewards", {}))
             set_rng_state(state["rng"], self.generator)
             self.step = state["step"]
+            self.dropped_samples = state.get("dropped_samples", 0) + state.get("in_flight_samples", 0)
 
     # -- stages ---------------------------------------------------------------------------------
-    def make_batch(self, prompts: list[Prompt], off_policy: bool) -> RolloutBatch:
-        """Rollout stage: student samples, or off-policy completions on an off-policy step."""
+    def make_batch(self, lm: LoadedModel, prompts: list[Prompt], off_policy: bool) -> RolloutBatch:
+        """Rollout stage: ``lm`` (the student or its async snapshot) samples, or off-policy completions on
+        an off-policy step."""
         c = self.config
         if not off_policy:
-            return rollout(self.student, prompts, c.rollout, self.generator, chat_template=c.data.chat_template)
+            return rollout(lm, prompts, c.rollout, self.generator, chat_template=c.data.chat_template)
         if c.loss.off_policy_source == "dataset":
             return from_completions(self.student.tokenizer, prompts, [p.reference or "" for p in prompts], c.rollout,
                                     chat_template=c.data.chat_template)
@@ -111,14 +114,33 @@ class Trainer:
         return from_completions(self.student.tokenizer, prompts, texts, c.rollout,
                                 chat_template=c.data.chat_template, source="teacher")
 
+    def roll_out(
+        self, step: int, lm: LoadedModel, on_batch: Callable[[RolloutBatch], None] | None = None
+    ) -> StepRollouts:
+        """Sample stage then rollout stage of ``step``: its prompts and every micro-batch's rollout; each
+        batch goes to ``on_batch`` (the strict mode's scorer) as soon as it exists."""
+        c = self.config
+        with self.timeline.stage(step, "sample"), self._sampler_lock:
+            prompts = self.source.next_batch()
+        fraction = c.loss.off_policy_fraction
+        off_policy = fraction > 0 and self.mix_rng.random() < fraction
+        micro = _chunks(prompts, c.rollout.micro_batch_size)
+        batches = []
+        for i, mb in enumerate(micro):
+            with self.timeline.stage(step, "rollout", i):
+                batches.append(self.make_batch(lm, mb, off_policy))
+            if on_batch is not None:
+                on_batch(batches[-1])
+        return StepRollouts(step, off_policy, micro, batches, version=step - 1)
+
     def advantages(self, batches: list[RolloutBatch]) -> list[torch.Tensor | None]:
-        """Verifier reward minus the mean of its prompt group (consecutive ``group_size`` samples).
+        """Reward (verifier, or standardized reward model) minus the mean of its prompt group
+        (consecutive ``group_size`` samples).
 
         Only student samples get the policy-gradient term: it is an on-policy estimator."""
         if self.config.loss.verifier_weight <= 0 or batches[0].source != "student":
             return [None] * len(batches)
-        samples = [(p, text) for b in batches for p, text in zip(b.prompts, b.completions, strict=True)]
-        rewards = torch.tensor([self.verifiers(p.domain, p.prompt, text, p.reference or "") for p, text in samples])
+        rewards = self.rewards([p for b in batches for p in b.prompts], [t for b in batches for t in b.completions])
         groups = rewards.view(-1, self.config.data.group_size)
         adv = (groups - groups.mean(1, keepdim=True)).view(-1)
         return list(torch.split(adv, [len(b.prompts) for b in batches]))
@@ -132,58 +154,69 @@ class Trainer:
                                     chat_template=c.data.chat_template) for mb in micro]
         return list(batches), float(sum(b.num_tokens for b in batches))
 
-    def score_batch(self, batch: RolloutBatch, timer: StageTimer) -> ScoredBatch:
+    def score_batch(self, step: int, micro_batch: int, batch: RolloutBatch) -> ScoredBatch:
         """Score stage: the routed teachers' signal (nothing to score when ``kd_weight`` is 0)."""
         c = self.config
-        with timer.timed("score"):
+        with self.timeline.stage(step, "score", micro_batch):
             if c.loss.kd_weight <= 0:
                 return ScoredBatch(batch)
             return score(batch, self.teachers, self.router, signal=c.loss.signal, topk=c.loss.topk,
                          temperature=c.loss.temperature)
 
-    def learn_step(
-        self, micro: list[list[Prompt]], off_policy: bool, timer: StageTimer, scorer: StageWorker | None
-    ) -> tuple[list[RolloutBatch], list[MicroStats], dict[str, float], float]:
-        """Rollout, score and learn every micro-batch, then the optimizer step; returns the batches, their
-        stats, the update and the step's completion-token count. With a ``scorer`` worker each rollout
-        is handed to it at once, and learning takes its results in order."""
-        batches = []
-        with timer.timed("rollout"):
-            for mb in micro:
-                batches.append(self.make_batch(mb, off_policy))
-                if scorer is not None:
-                    scorer.submit(batches[-1])
+    def learn(
+        self, plan: StepRollouts, scored: Callable[[int, RolloutBatch], ScoredBatch]
+    ) -> tuple[list[MicroStats], dict[str, float], float]:
+        """Learn stage of every micro-batch (``scored(i, batch)`` gives its teacher signal, in order), then
+        the optimizer step; returns the stats, the update and the step's completion-token count."""
+        step, batches = plan.step, plan.batches
         num_items = float(sum(b.num_tokens for b in batches))  # every term's normalization: needs all rollouts
         advantages = self.advantages(batches)
-        sft, sft_items = self.sft_batches(micro)
+        sft, sft_items = self.sft_batches(plan.micro)
         stats: list[MicroStats] = []
-        for batch, adv, ref in zip(batches, advantages, sft, strict=True):
-            scored = self.score_batch(batch, timer) if scorer is None else scorer.result()
-            with timer.timed("learn"):
-                stats.append(self.learner.micro_step(scored, num_items, adv, ref, sft_items))
-        with timer.timed("learn"):
+        for i, (batch, adv, ref) in enumerate(zip(batches, advantages, sft, strict=True)):
+            signal = scored(i, batch)
+            with self.timeline.stage(step, "learn", i):
+                stats.append(self.learner.micro_step(signal, num_items, adv, ref, sft_items))
+        with self.timeline.stage(step, "optim"):
             update = self.learner.step()
-        return batches, stats, update, num_items
+        return stats, update, num_items
+
+    def step_work(self, step: int) -> tuple[StepRollouts, list[MicroStats], dict[str, float], float]:
+        """All stages of ``step`` in the configured mode (see the module docstring)."""
+        c = self.config
+        if self.producer is not None:
+            plan = self.producer.take()
+            return (plan, *self.learn(plan, lambda i, b: self.score_batch(step, i, b)))
+        samples = c.data.prompts_per_step * c.data.group_size
+        if c.run.pipeline == "serial" or samples <= c.rollout.micro_batch_size:  # one micro-batch: no overlap
+            plan = self.roll_out(step, self.student)
+            return (plan, *self.learn(plan, lambda i, b: self.score_batch(step, i, b)))
+        total = c.run.threads or torch.get_num_threads()
+        main, worker = split_threads(total)
+        order = itertools.count()
+
+        def scored(i: int, batch: RolloutBatch) -> ScoredBatch:
+            result = scorer.result()
+            if i == len(plan.batches) - 1:  # the worker has nothing left: the rest of learning gets every thread
+                torch.set_num_threads(total)
+            return result
+
+        with main_threads(main), StageWorker(lambda b: self.score_batch(step, next(order), b), worker,
+                                             name="score-worker") as scorer:
+            plan = self.roll_out(step, self.student, scorer.submit)
+            return (plan, *self.learn(plan, scored))
 
     def train_step(self) -> dict[str, Any]:
         """One optimizer step; returns its metrics row."""
-        c, timer = self.config, StageTimer("sample", "rollout", "score", "learn")
-        t_start = time.perf_counter()
-        with timer.timed("sample"):
-            prompts = self.source.next_batch()
-        fraction = c.loss.off_policy_fraction
-        off_policy = fraction > 0 and self.mix_rng.random() < fraction
-        micro = _chunks(prompts, c.rollout.micro_batch_size)
-        if c.run.pipeline == "strict":
-            main, worker = split_threads(c.run.threads or torch.get_num_threads())
-            with main_threads(main), StageWorker(lambda b: self.score_batch(b, timer), worker) as scorer:
-                batches, stats, update, num_items = self.learn_step(micro, off_policy, timer, scorer)
-        else:
-            batches, stats, update, num_items = self.learn_step(micro, off_policy, timer, None)
-        with timer.timed("sample"):
+        step, t_start = self.step + 1, time.perf_counter()
+        plan, stats, update, num_items = self.step_work(step)
+        batches = plan.batches
+        with self.timeline.stage(step, "sample"), self._sampler_lock:
             self.source.update([p.index for b in batches for p in b.prompts],
                                [d for s in stats for d in s.per_sample_divergence])
-        self.step += 1
+        self.step = step
+        if self.producer is not None:
+            self.producer.publish(step)
         elapsed = time.perf_counter() - t_start
         lengths = [n for b in batches for n in b.completion_lengths()]
         row: dict[str, Any] = {
@@ -195,11 +228,17 @@ class Trainer:
             "tokens": int(num_items),
             "tokens_per_s": num_items / elapsed,
             "step_time": elapsed,
-            **{f"time/{k}": v for k, v in timer.seconds.items()},
+            **stage_metrics(self.timeline.close_step(step), elapsed),
             "grad_norm": update["grad_norm"],
             "lr": update["lr"],
             "skipped_steps": self.learner.skipped,
         }
+        if self.config.run.max_staleness >= 1:
+            row["async/staleness"] = (step - 1) - plan.version
+            row["async/dropped_samples"] = self.dropped_samples
+            weighted = sum(s.importance_tokens for s in stats)
+            if weighted:
+                row["async/importance_weight"] = sum(s.importance_sum for s in stats) / weighted
         entropy = sum(s.entropy_sum for s in stats)
         if entropy:
             row["student_entropy"] = entropy / num_items
@@ -210,12 +249,34 @@ class Trainer:
             row[f"divergence/{key}"] = total / max(1, count)
         return row
 
+    @contextlib.contextmanager
+    def run_ahead(self) -> Iterator[None]:
+        """Async mode (``run.max_staleness >= 1``): a rollout producer for the block; otherwise nothing."""
+        c = self.config
+        if c.run.max_staleness < 1:
+            yield
+            return
+        producer_threads, learner_threads = split_threads(c.run.threads or torch.get_num_threads())
+        with main_threads(learner_threads), RolloutProducer(
+                self.roll_out, self.student, start=self.step, last=c.optim.steps, max_staleness=c.run.max_staleness,
+                threads=producer_threads) as self.producer:
+            try:
+                yield
+            finally:
+                self.producer = None
+
     # -- bookkeeping ----------------------------------------------------------------------------
     def save(self) -> Path:
-        state = {"learner": self.learner.state_dict(), "sampler": self.source.state_dict(),
-                 "mix_rng": self.mix_rng.getstate(), "rng": rng_state(self.generator), **self.run_info}
-        return save_checkpoint(self.config.run.out_dir, self.step, self.student, state, self.config.checkpoint.keep,
-                               config_to_dict(self.config))
+        """Checkpoint the step; in async mode with the producer paused, its in-flight samples counted as dropped
+        for a resumed run (they are not saved)."""
+        with self.producer.paused() if self.producer is not None else contextlib.nullcontext():
+            in_flight = 0 if self.producer is None else self.producer.in_flight_samples
+            state = {"learner": self.learner.state_dict(), "sampler": self.source.state_dict(),
+                     "mix_rng": self.mix_rng.getstate(), "rewards": self.rewards.state_dict(),
+                     "rng": rng_state(self.generator), "dropped_samples": self.dropped_samples,
+                     "in_flight_samples": in_flight, **self.run_info}
+            return save_checkpoint(self.config.run.out_dir, self.step, self.student, state,
+                                   self.config.checkpoint.keep, config_to_dict(self.config))
 
     def evaluate(self) -> dict[str, float]:
         c = self.config
@@ -247,8 +308,9 @@ def _train(config: RunConfig, resume: bool, overwrite: bool, stop_after: int | N
     logger = MetricsLogger(out, c.optim.steps, start, progress=c.metrics.progress, tensorboard=c.metrics.tensorboard)
     last_ckpt, eval_results, interrupted, row = begin.checkpoint, {}, False, {}
     tokens, t0 = 0, time.perf_counter()
+    trainer.timeline.open(out, start)
     try:
-        with stop_on_signals() as signals:
+        with stop_on_signals() as signals, trainer.run_ahead():
             while trainer.step < c.optim.steps:
                 row = trainer.train_step()
                 if trainer.step == start + 1:
@@ -276,6 +338,7 @@ def _train(config: RunConfig, resume: bool, overwrite: bool, stop_after: int | N
             interrupted = signals.stop.is_set()
     finally:
         logger.close()
+        trainer.timeline.close()
     steps_done = trainer.step - start
     return {
         "steps": trainer.step,

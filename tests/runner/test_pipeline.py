@@ -23,9 +23,9 @@ def test_strict_pipeline_gives_the_serial_losses(make_config, tmp_path: Path, lo
         trainer = Trainer(config)
         scored_on, score_batch = set(), trainer.score_batch
 
-        def record(batch, timer, score_batch=score_batch, scored_on=scored_on):
+        def record(step, micro_batch, batch, score_batch=score_batch, scored_on=scored_on):
             scored_on.add(threading.current_thread() is threading.main_thread())
-            return score_batch(batch, timer)
+            return score_batch(step, micro_batch, batch)
 
         trainer.score_batch = record
         rows = [trainer.train_step() for _ in range(3)]
@@ -35,6 +35,20 @@ def test_strict_pipeline_gives_the_serial_losses(make_config, tmp_path: Path, lo
     for a, b in zip(serial, strict, strict=True):
         assert {k: a.get(k) for k in COMPARED} == {k: b.get(k) for k in COMPARED}
     assert all(torch.equal(x, y) for x, y in zip(w_serial, w_strict, strict=True))
+
+
+def test_learning_gets_every_thread_once_scoring_is_done(make_config, tmp_path: Path) -> None:
+    config = make_config(tmp_path, run={"threads": 2}, data={"prompts_per_step": 2, "group_size": 2})
+    trainer = Trainer(config)
+    threads, micro_step = [], trainer.learner.micro_step
+
+    def record(*args, **kwargs):
+        threads.append(torch.get_num_threads())
+        return micro_step(*args, **kwargs)
+
+    trainer.learner.micro_step = record
+    trainer.train_step()
+    assert threads == [1, 2]  # beside the scorer: its share only; after the last score: all of run.threads
 
 
 def test_stage_worker_keeps_order_and_reraises() -> None:
@@ -54,6 +68,28 @@ def test_stage_worker_keeps_order_and_reraises() -> None:
             worker.result()
         assert worker.result() == 16
     assert threading.main_thread() not in threads
+
+
+def test_stage_worker_blocks_submit_beyond_its_depth() -> None:
+    started, release = threading.Event(), threading.Event()
+
+    def work(x: int) -> int:
+        started.set()
+        release.wait()
+        return x
+
+    with StageWorker(work, threads=1, depth=2) as worker:
+        worker.submit(0)
+        started.wait()  # item 0 is being worked on; two more may wait
+        worker.submit(1)
+        worker.submit(2)
+        blocked = threading.Thread(target=worker.submit, args=(3,))
+        blocked.start()
+        blocked.join(timeout=0.2)
+        assert blocked.is_alive()  # the bounded queue holds the producer back
+        release.set()
+        blocked.join()
+        assert [worker.result() for _ in range(4)] == [0, 1, 2, 3]
 
 
 def test_thread_split_never_exceeds_the_budget() -> None:

@@ -1,6 +1,4 @@
-"""The runner's small shared pieces: renamed config keys, the stage timer, the completion-token picker."""
-
-import time
+"""The runner's small shared pieces: renamed config keys, the completion-token picker."""
 
 import pytest
 import torch
@@ -8,7 +6,6 @@ import torch
 from opd_fast.runner.config import config_from_dict
 from opd_fast.runner.data import Prompt
 from opd_fast.runner.rollout import RolloutBatch
-from opd_fast.runner.trainer import StageTimer
 
 
 def test_old_lmbda_key_names_its_replacement() -> None:
@@ -18,16 +15,6 @@ def test_old_lmbda_key_names_its_replacement() -> None:
         config_from_dict(data)
     data["loss"] = {"off_policy_fraction": 0.5}
     assert config_from_dict(data).loss.off_policy_fraction == 0.5
-
-
-def test_stage_timer_accumulates_per_stage() -> None:
-    timer = StageTimer("a", "b")
-    for _ in range(2):
-        with timer.timed("a"):
-            time.sleep(0.01)
-    with pytest.raises(KeyError), timer.timed("c"):
-        pass
-    assert timer.seconds["a"] >= 0.02 and timer.seconds["b"] == 0.0 and set(timer.seconds) == {"a", "b"}
 
 
 def test_target_states_and_ids_pick_completion_tokens_row_major() -> None:

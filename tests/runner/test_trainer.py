@@ -74,8 +74,9 @@ def test_interrupted_checkpoint_write_keeps_the_previous_one(make_config, models
     assert summary["steps"] == 3 and summary["steps_run"] == 1
 
 
+@pytest.mark.parametrize("run", [{}, {"max_staleness": 1}], ids=["strict", "async"])
 def test_sigterm_checkpoints_and_exits_cleanly(make_config, models: dict, tmp_path: Path,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
+                                               monkeypatch: pytest.MonkeyPatch, run: dict) -> None:
     real_step = Trainer.train_step
 
     def step_then_sigterm(self: Trainer) -> dict:
@@ -84,7 +85,7 @@ def test_sigterm_checkpoints_and_exits_cleanly(make_config, models: dict, tmp_pa
         return row
 
     monkeypatch.setattr(Trainer, "train_step", step_then_sigterm)
-    summary = train(make_config(tmp_path / "run"))
+    summary = train(make_config(tmp_path / "run", run=run))
     assert summary["interrupted"] and summary["steps"] == 1
     assert latest_checkpoint(tmp_path / "run").name == "step-00000001"
 
