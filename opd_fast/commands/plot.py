@@ -9,10 +9,10 @@ from pathlib import Path
 def _run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path(args.run_dir) / "plots"
     if args.timeline:
-        from ..plotting.timeline import parse_steps, plot_timeline, read_timeline, select_steps
+        from ..plotting.timeline import load_timeline, parse_steps, plot_timeline, select_steps
 
         steps = parse_steps(args.steps) if args.steps else None
-        chosen = select_steps(read_timeline(args.run_dir), steps)
+        chosen = select_steps(load_timeline(args.run_dir), steps)
         first, last = min(i.step for i in chosen), max(i.step for i in chosen)
         out.mkdir(parents=True, exist_ok=True)
         path = out / (f"timeline_step{first}.png" if first == last else f"timeline_steps{first}-{last}.png")

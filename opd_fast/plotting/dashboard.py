@@ -73,6 +73,12 @@ PANELS: tuple[Panel, ...] = (
     Panel("Completion length", "tokens", lambda k: k == "completion_len", lambda k: "mean completion length"),
     Panel("Truncated completions", "fraction", lambda k: k == "truncation_rate", lambda k: "hit max_new_tokens"),
     Panel("Student entropy", "nats / token", lambda k: k == "student_entropy", lambda k: "student entropy"),
+    Panel("Sample staleness (async)", "optimizer steps behind", lambda k: k == "async/staleness",
+          lambda k: "staleness"),
+    Panel("Importance weight (async)", "mean truncated ratio", lambda k: k == "async/importance_weight",
+          lambda k: "importance weight"),
+    Panel("Dropped samples (async)", "samples, cumulative", lambda k: k == "async/dropped_samples",
+          lambda k: "dropped"),
 )
 
 Series = dict[str, list[tuple[int, float]]]

@@ -1,20 +1,16 @@
 """Gantt chart of a run's stages: which lane ran what, when, and how much the stages overlapped.
 
-The runner writes ``RUN_DIR/timeline.jsonl``, one object per stage interval::
+The runner writes ``RUN_DIR/timeline.jsonl`` (format: ``opd_fast.runner.timeline``), one object per
+stage interval. The chart has one row per lane and one colour per stage; the *overlap efficiency* of
+the chosen steps is the sum of stage busy time over their wall time: 1.0 for a serial loop, above 1
+when stages run concurrently, below 1 when time goes to nothing recorded. Over a window of steps it
+is the lanes' true utilization, also in async mode, where a step's rollouts run during earlier steps.
 
-    {"step": 3, "stage": "score", "lane": "score-worker", "micro_batch": 1, "start": 4.21, "end": 4.26}
-
-(``start``/``end`` in seconds since the run started; ``micro_batch`` null for per-step stages.)
-The chart has one row per lane and one colour per stage; the *overlap efficiency* of the chosen
-steps is the sum of stage busy time over their wall time: 1.0 for a serial loop, above 1 when
-stages run concurrently, below 1 when time goes to nothing recorded.
-
-Public API: ``Interval``, ``read_timeline``, ``parse_steps``, ``select_steps``, ``overlap``, ``plot_timeline``.
+Public API: ``load_timeline``, ``parse_steps``, ``select_steps``, ``overlap``, ``plot_timeline``.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,26 +20,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from matplotlib.patches import Patch
 
+from ..runner.files import read_jsonl
+from ..runner.timeline import TIMELINE_FILE, Interval
 from .palette import stage_colour
 
-TIMELINE_FILE = "timeline.jsonl"
 _FIELDS = {"step": int, "stage": str, "lane": str, "start": (int, float), "end": (int, float)}
-
-
-@dataclass(frozen=True)
-class Interval:
-    """One stage's run on one lane; times in seconds since the run started."""
-
-    step: int
-    stage: str
-    lane: str
-    micro_batch: int | None
-    start: float
-    end: float
-
-    @property
-    def seconds(self) -> float:
-        return self.end - self.start
 
 
 def _interval(raw: object, where: str) -> Interval:
@@ -61,21 +42,17 @@ def _interval(raw: object, where: str) -> Interval:
     return Interval(raw["step"], raw["stage"], raw["lane"], micro, float(raw["start"]), float(raw["end"]))
 
 
-def read_timeline(run_dir: str | Path) -> list[Interval]:
-    """The intervals of ``RUN_DIR/timeline.jsonl``; a missing file or a malformed line is a clear error."""
+def load_timeline(run_dir: str | Path) -> list[Interval]:
+    """The intervals of ``RUN_DIR/timeline.jsonl``, checked; a missing file or a malformed row is a clear error.
+
+    Read like the metrics log (a torn last line is dropped with a warning), then every row is checked
+    against the interval schema, since a plot of half-valid data would mislead.
+    """
     path = Path(run_dir) / TIMELINE_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: the run did not record a stage timeline (runs made by a "
-                                f"runner that writes {TIMELINE_FILE} have one)")
-    out = []
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            raw = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}:{lineno}: invalid JSON in a timeline line: {exc}") from exc
-        out.append(_interval(raw, f"{path}:{lineno}"))
+        raise FileNotFoundError(f"{path} not found: this run recorded no stage timeline (runs of opd-fast "
+                                f"versions that write {TIMELINE_FILE} have one)")
+    out = [_interval(raw, f"{path}, interval {i}") for i, raw in enumerate(read_jsonl(path), 1)]
     if not out:
         raise ValueError(f"{path} has no intervals")
     return out

@@ -2,15 +2,8 @@ import json
 
 import pytest
 
-from opd_fast.plotting.timeline import (
-    TIMELINE_FILE,
-    Interval,
-    overlap,
-    parse_steps,
-    plot_timeline,
-    read_timeline,
-    select_steps,
-)
+from opd_fast.plotting.timeline import load_timeline, overlap, parse_steps, plot_timeline, select_steps
+from opd_fast.runner.timeline import TIMELINE_FILE, Interval
 
 
 def synthetic_timeline(steps=3) -> list[dict]:
@@ -38,7 +31,7 @@ def _write(tmp_path, rows):
 
 
 def test_reads_selects_and_measures_overlap(tmp_path):
-    intervals = read_timeline(_write(tmp_path, synthetic_timeline()))
+    intervals = load_timeline(_write(tmp_path, synthetic_timeline()))
     assert len(intervals) == 21 and intervals[0] == Interval(1, "sample", "main", None, 0.0, 0.1)
     last = select_steps(intervals, None)
     assert {i.step for i in last} == {3}
@@ -52,7 +45,7 @@ def test_reads_selects_and_measures_overlap(tmp_path):
 
 def test_gantt_has_one_row_per_lane(tmp_path):
     path = tmp_path / "t.png"
-    result = plot_timeline(select_steps(read_timeline(_write(tmp_path, synthetic_timeline())), (2, 3)), path)
+    result = plot_timeline(select_steps(load_timeline(_write(tmp_path, synthetic_timeline())), (2, 3)), path)
     assert path.read_bytes()[:4] == b"\x89PNG" and result.wall == pytest.approx(5.6)
 
 
@@ -69,22 +62,23 @@ def test_bad_steps_are_clear_errors(text, match):
 
 def test_steps_outside_the_record_are_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match=r"no timeline intervals in steps 7..9; recorded steps are 1..3"):
-        select_steps(read_timeline(_write(tmp_path, synthetic_timeline())), (7, 9))
+        select_steps(load_timeline(_write(tmp_path, synthetic_timeline())), (7, 9))
 
 
 def test_missing_file_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"timeline\.jsonl not found"):
-        read_timeline(tmp_path)
+        load_timeline(tmp_path)
 
 
 @pytest.mark.parametrize(("line", "match"), [
-    ("{not json", "invalid JSON"),
-    ('{"step": 1, "stage": "score", "lane": "w", "start": 0.0}', "'end' missing"),
-    ('{"step": 1, "stage": "score", "lane": "w", "micro_batch": "x", "start": 0.0, "end": 1.0}', "micro_batch"),
-    ('{"step": 1, "stage": "score", "lane": "w", "start": 2.0, "end": 1.0}', "ends .* before it starts"),
+    ("{not json", r"timeline\.jsonl:2: invalid JSON"),
+    ('{"step": 1, "stage": "score", "lane": "w", "start": 0.0}', "interval 2: field 'end' missing"),
+    ('{"step": 1, "stage": "score", "lane": "w", "micro_batch": "x", "start": 0.0, "end": 1.0}',
+     "interval 2: field 'micro_batch'"),
+    ('{"step": 1, "stage": "score", "lane": "w", "start": 2.0, "end": 1.0}', "interval 2: .*ends .* before it starts"),
 ])
-def test_malformed_lines_name_file_and_line(tmp_path, line, match):
-    (tmp_path / TIMELINE_FILE).write_text(json.dumps(synthetic_timeline(1)[0]) + "\n" + line + "\n")
-    with pytest.raises(ValueError, match=match) as err:
-        read_timeline(tmp_path)
-    assert f"{TIMELINE_FILE}:2" in str(err.value)
+def test_malformed_rows_are_named(tmp_path, line, match):
+    good = json.dumps(synthetic_timeline(1)[0])
+    (tmp_path / TIMELINE_FILE).write_text(f"{good}\n{line}\n{good}\n")
+    with pytest.raises(ValueError, match=match):
+        load_timeline(tmp_path)
