@@ -21,6 +21,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
 
 from ..runner.metrics import METRICS_FILE, read_metrics
 from .palette import stage_colour
@@ -110,22 +111,24 @@ def _assign(series: Series) -> list[tuple[Panel, list[str]]]:
     return out
 
 
-def _colour(panel: Panel, key: str) -> str | None:
+def _colour(key: str) -> str | None:
+    """Stages keep their timeline colours; the step's wall time is black beside them; the rest cycle."""
     if key.startswith(("time/", "idle/")):
         return stage_colour(key.split("/", 1)[1])
-    return None
+    return "black" if key == "step_time" else None
 
 
 def _draw(ax, panel: Panel, keys: list[str], series: Series) -> None:
     for key in keys:
         pts = series[key]
         is_eval = key.startswith("eval/")
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], label=panel.label(key), color=_colour(panel, key),
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], label=panel.label(key), color=_colour(key),
                 linestyle="--" if is_eval else "-", marker="o" if is_eval or len(pts) < 30 else None, markersize=3)
     if panel.log and all(v > 0 for k in keys for _, v in series[k]):
         ax.set_yscale("log")
     ax.set_title(panel.title, fontsize=10)
     ax.set_xlabel("step")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(panel.unit)
     ax.grid(alpha=0.3)
     if len(keys) > 1:
