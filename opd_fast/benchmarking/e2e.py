@@ -264,6 +264,37 @@ def format_markdown(results: list[ArmResult], cfg: E2EConfig) -> str:
     return "\n".join(lines)
 
 
+def plot(results: list[ArmResult], path: str | Path, title: str) -> None:
+    """Generated tokens/s per arm, one group of bars per vocabulary, whiskers min-max over steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..plotting.palette import implementation_colour
+
+    vocabs = list(dict.fromkeys(r.vocab for r in results))
+    arms = list(dict.fromkeys(r.arm for r in results))
+    width = 0.8 / max(len(arms), 1)
+    fig, ax = plt.subplots(figsize=(2.5 + 2.2 * len(vocabs), 4.5))
+    for r in results:
+        tps = r.tokens_per_s
+        if r.status != "ok" or tps is None:
+            continue
+        x = vocabs.index(r.vocab) - 0.4 + width * (arms.index(r.arm) + 0.5)
+        ax.bar(x, tps.median, width, color=implementation_colour(r.arm), edgecolor="black", linewidth=0.5,
+               label=r.arm if r.vocab == vocabs[0] else None)
+        ax.errorbar(x, tps.median, yerr=[[tps.median - tps.min], [tps.max - tps.median]], color="black", capsize=3)
+    ax.set_xticks(range(len(vocabs)), [f"vocab {v}" for v in vocabs])
+    ax.set_ylabel("generated tokens / s (median, min-max over steps)")
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def to_json(results: list[ArmResult], cfg: E2EConfig, meta: dict) -> dict:
     records = []
     for r in results:

@@ -202,6 +202,9 @@ def _run_e2e(args: argparse.Namespace) -> int:
     print(e2e.format_markdown(results, cfg))
     if args.json:
         Path(args.json).write_text(json.dumps(e2e.to_json(results, cfg, meta), indent=2) + "\n")
+    if args.plot:
+        e2e.plot(results, args.plot, f"on-policy distillation end to end - {report.setting(meta)} - "
+                                     f"{meta['date_utc']} UTC")
     return 1 if any(r.status == "error" for r in results) else 0
 
 
@@ -251,6 +254,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     e2e.add_argument("--quick", action="store_true",
                      help="smoke run: toy models, vocab 512, 3 steps, opd-fast serial vs trl-gkd")
     e2e.add_argument("--json", help="write results + metadata as JSON")
+    e2e.add_argument("--plot", help="write a PNG bar chart of generated tokens/s per arm and vocabulary")
     e2e.set_defaults(func=_run_e2e)
 
     merged = kinds.add_parser("report", help="merge JSON files of earlier runs into one table, CSV and plot",

@@ -25,6 +25,12 @@ IMPLEMENTATION_COLOURS: dict[str, str] = {
     "trl-full-logits": "#ff9896",
     "liger": "#2ca02c",
     "liger-eager": "#98df8a",
+    # end-to-end arms: TRL in reds, opd-fast modes in blues
+    "trl-gkd": "#d62728",
+    "trl-distill": "#ff9896",
+    "opd-fast-serial": "#9ecae1",
+    "opd-fast-strict": "#1f77b4",
+    "opd-fast-async1": "#08306b",
 }
 STAGE_COLOURS: dict[str, str] = {
     "rollout": "#1f77b4",

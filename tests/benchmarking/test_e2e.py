@@ -66,6 +66,8 @@ def test_rounds_rotate_skip_warmup_and_keep_failures(tmp_path, monkeypatch):
     table = e2e.format_markdown(list(results.values()), cfg)
     assert "| 128 | 2 | opd-fast-serial | 750 (600-900) | 3.00 |" in table
     assert "error: worker exited 1" in table
+    e2e.plot(list(results.values()), tmp_path / "e2e.png", "t")  # the failed arm has no bar, and no crash
+    assert (tmp_path / "e2e.png").read_bytes()[:4] == b"\x89PNG"
     record = e2e.to_json(list(results.values()), cfg, {"command": "x"})
     assert record["results"][1]["tokens_per_s"] == {"median": 750, "min": 600, "max": 900}
     assert record["config"]["arms"][1] == 'opd-fast-serial=run.pipeline="serial"'
@@ -82,7 +84,7 @@ def test_quick_mode_runs_both_sides_end_to_end(tmp_path, capsys):
     pytest.importorskip("trl")
     out = tmp_path / "e2e.json"
     assert main(["bench", "e2e", "--quick", "--cache-dir", str(tmp_path / "cache"), "--out-dir", str(tmp_path / "runs"),
-                 "--json", str(out)]) == 0
+                 "--json", str(out), "--plot", str(tmp_path / "e2e.png")]) == 0
     data = json.loads(out.read_text())
     by_arm = {r["arm"]: r for r in data["results"]}
     assert set(by_arm) == {"trl-gkd", "opd-fast-serial"}
@@ -92,6 +94,7 @@ def test_quick_mode_runs_both_sides_end_to_end(tmp_path, capsys):
         assert all(1 <= s["tokens"] <= 8 for s in rec["steps"])  # batch 2 x at most 4 new tokens, EOS included
     assert {"rollout", "score", "learn"} <= set(by_arm["opd-fast-serial"]["stage_medians_s"])
     assert "| 512 | 1 | opd-fast-serial |" in capsys.readouterr().out
+    assert (tmp_path / "e2e.png").is_file()
 
 
 def test_trl_runs_at_its_fastest_fair_setting(tmp_path):
