@@ -186,8 +186,11 @@ def _run_e2e(args: argparse.Namespace) -> int:
     if args.quick:
         cfg = e2e.quick_config(args.cache_dir)
     else:
+        vocabs = _csv(args.vocab)
+        if not vocabs or not all(v.isdigit() and int(v) > 0 for v in vocabs):
+            raise ValueError(f"--vocab must be comma-separated positive vocabulary sizes, got {args.vocab!r}")
         cfg = e2e.E2EConfig(
-            vocab_sizes=tuple(int(v) for v in _csv(args.vocab)), steps=args.steps, warmup_steps=args.warmup_steps,
+            vocab_sizes=tuple(int(v) for v in vocabs), steps=args.steps, warmup_steps=args.warmup_steps,
             rounds=args.rounds, threads=args.threads, seed=args.seed, cache_dir=args.cache_dir,
         )
     if args.arms is not None:

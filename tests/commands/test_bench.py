@@ -68,6 +68,12 @@ def test_help_shows_real_defaults_and_no_empty_ones(command, capsys):
         assert "(default: small)" in text and "NxHxV" in text
 
 
-def test_malformed_shape_is_a_clear_error():
-    with pytest.raises(ValueError, match="NxHxV"):
-        main(["bench", "loss", "--shapes", "2048x32768x1024", "--peers", ""])
+@pytest.mark.parametrize(("argv", "match"), [
+    (["loss", "--shapes", "2048x32768x1024", "--peers", ""], "NxHxV"),
+    (["e2e", "--vocab", "512,big"], "--vocab must be"),
+    (["e2e", "--steps", "2", "--warmup-steps", "2"], "nothing measured"),
+    (["e2e", "--arms", "verl"], "an arm is"),
+])
+def test_bad_arguments_are_clear_errors(argv, match):
+    with pytest.raises(ValueError, match=match):
+        main(["bench", *argv])
