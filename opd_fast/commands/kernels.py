@@ -5,7 +5,10 @@ For each kernel x launch config x dtype x architecture (sm_80, sm_90a) it compil
 decides whether the kernel can run fast: registers and spill stores (``ptxas-blackwell -v``
 on the emitted PTX: triton 3.9 emits PTX 9.x, which only that ptxas accepts), shared memory
 against the architecture's per-block limit, and whether the SASS (``cuobjdump -sass``) uses
-tensor cores (``HMMA`` on sm_80, ``HGMMA`` i.e. wgmma on sm_90a). Kernels are compiled in
+tensor cores (``HMMA`` on sm_80, ``HGMMA`` i.e. wgmma on sm_90a), and that no kernel issues fp32
+atomics (``red``/``atom`` ``.global.add.f32`` in the PTX): the gradient kernels write logit-gradient
+stripes and leave the grad GEMMs to cuBLAS, and an atomic creeping back in is a regression the
+check fails on. Kernels are compiled in
 their heaviest specialization (JSD, biases, softcaps, gradient filtering, odd-free shapes of
 Liger's benchmark) so the register figures bound every other variant's.
 """
@@ -55,10 +58,22 @@ class KernelReport:
     shared_limit: int
     tensor_core_op: str
     tensor_core_count: int
+    fp32_atomics: int
 
     @property
     def ok(self) -> bool:
-        return self.spill_stores == 0 and self.shared_bytes <= self.shared_limit and self.tensor_core_count > 0
+        return (self.spill_stores == 0 and self.shared_bytes <= self.shared_limit and self.tensor_core_count > 0
+                and self.fp32_atomics == 0)
+
+
+# An fp32 atomic add to global memory in PTX: ``red.global.add.f32``, ``atom.global.add.f32`` and their
+# scoped / vector forms (``red.relaxed.gpu.global.add.v4.f32``).
+_FP32_ATOMIC = re.compile(r"\b(?:red|atom)(?:\.\w+)*\.global(?:\.\w+)*\.add(?:\.\w+)*\.f32\b")
+
+
+def fp32_atomics(ptx: str) -> int:
+    """Number of fp32 global atomic adds in ``ptx``."""
+    return len(_FP32_ATOMIC.findall(ptx))
 
 
 def _tool(name: str) -> str:
@@ -96,14 +111,26 @@ def _kernel_arguments(kernel: str, divergence: str, dtype):
         setup = RowSetup(opts.student, opts.temperature, vocab, Tuning(grad_filter_eps=1e-6))
         if kernel == "tail_lse":
             return tail_lse_arguments(hs, ws, bs, ids, setup, True, 1)
-        return tail_grad_arguments(hs, ws, bs, ids, rows, rows, rows, setup, (True, True, True), 1)
+        return tail_grad_arguments(hs, ws, bs, ids, rows, rows, rows, setup, _stripe_buffer(n, ws), 1)
     if kernel == "lse":
         return lse_arguments(hs, ws, bs, ht, wt, bt, opts, 1, labels)
     if kernel == "terms":
         lse = (None, None) if divergence.endswith("_kl") else (rows, rows)
         return terms_arguments(hs, ws, bs, ht, wt, bt, *lse, opts, 1, labels)
     hard = None if labels is None else HardLabels(labels, rows)
-    return grad_arguments(hs, ws, bs, ht, wt, bt, rows, rows, rows, rows, opts, (True, True, True), 1, 1e-6, hard, rows)
+    return grad_arguments(hs, ws, bs, ht, wt, bt, rows, rows, rows, rows, opts, _stripe_buffer(n, ws), 1, 1e-6, hard,
+                          rows)
+
+
+def _stripe_buffer(n: int, ws):
+    """A gradient kernel's output: one default-budget stripe of the logit gradient (meta tensor)."""
+    import torch
+
+    from ..backends.triton.stripes import stripe_width
+    from ..core.call import Tuning
+
+    width = stripe_width(Tuning(), n, ws.shape[0], ws.dtype, 128)
+    return torch.empty(n, width, dtype=ws.dtype, device="meta")
 
 
 def _ptxas_stats(ptx: str, arch: int) -> tuple[int, int, int]:
@@ -163,16 +190,17 @@ def check_kernels(
                         arch="sm_90a" if arch == 90 else f"sm_{arch}", registers=regs, spill_stores=spill_st,
                         spill_loads=spill_ld, shared_bytes=compiled.metadata.shared, shared_limit=SMEM_LIMIT[arch],
                         tensor_core_op=op, tensor_core_count=_tensor_core_count(compiled.asm["cubin"], op),
+                        fp32_atomics=fp32_atomics(compiled.asm["ptx"]),
                     ))
     return reports
 
 
 def format_table(reports: list[KernelReport]) -> str:
-    head = ("kernel", "config", "dtype", "arch", "regs", "spill st", "smem KB", "tensor cores", "ok")
+    head = ("kernel", "config", "dtype", "arch", "regs", "spill st", "smem KB", "tensor cores", "fp32 atomics", "ok")
     rows = [
         (r.kernel, r.config, r.dtype, r.arch, str(r.registers), str(r.spill_stores),
          f"{r.shared_bytes / 1024:.0f}/{r.shared_limit / 1024:.0f}", f"{r.tensor_core_op} x{r.tensor_core_count}",
-         "yes" if r.ok else "NO")
+         str(r.fp32_atomics), "yes" if r.ok else "NO")
         for r in reports
     ]
     widths = [max(len(x) for x in col) for col in zip(head, *rows, strict=True)]
@@ -181,7 +209,8 @@ def format_table(reports: list[KernelReport]) -> str:
 
 
 def _run(args: argparse.Namespace) -> int:
-    reports = check_kernels(default_only=args.default_only)
+    variants = VARIANTS if not args.kernel else tuple(v for v in VARIANTS if v[0] in args.kernel)
+    reports = check_kernels(variants, dtypes=tuple(args.dtype or DTYPES), default_only=args.default_only)
     if args.json:
         print(json.dumps([{**asdict(r), "ok": r.ok} for r in reports], indent=2))
     else:
@@ -195,4 +224,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     check = action.add_parser("check", help="compile every kernel x config x dtype; report regs, spills, smem, MMA")
     check.add_argument("--json", action="store_true", help="print the reports as JSON")
     check.add_argument("--default-only", action="store_true", help="only the default (first) config per arch")
+    check.add_argument("--kernel", action="append", choices=sorted({k for k, _ in VARIANTS}),
+                       help="check only this kernel (repeatable; default: all)")
+    check.add_argument("--dtype", action="append", choices=DTYPES, help="check only this dtype (repeatable)")
     check.set_defaults(func=_run)

@@ -105,9 +105,14 @@ class Head:
 
 @dataclass(frozen=True)
 class TeacherHead:
-    """The teacher's own head (detached: the teacher is a constant)."""
+    """The teacher's own head (detached: the teacher is a constant).
+
+    ``lse``: the teacher's per-token log-sum-exp when the caller already has it (a frozen teacher
+    scored once, several optimizer steps on its rollout): leading shape, accumulation dtype.
+    """
 
     head: Head
+    lse: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
