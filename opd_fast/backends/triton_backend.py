@@ -118,22 +118,22 @@ class TritonEngine:
         config, splits = self._splits("lse", student)
         lse_s, lse_t, ce, hard_lse = launch_lse(*student, *self.teacher, self.opts, config, splits, self.labels,
                                                 self.teacher_lse)
-        coef = torch.full_like(lse_s, -1.0)
-        stats = RowStats(lse_s, lse_t, lse_s, coef, lse_s, ce, hard_lse)  # divergence and entropy: below
-        grads, (divergence, entropy) = self._grads(student, stats, upstream, want, with_stats=True)
-        return stats._replace(divergence=divergence, entropy=entropy), grads
+        coef = torch.full_like(lse_s, -1.0)  # forward KL's c
+        grads, (divergence, entropy) = self._grads(student, lse_s, lse_t, coef, hard_lse, upstream, want, True)
+        return RowStats(lse_s, lse_t, divergence, coef, entropy, ce, hard_lse), grads
 
-    def _grads(self, student: Student, stats: RowStats, upstream: Upstream, want: Want, with_stats: bool = False):
+    def _grads(self, student: Student, lse_s: torch.Tensor, lse_t: torch.Tensor, coef: torch.Tensor,
+               hard_lse: torch.Tensor | None, upstream: Upstream, want: Want, with_stats: bool = False,
+               ) -> tuple[StudentGrads, tuple[torch.Tensor, torch.Tensor] | None]:
+        """Student gradients (pass 3) and, ``with_stats``, per-row (divergence, entropy) from the same tiles."""
         hs, n = student.hidden, student.hidden.shape[0]
         zeros = torch.zeros(n, dtype=torch.float32, device=hs.device)
         row_scale, hard_scale = (zeros if u is None else u.float().contiguous() for u in upstream)
         hard = None if self.labels is None else HardLabels(self.labels, hard_scale)
         config = pick_config("grad", device_arch(hs.device), _tile_dtype(hs, self.teacher.hidden), n)
         plan = stripe_plan(hs.device, self.tuning, n, self.opts.vocab_size, student.weight.dtype, config)
-        grads, row_stats = launch_grad(student, self.teacher, stats.student_lse, stats.teacher_lse, stats.coef,
-                                       row_scale, self.opts, want, config, plan, self.tuning.grad_filter_eps, hard,
-                                       stats.hard_lse, with_stats)
-        return (grads, row_stats) if with_stats else grads
+        return launch_grad(student, self.teacher, lse_s, lse_t, coef, row_scale, self.opts, want, config, plan,
+                           self.tuning.grad_filter_eps, hard, hard_lse, with_stats)
 
     def run(self, student: Student, upstream: Upstream | None, want: Want, state: RowStats | None = None,
             ) -> EngineResult:
@@ -145,7 +145,8 @@ class TritonEngine:
                 stats, grads = self._known_teacher_forward_kl(student, upstream, want)
             else:
                 stats = self._stats(student) if state is None else state
-                grads = None if upstream is None else self._grads(student, stats, upstream, want)
+                grads = None if upstream is None else self._grads(
+                    student, stats.student_lse, stats.teacher_lse, stats.coef, stats.hard_lse, upstream, want)[0]
         ce = torch.zeros_like(stats.divergence) if stats.cross_entropy is None else stats.cross_entropy
         outputs = (stats.divergence, ce, stats.student_lse, stats.teacher_lse, stats.entropy)
         return EngineResult(outputs, grads, stats)

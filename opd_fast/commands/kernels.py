@@ -209,7 +209,8 @@ def format_table(reports: list[KernelReport]) -> str:
 
 
 def _run(args: argparse.Namespace) -> int:
-    variants = VARIANTS if not args.kernel else tuple(v for v in VARIANTS if v[0] in args.kernel)
+    chosen = set(args.kernel or ())
+    variants = tuple(v for v in VARIANTS if not chosen or v[0] in chosen or f"{v[0]}[{v[1]}]" in chosen)
     reports = check_kernels(variants, dtypes=tuple(args.dtype or DTYPES), default_only=args.default_only)
     if args.json:
         print(json.dumps([{**asdict(r), "ok": r.ok} for r in reports], indent=2))
@@ -224,7 +225,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     check = action.add_parser("check", help="compile every kernel x config x dtype; report regs, spills, smem, MMA")
     check.add_argument("--json", action="store_true", help="print the reports as JSON")
     check.add_argument("--default-only", action="store_true", help="only the default (first) config per arch")
-    check.add_argument("--kernel", action="append", choices=sorted({k for k, _ in VARIANTS}),
-                       help="check only this kernel (repeatable; default: all)")
+    names = sorted({k for k, _ in VARIANTS} | {f"{k}[{v}]" for k, v in VARIANTS})
+    check.add_argument("--kernel", action="append", choices=names, metavar="KERNEL",
+                       help="check only this kernel (all its variants) or variant, e.g. 'grad[jsd+labels]' "
+                            "(repeatable; default: all)")
     check.add_argument("--dtype", action="append", choices=DTYPES, help="check only this dtype (repeatable)")
     check.set_defaults(func=_run)

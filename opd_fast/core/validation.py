@@ -15,7 +15,6 @@ from typing import Any
 
 import torch
 
-from .engine import accum_dtype
 from .call import (
     BACKEND_NAMES,
     DIVERGENCES,
@@ -32,6 +31,7 @@ from .call import (
     TopKTeacher,
     Tuning,
 )
+from .engine import accum_dtype
 
 
 def _shape(t: torch.Tensor) -> tuple[int, ...]:

@@ -33,7 +33,6 @@ import triton.language as tl
 from ...core.call import LossOptions
 from ...core.engine import Student, StudentGrads, Want
 from ..tile_math import HardLabels
-from .stripes import StripePlan, stripe_gradients
 from .common import (
     GRAD_HEURISTICS,
     HEAD_HEURISTICS,
@@ -47,6 +46,7 @@ from .common import (
     store_grad_tile,
     tile_terms,
 )
+from .stripes import StripePlan, stripe_gradients
 
 
 @triton.heuristics({

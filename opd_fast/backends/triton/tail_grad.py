@@ -23,8 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..rows import RowSetup
 from ...core.engine import Student, StudentGrads, Want
+from ..rows import RowSetup
 from .common import GRAD_HEURISTICS, BlockConfig, drop_ids, head_tile, next_id, store_grad_tile
 from .stripes import SparseColumns, StripePlan, stripe_gradients
 from .tail_lse import ROW_HEURISTICS, row_head_arguments
