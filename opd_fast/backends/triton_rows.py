@@ -5,8 +5,10 @@ outside a per-row id set (the token; the teacher's top-k), the ids' own logits a
 entropy, the tail's softmax mean. ``tail_lse`` computes them in one sweep, so the per-row math
 (``RowMath``: log-prob and entropy; top-k categories through ``tile_math.tile_terms``) runs in
 torch on ``(n, k + 1)`` tensors. The gradient splits the same way: outside the ids it has one
-dense shape (``tail_grad``, recomputed tiles into logit-gradient stripes, grad GEMMs in torch), on the ids it is a
-k-sparse correction done here in ``O(n k H)``. No ``chunk x V`` tensor is ever allocated.
+dense shape (``tail_grad``: recomputed tiles into logit-gradient stripes), on the ids it is known
+exactly here and added into the stripes before torch runs their grad GEMMs (``triton/stripes.py``);
+a loss that is zero outside the ids takes the k-sparse product alone, ``O(n k H)``. No logits
+tensor is ever allocated; the stripe buffer is bounded by ``Tuning.memory_budget_mb``.
 
 ``TritonRowsEngine`` is this as an ``Engine``: a gradient-only call reuses the forward's per-row
 state (no second sweep). Like ``triton_backend``, it runs on CPU tensors under ``TRITON_INTERPRET=1``.

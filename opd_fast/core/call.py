@@ -42,7 +42,11 @@ class Tuning:
     Cross-Entropy's gradient filtering). The error it introduces is at most
     ``eps * sum_v |W_v|`` per row of grad-hidden and ``eps * sum_i |h_i|`` per row of
     grad-weight, summed over skipped blocks; it is off by default because no fixed eps keeps
-    that bound under every dtype's tolerance for every input.
+    that bound under every dtype's tolerance for every input. (On Triton the unit is a kernel
+    tile, whose gradient is then stored as zeros: the same values, no time saved.)
+
+    On Triton, ``memory_budget_mb`` (or ``chunk_vocab``, when set) sizes the vocabulary stripe of
+    the gradient pass: an ``N x V_c`` logit-gradient buffer handed to the gradient GEMMs.
     """
 
     chunk_tokens: int | None = None

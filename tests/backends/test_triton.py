@@ -19,6 +19,7 @@ import opd_fast
 from opd_fast import Tuning, reference
 from opd_fast.backends import triton_backend
 from opd_fast.backends.triton import configs_for, pick_config
+from opd_fast.backends.triton.stripes import stripe_width
 from opd_fast.core.dispatch import availability, resolve
 
 pytestmark = pytest.mark.skipif(
@@ -163,3 +164,31 @@ def test_config_heuristic():
     assert wide == configs_for("grad", 90, torch.bfloat16)[-1] and wide.block_n == 128
     assert pick_config("lse", 80, torch.bfloat16, 100) == configs_for("lse", 80, torch.bfloat16)[0]
     assert all(c.block_k == 16 for c in configs_for("grad", 86, torch.float32))
+
+
+@pytest.mark.parametrize(
+    ("budget_mb", "chunk_vocab", "n", "vocab", "width"),
+    [
+        (256.0, None, 8192, 128256, 16384),  # 8192 x 16384 bf16 = 256 MB
+        (256.0, None, 16, 1000, 1024),  # never wider than the vocabulary needs (in blocks)
+        (1e-6, None, 8192, 128256, 128),  # at least one block, whatever the budget
+        (256.0, 200, 8192, 128256, 256),  # chunk_vocab wins, rounded up to a block
+    ],
+)
+def test_stripe_width_follows_the_budget(budget_mb, chunk_vocab, n, vocab, width):
+    tuning = Tuning(memory_budget_mb=budget_mb, chunk_vocab=chunk_vocab)
+    assert stripe_width(tuning, n, vocab, torch.bfloat16, 128) == width
+
+
+@pytest.mark.parametrize(("divergence", "used"), [("forward_kl", True), ("jsd", True), ("tvd", True),
+                                                   ("reverse_kl", False)])
+def test_teacher_lse_replaces_the_teacher_sweep(triton_loss, seed, divergence, used):
+    """A given LSE is what the kernels use (a shifted one changes the result) except for reverse KL,
+    whose one-pass sweep needs the teacher's logits anyway (and ignores it)."""
+    t = make(bias=False)
+    args = [t[k] for k in ("student_hidden", "student_weight", "teacher_hidden", "teacher_weight")]
+    _, stats = triton_loss(*args, divergence=divergence, backend="triton", return_stats=True)
+    true = triton_loss(*args, divergence=divergence, backend="triton", teacher_lse=stats["teacher_lse"])
+    shifted = triton_loss(*args, divergence=divergence, backend="triton", teacher_lse=stats["teacher_lse"] + 0.5)
+    torch.testing.assert_close(true, triton_loss(*args, divergence=divergence, backend="triton"))
+    assert (not torch.allclose(shifted, true)) == used

@@ -3,14 +3,16 @@
 * ``lse``   - pass 1: online log-sum-exp of both heads, split over the vocabulary.
 * ``terms`` - pass 2: per-row divergence, gradient coefficient ``c`` and entropy (for the KLs
   in one sweep without pass 1).
-* ``grad``  - pass 3: recompute tiles, dL/dlogits in registers, fp32 atomic grad GEMMs.
+* ``grad``  - pass 3: recompute tiles, dL/dlogits in registers, stored into a vocabulary stripe.
 * ``tail_lse`` / ``tail_grad`` - the single-head losses (per-token log-probs, top-k teacher):
   log-sum-exp outside a per-row id set plus the ids' logits, and the gradient outside the ids.
+* ``stripes`` - the gradient GEMMs on those stripes, in torch (cuBLAS): no atomics anywhere.
 
-Logit tiles are produced by ``tl.dot`` K-loops in on-chip memory; no ``N x V`` or
-``chunk x V`` tensor ever reaches GPU memory. ``CONFIGS`` lists each kernel's launch configs
-per compute capability (what ``opd-fast kernels check`` compiles); ``pick_config`` chooses one
-by a shape heuristic rather than autotuning, so the first call pays no benchmarking sweep.
+Logit tiles are produced by ``tl.dot`` K-loops in on-chip memory; no logits tensor ever reaches
+GPU memory, and the logit *gradient* only one ``N x V_c`` stripe at a time. ``CONFIGS`` lists
+each kernel's launch configs per compute capability (what ``opd-fast kernels check`` compiles);
+``pick_config`` chooses one by a shape heuristic rather than autotuning, so the first call pays
+no benchmarking sweep.
 """
 
 from __future__ import annotations
