@@ -134,15 +134,17 @@ def _importable(module: str) -> str | None:
     return None
 
 
-def environment(device: torch.device, wheels: list[str]) -> dict[str, Any]:
+PEER_MODULES = {"liger": "liger_kernel.chunked_loss", "trl_chunked": "trl.kernels.chunked_divergence"}
+
+
+def environment(device: torch.device, wheels: list[str], peers: list[str]) -> dict[str, Any]:
     import triton
 
     info: dict[str, Any] = {
         "python": platform.python_version(), "torch": torch.__version__, "triton": triton.__version__,
         "opd_fast": getattr(opd_fast, "__version__", "dev"), "device": str(device), "wheels": wheels,
         "interpreter": os.environ.get("TRITON_INTERPRET") == "1",
-        "peers": {name: _importable(module) or "ok" for name, module in
-                  (("liger", "liger_kernel.chunked_loss"), ("trl_chunked", "trl.kernels.chunked_divergence"))},
+        "peers": {name: _importable(PEER_MODULES[name]) or "ok" for name in peers},
     }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
@@ -410,6 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stages", default="correctness,timing", help="subset of correctness,timing")
     parser.add_argument("--divergences", default=",".join(d for d, _ in DIVERGENCES))
     parser.add_argument("--features", default=None, help="correctness features to run (default: all)")
+    parser.add_argument("--peers", default=",".join(PEER_MODULES), help="peers to time, if they import")
     parser.add_argument("--skip", default="", help="implementations not to time, e.g. 'liger_compiled[jsd]'")
     parser.add_argument("--wheels", type=Path, default=Path(__file__).parent / "wheels")
     parser.add_argument("--toy", action="store_true", help="tiny shapes on CPU (the interpreter dry run)")
@@ -419,6 +422,9 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         parser.error(f"--dtypes must be a comma-separated subset of {sorted(TOLERANCE)}, got {bad}")
     stages = set(args.stages.split(","))
+    peers = [p for p in args.peers.split(",") if p]
+    if not set(peers) <= PEER_MODULES.keys():
+        parser.error(f"--peers must be a comma-separated subset of {sorted(PEER_MODULES)}, got {args.peers!r}")
     divergences = [d for d in args.divergences.split(",") if d]
     if not set(divergences) <= dict(DIVERGENCES).keys():
         parser.error(f"--divergences must be a comma-separated subset of {[d for d, _ in DIVERGENCES]}")
@@ -427,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("no CUDA device: run with TRITON_INTERPRET=1 and --toy for a dry run on CPU")
     results = Results(args.out, time.monotonic() + args.budget_s)
     wheels = unpack_wheels(args.wheels)
-    env = environment(device, wheels)
+    env = environment(device, wheels, peers)
     results.data.update(environment=env, arguments={k: str(v) for k, v in vars(args).items()})
     results.save()
     timing_shapes = TOY_TIMING_SHAPES if args.toy else TIMING_SHAPES

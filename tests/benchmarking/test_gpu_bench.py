@@ -36,13 +36,14 @@ def _run(tmp_path: Path, *options: str) -> tuple[subprocess.CompletedProcess, di
 
 
 def test_dry_run_covers_every_stage(tmp_path):
-    proc, data = _run(tmp_path, "--divergences", "forward_kl,jsd", "--features", "plain,teacher_lse,narrow_stripes",
-                      "--skip", "liger_compiled[jsd],trl_chunked[jsd],opd_fast[reverse_kl]")
+    """One divergence and feature of each stage (the peers' own adapters are tested in this folder)."""
+    proc, data = _run(tmp_path, "--divergences", "forward_kl", "--features", "teacher_lse", "--peers", "",
+                      "--skip", "opd_fast[reverse_kl],opd_fast[jsd]")
     assert proc.returncode == 0, proc.stderr[-3000:]
     stages = data["stages"]
     checks = stages["correctness"]
-    assert {(c.get("divergence"), c.get("feature")) for c in checks if "feature" in c} == {
-        (d, f) for d in ("forward_kl", "jsd") for f in ("plain", "teacher_lse", "narrow_stripes")}
+    features = {(c.get("divergence"), c.get("feature")) for c in checks if "feature" in c}
+    assert features == {("forward_kl", "teacher_lse")}
     assert {c["loss"] for c in checks if "loss" in c} == {"topk_bucket", "logprobs_entropy"}
     assert all(c["ok"] for c in checks + stages["correctness_big_shape"]), checks
     timed = {t["implementation"]: t for t in stages["timing"]}
@@ -54,7 +55,7 @@ def test_dry_run_covers_every_stage(tmp_path):
 
 
 def test_an_exhausted_budget_skips_and_still_writes_json(tmp_path):
-    proc, data = _run(tmp_path, "--budget-s", "0", "--divergences", "tvd")
+    proc, data = _run(tmp_path, "--budget-s", "0", "--divergences", "tvd", "--peers", "")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert data["environment"]["interpreter"] is True
     assert data["summary"]["checks"] == len(data["stages"].get("correctness", []))
