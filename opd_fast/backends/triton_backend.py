@@ -109,8 +109,8 @@ class TritonEngine:
         return config, vocab_splits(hs.device, n, self.opts.vocab_size, config.block_m, config.block_n)
 
     def _stats(self, student: Student) -> RowStats:
-        config, splits = self._splits("lse", student)
-        return launch_row_stats(*student, *self.teacher, self.opts, config, splits, self.labels, self.teacher_lse)
+        return launch_row_stats(*student, *self.teacher, self.opts, self._splits("lse", student),
+                                self._splits("terms", student), self.labels, self.teacher_lse)
 
     def _known_teacher_forward_kl(self, student: Student, upstream: Upstream, want: Want,
                                   ) -> tuple[RowStats, StudentGrads]:

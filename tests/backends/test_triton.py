@@ -135,7 +135,7 @@ def test_hard_labels_all_ignored_give_the_divergence_alone(triton_loss, seed):
 
 def test_hard_labels_gpu_configs_in_the_interpreter(triton_loss, seed, monkeypatch):
     """The wide shipped tiles (BLOCK_N 128: every label in the first tile) give the same numbers."""
-    chosen = {kernel: configs_for(kernel, 90, torch.float16)[-1] for kernel in ("lse", "grad")}
+    chosen = {kernel: configs_for(kernel, 90, torch.float16)[-1] for kernel in ("lse", "terms", "grad")}
     monkeypatch.setattr(triton_backend, "pick_config", lambda kernel, *_: chosen[kernel])
     compare(triton_loss, make(), divergence="reverse_kl", labels=hard_labels(), hard_weight=0.4, **HEADS)
 
@@ -154,7 +154,7 @@ def test_rejects_float64_and_is_never_auto_on_cpu(triton_loss, seed, monkeypatch
 @pytest.mark.parametrize("arch", [80, 90])
 def test_gpu_configs_in_the_interpreter(triton_loss, seed, monkeypatch, arch):
     """The tile sizes shipped for GPUs (not the interpreter's minimum) give the same numbers."""
-    chosen = {kernel: configs_for(kernel, arch, torch.float16)[-1] for kernel in ("lse", "grad")}
+    chosen = {kernel: configs_for(kernel, arch, torch.float16)[-1] for kernel in ("lse", "terms", "grad")}
     monkeypatch.setattr(triton_backend, "pick_config", lambda kernel, *_: chosen[kernel])
     compare(triton_loss, make(), divergence="tvd", **HEADS)
 
