@@ -12,6 +12,9 @@ A known teacher log-sum-exp (``teacher_lse=``) removes the teacher from pass 1 (
 forward KL with a scalar loss, replaces the two-head statistics sweep by a student-only pass 1:
 the gradient pass sums the divergence and entropy from its own tiles (``grad``'s ``STATS``).
 
+``Tuning(triton_mode="cached")`` swaps the passes for the cached mode (``triton/cached.py``): the
+chunk loop of ``chunked.py`` with each head's logits from torch matmul and one Triton row kernel.
+
 Under ``TRITON_INTERPRET=1`` the same kernels run on CPU tensors, and ``backend="triton"`` is
 offered for them, so anyone can check the kernels' numerics without a GPU (slowly).
 """
@@ -24,8 +27,10 @@ import torch
 
 from ..core.call import LossOptions, Tuning
 from ..core.engine import TEACHER_HEAD_OUTPUTS, EngineResult, Student, StudentGrads, Upstream, Want
+from .chunked import ChunkedEngine
 from .tile_math import HardLabels
 from .triton import BlockConfig, launch_grad, launch_lse, launch_row_stats, pick_config
+from .triton.cached import TritonTileMath
 from .triton.common import FORWARD_KL, INTERPRET, divergence_code
 from .triton.stripes import StripePlan, stripe_width
 from .triton.terms import RowStats
@@ -150,3 +155,12 @@ class TritonEngine:
         ce = torch.zeros_like(stats.divergence) if stats.cross_entropy is None else stats.cross_entropy
         outputs = (stats.divergence, ce, stats.student_lse, stats.teacher_lse, stats.entropy)
         return EngineResult(outputs, grads, stats)
+
+
+def two_head_engine(teacher: Student, opts: LossOptions, tuning: Tuning, labels: torch.Tensor | None,
+                    teacher_lse: torch.Tensor | None = None) -> TritonEngine | ChunkedEngine:
+    """The Triton backend's engine for ``tuning.triton_mode``: strict kernels, or the cached chunk loop."""
+    if tuning.triton_mode == "cached":
+        check_dtypes(teacher_hidden=teacher.hidden)
+        return ChunkedEngine(teacher, opts, TritonTileMath(), tuning, labels, teacher_lse)
+    return TritonEngine(teacher, opts, tuning, labels, teacher_lse)

@@ -79,9 +79,9 @@ def make_engine(call: LossCall, name: Backend, tokens: TokenRows, labels: torch.
                        None if head.bias is None else head.bias.contiguous())
         lse = None if teacher.lse is None else tokens.take(teacher.lse).contiguous()
         if name == "triton":
-            from ..backends.triton_backend import TritonEngine
+            from ..backends.triton_backend import two_head_engine
 
-            return TritonEngine(rows, opts, tuning, labels, lse)
+            return two_head_engine(rows, opts, tuning, labels, lse)
         from ..backends.chunked import ChunkedEngine
 
         if name == "cpu":
