@@ -8,12 +8,12 @@ would start after ``--budget-s`` is recorded as skipped instead of run.
 1. ``environment``: versions, the GPU, which peers import.
 2. ``correctness``: every divergence x dtype x feature (temperature / scale / softcap / biases,
    masks and weights, hard labels, ``vocab_size``, ``teacher_lse``, narrow gradient stripes,
-   ``reduction="none"``) and the top-k / log-prob losses through the public functions on the
+   ``reduction="none"``, the cached mode) and the top-k / log-prob losses through the public functions on the
    Triton backend, against the float64 reference at a small shape; then the first 128 rows of
    the largest timing shape against float64 (the kernels' big-shape tiles and stripes).
 3. ``timing``: forward + backward time (median of ``--repeats`` after one untimed call) and extra
-   peak memory of the first call, per shape, for the bare-GEMM floor, opd-fast (forward KL, JSD,
-   forward KL with ``teacher_lse``), naive torch, Liger's chunked JSD (eager; ``torch.compile``d
+   peak memory of the first call, per shape, for the bare-GEMM floor, opd-fast (strict and cached
+   modes, forward KL, JSD, forward KL with ``teacher_lse``), naive torch, Liger's chunked JSD (eager; ``torch.compile``d
    when time allows) and TRL's ``chunked_divergence`` when importable.
 
 Liger-Kernel is pure Python: bring it as a wheel, since the GPU machine has no network::
@@ -171,6 +171,9 @@ def _features(shape: Shape, device: torch.device, gen: torch.Generator) -> dict[
         "vocab_size": dict(vocab_size=v - 37),
         "teacher_lse": dict(teacher_lse=True, mask=mask),
         "narrow_stripes": dict(tuning=Tuning(chunk_vocab=512)),
+        "cached_mode": dict(tuning=Tuning(triton_mode="cached", chunk_tokens=64)),
+        "cached_mode_labels_softcap": dict(labels=labels, hard_weight=0.5, temperature=1.5, student_softcap=20.0,
+                                           tuning=Tuning(triton_mode="cached", chunk_tokens=64)),
         "reduction_none": dict(reduction="none"),
     }
 
@@ -298,9 +301,13 @@ def _loss_step(loss: Callable[[BenchInputs], torch.Tensor]) -> Step:
     return step
 
 
-def _opd_fast(divergence: str, teacher_lse: torch.Tensor | None = None) -> Step:
+# The cached mode's budget for the timed shapes: token chunks of ~2048 rows at V = 128256 (2 x bf16 logits).
+CACHED = Tuning(triton_mode="cached", memory_budget_mb=1024)
+
+
+def _opd_fast(divergence: str, teacher_lse: torch.Tensor | None = None, tuning: Tuning | None = None) -> Step:
     return _loss_step(lambda x: opd_fast.fused_linear_kl(x.hs, x.ws, x.ht, x.wt, divergence=divergence,
-                                                         teacher_lse=teacher_lse, backend="triton"))
+                                                         teacher_lse=teacher_lse, backend="triton", tuning=tuning))
 
 
 def _peer(make: Callable[[], Callable]) -> Step:
@@ -324,7 +331,9 @@ def implementations(x: BenchInputs, peers: dict[str, str]) -> dict[str, Callable
     impls: dict[str, Callable[[], Step]] = {
         "gemm_floor": lambda: gemm_floor_step,
         "opd_fast[forward_kl]": lambda: _opd_fast("forward_kl"),
+        "opd_fast[forward_kl,cached]": lambda: _opd_fast("forward_kl", tuning=CACHED),
         "opd_fast[jsd]": lambda: _opd_fast("jsd"),
+        "opd_fast[jsd,cached]": lambda: _opd_fast("jsd", tuning=CACHED),
         "opd_fast[forward_kl,teacher_lse]": lambda: _opd_fast("forward_kl", teacher_lse()),
         "opd_fast[reverse_kl]": lambda: _opd_fast("reverse_kl"),
         "naive_torch[forward_kl]": lambda: _peer(lambda: naive_loss("forward_kl", 0.5)),

@@ -89,6 +89,10 @@ FEATURES = {
                         options=dict(temperature=1.7, student_softcap=6.0, hard_weight=0.5)),
     "teacher_lse_vocab_tiles": Case(mask="some", weights=True, teacher_lse=True,
                                     options=dict(tuning=Tuning(chunk_tokens=4, chunk_vocab=16))),
+    # The Triton backend's cached mode (``_ONLY_ON``: the other backends ignore triton_mode).
+    "triton_cached": Case(mask="some", weights=True, options=dict(tuning=Tuning(chunk_tokens=4, triton_mode="cached"))),
+    "triton_cached_heads_labels": Case(bias=True, labels=True, neg_inf_columns=(3, 11), options=dict(
+        temperature=1.7, student_softcap=6.0, hard_weight=0.5, tuning=Tuning(chunk_tokens=4, triton_mode="cached"))),
 }
 # bf16 GEMMs round logits of magnitude ~100 by ~0.5, which moves the softmax itself: there the
 # contract is only that nothing overflows (finite where the reference is finite).
@@ -96,11 +100,16 @@ _FINITE_ONLY = {("extreme_logits", torch.bfloat16)}
 # Options that do not exist for a loss: the feature is not part of its contract.
 _NOT_FOR = {
     "kl": {"topk_padding"},
-    "topk": {"hard_labels", "hard_labels_T_none", "teacher_lse", "teacher_lse_vocab_tiles"},
+    "topk": {"hard_labels", "hard_labels_T_none", "teacher_lse", "teacher_lse_vocab_tiles", "triton_cached",
+             "triton_cached_heads_labels"},
     "logprobs": {"topk_padding", "masks_weights_mean", "masks_sum", "masks_none", "num_items", "all_masked",
                  "temperature_sq_scaling", "vocab_size_padded_heads", "hard_labels", "hard_labels_T_none",
-                 "teacher_lse", "teacher_lse_vocab_tiles"},
+                 "teacher_lse", "teacher_lse_vocab_tiles", "triton_cached", "triton_cached_heads_labels"},
 }
+
+
+# Features of one backend's own options, run on that backend only.
+_ONLY_ON = {"triton_cached": "triton", "triton_cached_heads_labels": "triton"}
 
 
 def _teacher_options(options: dict, loss: str) -> dict:
@@ -167,7 +176,7 @@ def _inputs(case: Case, loss: str, dtype: torch.dtype, seed: int) -> tuple[list,
 # The interpreter is slow (~0.5 s a case): Triton runs every feature in fp32 with one divergence
 # each (rotating), every divergence on the features below, and fp16 on those features only.
 _TRITON_FULL = ("plain", "heads_T_scale_softcap_bias", "masks_weights_mean", "hard_labels", "neg_inf_logits",
-                "teacher_lse", "teacher_lse_vocab_tiles")
+                "teacher_lse", "teacher_lse_vocab_tiles", "triton_cached", "triton_cached_heads_labels")
 
 
 # Measured gaps, kept visible: the Triton single-head sweep computes the full-vocabulary entropy as
@@ -194,7 +203,7 @@ def _matrix() -> list:
     for backend in _backends():
         for loss in LOSSES:
             for feature in FEATURES:
-                if feature in _NOT_FOR.get(loss.split("_")[0], ()):
+                if feature in _NOT_FOR.get(loss.split("_")[0], ()) or _ONLY_ON.get(feature, backend) != backend:
                     continue
                 for dtype in _dtypes(backend):
                     if backend == "triton" and dtype != torch.float32 and feature not in _TRITON_FULL:

@@ -192,3 +192,8 @@ def test_teacher_lse_replaces_the_teacher_sweep(triton_loss, seed, divergence, u
     shifted = triton_loss(*args, divergence=divergence, backend="triton", teacher_lse=stats["teacher_lse"] + 0.5)
     torch.testing.assert_close(true, triton_loss(*args, divergence=divergence, backend="triton"))
     assert (not torch.allclose(shifted, true)) == used
+
+
+def test_tuning_rejects_an_unknown_triton_mode():
+    with pytest.raises(ValueError, match=r"Tuning.triton_mode must be one of \('strict', 'cached'\), got 'fast'"):
+        Tuning(triton_mode="fast")

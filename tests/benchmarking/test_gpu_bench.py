@@ -38,7 +38,7 @@ def _run(tmp_path: Path, *options: str) -> tuple[subprocess.CompletedProcess, di
 def test_dry_run_covers_every_stage(tmp_path):
     """One divergence and feature of each stage (the peers' own adapters are tested in this folder)."""
     proc, data = _run(tmp_path, "--divergences", "forward_kl", "--features", "teacher_lse", "--peers", "",
-                      "--skip", "opd_fast[reverse_kl],opd_fast[jsd]")
+                      "--skip", "opd_fast[reverse_kl],opd_fast[jsd],opd_fast[jsd,cached]")
     assert proc.returncode == 0, proc.stderr[-3000:]
     stages = data["stages"]
     checks = stages["correctness"]
@@ -47,8 +47,8 @@ def test_dry_run_covers_every_stage(tmp_path):
     assert {c["loss"] for c in checks if "loss" in c} == {"topk_bucket", "logprobs_entropy"}
     assert all(c["ok"] for c in checks + stages["correctness_big_shape"]), checks
     timed = {t["implementation"]: t for t in stages["timing"]}
-    assert {"gemm_floor", "opd_fast[forward_kl]", "opd_fast[forward_kl,teacher_lse]", "naive_torch[forward_kl]"} <= set(
-        timed)
+    assert {"gemm_floor", "opd_fast[forward_kl]", "opd_fast[forward_kl,cached]", "opd_fast[forward_kl,teacher_lse]",
+            "naive_torch[forward_kl]"} <= set(timed)
     assert all(t["status"] == "ok" and t["median_ms"] > 0 for t in timed.values()), timed
     assert data["summary"] == {"checks": len(checks) + len(stages["correctness_big_shape"]), "failed": 0,
                                "skipped": 0}
