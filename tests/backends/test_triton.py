@@ -160,8 +160,9 @@ def test_gpu_configs_in_the_interpreter(triton_loss, seed, monkeypatch, arch):
 
 
 def test_config_heuristic():
-    wide = pick_config("grad", 90, torch.bfloat16, 8192)
-    assert wide == configs_for("grad", 90, torch.bfloat16)[-1] and wide.block_n == 128
+    wide = pick_config("grad", 80, torch.bfloat16, 8192)
+    assert wide == configs_for("grad", 80, torch.bfloat16)[-1] and wide.block_n == 128
+    assert pick_config("tail_lse", 90, torch.bfloat16, 8192).block_n == 256
     assert pick_config("lse", 80, torch.bfloat16, 100) == configs_for("lse", 80, torch.bfloat16)[0]
     assert all(c.block_k == 16 for c in configs_for("grad", 86, torch.float32))
 

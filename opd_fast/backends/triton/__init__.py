@@ -46,17 +46,24 @@ _LSE = {
     **_FORWARD,
     (90, "16-bit"): (BlockConfig(64, 64, 64, 8, 3, 255), BlockConfig(128, 128, 32, 8, 3, 255)),
 }
+# The two-head gradient holds both logit tiles and the gradient tile. On sm_90a every 64 x 128
+# config spills in one of its variants (4-52 bytes at one or two stages, K 16 or 32), so it keeps
+# 64 x 64 there; the single-head gradient has one logit tile and keeps 64 x 128.
 _GRAD = {
     (80, "16-bit"): (BlockConfig(64, 64, 32, 8, 2, 255), BlockConfig(64, 128, 32, 8, 1, 255)),
-    (90, "16-bit"): (BlockConfig(64, 64, 64, 8, 2, 255), BlockConfig(64, 128, 32, 8, 2, 255)),
+    (90, "16-bit"): (BlockConfig(64, 64, 64, 8, 2, 255),),
     (80, "fp32"): (BlockConfig(64, 64, 16, 8, 2, 255),),
     (90, "fp32"): (BlockConfig(64, 64, 16, 8, 1, 255),),
+}
+_TAIL_GRAD = {
+    **_GRAD,
+    (90, "16-bit"): (BlockConfig(64, 64, 64, 8, 2, 255), BlockConfig(64, 128, 32, 8, 2, 255)),
 }
 # The single-head forward holds one fp32 logit tile where the two-head kernels hold two, so its
 # wide config (from 4096 rows) is larger: 128 x 256 on sm_90a (one wgmma m64n256 per warpgroup,
 # 144 KB of shared memory, spill-free), 128 x 128 on sm_80 (128 x 256 spills there): 1.8x / 1.5x
-# less L2 traffic per logit than 64 x 128. The gradient (two live tiles: logits and gradient)
-# keeps _GRAD: 128-row tiles spill in it.
+# less L2 traffic per logit than 64 x 128. Its gradient (two live tiles: logits and gradient)
+# spills at 128 rows: _TAIL_GRAD.
 _ROW_FORWARD = {
     (80, "16-bit"): (BlockConfig(64, 64, 64, 8, 3, 255), BlockConfig(128, 128, 32, 8, 3, 255)),
     (90, "16-bit"): (BlockConfig(64, 64, 64, 8, 3, 255), BlockConfig(128, 256, 64, 8, 3, 255)),
@@ -64,7 +71,7 @@ _ROW_FORWARD = {
     (90, "fp32"): (BlockConfig(64, 64, 16, 8, 3, 255), BlockConfig(128, 128, 16, 8, 3, 255)),
 }
 CONFIGS: dict[str, dict[tuple[int, str], tuple[BlockConfig, ...]]] = {
-    "lse": _LSE, "terms": _FORWARD, "grad": _GRAD, "tail_lse": _ROW_FORWARD, "tail_grad": _GRAD,
+    "lse": _LSE, "terms": _FORWARD, "grad": _GRAD, "tail_lse": _ROW_FORWARD, "tail_grad": _TAIL_GRAD,
 }
 KERNELS = {
     "lse": lse_kernel, "terms": terms_kernel, "grad": grad_kernel, "tail_lse": tail_lse_kernel,
