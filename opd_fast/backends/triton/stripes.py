@@ -10,7 +10,7 @@ Why not fp32 atomics from inside the kernel (the earlier design): the atomic red
 Liger's shape) was about half of the gradient pass, the in-kernel grad GEMMs ran on small MMA
 shapes serialized behind those atomics, and the sums were not deterministic. A stripe costs one
 ``N x V_c`` buffer (sized by ``Tuning.memory_budget_mb``) and hands the two big GEMMs to the
-library that runs them at its best; results are deterministic run to run.
+library that runs them at its best; no sum depends on the order atomics land in.
 
 ``G`` is in the head's dtype: 16-bit for 16-bit heads (what an in-kernel MMA would have rounded
 it to anyway), fp32 for fp32 heads, so fp32 inputs stay exact (torch's fp32 matmul does not use
