@@ -31,16 +31,19 @@ TENSOR_CORE_OP = {80: "HMMA", 90: "HGMMA"}
 # (kernel, divergence) specializations compiled: the heaviest one per code path. The terms
 # kernel has two (after pass 1 for JSD/TVD; one-pass online KL). The single-head kernels have
 # no divergence: their heaviest variant is the log-probs' with entropy (tail mean; gradient slope).
+# The cached mode's row kernel (no GEMM: no tensor cores expected) runs on 2048-token logit chunks.
 # "+labels": with hard labels at T != 1 (label gather plus the log-sum-exp of T z), in the
 # passes that carry them: pass 1 (JSD/TVD), the one-pass KL, the gradient; "+t1" at T = 1,
 # where the gradient takes its own code path (the CE's softmax folded into a - q c).
 VARIANTS = (
     ("lse", "jsd"), ("terms", "jsd"), ("terms", "forward_kl"), ("grad", "jsd"),
     ("lse", "jsd+labels"), ("terms", "forward_kl+labels"), ("grad", "jsd+labels"), ("grad", "jsd+labels+t1"),
-    ("tail_lse", "entropy"), ("tail_grad", "entropy"),
+    ("tail_lse", "entropy"), ("tail_grad", "entropy"), ("cached_rows", "jsd+labels"),
 )
 # Ids per row of the single-head kernels (a served teacher's top-k).
 TOPK = 20
+# Token chunk of the cached mode's logits (its memory budget's choice at Liger's vocabulary).
+CACHED_CHUNK_TOKENS = 2048
 # Liger's published benchmark shape (docs/performance.md).
 SHAPE = {"n": 8192, "hs": 2048, "ht": 4096, "vocab": 128256}
 
@@ -59,11 +62,12 @@ class KernelReport:
     tensor_core_op: str
     tensor_core_count: int
     fp32_atomics: int
+    tensor_cores_expected: bool = True  # False for a kernel without a GEMM
 
     @property
     def ok(self) -> bool:
-        return (self.spill_stores == 0 and self.shared_bytes <= self.shared_limit and self.tensor_core_count > 0
-                and self.fp32_atomics == 0)
+        return (self.spill_stores == 0 and self.shared_bytes <= self.shared_limit and self.fp32_atomics == 0
+                and (self.tensor_core_count > 0 or not self.tensor_cores_expected))
 
 
 # An fp32 atomic add to global memory in PTX: ``red.global.add.f32``, ``atom.global.add.f32`` and their
@@ -88,6 +92,7 @@ def _kernel_arguments(kernel: str, divergence: str, dtype):
 
     from ..backends.rows import RowSetup
     from ..backends.tile_math import HardLabels
+    from ..backends.triton.cached import cached_rows_arguments
     from ..backends.triton.grad import grad_arguments
     from ..backends.triton.lse import lse_arguments
     from ..backends.triton.tail_grad import tail_grad_arguments
@@ -106,6 +111,12 @@ def _kernel_arguments(kernel: str, divergence: str, dtype):
     )
     rows = torch.empty(n, dtype=torch.float32, device="meta")
     labels = torch.empty(n, dtype=torch.int64, device="meta") if "labels" in extras else None
+    if kernel == "cached_rows":
+        chunk = CACHED_CHUNK_TOKENS
+        raw_s = torch.empty(chunk, vocab, **meta)
+        rows_c = torch.empty(chunk, dtype=torch.float32, device="meta")
+        hard = HardLabels(torch.empty(chunk, dtype=torch.int64, device="meta"), rows_c)
+        return cached_rows_arguments(raw_s, torch.empty(chunk, vocab, **meta), opts, rows_c, hard)
     if kernel.startswith("tail_"):
         ids = torch.empty(n, TOPK, dtype=torch.int32, device="meta")
         setup = RowSetup(opts.student, opts.temperature, vocab, Tuning(grad_filter_eps=1e-6))
@@ -168,7 +179,7 @@ def check_kernels(
     """Compile and inspect every (kernel variant, config, dtype, arch); ``default_only``: first config."""
     import torch
 
-    from ..backends.triton import KERNELS, configs_for
+    from ..backends.triton import KERNELS, NO_MMA, configs_for
     from ..backends.triton.common import INTERPRET, compile_for_target
 
     if INTERPRET:
@@ -190,7 +201,7 @@ def check_kernels(
                         arch="sm_90a" if arch == 90 else f"sm_{arch}", registers=regs, spill_stores=spill_st,
                         spill_loads=spill_ld, shared_bytes=compiled.metadata.shared, shared_limit=SMEM_LIMIT[arch],
                         tensor_core_op=op, tensor_core_count=_tensor_core_count(compiled.asm["cubin"], op),
-                        fp32_atomics=fp32_atomics(compiled.asm["ptx"]),
+                        fp32_atomics=fp32_atomics(compiled.asm["ptx"]), tensor_cores_expected=name not in NO_MMA,
                     ))
     return reports
 

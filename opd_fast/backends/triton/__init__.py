@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from .cached import GPU_BLOCKS, RowBlocks, cached_rows_kernel
 from .common import INTERPRETER_CONFIG, BlockConfig
 from .grad import grad_kernel, launch_grad
 from .lse import launch_lse, lse_kernel
@@ -70,16 +71,21 @@ _ROW_FORWARD = {
     (80, "fp32"): (BlockConfig(64, 64, 16, 8, 3, 255), BlockConfig(128, 128, 16, 8, 3, 255)),
     (90, "fp32"): (BlockConfig(64, 64, 16, 8, 3, 255), BlockConfig(128, 128, 16, 8, 3, 255)),
 }
-CONFIGS: dict[str, dict[tuple[int, str], tuple[BlockConfig, ...]]] = {
+# The cached mode's row kernel streams rows from memory: one config for every arch and dtype.
+_CACHED_ROWS = {(arch, dtype): (GPU_BLOCKS,) for arch in (80, 90) for dtype in ("16-bit", "fp32")}
+CONFIGS: dict[str, dict[tuple[int, str], tuple[BlockConfig | RowBlocks, ...]]] = {
     "lse": _LSE, "terms": _FORWARD, "grad": _GRAD, "tail_lse": _ROW_FORWARD, "tail_grad": _TAIL_GRAD,
+    "cached_rows": _CACHED_ROWS,
 }
 KERNELS = {
     "lse": lse_kernel, "terms": terms_kernel, "grad": grad_kernel, "tail_lse": tail_lse_kernel,
-    "tail_grad": tail_grad_kernel,
+    "tail_grad": tail_grad_kernel, "cached_rows": cached_rows_kernel,
 }
+# Kernels without a GEMM (no tensor-core instructions expected in their SASS).
+NO_MMA = frozenset({"cached_rows"})
 
 
-def configs_for(kernel: str, arch: int, dtype: torch.dtype) -> tuple[BlockConfig, ...]:
+def configs_for(kernel: str, arch: int, dtype: torch.dtype) -> tuple[BlockConfig | RowBlocks, ...]:
     """The launch configs of ``kernel`` for compute capability ``arch`` (80+) and input ``dtype``."""
     return CONFIGS[kernel][(90 if arch >= 90 else 80, "fp32" if dtype == torch.float32 else "16-bit")]
 
@@ -98,6 +104,7 @@ def pick_config(kernel: str, arch: int | None, dtype: torch.dtype, n_rows: int) 
 
 
 __all__ = [
-    "CONFIGS", "KERNELS", "BlockConfig", "configs_for", "launch_grad", "launch_lse", "launch_row_stats",
+    "CONFIGS", "KERNELS", "NO_MMA", "BlockConfig", "RowBlocks", "configs_for", "launch_grad", "launch_lse",
+    "launch_row_stats",
     "launch_tail_grad", "launch_tail_lse", "pick_config",
 ]

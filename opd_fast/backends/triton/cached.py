@@ -18,6 +18,8 @@ one the strict kernels use.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -37,10 +39,30 @@ from .common import (
     tile_terms,
 )
 
+
+@dataclass(frozen=True)
+class RowBlocks:
+    """The row kernel's launch config: rows per program, columns per step, warps."""
+
+    block_r: int
+    block_v: int
+    num_warps: int
+
+    def constexprs(self) -> dict[str, int]:
+        return {"BLOCK_R": self.block_r, "BLOCK_V": self.block_v}
+
+    def launch_options(self) -> dict[str, int]:
+        return {"num_warps": self.num_warps, "num_stages": 1}
+
+    def label(self) -> str:
+        return f"{self.block_r}x{self.block_v} w{self.num_warps}"
+
+
 # One row per program, 4096 columns per step and 8 warps: 16-byte accesses, enough bytes in flight
-# per SM for a memory-bound pass. The interpreter gets small blocks so tests stay fast.
-_GPU_BLOCKS = {"BLOCK_R": 1, "BLOCK_V": 4096, "num_warps": 8}
-_INTERPRETER_BLOCKS = {"BLOCK_R": 4, "BLOCK_V": 32, "num_warps": 1}
+# per SM for a memory-bound pass (what `opd-fast kernels check` compiles). The interpreter gets
+# small blocks so tests stay fast.
+GPU_BLOCKS = RowBlocks(1, 4096, 8)
+_INTERPRETER_BLOCKS = RowBlocks(4, 32, 1)
 
 
 @triton.jit
@@ -144,6 +166,23 @@ def cached_rows_kernel(
             tl.store(ptrs, g.to(raw_s_ptr.dtype.element_ty), mask=ok)
 
 
+def cached_rows_arguments(raw_s: torch.Tensor, raw_t: torch.Tensor, opts: LossOptions, row_scale: torch.Tensor | None,
+                          hard: HardLabels | None) -> dict:
+    """Keyword arguments of ``cached_rows_kernel`` (``row_scale`` None: no gradient); a zeroed ``(6, n)`` output."""
+    n, k = raw_s.shape
+    log_beta, log_1m_beta = jsd_logs(opts.beta)
+    with_hard_grad = hard is not None and row_scale is not None
+    return {
+        "raw_s_ptr": raw_s, "raw_t_ptr": raw_t, "stride_s": raw_s.stride(0), "stride_t": raw_t.stride(0),
+        "row_scale_ptr": row_scale, "labels_ptr": None if hard is None else hard.labels.contiguous(),
+        "hard_scale_ptr": hard.scale.float().contiguous() if with_hard_grad else None,
+        "out_ptr": torch.zeros(6, n, dtype=torch.float32, device=raw_s.device),
+        "N": n, "K": k, "cap_s": opts.student.softcap or 0.0, "cap_t": opts.teacher.softcap or 0.0,
+        "inv_temp": 1.0 / opts.temperature, "temperature": opts.temperature, "beta": opts.beta,
+        "log_beta": log_beta, "log_1m_beta": log_1m_beta, "DIVERGENCE": divergence_code(opts.divergence, opts.beta),
+    }
+
+
 class TritonTileMath:
     """``chunked.TileMath`` on the Triton row kernel: the cached mode of the Triton backend."""
 
@@ -156,20 +195,12 @@ class TritonTileMath:
         hard: HardLabels | None = None,
     ) -> tuple[RowTerms, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """``TileMath.full_rows``; the gradient overwrites ``raw_s`` (returned in its dtype)."""
-        n, k = raw_s.shape
-        out = torch.zeros(6, n, dtype=torch.float32, device=raw_s.device)
+        n = raw_s.shape[0]
         grad = row_scale is not None
-        log_beta, log_1m_beta = jsd_logs(opts.beta)
-        blocks = dict(_INTERPRETER_BLOCKS if INTERPRET else _GPU_BLOCKS)
+        args = cached_rows_arguments(raw_s, raw_t, opts, row_scale.float().contiguous() if grad else None, hard)
+        blocks = _INTERPRETER_BLOCKS if INTERPRET else GPU_BLOCKS
         if n:
-            cached_rows_kernel[(triton.cdiv(n, blocks["BLOCK_R"]),)](
-                raw_s, raw_t, raw_s.stride(0), raw_t.stride(0),
-                row_scale.float().contiguous() if grad else None,
-                None if hard is None else hard.labels.contiguous(),
-                None if hard is None or not grad else hard.scale.float().contiguous(), out,
-                n, k, opts.student.softcap or 0.0, opts.teacher.softcap or 0.0, 1.0 / opts.temperature,
-                opts.temperature, opts.beta, log_beta, log_1m_beta,
-                DIVERGENCE=divergence_code(opts.divergence, opts.beta), **blocks,
-            )
-        divergence, coef, entropy, lse_s, lse_t, ce = out
+            cached_rows_kernel[(triton.cdiv(n, blocks.block_r),)](
+                **args, **blocks.constexprs(), **blocks.launch_options())
+        divergence, coef, entropy, lse_s, lse_t, ce = args["out_ptr"]
         return RowTerms(divergence, coef, entropy, None if hard is None else ce), lse_s, lse_t, raw_s if grad else None
