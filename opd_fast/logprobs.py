@@ -45,9 +45,10 @@ def fused_linear_logprobs(
         return_entropy: also return the entropy of the whole distribution per token.
         backend: ``"auto"``/``"torch"`` (token-chunked torch, ``chunk x V`` tiles), ``"cpu"``
             (the same chunks, per-row math in the native kernel: ``backends/cpu_rows.py``),
-            ``"triton"`` (CUDA; fused kernels, no ``chunk x V`` tensor: ``backends/triton_rows.py``)
+            ``"triton"`` (CUDA; fused kernels, no logits tensor: ``backends/triton_rows.py``)
             or ``"reference"`` (float64, materialized).
-        tuning: chunk size / memory budget (``Tuning.chunk_vocab`` is not used: rows are whole).
+        tuning: chunk size / memory budget (``Tuning.chunk_vocab`` sets the Triton
+            gradient's vocabulary stripe; the other backends keep rows whole).
         process_group: vocabulary parallelism, as ``fused_linear_kl``'s (``token_ids`` are global).
 
     Returns:

@@ -40,6 +40,7 @@ def fused_linear_kl(
     num_items: float | torch.Tensor | None = None,
     student_bias: torch.Tensor | None = None,
     teacher_bias: torch.Tensor | None = None,
+    teacher_lse: torch.Tensor | None = None,
     student_logit_scale: float = 1.0,
     teacher_logit_scale: float = 1.0,
     student_softcap: float | None = None,
@@ -64,6 +65,15 @@ def fused_linear_kl(
             and ``student_bias`` ``(V,)``.
         teacher_hidden: ``(..., H_t)``, same leading shape; teacher tensors are constants:
             they are detached even if they require grad, and get no gradient.
+        teacher_lse: the teacher's per-token log-sum-exp (leading shape, finite on counted
+            tokens), as ``return_stats`` returns it for the same teacher tensors and options. A
+            frozen teacher's does not change between optimizer steps on one rollout batch, so
+            passing it back lets a backend skip the teacher's statistics sweep: on Triton for JSD
+            and TVD (pass 1 sweeps the student alone) and for forward KL with a scalar loss (the
+            divergence is summed in the gradient pass); on the chunked torch / CPU backends when
+            the vocabulary is tiled. Elsewhere (reverse KL, whose gradient coefficient is the KL
+            itself; full-row chunks, which hold the teacher's logits anyway; the reference) it is
+            checked and not needed. It must be the true LSE: nothing re-derives it.
         divergence: ``"forward_kl"`` | ``"reverse_kl"`` | ``"jsd"`` (``beta`` in [0, 1]:
             0 is forward KL, 1 reverse KL, exactly) | ``"tvd"``.
         temperature: divides the logits after scale and softcap; ``temperature_sq_scaling``

@@ -96,12 +96,13 @@ def fused_linear_kl_topk(
         vocab_size: compare only the first K student logits (padded heads); ids must be < K.
         backend: ``"auto"``/``"torch"`` (token-chunked torch), ``"cpu"`` (the same chunks, per-row
             math in the native kernel: ``backends/cpu_rows.py``), ``"triton"`` (CUDA; fused kernels,
-            no ``chunk x V`` tensor: ``backends/triton_rows.py``) or ``"reference"`` (float64,
+            no logits tensor: ``backends/triton_rows.py``) or ``"reference"`` (float64,
             materialized).
         return_stats: also return detached per-token ``divergence``, ``student_lse``,
             ``student_entropy`` (full vocabulary), ``student_topk_mass`` and ``teacher_topk_mass``
             (leading shape, 0 where masked).
-        tuning: chunk size / memory budget (``Tuning.chunk_vocab`` is not used: rows are whole).
+        tuning: chunk size / memory budget (``Tuning.chunk_vocab`` sets the Triton
+            gradient's vocabulary stripe; the other backends keep rows whole).
         process_group: vocabulary parallelism, as ``fused_linear_kl``'s (the ids are global).
 
     Returns:

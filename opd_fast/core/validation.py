@@ -32,6 +32,7 @@ from .call import (
     Tuning,
     VocabShard,
 )
+from .engine import accum_dtype
 
 
 def _shape(t: torch.Tensor) -> tuple[int, ...]:
@@ -186,6 +187,30 @@ def validate_token_tensors(
         if bool((counted < 0).any()):  # a negative weight would turn "mean" into an unnormalized sum
             raise ValueError(f"token_weights must be >= 0 on counted tokens, got a minimum of {float(counted.min()):g}")
     return mask, token_weights
+
+
+def validate_teacher_lse(
+    teacher_lse: torch.Tensor | None, leading: tuple[int, ...], device: torch.device, mask: torch.Tensor | None,
+    dtype: torch.dtype,
+) -> torch.Tensor | None:
+    """Check a given teacher log-sum-exp (leading shape, floating, finite where counted); detached, in ``dtype``."""
+    if teacher_lse is None:
+        return None
+    if not isinstance(teacher_lse, torch.Tensor):
+        raise TypeError(f"teacher_lse must be a torch.Tensor, got {type(teacher_lse).__name__}")
+    if tuple(teacher_lse.shape) != leading:
+        raise ValueError(f"teacher_lse must have the leading shape {leading} of the hidden states, got "
+                         f"{_shape(teacher_lse)}")
+    if not teacher_lse.is_floating_point():
+        raise ValueError(f"teacher_lse must be floating point, got dtype {teacher_lse.dtype}")
+    if teacher_lse.device != device:
+        raise ValueError(f"teacher_lse is on {teacher_lse.device} but the hidden states are on {device}")
+    teacher_lse = teacher_lse.detach()
+    counted = teacher_lse if mask is None else teacher_lse[mask]
+    if not bool(torch.isfinite(counted).all()):
+        raise ValueError("teacher_lse must be finite on counted tokens (a log-sum-exp of finite logits); got "
+                         f"{int((~torch.isfinite(counted)).sum())} non-finite value(s)")
+    return teacher_lse.to(dtype)
 
 
 def validate_common(
@@ -396,9 +421,10 @@ def _kl_call(args: Mapping[str, Any], shard: VocabShard | None) -> LossCall:
     student = validate_head_spec("student_", args["student_logit_scale"], args["student_softcap"])
     teacher = validate_head_spec("teacher_", args["teacher_logit_scale"], args["teacher_softcap"])
     backend, tuning = _backend_and_tuning(args, shard)
+    teacher_lse = validate_teacher_lse(args["teacher_lse"], leading, hs.device, mask, accum_dtype(hs.dtype))
     return LossCall(
         student=compute_head(hs, ws, bs),
-        teacher=TeacherHead(compute_head(ht.detach(), wt.detach(), None if bt is None else bt.detach())),
+        teacher=TeacherHead(compute_head(ht.detach(), wt.detach(), None if bt is None else bt.detach()), teacher_lse),
         options=_options(args, num, student, teacher, k, hard_weight),
         backend=backend,
         return_stats=bool(args["return_stats"]),
