@@ -30,15 +30,17 @@ import torch
 
 import opd_fast
 from opd_fast.backends import chunked, cpu_native, tile_math
+from opd_fast.benchmarking.shapes import SHAPE_FORMAT, Shape, parse_shape, shape_arg
 
-SHAPES = {"4096x1024x32768": (4096, 1024, 1024, 32768), "2048x1024/2048x131072": (2048, 1024, 2048, 131072)}
-BIG = (16384, 1024, 1024, 152064)
+SHAPES = [parse_shape("4096x1024x32768"), parse_shape("2048x1024/2048x131072")]
+BIG = parse_shape("16384x1024x152064")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 TARGETS = {"fp32": 1.10, "bf16": 1.30}
 MB = 2**20
 
 
-def make_inputs(n: int, h_s: int, h_t: int, v: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def make_inputs(shape: Shape, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    n, h_s, h_t, v = shape.n, shape.h_s, shape.h_t, shape.v
     g = torch.Generator().manual_seed(0)
     t = lambda *s, std=1.0: (torch.randn(*s, generator=g) * std).to(dtype)
     return dict(student_hidden=t(n, h_s).requires_grad_(), student_weight=t(v, h_s, std=h_s**-0.5).requires_grad_(),
@@ -112,8 +114,8 @@ def fmt(values: list[float]) -> str:
     return f"{statistics.median(values):7.3f} [{min(values):.3f}-{max(values):.3f}]"
 
 
-def bench_case(name: str, dims, dtype_name: str, backends: list[str], repeats: int, phases: bool) -> dict:
-    x = make_inputs(*dims, DTYPES[dtype_name])
+def bench_case(shape: Shape, dtype_name: str, backends: list[str], repeats: int, phases: bool) -> dict:
+    x = make_inputs(shape, DTYPES[dtype_name])
     floor = Floor(x)
     steps = {"floor": floor, **{b: loss_step(x, b) for b in backends}}
     first = {b: timed(steps[b]) for b in backends}  # first call: includes any one-time cost
@@ -124,8 +126,8 @@ def bench_case(name: str, dims, dtype_name: str, backends: list[str], repeats: i
         for k in order:
             times[k].append(timed(steps[k]))
     ratios = {b: [t / f for t, f in zip(times[b], times["floor"], strict=True)] for b in backends}
-    result = dict(case=name, dtype=dtype_name, times=times, ratios=ratios, first_call=first)
-    print(f"\n== {name} {dtype_name}  (threads={torch.get_num_threads()}, repeats={repeats})")
+    result = dict(case=shape.spec, dtype=dtype_name, times=times, ratios=ratios, first_call=first)
+    print(f"\n== {shape.label} {dtype_name}  (threads={torch.get_num_threads()}, repeats={repeats})")
     print(f"  floor      {fmt(times['floor'])} s")
     for b in backends:
         ok = "ok" if statistics.median(ratios[b]) <= TARGETS[dtype_name] else "MISSED"
@@ -145,34 +147,35 @@ def bench_case(name: str, dims, dtype_name: str, backends: list[str], repeats: i
     return result
 
 
-def memory_child(dims, dtype_name: str, backend: str) -> dict:
+def memory_child(shape: Shape, dtype_name: str, backend: str) -> dict:
     """Runs in a fresh process: extra peak RSS of one forward+backward beyond the inputs."""
     from opd_fast.benchmarking.memory import PeakMeter
 
-    x = make_inputs(*dims, DTYPES[dtype_name])
+    x = make_inputs(shape, DTYPES[dtype_name])
     meter = PeakMeter(torch.device("cpu"))
     meter.start()
     loss_step(x, backend)()
     extra = meter.extra_bytes()
-    _, h_s, _, v = dims
+    h_s, v = shape.h_s, shape.v
     grads = x["student_hidden"].grad.nbytes + x["student_weight"].grad.nbytes
     accumulator = v * h_s * 4 if DTYPES[dtype_name] != torch.float32 else 0  # fp32 grads are the accumulator
     return dict(extra_mb=extra / MB, grads_mb=grads / MB, accumulator_mb=accumulator / MB,
                 beyond_mb=(extra - grads - accumulator) / MB)
 
 
-def memory_case(name: str, dims, dtype_name: str, backend: str) -> dict:
-    cmd = [sys.executable, __file__, "--memory-child", json.dumps([list(dims), dtype_name, backend])]
+def memory_case(shape: Shape, dtype_name: str, backend: str) -> dict:
+    cmd = [sys.executable, __file__, "--memory-child", json.dumps([shape.spec, dtype_name, backend])]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
     res = json.loads(proc.stdout.strip().splitlines()[-1])
-    print(f"  memory {name} {dtype_name} {backend:<6}: peak RSS +{res['extra_mb']:.0f} MB = gradients "
+    print(f"  memory {shape.spec} {dtype_name} {backend:<6}: peak RSS +{res['extra_mb']:.0f} MB = gradients "
           f"{res['grads_mb']:.0f} + fp32 accumulator {res['accumulator_mb']:.0f} + extra {res['beyond_mb']:.0f} MB")
-    return dict(case=name, dtype=dtype_name, backend=backend, **res)
+    return dict(case=shape.spec, dtype=dtype_name, backend=backend, **res)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    p.add_argument("--shapes", nargs="+", type=shape_arg, default=SHAPES, metavar="SHAPE",
+                   help=f"shapes as {SHAPE_FORMAT} (default: {' '.join(s.spec for s in SHAPES)})")
     p.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     p.add_argument("--backends", nargs="+", default=["torch", "cpu"])
     p.add_argument("--repeats", type=int, default=3)
@@ -184,18 +187,18 @@ def main() -> None:
     p.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.memory_child:
-        dims, dtype_name, backend = json.loads(args.memory_child)
-        print(json.dumps(memory_child(tuple(dims), dtype_name, backend)))
+        spec, dtype_name, backend = json.loads(args.memory_child)
+        print(json.dumps(memory_child(parse_shape(spec), dtype_name, backend)))
         return
     results: dict[str, list] = {"speed": [], "memory": []}
-    for name in args.shapes:
+    for shape in args.shapes:
         for dt in args.dtypes:
             if not args.no_speed:
-                results["speed"].append(bench_case(name, SHAPES[name], dt, args.backends, args.repeats, args.phases))
+                results["speed"].append(bench_case(shape, dt, args.backends, args.repeats, args.phases))
             if args.memory:
-                results["memory"] += [memory_case(name, SHAPES[name], dt, b) for b in args.backends]
+                results["memory"] += [memory_case(shape, dt, b) for b in args.backends]
     if args.big_memory:
-        results["memory"].append(memory_case("16384x1024x152064", BIG, "bf16", "cpu"))
+        results["memory"].append(memory_case(BIG, "bf16", "cpu"))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

@@ -1,6 +1,6 @@
 """Extra time of hard labels (``fused_linear_kl(labels=..., hard_weight=...)``) on one backend.
 
-    .venv/bin/python bench/bench_hard_labels.py [--shape 4096x32768x1024] [--rounds 3] [--dtypes fp32 bf16]
+    .venv/bin/python bench/bench_hard_labels.py [--shape 4096x1024x32768] [--rounds 3] [--dtypes fp32 bf16]
                                                 [--backend cpu] [--temperature 1.0]
 
 End to end: forward+backward of the plain loss and of the loss with labels (a quarter of them
@@ -21,7 +21,7 @@ import opd_fast
 from opd_fast.backends import cpu_native
 from opd_fast.backends.tile_math import HardLabels, TorchTileMath
 from opd_fast.benchmarking.inputs import make_inputs
-from opd_fast.benchmarking.shapes import parse_shape
+from opd_fast.benchmarking.shapes import SHAPE_FORMAT, shape_arg
 from opd_fast.benchmarking.timing import interleaved
 from opd_fast.core.call import HeadSpec, LossOptions
 from opd_fast.core.tokens import NO_LABEL
@@ -67,7 +67,8 @@ def loss_step(backend: str, temperature: float, labels: torch.Tensor | None):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shape", default="4096x32768x1024", type=parse_shape)
+    parser.add_argument("--shape", default="4096x1024x32768", type=shape_arg,
+                        help=f"{SHAPE_FORMAT} (default: %(default)s)")
     parser.add_argument("--rounds", default=3, type=int)
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"])
     parser.add_argument("--backend", default="cpu", choices=["cpu", "torch"])

@@ -1,6 +1,6 @@
 """Top-k teacher loss and per-token log-probs vs the full-logits loss: forward+backward time and extra peak memory.
 
-    .venv/bin/python bench/bench_topk.py [--shape 4096x32768x1024] [--k 64] [--rounds 5] [--dtypes fp32 bf16]
+    .venv/bin/python bench/bench_topk.py [--shape 4096x1024x32768] [--k 64] [--rounds 5] [--dtypes fp32 bf16]
                                          [--backends cpu torch]
 
 Same student operands for every loss (``opd_fast.benchmarking.inputs``); the top-k teacher is
@@ -24,7 +24,7 @@ import torch
 import opd_fast
 from opd_fast.benchmarking.inputs import BenchInputs, make_inputs
 from opd_fast.benchmarking.memory import MB, PeakMeter
-from opd_fast.benchmarking.shapes import Shape, parse_shape
+from opd_fast.benchmarking.shapes import SHAPE_FORMAT, Shape, shape_arg
 from opd_fast.benchmarking.timing import interleaved
 
 SEED = 0
@@ -87,7 +87,7 @@ def memory_worker(shape: Shape, dtype: str, k: int, name: str, backends: list[st
 
 
 def peak_extra_mb(shape: Shape, dtype: str, k: int, name: str, backends: list[str]) -> float:
-    cmd = [sys.executable, __file__, "--worker", name, "--shape", f"{shape.n}x{shape.v}x{shape.h_s}",
+    cmd = [sys.executable, __file__, "--worker", name, "--shape", shape.spec,
            "--k", str(k), "--dtypes", dtype, "--backends", *backends]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_extra_mb"]
@@ -95,7 +95,8 @@ def peak_extra_mb(shape: Shape, dtype: str, k: int, name: str, backends: list[st
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shape", default="4096x32768x1024", type=parse_shape)
+    parser.add_argument("--shape", default="4096x1024x32768", type=shape_arg,
+                        help=f"{SHAPE_FORMAT} (default: %(default)s)")
     parser.add_argument("--k", default=64, type=int)
     parser.add_argument("--rounds", default=5, type=int)
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"])

@@ -3,7 +3,8 @@
 Public API: ``fused_linear_kl`` / ``FusedLinearKL`` (fused teacher-student divergence from
 hidden states and LM heads), ``fused_linear_kl_topk`` (from a teacher's top-k log-probs),
 ``fused_linear_logprobs`` (per-token log-probs and entropy), ``reference`` (the float64
-math contract), ``Tuning`` (chunking knobs) and ``available_backends``.
+math contract), ``Tuning`` (chunking knobs) and ``available_backends``; ``ops`` holds the losses as
+``torch.library`` custom ops (``torch.compile(fullgraph=True)``), ``distributed`` the multi-process helpers.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from . import reference
+from .core import ops
 from .core.call import BACKEND_NAMES, Tuning
 from .core.dispatch import availability
 from .logprobs import fused_linear_logprobs
@@ -34,5 +36,6 @@ __all__ = [
     "fused_linear_kl",
     "fused_linear_kl_topk",
     "fused_linear_logprobs",
+    "ops",
     "reference",
 ]

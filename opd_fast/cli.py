@@ -20,6 +20,15 @@ from collections.abc import Sequence
 SUBCOMMAND_MODULES: tuple[str, ...] = ("demo", "bench", "train", "eval", "generate", "plot", "kernels")
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except where there is none to show (None, flags): the help says what happens."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -30,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name in SUBCOMMAND_MODULES:
         importlib.import_module(f"opd_fast.commands.{name}").register(sub)
     for command in sub.choices.values():  # every subcommand's --help shows its defaults
-        command.formatter_class = argparse.ArgumentDefaultsHelpFormatter
+        command.formatter_class = HelpFormatter
         for action in command._actions:  # the formatter only annotates options that have a help text
             if action.help is None and action.option_strings and action.default not in (None, argparse.SUPPRESS):
                 action.help = "(default: %(default)s)"

@@ -7,11 +7,16 @@ hold an ``N x V`` logits tensor. The per-row math is ``backends/row_math.py``'s 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from .core import run
 from .core.call import Tuning
 from .core.validation import logprobs_call
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 __all__ = ["fused_linear_logprobs"]
 
@@ -28,6 +33,7 @@ def fused_linear_logprobs(
     return_entropy: bool = False,
     backend: str = "auto",
     tuning: Tuning | None = None,
+    process_group: ProcessGroup | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Log-probability of each given token under ``softmax(z)``, without materializing logits.
 
@@ -39,9 +45,11 @@ def fused_linear_logprobs(
         return_entropy: also return the entropy of the whole distribution per token.
         backend: ``"auto"``/``"torch"`` (token-chunked torch, ``chunk x V`` tiles), ``"cpu"``
             (the same chunks, per-row math in the native kernel: ``backends/cpu_rows.py``),
-            ``"triton"`` (CUDA; fused kernels, no ``chunk x V`` tensor: ``backends/triton_rows.py``)
+            ``"triton"`` (CUDA; fused kernels, no logits tensor: ``backends/triton_rows.py``)
             or ``"reference"`` (float64, materialized).
-        tuning: chunk size / memory budget (``Tuning.chunk_vocab`` is not used: rows are whole).
+        tuning: chunk size / memory budget (``Tuning.chunk_vocab`` sets the Triton
+            gradient's vocabulary stripe; the other backends keep rows whole).
+        process_group: vocabulary parallelism, as ``fused_linear_kl``'s (``token_ids`` are global).
 
     Returns:
         Log-probs with the leading shape (fp32; float64 for float64 inputs), and the entropy when

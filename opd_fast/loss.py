@@ -7,12 +7,17 @@ every loss.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
 from .core import run
 from .core.call import Tuning
 from .core.validation import kl_call
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 __all__ = ["FusedLinearKL", "fused_linear_kl"]
 
@@ -35,6 +40,7 @@ def fused_linear_kl(
     num_items: float | torch.Tensor | None = None,
     student_bias: torch.Tensor | None = None,
     teacher_bias: torch.Tensor | None = None,
+    teacher_lse: torch.Tensor | None = None,
     student_logit_scale: float = 1.0,
     teacher_logit_scale: float = 1.0,
     student_softcap: float | None = None,
@@ -46,6 +52,7 @@ def fused_linear_kl(
     backend: str = "auto",
     return_stats: bool = False,
     tuning: Tuning | None = None,
+    process_group: ProcessGroup | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, Stats]:
     """Teacher-student divergence per token, from hidden states and LM heads, fused.
 
@@ -58,6 +65,15 @@ def fused_linear_kl(
             and ``student_bias`` ``(V,)``.
         teacher_hidden: ``(..., H_t)``, same leading shape; teacher tensors are constants:
             they are detached even if they require grad, and get no gradient.
+        teacher_lse: the teacher's per-token log-sum-exp (leading shape, finite on counted
+            tokens), as ``return_stats`` returns it for the same teacher tensors and options. A
+            frozen teacher's does not change between optimizer steps on one rollout batch, so
+            passing it back lets a backend skip the teacher's statistics sweep: on Triton for JSD
+            and TVD (pass 1 sweeps the student alone) and for forward KL with a scalar loss (the
+            divergence is summed in the gradient pass); on the chunked torch / CPU backends when
+            the vocabulary is tiled. Elsewhere (reverse KL, whose gradient coefficient is the KL
+            itself; full-row chunks, which hold the teacher's logits anyway; the reference) it is
+            checked and not needed. It must be the true LSE: nothing re-derives it.
         divergence: ``"forward_kl"`` | ``"reverse_kl"`` | ``"jsd"`` (``beta`` in [0, 1]:
             0 is forward KL, 1 reverse KL, exactly) | ``"tvd"``.
         temperature: divides the logits after scale and softcap; ``temperature_sq_scaling``
@@ -82,6 +98,10 @@ def fused_linear_kl(
             parts of the loss, ``soft_loss`` and ``hard_loss``, reduced like the loss
             (``loss = soft_loss + hard_weight * hard_loss``).
         tuning: chunk sizes / memory budget / gradient filtering of the chunked backends.
+        process_group: vocabulary parallelism (``opd_fast.distributed``): each rank of the group passes
+            its contiguous row shard of both heads (rank order), the hidden states and per-token
+            tensors replicated; the loss and stats equal the unsharded ones on every rank, the
+            weight and bias gradients stay sharded, the hidden-state gradient is complete.
 
     Returns:
         The loss (fp32, float64 for float64 inputs; per token for ``reduction="none"``), and the stats when asked.

@@ -7,11 +7,16 @@ itself lives on ``k`` (or ``k + 1``) categories per token (``backends/row_math.p
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from .core import run
 from .core.call import Tuning
 from .core.validation import topk_call
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 __all__ = ["fused_linear_kl_topk"]
 
@@ -40,6 +45,7 @@ def fused_linear_kl_topk(
     backend: str = "auto",
     return_stats: bool = False,
     tuning: Tuning | None = None,
+    process_group: ProcessGroup | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, Stats]:
     """Divergence between a teacher's top-k log-probs and the student, from hidden states, fused.
 
@@ -90,12 +96,14 @@ def fused_linear_kl_topk(
         vocab_size: compare only the first K student logits (padded heads); ids must be < K.
         backend: ``"auto"``/``"torch"`` (token-chunked torch), ``"cpu"`` (the same chunks, per-row
             math in the native kernel: ``backends/cpu_rows.py``), ``"triton"`` (CUDA; fused kernels,
-            no ``chunk x V`` tensor: ``backends/triton_rows.py``) or ``"reference"`` (float64,
+            no logits tensor: ``backends/triton_rows.py``) or ``"reference"`` (float64,
             materialized).
         return_stats: also return detached per-token ``divergence``, ``student_lse``,
             ``student_entropy`` (full vocabulary), ``student_topk_mass`` and ``teacher_topk_mass``
             (leading shape, 0 where masked).
-        tuning: chunk size / memory budget (``Tuning.chunk_vocab`` is not used: rows are whole).
+        tuning: chunk size / memory budget (``Tuning.chunk_vocab`` sets the Triton
+            gradient's vocabulary stripe; the other backends keep rows whole).
+        process_group: vocabulary parallelism, as ``fused_linear_kl``'s (the ids are global).
 
     Returns:
         The loss (fp32, float64 for float64 inputs; per token for ``reduction="none"``), and the

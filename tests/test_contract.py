@@ -61,6 +61,7 @@ class Case:
     weights: bool = False
     labels: bool = False
     pad_topk: bool = False  # top-k rows with padding slots (id -1, garbage log-prob) and one empty row
+    teacher_lse: bool = False  # pass the teacher's true per-token log-sum-exp (teacher_lse=) back in
     options: dict = field(default_factory=dict)
 
 
@@ -82,6 +83,16 @@ FEATURES = {
     "topk_padding": Case(pad_topk=True, mask="some"),
     "hard_labels": Case(mask="some", labels=True, options=dict(hard_weight=0.6)),
     "hard_labels_T_none": Case(labels=True, options=dict(hard_weight=0.4, temperature=1.6, reduction="none")),
+    # Narrow vocabulary chunks: the chunked backends' 2-D regime, several Triton gradient stripes.
+    "vocab_tiles": Case(bias=True, options=dict(temperature=1.3, tuning=Tuning(chunk_tokens=4, chunk_vocab=16))),
+    "teacher_lse": Case(bias=True, mask="some", labels=True, teacher_lse=True,
+                        options=dict(temperature=1.7, student_softcap=6.0, hard_weight=0.5)),
+    "teacher_lse_vocab_tiles": Case(mask="some", weights=True, teacher_lse=True,
+                                    options=dict(tuning=Tuning(chunk_tokens=4, chunk_vocab=16))),
+    # The Triton backend's cached mode (``_ONLY_ON``: the other backends ignore triton_mode).
+    "triton_cached": Case(mask="some", weights=True, options=dict(tuning=Tuning(chunk_tokens=4, triton_mode="cached"))),
+    "triton_cached_heads_labels": Case(bias=True, labels=True, neg_inf_columns=(3, 11), options=dict(
+        temperature=1.7, student_softcap=6.0, hard_weight=0.5, tuning=Tuning(chunk_tokens=4, triton_mode="cached"))),
 }
 # bf16 GEMMs round logits of magnitude ~100 by ~0.5, which moves the softmax itself: there the
 # contract is only that nothing overflows (finite where the reference is finite).
@@ -89,10 +100,16 @@ _FINITE_ONLY = {("extreme_logits", torch.bfloat16)}
 # Options that do not exist for a loss: the feature is not part of its contract.
 _NOT_FOR = {
     "kl": {"topk_padding"},
-    "topk": {"hard_labels", "hard_labels_T_none"},
+    "topk": {"hard_labels", "hard_labels_T_none", "teacher_lse", "teacher_lse_vocab_tiles", "triton_cached",
+             "triton_cached_heads_labels"},
     "logprobs": {"topk_padding", "masks_weights_mean", "masks_sum", "masks_none", "num_items", "all_masked",
-                 "temperature_sq_scaling", "vocab_size_padded_heads", "hard_labels", "hard_labels_T_none"},
+                 "temperature_sq_scaling", "vocab_size_padded_heads", "hard_labels", "hard_labels_T_none",
+                 "teacher_lse", "teacher_lse_vocab_tiles", "triton_cached", "triton_cached_heads_labels"},
 }
+
+
+# Features of one backend's own options, run on that backend only.
+_ONLY_ON = {"triton_cached": "triton", "triton_cached_heads_labels": "triton"}
 
 
 def _teacher_options(options: dict, loss: str) -> dict:
@@ -158,7 +175,8 @@ def _inputs(case: Case, loss: str, dtype: torch.dtype, seed: int) -> tuple[list,
 
 # The interpreter is slow (~0.5 s a case): Triton runs every feature in fp32 with one divergence
 # each (rotating), every divergence on the features below, and fp16 on those features only.
-_TRITON_FULL = ("plain", "heads_T_scale_softcap_bias", "masks_weights_mean", "hard_labels", "neg_inf_logits")
+_TRITON_FULL = ("plain", "heads_T_scale_softcap_bias", "masks_weights_mean", "hard_labels", "neg_inf_logits",
+                "teacher_lse", "teacher_lse_vocab_tiles", "triton_cached", "triton_cached_heads_labels")
 
 
 # Measured gaps, kept visible: the Triton single-head sweep computes the full-vocabulary entropy as
@@ -185,7 +203,7 @@ def _matrix() -> list:
     for backend in _backends():
         for loss in LOSSES:
             for feature in FEATURES:
-                if feature in _NOT_FOR.get(loss.split("_")[0], ()):
+                if feature in _NOT_FOR.get(loss.split("_")[0], ()) or _ONLY_ON.get(feature, backend) != backend:
                     continue
                 for dtype in _dtypes(backend):
                     if backend == "triton" and dtype != torch.float32 and feature not in _TRITON_FULL:
@@ -202,7 +220,7 @@ def _call(loss: str, backend: str, args: list, kwargs: dict):
     fn = fns.get(loss, opd_fast.fused_linear_kl_topk)
     if loss == "logprobs":
         return fn(*args, backend=backend, return_entropy=True, **kwargs)
-    tuning = {} if backend == "reference" else dict(tuning=SMALL)
+    tuning = {} if backend == "reference" or "tuning" in kwargs else dict(tuning=SMALL)
     return fn(*args, backend=backend, return_stats=True, **kwargs, **tuning)
 
 
@@ -224,6 +242,8 @@ def test_contract(backend, loss, feature, dtype, divergence, beta):
     if loss != "logprobs":
         kwargs.update(divergence=divergence, beta=beta)
     warnings.filterwarnings("ignore", category=RuntimeWarning)  # the interpreter's masked lanes: inf - inf
+    if case.teacher_lse:  # the true LSE, as return_stats gives it: every backend must match the call without it
+        kwargs["teacher_lse"] = _call(loss, "reference", args, kwargs)[1]["teacher_lse"].detach()
     (out, stats), (ref, ref_stats) = (_call(loss, b, args, kwargs) for b in (backend, "reference"))
     if loss == "logprobs":
         stats, ref_stats = {"entropy": stats}, {"entropy": ref_stats}

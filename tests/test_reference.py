@@ -177,6 +177,11 @@ def test_stats_are_consistent():
         (dict(student_softcap=-1.0), "student_softcap must be"),
         (dict(student_bias=torch.zeros(4, dtype=torch.float64)), r"student_bias must have shape \(9,\)"),
         (dict(vocab_size=10), r"vocab_size must be an int in \[1, 9\]"),
+        (dict(teacher_lse=torch.zeros(5)), r"teacher_lse must have the leading shape \(6,\) of the hidden states"),
+        (dict(teacher_lse=torch.zeros(6, dtype=torch.long)), "teacher_lse must be floating point"),
+        (dict(teacher_lse=torch.tensor([0.0, 1.0, float("nan"), 0.0, 0.0, 0.0])),
+         "teacher_lse must be finite on counted tokens.*1 non-finite"),
+        (dict(teacher_lse=torch.full((6,), float("inf"))), "teacher_lse must be finite"),
     ],
 )
 def test_bad_options_name_the_argument(kwargs, match):

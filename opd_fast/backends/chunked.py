@@ -191,18 +191,25 @@ class _ChunkLogits(NamedTuple):
         return finish_logits(raw_s, o.student, o.temperature), finish_logits(raw_t, o.teacher, o.temperature)
 
 
-def _online_lse(chunk: _ChunkLogits, chunk_vocab: int, hard: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Row log-sum-exps of the student, the teacher and (``hard``) the temperature-1 student logits."""
+def _online_lse(chunk: _ChunkLogits, chunk_vocab: int, hard: bool, teacher_lse: torch.Tensor | None,
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Row log-sum-exps of the student, the teacher and (``hard``) the temperature-1 student logits.
+
+    A known ``teacher_lse`` skips the teacher's GEMMs of this pass (the student's alone are swept).
+    """
     k, n, t = chunk.opts.vocab_size, chunk.h_s.shape[0], chunk.opts.temperature
     lse_s = torch.full((n,), float("-inf"), dtype=accum_dtype(chunk.h_s.dtype), device=chunk.h_s.device)
     lse_t, lse_y = lse_s.clone(), lse_s.clone()
     for v0 in range(0, k, chunk_vocab):
-        z_s, z_t = chunk.final(v0, min(v0 + chunk_vocab, k))
+        v1 = min(v0 + chunk_vocab, k)
+        z_s = finish_logits(chunk.student.logits(chunk.h_s, v0, v1, chunk.buffers[0]), chunk.opts.student, t)
         lse_s = torch.logaddexp(lse_s, torch.logsumexp(z_s, -1))
-        lse_t = torch.logaddexp(lse_t, torch.logsumexp(z_t, -1))
         if hard and t != 1.0:
             lse_y = torch.logaddexp(lse_y, torch.logsumexp(z_s * t, -1))
-    return lse_s, lse_t, lse_s if t == 1.0 else lse_y
+        if teacher_lse is None:
+            z_t = finish_logits(chunk.teacher.logits(chunk.h_t, v0, v1, chunk.buffers[1]), chunk.opts.teacher, t)
+            lse_t = torch.logaddexp(lse_t, torch.logsumexp(z_t, -1))
+    return lse_s, lse_t if teacher_lse is None else teacher_lse, lse_s if t == 1.0 else lse_y
 
 
 class ChunkedEngine:
@@ -211,17 +218,19 @@ class ChunkedEngine:
 
     ``run`` is the chunk loop over all (compacted) rows: with ``upstream`` the student gradient of
     ``sum_i u_i D_i + h_i CE_i`` is accumulated as the tiles go by; ``state`` (the per-row
-    statistics of an earlier run) lets the 2-D regime skip its statistics passes.
+    statistics of an earlier run) lets the 2-D regime skip its statistics passes, and a known
+    ``teacher_lse`` (per compacted row) the teacher's GEMMs of its log-sum-exp pass. The full-row
+    regime holds each chunk's teacher logits anyway and takes their log-sum-exp in the same kernel.
     """
 
     output_names = TEACHER_HEAD_OUTPUTS
     n_differentiable = 2
 
     def __init__(self, teacher: Student, opts: LossOptions, tiles: TileMath, tuning: Tuning,
-                 labels: torch.Tensor | None) -> None:
+                 labels: torch.Tensor | None, teacher_lse: torch.Tensor | None = None) -> None:
         self.teacher = Head(teacher.weight, teacher.bias, opts.teacher.scale)
         self.teacher_hidden, self.opts, self.tiles, self.tuning = teacher.hidden, opts, tiles, tuning
-        self.labels = labels
+        self.labels, self.teacher_lse = labels, teacher_lse
 
     def run(self, student: Student, upstream: Upstream | None, want: Want, state: SweepResult | None = None,
             ) -> EngineResult:
@@ -265,7 +274,8 @@ class ChunkedEngine:
         opts = self.opts
         k, t = opts.vocab_size, opts.temperature
         if stats:
-            lse_s, lse_t, lse_y = _online_lse(chunk, chunk_vocab, hard is not None)
+            known = None if self.teacher_lse is None else self.teacher_lse[rows]
+            lse_s, lse_t, lse_y = _online_lse(chunk, chunk_vocab, hard is not None, known)
             out.student_lse[rows], out.teacher_lse[rows], out.hard_lse[rows] = lse_s, lse_t, lse_y
             for v0 in range(0, k, chunk_vocab):
                 z_s, z_t = chunk.final(v0, min(v0 + chunk_vocab, k))

@@ -5,8 +5,10 @@ outside a per-row id set (the token; the teacher's top-k), the ids' own logits a
 entropy, the tail's softmax mean. ``tail_lse`` computes them in one sweep, so the per-row math
 (``RowMath``: log-prob and entropy; top-k categories through ``tile_math.tile_terms``) runs in
 torch on ``(n, k + 1)`` tensors. The gradient splits the same way: outside the ids it has one
-dense shape (``tail_grad``, recomputed tiles, atomic gradient GEMMs), on the ids it is a
-k-sparse correction done here in ``O(n k H)``. No ``chunk x V`` tensor is ever allocated.
+dense shape (``tail_grad``: recomputed tiles into logit-gradient stripes), on the ids it is known
+exactly here and added into the stripes before torch runs their grad GEMMs (``triton/stripes.py``);
+a loss that is zero outside the ids takes the k-sparse product alone, ``O(n k H)``. No logits
+tensor is ever allocated; the stripe buffer is bounded by ``Tuning.memory_budget_mb``.
 
 ``TritonRowsEngine`` is this as an ``Engine``: a gradient-only call reuses the forward's per-row
 state (no second sweep). Like ``triton_backend``, it runs on CPU tensors under ``TRITON_INTERPRET=1``.
@@ -24,7 +26,8 @@ from .rows import RowSetup
 from .tile_math import grad_from_terms, logits_grad_to_raw
 from .triton import BlockConfig, launch_tail_grad, launch_tail_lse, pick_config
 from .triton.common import NO_ID
-from .triton_backend import check_dtypes, device_arch, on_device, vocab_splits
+from .triton.stripes import SparseColumns
+from .triton_backend import check_dtypes, device_arch, on_device, stripe_plan, vocab_splits
 
 __all__ = ["LogProbMath", "RowMath", "TopKMath", "TritonRowsEngine"]
 
@@ -165,25 +168,24 @@ def _sweep(hs, ws, bs, ids, order, math: RowMath, setup: RowSetup) -> RowState:
 
 def _gradients(hs, ws, bs, ids, math: RowMath, state: RowState, setup: RowSetup, upstream: Upstream, want: Want,
                ) -> StudentGrads:
-    """fp32 gradients: the dense tail kernel plus the k-sparse id columns."""
+    """The dense tail kernel's stripes with the k id columns added into them; the id columns alone
+    (an ``O(n k H)`` sparse product, fp32 accumulators) when the loss is zero outside the ids."""
     n, hidden = hs.shape
     dense, at_ids = math.gradient(state, upstream) if n else (None, state.z_ids)
-    if dense is None:
-        acc = {"dtype": torch.float32, "device": hs.device}
-        grad_h = torch.zeros(n, hidden, **acc) if want.hidden else None
-        grad_w = torch.zeros(ws.shape, **acc) if want.weight else None
-        grad_b = torch.zeros(ws.shape[0], **acc) if want.bias else None
-    else:
-        config = _tile_config("tail_grad", hs)
-        splits = vocab_splits(hs.device, n, setup.vocab, config.block_m, config.block_n)
-        slope = None if dense.slope is None else dense.slope.contiguous()
-        grad_h, grad_w, grad_b = launch_tail_grad(hs, ws, bs, ids, dense.lse_ref.contiguous(), dense.coef.contiguous(),
-                                                  slope, setup, (want.hidden, want.weight, want.bias), config,
-                                                  splits)
     # dL/d(h W^T + b) on the ids: chain temperature, softcap (from the logits) and scale.
     z_ids = torch.where(torch.isfinite(state.z_ids), state.z_ids, 0.0)
     g = logits_grad_to_raw(at_ids.float(), z_ids, setup.spec, setup.temperature).mul_(setup.spec.scale)
     g = g.masked_fill_(~math.valid, 0.0)
+    if dense is not None:
+        config = _tile_config("tail_grad", hs)
+        plan = stripe_plan(hs.device, setup.tuning, n, setup.vocab, ws.dtype, config)
+        slope = None if dense.slope is None else dense.slope.contiguous()
+        return launch_tail_grad(Student(hs, ws, bs), ids, dense.lse_ref.contiguous(), dense.coef.contiguous(), slope,
+                                setup, want, config, plan, SparseColumns(math.ids, g, math.valid))
+    acc = {"dtype": torch.float32, "device": hs.device}
+    grad_h = torch.zeros(n, hidden, **acc) if want.hidden else None
+    grad_w = torch.zeros(ws.shape, **acc) if want.weight else None
+    grad_b = torch.zeros(ws.shape[0], **acc) if want.bias else None
     hs32 = hs.float() if want.weight else None
     for j in range(math.ids.shape[1]):  # one (n, H) temporary at a time: O(n k H) in all
         col, ids_j = g[:, j, None], math.ids[:, j]

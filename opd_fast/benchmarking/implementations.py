@@ -22,7 +22,7 @@ from .inputs import TEMPERATURE, BenchInputs
 
 Step = Callable[[BenchInputs], None]
 FLOOR = "gemm-floor"
-PEER_NAMES = ("naive", "trl", "liger", "liger-eager")
+PEER_NAMES = ("naive", "trl", "trl-full-logits", "liger", "liger-eager")
 
 
 @dataclass(frozen=True)
@@ -73,9 +73,9 @@ def _import_probe(module: str, attr: str | None = None) -> str:
 
 
 @functools.cache
-def _trl_probe() -> str:
+def _trl_probe(finder: Callable[[], object]) -> str:
     try:
-        peers.trl_generalized_jsd()
+        finder()
     except ImportError as exc:
         return f"not installed or not importable ({exc})"
     return ""
@@ -103,8 +103,13 @@ def _peer(name: str) -> Implementation:
             divergences=("forward_kl", "reverse_kl"), logit_bytes=lambda item: 2 * item + 4 * 4,
         ),
         "trl": Implementation(
-            "trl", "TRL GKDTrainer.generalized_jsd_loss on full logits", peers.trl_loss,
-            divergences=peer_divs, probe=_trl_probe, logit_bytes=lambda item: 8 * item,
+            "trl", "TRL DistillationTrainer's chunked hidden-state divergence", peers.trl_chunked_loss,
+            divergences=peer_divs, probe=functools.partial(_trl_probe, peers.trl_chunked_divergence),
+        ),
+        "trl-full-logits": Implementation(
+            "trl-full-logits", "TRL GKDTrainer.generalized_jsd_loss on full logits", peers.trl_loss,
+            divergences=peer_divs, probe=functools.partial(_trl_probe, peers.trl_generalized_jsd),
+            logit_bytes=lambda item: 8 * item,
         ),
         "liger": Implementation(
             "liger", "Liger LigerFusedLinearJSDLoss, compiled=True",

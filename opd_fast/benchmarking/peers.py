@@ -1,7 +1,10 @@
 """The losses users would pick instead of opd-fast, each called the way its project intends.
 
 * naive torch: full logits, ``log_softmax`` in fp32, ``F.kl_div`` (what most trainers write);
-* TRL's ``generalized_jsd_loss`` (GKDTrainer) on full logits in the input dtype;
+* TRL's chunked hidden-state divergence (``DistillationTrainer``'s loss: token x vocabulary tiles
+  projected from the hidden states, never the full logits), called through the function the
+  trainer itself calls, with an all-ones completion mask;
+* TRL's older ``generalized_jsd_loss`` (GKDTrainer) on full logits in the input dtype;
 * Liger-Kernel's ``LigerFusedLinearJSDLoss`` (token-chunked, optionally ``torch.compile``d),
   soft loss only (``weight_hard_loss=0``, ``weight_soft_loss=1``).
 
@@ -64,6 +67,31 @@ def trl_generalized_jsd() -> Callable[..., torch.Tensor]:
             continue
         return trainer.generalized_jsd_loss
     raise ImportError("TRL's GKDTrainer.generalized_jsd_loss not found (" + "; ".join(errors) + ")")
+
+
+def trl_chunked_divergence() -> Callable[..., tuple[torch.Tensor, ...]]:
+    """TRL's ``_chunked_divergence_loss`` (what ``DistillationTrainer.compute_loss`` calls)."""
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    try:
+        module = importlib.import_module("trl.trainer.distillation_trainer")
+        return module._chunked_divergence_loss
+    except (ImportError, AttributeError) as exc:
+        raise ImportError(f"TRL's chunked divergence (DistillationTrainer, TRL >= 1.16) not found: {exc}") from exc
+
+
+def trl_chunked_loss(divergence: str, beta: float) -> LossFn:
+    """TRL's chunked hidden-state divergence, mean over the (all valid) tokens."""
+    b = peer_beta(divergence, beta)
+    if b is None:
+        raise ValueError(f"TRL's chunked divergence cannot express divergence={divergence!r}")
+    divergence_loss = trl_chunked_divergence()
+
+    def loss(hs: torch.Tensor, ws: torch.Tensor, ht: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:
+        mask = torch.ones(1, hs.shape[0], dtype=torch.long, device=hs.device)
+        value, _entropy_sum, _n_valid = divergence_loss(hs[None], ht[None], ws, wt, mask, b, temperature=TEMPERATURE)
+        return value
+
+    return loss
 
 
 def trl_loss(divergence: str, beta: float) -> LossFn:

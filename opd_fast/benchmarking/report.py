@@ -6,6 +6,7 @@ import csv
 import datetime as dt
 import importlib.metadata
 import json
+import os
 import platform
 import shlex
 import sys
@@ -41,17 +42,58 @@ def _version(pkg: str) -> str | None:
         return None
 
 
-def metadata(cfg: BenchConfig, argv: list[str] | None = None) -> dict:
-    """How the numbers were produced: command, date, machine, versions, input statistics."""
+def versions() -> dict[str, str | None]:
+    """Installed versions of opd-fast and of the packages a benchmark compares or depends on."""
+    return {pkg: _version(pkg) for pkg in _PACKAGES}
+
+
+def now_utc() -> str:
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M")
+
+
+IDLE_LOAD_PER_CORE = 0.5  # other work below half a core per core (load before the run started) counts as idle
+
+
+def machine_load() -> dict[str, float | int | None]:
+    """The 1-minute load average and the core count, to tell idle runs from runs on a busy machine."""
+    try:
+        load = os.getloadavg()[0]
+    except OSError:  # not every platform has a load average
+        load = None
+    return {"loadavg_1m": load, "cores": os.cpu_count()}
+
+
+def setting(meta: dict) -> str:
+    """Machine, threads and load of a run, in words: results of different settings are never joined in a plot.
+
+    The load before the run started is what other work was doing (once running, the benchmark itself
+    loads every core). Runs recorded before this was measured may carry a ``load.label`` instead.
+    """
+    where = meta.get("gpu") or meta.get("cpu") or "unknown machine"
+    load = meta.get("load") or {}
+    before = (load.get("before") or {}) if isinstance(load, dict) else {}
+    if "label" in load:
+        state = load["label"]
+    elif before.get("loadavg_1m") is not None and before.get("cores"):
+        avg, cores = before["loadavg_1m"], before["cores"]
+        state = "idle" if avg / cores < IDLE_LOAD_PER_CORE else f"busy (load {avg:.1f} on {cores} cores)"
+    else:
+        state = "load not recorded"
+    return f"{where}, {meta.get('cpu_threads', '?')} threads, {state}"
+
+
+def metadata(cfg: BenchConfig, argv: list[str] | None = None, load_before: dict | None = None) -> dict:
+    """How the numbers were produced: command, date, machine, load, versions, input statistics."""
     device = torch.device(cfg.device)
     return {
         "command": shlex.join(["opd-fast", *(sys.argv[1:] if argv is None else argv)]),
-        "date_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M"),
+        "date_utc": now_utc(),
         "cpu": cpu_model(),
         "cpu_threads": torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "load": {"before": load_before or machine_load(), "after": machine_load()},
         "python": platform.python_version(),
-        "versions": {pkg: _version(pkg) for pkg in _PACKAGES},
+        "versions": versions(),
         "config": asdict(cfg),
         "inputs": {
             "logit_std": inputs.LOGIT_STD,

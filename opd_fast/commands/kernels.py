@@ -5,7 +5,10 @@ For each kernel x launch config x dtype x architecture (sm_80, sm_90a) it compil
 decides whether the kernel can run fast: registers and spill stores (``ptxas-blackwell -v``
 on the emitted PTX: triton 3.9 emits PTX 9.x, which only that ptxas accepts), shared memory
 against the architecture's per-block limit, and whether the SASS (``cuobjdump -sass``) uses
-tensor cores (``HMMA`` on sm_80, ``HGMMA`` i.e. wgmma on sm_90a). Kernels are compiled in
+tensor cores (``HMMA`` on sm_80, ``HGMMA`` i.e. wgmma on sm_90a), and that no kernel issues fp32
+atomics (``red``/``atom`` ``.global.add.f32`` in the PTX): the gradient kernels write logit-gradient
+stripes and leave the grad GEMMs to cuBLAS, and an atomic creeping back in is a regression the
+check fails on. Kernels are compiled in
 their heaviest specialization (JSD, biases, softcaps, gradient filtering, odd-free shapes of
 Liger's benchmark) so the register figures bound every other variant's.
 """
@@ -28,16 +31,19 @@ TENSOR_CORE_OP = {80: "HMMA", 90: "HGMMA"}
 # (kernel, divergence) specializations compiled: the heaviest one per code path. The terms
 # kernel has two (after pass 1 for JSD/TVD; one-pass online KL). The single-head kernels have
 # no divergence: their heaviest variant is the log-probs' with entropy (tail mean; gradient slope).
+# The cached mode's row kernel (no GEMM: no tensor cores expected) runs on 2048-token logit chunks.
 # "+labels": with hard labels at T != 1 (label gather plus the log-sum-exp of T z), in the
 # passes that carry them: pass 1 (JSD/TVD), the one-pass KL, the gradient; "+t1" at T = 1,
 # where the gradient takes its own code path (the CE's softmax folded into a - q c).
 VARIANTS = (
     ("lse", "jsd"), ("terms", "jsd"), ("terms", "forward_kl"), ("grad", "jsd"),
     ("lse", "jsd+labels"), ("terms", "forward_kl+labels"), ("grad", "jsd+labels"), ("grad", "jsd+labels+t1"),
-    ("tail_lse", "entropy"), ("tail_grad", "entropy"),
+    ("tail_lse", "entropy"), ("tail_grad", "entropy"), ("cached_rows", "jsd+labels"),
 )
 # Ids per row of the single-head kernels (a served teacher's top-k).
 TOPK = 20
+# Token chunk of the cached mode's logits (its memory budget's choice at Liger's vocabulary).
+CACHED_CHUNK_TOKENS = 2048
 # Liger's published benchmark shape (docs/performance.md).
 SHAPE = {"n": 8192, "hs": 2048, "ht": 4096, "vocab": 128256}
 
@@ -55,10 +61,23 @@ class KernelReport:
     shared_limit: int
     tensor_core_op: str
     tensor_core_count: int
+    fp32_atomics: int
+    tensor_cores_expected: bool = True  # False for a kernel without a GEMM
 
     @property
     def ok(self) -> bool:
-        return self.spill_stores == 0 and self.shared_bytes <= self.shared_limit and self.tensor_core_count > 0
+        return (self.spill_stores == 0 and self.shared_bytes <= self.shared_limit and self.fp32_atomics == 0
+                and (self.tensor_core_count > 0 or not self.tensor_cores_expected))
+
+
+# An fp32 atomic add to global memory in PTX: ``red.global.add.f32``, ``atom.global.add.f32`` and their
+# scoped / vector forms (``red.relaxed.gpu.global.add.v4.f32``).
+_FP32_ATOMIC = re.compile(r"\b(?:red|atom)(?:\.\w+)*\.global(?:\.\w+)*\.add(?:\.\w+)*\.f32\b")
+
+
+def fp32_atomics(ptx: str) -> int:
+    """Number of fp32 global atomic adds in ``ptx``."""
+    return len(_FP32_ATOMIC.findall(ptx))
 
 
 def _tool(name: str) -> str:
@@ -73,6 +92,7 @@ def _kernel_arguments(kernel: str, divergence: str, dtype):
 
     from ..backends.rows import RowSetup
     from ..backends.tile_math import HardLabels
+    from ..backends.triton.cached import cached_rows_arguments
     from ..backends.triton.grad import grad_arguments
     from ..backends.triton.lse import lse_arguments
     from ..backends.triton.tail_grad import tail_grad_arguments
@@ -91,19 +111,37 @@ def _kernel_arguments(kernel: str, divergence: str, dtype):
     )
     rows = torch.empty(n, dtype=torch.float32, device="meta")
     labels = torch.empty(n, dtype=torch.int64, device="meta") if "labels" in extras else None
+    if kernel == "cached_rows":
+        chunk = CACHED_CHUNK_TOKENS
+        raw_s = torch.empty(chunk, vocab, **meta)
+        rows_c = torch.empty(chunk, dtype=torch.float32, device="meta")
+        hard = HardLabels(torch.empty(chunk, dtype=torch.int64, device="meta"), rows_c)
+        return cached_rows_arguments(raw_s, torch.empty(chunk, vocab, **meta), opts, rows_c, hard)
     if kernel.startswith("tail_"):
         ids = torch.empty(n, TOPK, dtype=torch.int32, device="meta")
         setup = RowSetup(opts.student, opts.temperature, vocab, Tuning(grad_filter_eps=1e-6))
         if kernel == "tail_lse":
             return tail_lse_arguments(hs, ws, bs, ids, setup, True, 1)
-        return tail_grad_arguments(hs, ws, bs, ids, rows, rows, rows, setup, (True, True, True), 1)
+        return tail_grad_arguments(hs, ws, bs, ids, rows, rows, rows, setup, _stripe_buffer(n, ws), 1)
     if kernel == "lse":
         return lse_arguments(hs, ws, bs, ht, wt, bt, opts, 1, labels)
     if kernel == "terms":
         lse = (None, None) if divergence.endswith("_kl") else (rows, rows)
         return terms_arguments(hs, ws, bs, ht, wt, bt, *lse, opts, 1, labels)
     hard = None if labels is None else HardLabels(labels, rows)
-    return grad_arguments(hs, ws, bs, ht, wt, bt, rows, rows, rows, rows, opts, (True, True, True), 1, 1e-6, hard, rows)
+    return grad_arguments(hs, ws, bs, ht, wt, bt, rows, rows, rows, rows, opts, _stripe_buffer(n, ws), 1, 1e-6, hard,
+                          rows)
+
+
+def _stripe_buffer(n: int, ws):
+    """A gradient kernel's output: one default-budget stripe of the logit gradient (meta tensor)."""
+    import torch
+
+    from ..backends.triton.stripes import stripe_width
+    from ..core.call import Tuning
+
+    width = stripe_width(Tuning(), n, ws.shape[0], ws.dtype, 128)
+    return torch.empty(n, width, dtype=ws.dtype, device="meta")
 
 
 def _ptxas_stats(ptx: str, arch: int) -> tuple[int, int, int]:
@@ -141,7 +179,7 @@ def check_kernels(
     """Compile and inspect every (kernel variant, config, dtype, arch); ``default_only``: first config."""
     import torch
 
-    from ..backends.triton import KERNELS, configs_for
+    from ..backends.triton import KERNELS, NO_MMA, configs_for
     from ..backends.triton.common import INTERPRET, compile_for_target
 
     if INTERPRET:
@@ -163,16 +201,17 @@ def check_kernels(
                         arch="sm_90a" if arch == 90 else f"sm_{arch}", registers=regs, spill_stores=spill_st,
                         spill_loads=spill_ld, shared_bytes=compiled.metadata.shared, shared_limit=SMEM_LIMIT[arch],
                         tensor_core_op=op, tensor_core_count=_tensor_core_count(compiled.asm["cubin"], op),
+                        fp32_atomics=fp32_atomics(compiled.asm["ptx"]), tensor_cores_expected=name not in NO_MMA,
                     ))
     return reports
 
 
 def format_table(reports: list[KernelReport]) -> str:
-    head = ("kernel", "config", "dtype", "arch", "regs", "spill st", "smem KB", "tensor cores", "ok")
+    head = ("kernel", "config", "dtype", "arch", "regs", "spill st", "smem KB", "tensor cores", "fp32 atomics", "ok")
     rows = [
         (r.kernel, r.config, r.dtype, r.arch, str(r.registers), str(r.spill_stores),
          f"{r.shared_bytes / 1024:.0f}/{r.shared_limit / 1024:.0f}", f"{r.tensor_core_op} x{r.tensor_core_count}",
-         "yes" if r.ok else "NO")
+         str(r.fp32_atomics), "yes" if r.ok else "NO")
         for r in reports
     ]
     widths = [max(len(x) for x in col) for col in zip(head, *rows, strict=True)]
@@ -181,7 +220,9 @@ def format_table(reports: list[KernelReport]) -> str:
 
 
 def _run(args: argparse.Namespace) -> int:
-    reports = check_kernels(default_only=args.default_only)
+    chosen = set(args.kernel or ())
+    variants = tuple(v for v in VARIANTS if not chosen or v[0] in chosen or f"{v[0]}[{v[1]}]" in chosen)
+    reports = check_kernels(variants, dtypes=tuple(args.dtype or DTYPES), default_only=args.default_only)
     if args.json:
         print(json.dumps([{**asdict(r), "ok": r.ok} for r in reports], indent=2))
     else:
@@ -195,4 +236,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     check = action.add_parser("check", help="compile every kernel x config x dtype; report regs, spills, smem, MMA")
     check.add_argument("--json", action="store_true", help="print the reports as JSON")
     check.add_argument("--default-only", action="store_true", help="only the default (first) config per arch")
+    names = sorted({k for k, _ in VARIANTS} | {f"{k}[{v}]" for k, v in VARIANTS})
+    check.add_argument("--kernel", action="append", choices=names, metavar="KERNEL",
+                       help="check only this kernel (all its variants) or variant, e.g. 'grad[jsd+labels]' "
+                            "(repeatable; default: all)")
+    check.add_argument("--dtype", action="append", choices=DTYPES, help="check only this dtype (repeatable)")
     check.set_defaults(func=_run)

@@ -13,7 +13,7 @@ teacher's signal is one of three kinds:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -21,11 +21,13 @@ Divergence = Literal["forward_kl", "reverse_kl", "jsd", "tvd"]
 Reduction = Literal["mean", "sum", "none"]
 Tail = Literal["bucket", "renormalize"]
 Backend = Literal["auto", "torch", "cpu", "triton", "reference"]
+TritonMode = Literal["strict", "cached"]
 
 DIVERGENCES: tuple[Divergence, ...] = ("forward_kl", "reverse_kl", "jsd", "tvd")
 REDUCTIONS: tuple[Reduction, ...] = ("mean", "sum", "none")
 TAILS: tuple[Tail, ...] = ("bucket", "renormalize")
 BACKEND_NAMES: tuple[Backend, ...] = ("auto", "torch", "cpu", "triton", "reference")
+TRITON_MODES: tuple[TritonMode, ...] = ("strict", "cached")
 TOPK_PAD_ID = -1  # a top-k slot holding this id is padding: it is ignored, whatever its log-prob
 # Lowest teacher tail mass in tail="bucket": served log-probs are rounded, and a top-k that sums to
 # one exactly would make reverse KL infinite as soon as the student keeps any mass outside it.
@@ -42,7 +44,17 @@ class Tuning:
     Cross-Entropy's gradient filtering). The error it introduces is at most
     ``eps * sum_v |W_v|`` per row of grad-hidden and ``eps * sum_i |h_i|`` per row of
     grad-weight, summed over skipped blocks; it is off by default because no fixed eps keeps
-    that bound under every dtype's tolerance for every input.
+    that bound under every dtype's tolerance for every input. (On Triton the unit is a kernel
+    tile, whose gradient is then stored as zeros: the same values, no time saved.)
+
+    On Triton, ``memory_budget_mb`` (or ``chunk_vocab``, when set) sizes the vocabulary stripe of
+    the gradient pass: an ``N x V_c`` logit-gradient buffer handed to the gradient GEMMs.
+
+    ``triton_mode`` (the two-head loss on the Triton backend; other backends ignore it):
+    ``"strict"`` keeps extra memory O(N + V) and recomputes logit tiles per pass (1.6-2.2x the
+    GEMM floor's FLOPs); ``"cached"`` computes each head's logits once per token chunk with torch
+    matmul and runs one Triton row kernel on them (the floor's FLOPs, ``2 x chunk x V`` logits in
+    the GEMM dtype: give it ``memory_budget_mb`` of 1-2 GB so chunks hold ~1000+ tokens).
     """
 
     chunk_tokens: int | None = None
@@ -50,6 +62,7 @@ class Tuning:
     memory_budget_mb: float = 256.0
     grad_filter_eps: float | None = None
     filter_block: int = 512
+    triton_mode: TritonMode = "strict"
 
     def __post_init__(self) -> None:
         for name in ("chunk_tokens", "chunk_vocab"):
@@ -60,6 +73,8 @@ class Tuning:
             raise ValueError(f"Tuning.memory_budget_mb must be > 0, got {self.memory_budget_mb!r}")
         if self.grad_filter_eps is not None and self.grad_filter_eps < 0:
             raise ValueError(f"Tuning.grad_filter_eps must be >= 0 or None, got {self.grad_filter_eps!r}")
+        if self.triton_mode not in TRITON_MODES:
+            raise ValueError(f"Tuning.triton_mode must be one of {TRITON_MODES}, got {self.triton_mode!r}")
 
 
 @dataclass(frozen=True)
@@ -105,9 +120,14 @@ class Head:
 
 @dataclass(frozen=True)
 class TeacherHead:
-    """The teacher's own head (detached: the teacher is a constant)."""
+    """The teacher's own head (detached: the teacher is a constant).
+
+    ``lse``: the teacher's per-token log-sum-exp when the caller already has it (a frozen teacher
+    scored once, several optimizer steps on its rollout): leading shape, accumulation dtype.
+    """
 
     head: Head
+    lse: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -138,6 +158,37 @@ class HardLabelArgs:
 
 
 @dataclass(frozen=True)
+class VocabShard:
+    """This rank's contiguous slice of a vocabulary sharded over a process group (Megatron-style).
+
+    Rank ``r`` holds rows ``[offset, offset + rows)`` of every head, the ranks' slices in rank order
+    tiling ``[0, sum(rows_per_rank))``; hidden states and per-token tensors are replicated.
+    """
+
+    group: Any  # a torch.distributed ProcessGroup
+    rank: int
+    rows_per_rank: tuple[int, ...]
+
+    @property
+    def offset(self) -> int:
+        return sum(self.rows_per_rank[: self.rank])
+
+    @property
+    def total(self) -> int:
+        return sum(self.rows_per_rank)
+
+    def compared(self, vocab: int, rank: int | None = None) -> int:
+        """How many of a rank's rows (this rank's by default) fall inside the first ``vocab`` entries."""
+        r = self.rank if rank is None else rank
+        start = sum(self.rows_per_rank[:r])
+        return max(0, min(self.rows_per_rank[r], vocab - start))
+
+    def widest(self, vocab: int) -> int:
+        """The most compared rows any rank holds: every rank plans the same token chunks from it."""
+        return max(self.compared(vocab, r) for r in range(len(self.rows_per_rank)))
+
+
+@dataclass(frozen=True)
 class LossCall:
     """A validated call. ``mask`` (bool) and ``token_weights`` have the leading shape or are None."""
 
@@ -150,6 +201,7 @@ class LossCall:
     mask: torch.Tensor | None = None
     token_weights: torch.Tensor | None = None
     hard: HardLabelArgs | None = None
+    shard: VocabShard | None = None  # set when the heads are vocabulary shards (``process_group=``)
 
     @property
     def leading(self) -> tuple[int, ...]:

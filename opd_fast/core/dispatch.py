@@ -77,19 +77,20 @@ def make_engine(call: LossCall, name: Backend, tokens: TokenRows, labels: torch.
         head = teacher.head
         rows = Student(tokens.take(head.hidden).contiguous(), head.weight.contiguous(),
                        None if head.bias is None else head.bias.contiguous())
+        lse = None if teacher.lse is None else tokens.take(teacher.lse).contiguous()
         if name == "triton":
-            from ..backends.triton_backend import TritonEngine
+            from ..backends.triton_backend import two_head_engine
 
-            return TritonEngine(rows, opts, tuning, labels)
+            return two_head_engine(rows, opts, tuning, labels, lse)
         from ..backends.chunked import ChunkedEngine
 
         if name == "cpu":
             from ..backends.cpu_native import NativeTileMath
 
-            return ChunkedEngine(rows, opts, NativeTileMath(), tuning, labels)
+            return ChunkedEngine(rows, opts, NativeTileMath(), tuning, labels, lse)
         from ..backends.tile_math import TorchTileMath
 
-        return ChunkedEngine(rows, opts, TorchTileMath(), tuning, labels)
+        return ChunkedEngine(rows, opts, TorchTileMath(), tuning, labels, lse)
 
     setup = RowSetup.of(opts, tuning)
     if isinstance(teacher, TopKTeacher):

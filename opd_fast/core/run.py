@@ -12,7 +12,7 @@ import torch
 from .. import reference
 from .call import LossCall, TeacherHead, TopKTeacher
 from .dispatch import make_engine, resolve
-from .engine import FusedLoss, Student
+from .engine import Engine, FusedLoss, Student
 from .tokens import TokenRows
 
 Stats = dict[str, torch.Tensor]
@@ -24,13 +24,21 @@ def _student_rows(call: LossCall, tokens: TokenRows) -> Student:
     return Student(tokens.take(s.hidden).contiguous(), s.weight.contiguous(), bias)
 
 
+def _engine(call: LossCall, tokens: TokenRows, labels: torch.Tensor | None = None) -> Engine:
+    """The call's engine: the vocabulary-parallel one for sharded heads, else its backend's."""
+    if call.shard is not None:
+        from ..distributed.vocab_parallel import sharded_engine
+
+        return sharded_engine(call, tokens, labels)
+    return make_engine(call, resolve(call.backend, call.student.hidden.device), tokens, labels)
+
+
 def per_token(call: LossCall) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Log-probs (and entropy) of a ``SampledTokens`` call: per token, differentiable, no reduction."""
     if call.backend == "reference":
         return reference.evaluate(call)
-    name = resolve(call.backend, call.student.hidden.device)
     tokens = TokenRows.of(call)
-    outputs = FusedLoss.apply(make_engine(call, name, tokens), None, *_student_rows(call, tokens))
+    outputs = FusedLoss.apply(_engine(call, tokens), None, *_student_rows(call, tokens))
     logprobs, *entropy = (tokens.expand(out) for out in outputs)
     return (logprobs, entropy[0]) if call.return_stats else logprobs
 
@@ -39,10 +47,9 @@ def divergence_loss(call: LossCall) -> torch.Tensor | tuple[torch.Tensor, Stats]
     """A divergence loss (teacher head or top-k): reduced as asked, with per-token stats when asked."""
     if call.backend == "reference":
         return reference.evaluate(call)
-    name = resolve(call.backend, call.student.hidden.device)
     opts, tokens = call.options, TokenRows.of(call)
     labels = None if call.hard is None else tokens.labels(call.hard, opts)
-    engine = make_engine(call, name, tokens, None if labels is None else labels.ids)
+    engine = _engine(call, tokens, None if labels is None else labels.ids)
     weights = tokens.coefficients(opts)
     coefficients = [weights] if labels is None else [weights, labels.coefficients * opts.hard_weight]
     student = _student_rows(call, tokens)

@@ -10,7 +10,7 @@ signature is written once, in the public function.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -30,7 +30,9 @@ from .call import (
     TeacherHead,
     TopKTeacher,
     Tuning,
+    VocabShard,
 )
+from .engine import accum_dtype
 
 
 def _shape(t: torch.Tensor) -> tuple[int, ...]:
@@ -74,7 +76,11 @@ def compute_head(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     Under autocast, fp32 tensors take autocast's dtype; otherwise the LM head follows the hidden
     states (an fp32 master head meeting bf16 activations is what mixed-precision training gives).
     The cast is differentiable, so a master weight still gets its gradient in its own dtype.
+    DTensor operands (FSDP2, tensor parallel) are gathered here, once per call, differentiably.
     """
+    from ..distributed.dtensor import gathered
+
+    hidden, weight, bias = gathered(hidden), gathered(weight), gathered(bias)
     device = hidden.device.type
     dtype = hidden.dtype
     if torch.is_autocast_enabled(device) and dtype == torch.float32:
@@ -97,10 +103,16 @@ def validate_heads(
     student_bias: torch.Tensor | None,
     teacher_bias: torch.Tensor | None,
     vocab_size: int | None,
+    shard: VocabShard | None = None,
 ) -> int:
-    """Check the tensors of both heads; return the number of vocabulary entries compared."""
+    """Check the tensors of both heads; return the number of vocabulary entries compared.
+
+    With ``shard`` the weights are vocabulary shards: both heads' vocabulary is the shards' whole.
+    """
     v_s, _ = _check_head("student_", student_hidden, student_weight, student_bias)
     v_t, _ = _check_head("teacher_", teacher_hidden, teacher_weight, teacher_bias)
+    if shard is not None:
+        v_s = v_t = shard.total
     if student_hidden.shape[:-1] != teacher_hidden.shape[:-1]:
         raise ValueError(
             f"student_hidden and teacher_hidden must share their leading shape, got "
@@ -175,6 +187,30 @@ def validate_token_tensors(
         if bool((counted < 0).any()):  # a negative weight would turn "mean" into an unnormalized sum
             raise ValueError(f"token_weights must be >= 0 on counted tokens, got a minimum of {float(counted.min()):g}")
     return mask, token_weights
+
+
+def validate_teacher_lse(
+    teacher_lse: torch.Tensor | None, leading: tuple[int, ...], device: torch.device, mask: torch.Tensor | None,
+    dtype: torch.dtype,
+) -> torch.Tensor | None:
+    """Check a given teacher log-sum-exp (leading shape, floating, finite where counted); detached, in ``dtype``."""
+    if teacher_lse is None:
+        return None
+    if not isinstance(teacher_lse, torch.Tensor):
+        raise TypeError(f"teacher_lse must be a torch.Tensor, got {type(teacher_lse).__name__}")
+    if tuple(teacher_lse.shape) != leading:
+        raise ValueError(f"teacher_lse must have the leading shape {leading} of the hidden states, got "
+                         f"{_shape(teacher_lse)}")
+    if not teacher_lse.is_floating_point():
+        raise ValueError(f"teacher_lse must be floating point, got dtype {teacher_lse.dtype}")
+    if teacher_lse.device != device:
+        raise ValueError(f"teacher_lse is on {teacher_lse.device} but the hidden states are on {device}")
+    teacher_lse = teacher_lse.detach()
+    counted = teacher_lse if mask is None else teacher_lse[mask]
+    if not bool(torch.isfinite(counted).all()):
+        raise ValueError("teacher_lse must be finite on counted tokens (a log-sum-exp of finite logits); got "
+                         f"{int((~torch.isfinite(counted)).sum())} non-finite value(s)")
+    return teacher_lse.to(dtype)
 
 
 def validate_common(
@@ -312,10 +348,13 @@ def validate_topk_values(ids: torch.Tensor, logprobs: torch.Tensor, vocab: int, 
 # ---- the calls -------------------------------------------------------------------------------
 
 
-def _backend_and_tuning(args: Mapping[str, Any]) -> tuple[Any, Tuning]:
+def _backend_and_tuning(args: Mapping[str, Any], shard: VocabShard | None = None) -> tuple[Any, Tuning]:
     backend, tuning = args.get("backend", "reference"), args.get("tuning")
     if backend not in BACKEND_NAMES:
         raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {backend!r}")
+    if shard is not None and backend not in ("auto", "torch"):
+        raise ValueError(f"backend={backend!r} has no vocabulary-parallel engine: with process_group the loss runs "
+                         "the sharded torch engine, so pass backend='auto' or 'torch'")
     if tuning is not None and not isinstance(tuning, Tuning):
         raise TypeError(f"tuning must be an opd_fast.Tuning, got {type(tuning).__name__}")
     return backend, tuning or Tuning()
@@ -343,22 +382,49 @@ def _options(args: Mapping[str, Any], num: float | None, student: HeadSpec, teac
     )
 
 
+def _check_compared(shard: VocabShard | None, vocab: int) -> None:
+    """Every rank must hold some of the compared vocabulary (its sweep would have no columns otherwise)."""
+    if shard is None:
+        return
+    idle = [r for r in range(len(shard.rows_per_rank)) if shard.compared(vocab, r) == 0]
+    if idle:
+        raise ValueError(f"vocab_size={vocab} leaves rank(s) {idle} without compared rows (shard rows per rank "
+                         f"{list(shard.rows_per_rank)}): shard only the compared vocabulary, or use fewer ranks")
+
+
+def _on_group(args: Mapping[str, Any], weights: tuple[str, ...], hidden: str,
+              build: Callable[[Mapping[str, Any], VocabShard | None], LossCall]) -> LossCall:
+    """``build(args, None)``, or, with a ``process_group``, the call every rank of the group agrees on."""
+    group = args.get("process_group")
+    if group is None:
+        return build(args, None)
+    from ..distributed.layout import agreed_call
+
+    return agreed_call(group, {name: args[name] for name in weights}, args[hidden], lambda shard: build(args, shard))
+
+
 def kl_call(args: Mapping[str, Any]) -> LossCall:
     """Validate the arguments of ``fused_linear_kl`` (by name) into a ``LossCall``."""
+    return _on_group(args, ("student_weight", "teacher_weight"), "student_hidden", _kl_call)
+
+
+def _kl_call(args: Mapping[str, Any], shard: VocabShard | None) -> LossCall:
     hs, ws, bs = args["student_hidden"], args["student_weight"], args["student_bias"]
     ht, wt, bt = args["teacher_hidden"], args["teacher_weight"], args["teacher_bias"]
     num = _common(args)
-    k = validate_heads(hs, ws, ht, wt, bs, bt, args["vocab_size"])
+    k = validate_heads(hs, ws, ht, wt, bs, bt, args["vocab_size"], shard)
+    _check_compared(shard, k)
     leading = tuple(hs.shape[:-1])
     mask, token_weights = validate_token_tensors(leading, hs.device, args["mask"], args["token_weights"])
     labels = args["labels"]
     hard_weight = validate_labels(labels, args["hard_weight"], args["ignore_index"], leading, hs.device, mask, k)
     student = validate_head_spec("student_", args["student_logit_scale"], args["student_softcap"])
     teacher = validate_head_spec("teacher_", args["teacher_logit_scale"], args["teacher_softcap"])
-    backend, tuning = _backend_and_tuning(args)
+    backend, tuning = _backend_and_tuning(args, shard)
+    teacher_lse = validate_teacher_lse(args["teacher_lse"], leading, hs.device, mask, accum_dtype(hs.dtype))
     return LossCall(
         student=compute_head(hs, ws, bs),
-        teacher=TeacherHead(compute_head(ht.detach(), wt.detach(), None if bt is None else bt.detach())),
+        teacher=TeacherHead(compute_head(ht.detach(), wt.detach(), None if bt is None else bt.detach()), teacher_lse),
         options=_options(args, num, student, teacher, k, hard_weight),
         backend=backend,
         return_stats=bool(args["return_stats"]),
@@ -366,6 +432,7 @@ def kl_call(args: Mapping[str, Any]) -> LossCall:
         mask=mask,
         token_weights=token_weights,
         hard=None if labels is None else HardLabelArgs(labels, args["ignore_index"]),
+        shard=shard,
     )
 
 
@@ -374,6 +441,10 @@ def topk_call(args: Mapping[str, Any]) -> LossCall:
 
     The top-k values are checked on the counted tokens only (masked tokens are never read).
     """
+    return _on_group(args, ("student_weight",), "student_hidden", _topk_call)
+
+
+def _topk_call(args: Mapping[str, Any], shard: VocabShard | None) -> LossCall:
     hs, ws, bs = args["student_hidden"], args["student_weight"], args["student_bias"]
     ids, logprobs, tail = args["teacher_topk_ids"], args["teacher_topk_logprobs"], args["tail"]
     num = _common(args)
@@ -395,12 +466,13 @@ def topk_call(args: Mapping[str, Any]) -> LossCall:
     if logprobs.device != hs.device:
         raise ValueError(f"teacher_topk_logprobs is on {logprobs.device} but the hidden states are on {hs.device}")
     mask, token_weights = validate_token_tensors(leading, hs.device, args["mask"], args["token_weights"])
-    vocab = resolve_vocab(v_s, None, args["vocab_size"])
+    vocab = resolve_vocab(v_s if shard is None else shard.total, None, args["vocab_size"])
+    _check_compared(shard, vocab)
     logprobs = logprobs.detach()
     counted = (ids, logprobs) if mask is None else (ids[mask], logprobs[mask])
     validate_topk_values(*(t.reshape(-1, ids.shape[-1]) for t in counted), vocab, tail)
     student = validate_head_spec("student_", args["student_logit_scale"], args["student_softcap"])
-    backend, tuning = _backend_and_tuning(args)
+    backend, tuning = _backend_and_tuning(args, shard)
     return LossCall(
         student=compute_head(hs, ws, bs),
         teacher=TopKTeacher(ids, logprobs, tail),
@@ -410,13 +482,19 @@ def topk_call(args: Mapping[str, Any]) -> LossCall:
         tuning=tuning,
         mask=mask,
         token_weights=token_weights,
+        shard=shard,
     )
 
 
 def logprobs_call(args: Mapping[str, Any]) -> LossCall:
     """Validate the arguments of ``fused_linear_logprobs`` (by name) into a ``LossCall``."""
+    return _on_group(args, ("weight",), "hidden", _logprobs_call)
+
+
+def _logprobs_call(args: Mapping[str, Any], shard: VocabShard | None) -> LossCall:
     hidden, weight, bias, token_ids = args["hidden"], args["weight"], args["bias"], args["token_ids"]
     vocab, _ = _check_head("", hidden, weight, bias)
+    vocab = vocab if shard is None else shard.total
     spec = validate_head_spec("", args["logit_scale"], args["softcap"])
     _check_positive("temperature", args["temperature"])
     leading = tuple(hidden.shape[:-1])
@@ -427,7 +505,7 @@ def logprobs_call(args: Mapping[str, Any]) -> LossCall:
         raise ValueError(
             f"token_ids must be in [0, {vocab}), got values in [{int(token_ids.min())}, {int(token_ids.max())}]"
         )
-    backend, tuning = _backend_and_tuning(args)
+    backend, tuning = _backend_and_tuning(args, shard)
     options = LossOptions(
         divergence="forward_kl", beta=0.0, temperature=float(args["temperature"]), temperature_sq_scaling=False,
         reduction="none", num_items=None, student=spec, teacher=HeadSpec(), vocab_size=vocab,
@@ -439,4 +517,5 @@ def logprobs_call(args: Mapping[str, Any]) -> LossCall:
         backend=backend,
         return_stats=bool(args["return_entropy"]),
         tuning=tuning,
+        shard=shard,
     )

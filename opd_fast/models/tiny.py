@@ -21,10 +21,19 @@ SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
 DEFAULT_ALPHABET = string.digits + string.ascii_letters + string.punctuation + " \n"
 
 
-def char_tokenizer(alphabet: str = DEFAULT_ALPHABET) -> PreTrainedTokenizerFast:
-    """One token per character of ``alphabet`` plus pad/bos/eos/unk (ids 0-3)."""
+def char_tokenizer(alphabet: str = DEFAULT_ALPHABET, vocab_size: int | None = None) -> PreTrainedTokenizerFast:
+    """One token per character of ``alphabet`` plus pad/bos/eos/unk (ids 0-3).
+
+    ``vocab_size`` pads the vocabulary with filler tokens that encoding never produces, so a model
+    sized for it has a realistic LM head (benchmarks at 32k or 128k vocabularies) over the same text.
+    """
     chars = list(dict.fromkeys(alphabet))
-    vocab = {tok: i for i, tok in enumerate([*SPECIAL_TOKENS, *chars])}
+    tokens = [*SPECIAL_TOKENS, *chars]
+    if vocab_size is not None:
+        if vocab_size < len(tokens):
+            raise ValueError(f"vocab_size={vocab_size} is below the {len(tokens)} tokens of the alphabet and specials")
+        tokens += [f"<fill{i}>" for i in range(vocab_size - len(tokens))]
+    vocab = {tok: i for i, tok in enumerate(tokens)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tok.decoder = decoders.Fuse()

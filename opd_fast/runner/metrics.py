@@ -1,4 +1,4 @@
-"""Metrics: one JSONL row per step, sample completions, a progress bar, the trackers (``trackers``), PNG curves.
+"""Metrics: one JSONL row per step, sample completions, a progress bar, the trackers (``trackers``).
 
 Rows live in ``RUN_DIR/metrics.jsonl``. Step rows carry ``step`` and scalar fields (loss, per-teacher
 and per-domain divergence, entropy, completion length, truncation rate, tokens/s, stage times,
@@ -10,14 +10,13 @@ unreadable; a broken line anywhere else is an error naming the file and line. Ev
 ``metrics.samples_every`` steps a few completions (prompt, completion, reward, mean per-token
 divergence) go to ``RUN_DIR/samples.jsonl`` under the same resume rule, and to the trackers as tables.
 
-Public API: ``MetricsLogger``, ``read_metrics``, ``plot_metrics``.
+Public API: ``MetricsLogger``, ``read_metrics`` (figures: ``opd_fast.plotting.dashboard``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -99,35 +98,3 @@ class MetricsLogger:
         for tracker in self.trackers:
             tracker.close()
 
-
-def plot_metrics(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
-    """One PNG per numeric step metric (and per eval metric) under ``out_dir`` (default RUN_DIR/plots)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = read_metrics(run_dir)
-    if not rows:
-        raise ValueError(f"no metrics in {Path(run_dir) / METRICS_FILE}")
-    out = Path(out_dir) if out_dir else Path(run_dir) / "plots"
-    out.mkdir(parents=True, exist_ok=True)
-    series: dict[str, list[tuple[int, float]]] = {}
-    for row in rows:
-        prefix = "eval_" if row.get("kind") == "eval" else ""
-        for key, value in row.items():
-            if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
-                series.setdefault(prefix + key.replace("/", "_"), []).append((row["step"], float(value)))
-    written = []
-    for name, points in sorted(series.items()):
-        fig, ax = plt.subplots(figsize=(5, 3.2))
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="." if len(points) < 50 else None)
-        ax.set_xlabel("step")
-        ax.set_title(name)
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        path = out / f"{name}.png"
-        fig.savefig(path, dpi=90)
-        plt.close(fig)
-        written.append(path)
-    return written

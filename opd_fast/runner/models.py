@@ -77,14 +77,7 @@ class LoadedModel:
     @property
     def head(self) -> Head:
         """Read fresh each time: the weight is the live parameter the optimizer updates."""
-        lm = _causal_lm(self.model)
-        out = lm.get_output_embeddings()
-        cfg = lm.config
-        scale = float(getattr(cfg, "logit_scale", None) or 1.0)
-        if getattr(cfg, "logits_scaling", None):  # Granite divides by it
-            scale /= float(cfg.logits_scaling)
-        softcap = getattr(cfg, "final_logit_softcapping", None)
-        return Head(out.weight, getattr(out, "bias", None), scale, None if softcap is None else float(softcap))
+        return output_head(self.model)
 
     @property
     def device(self) -> torch.device:
@@ -118,6 +111,24 @@ class Teacher:
 def _causal_lm(model: nn.Module) -> PreTrainedModel:
     """The transformers model under a possible peft wrapper."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def output_head(model: nn.Module) -> Head:
+    """A causal LM's output head with the logit scale and softcap its config declares."""
+    lm = _causal_lm(model)
+    out = lm.get_output_embeddings()
+    cfg = lm.config
+    scale = float(getattr(cfg, "logit_scale", None) or 1.0)
+    if getattr(cfg, "logits_scaling", None):  # Granite divides by it
+        scale /= float(cfg.logits_scaling)
+    softcap = getattr(cfg, "final_logit_softcapping", None)
+    return Head(out.weight, getattr(out, "bias", None), scale, None if softcap is None else float(softcap))
+
+
+def decoder_of(model: nn.Module) -> nn.Module:
+    """The module under a causal LM's head (a possible peft wrapper unwrapped): it returns ``last_hidden_state``."""
+    lm = _causal_lm(model)
+    return getattr(lm, lm.base_model_prefix)
 
 
 def _load_tokenizer(path: str, trust_remote_code: bool) -> PreTrainedTokenizerBase:
@@ -190,8 +201,7 @@ def load_model(
     if lora is None:  # peft already froze everything but the adapter
         model.requires_grad_(trainable)
     model.train(trainable)
-    decoder = getattr(lm, lm.base_model_prefix)
-    return LoadedModel(name=name, model=model, decoder=decoder, tokenizer=tokenizer, path=path,
+    return LoadedModel(name=name, model=model, decoder=decoder_of(lm), tokenizer=tokenizer, path=path,
                        compute_dtype=None if compute_dtype is None else DTYPES[compute_dtype])
 
 

@@ -230,3 +230,15 @@ def test_hard_labels_without_gradients_give_the_value():
     with torch.no_grad():
         got = opd_fast.fused_linear_kl(**case, backend="torch", **kw)
     torch.testing.assert_close(got.double(), opd_fast.fused_linear_kl(**case, backend="reference", **kw))
+
+
+@pytest.mark.parametrize("tuning", TUNINGS.values(), ids=TUNINGS.keys())
+def test_teacher_lse_skips_the_teacher_in_the_tiled_lse_pass(tuning):
+    """The 2-D regime uses a given teacher LSE instead of sweeping the teacher for it (a shifted one
+    shows); full rows hold the teacher's logits anyway and take their own."""
+    case = make_case()
+    _, stats, _ = run(case, "torch", tuning=tuning)
+    shifted = run(case, "torch", tuning=tuning, teacher_lse=stats["teacher_lse"] + 0.5)
+    assert_close(run(case, "torch", tuning=tuning, teacher_lse=stats["teacher_lse"]), run(case, "torch", tuning=tuning),
+                 1e-10)
+    assert torch.allclose(shifted[1]["teacher_lse"], stats["teacher_lse"]) == (tuning is None)

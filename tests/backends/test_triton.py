@@ -3,15 +3,13 @@
 The kernels run under ``TRITON_INTERPRET=1`` (set by ``tests/conftest.py`` when no GPU is
 present) on CPU tensors at tiny, odd shapes, through the public ``fused_linear_kl`` with
 ``backend="triton"`` (which the interpreter makes available for CPU tensors).
-bf16 is covered by the compile check only: ``tl.dot`` on bf16 is broken in the interpreter.
+bf16 is covered by the compile check only (``tests/commands/test_kernels_check.py``): ``tl.dot`` on
+bf16 is broken in the interpreter.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 import warnings
 
 import pytest
@@ -21,6 +19,7 @@ import opd_fast
 from opd_fast import Tuning, reference
 from opd_fast.backends import triton_backend
 from opd_fast.backends.triton import configs_for, pick_config
+from opd_fast.backends.triton.stripes import stripe_width
 from opd_fast.core.dispatch import availability, resolve
 
 pytestmark = pytest.mark.skipif(
@@ -136,7 +135,7 @@ def test_hard_labels_all_ignored_give_the_divergence_alone(triton_loss, seed):
 
 def test_hard_labels_gpu_configs_in_the_interpreter(triton_loss, seed, monkeypatch):
     """The wide shipped tiles (BLOCK_N 128: every label in the first tile) give the same numbers."""
-    chosen = {kernel: configs_for(kernel, 90, torch.float16)[-1] for kernel in ("lse", "grad")}
+    chosen = {kernel: configs_for(kernel, 90, torch.float16)[-1] for kernel in ("lse", "terms", "grad")}
     monkeypatch.setattr(triton_backend, "pick_config", lambda kernel, *_: chosen[kernel])
     compare(triton_loss, make(), divergence="reverse_kl", labels=hard_labels(), hard_weight=0.4, **HEADS)
 
@@ -155,34 +154,47 @@ def test_rejects_float64_and_is_never_auto_on_cpu(triton_loss, seed, monkeypatch
 @pytest.mark.parametrize("arch", [80, 90])
 def test_gpu_configs_in_the_interpreter(triton_loss, seed, monkeypatch, arch):
     """The tile sizes shipped for GPUs (not the interpreter's minimum) give the same numbers."""
-    chosen = {kernel: configs_for(kernel, arch, torch.float16)[-1] for kernel in ("lse", "grad")}
+    chosen = {kernel: configs_for(kernel, arch, torch.float16)[-1] for kernel in ("lse", "terms", "grad")}
     monkeypatch.setattr(triton_backend, "pick_config", lambda kernel, *_: chosen[kernel])
     compare(triton_loss, make(), divergence="tvd", **HEADS)
 
 
 def test_config_heuristic():
-    wide = pick_config("grad", 90, torch.bfloat16, 8192)
-    assert wide == configs_for("grad", 90, torch.bfloat16)[-1] and wide.block_n == 128
+    wide = pick_config("grad", 80, torch.bfloat16, 8192)
+    assert wide == configs_for("grad", 80, torch.bfloat16)[-1] and wide.block_n == 128
+    assert pick_config("tail_lse", 90, torch.bfloat16, 8192).block_n == 256
     assert pick_config("lse", 80, torch.bfloat16, 100) == configs_for("lse", 80, torch.bfloat16)[0]
     assert all(c.block_k == 16 for c in configs_for("grad", 86, torch.float32))
 
 
-def test_compile_check_default_configs():
-    """Every kernel's default config compiles for sm_80 and sm_90a spill-free, in shared memory, on tensor cores."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run(
-        [sys.executable, "-m", "opd_fast.cli", "kernels", "check", "--json", "--default-only"],
-        capture_output=True, text=True, env=env, timeout=600,
-    )
-    reports = json.loads(out.stdout)
-    dtypes = ("float32", "float16", "bfloat16")
-    kernels = ("lse[jsd]", "terms[jsd]", "terms[forward_kl]", "grad[jsd]", "lse[jsd+labels]",
-               "terms[forward_kl+labels]", "grad[jsd+labels]", "grad[jsd+labels+t1]", "tail_lse[entropy]",
-               "tail_grad[entropy]")
-    expected = {(k, a, d) for k in kernels for a in ("sm_80", "sm_90a") for d in dtypes}
-    assert {(r["kernel"], r["arch"], r["dtype"]) for r in reports} == expected
-    for r in reports:
-        assert r["spill_stores"] == 0, r
-        assert r["shared_bytes"] <= r["shared_limit"], r
-        assert r["tensor_core_count"] > 0, r
-    assert out.returncode == 0, out.stderr[-2000:]
+@pytest.mark.parametrize(
+    ("budget_mb", "chunk_vocab", "n", "vocab", "width"),
+    [
+        (256.0, None, 8192, 128256, 16384),  # 8192 x 16384 bf16 = 256 MB
+        (256.0, None, 16, 1000, 1024),  # never wider than the vocabulary needs (in blocks)
+        (1e-6, None, 8192, 128256, 128),  # at least one block, whatever the budget
+        (256.0, 200, 8192, 128256, 256),  # chunk_vocab wins, rounded up to a block
+    ],
+)
+def test_stripe_width_follows_the_budget(budget_mb, chunk_vocab, n, vocab, width):
+    tuning = Tuning(memory_budget_mb=budget_mb, chunk_vocab=chunk_vocab)
+    assert stripe_width(tuning, n, vocab, torch.bfloat16, 128) == width
+
+
+@pytest.mark.parametrize(("divergence", "used"), [("forward_kl", True), ("jsd", True), ("tvd", True),
+                                                   ("reverse_kl", False)])
+def test_teacher_lse_replaces_the_teacher_sweep(triton_loss, seed, divergence, used):
+    """A given LSE is what the kernels use (a shifted one changes the result) except for reverse KL,
+    whose one-pass sweep needs the teacher's logits anyway (and ignores it)."""
+    t = make(bias=False)
+    args = [t[k] for k in ("student_hidden", "student_weight", "teacher_hidden", "teacher_weight")]
+    _, stats = triton_loss(*args, divergence=divergence, backend="triton", return_stats=True)
+    true = triton_loss(*args, divergence=divergence, backend="triton", teacher_lse=stats["teacher_lse"])
+    shifted = triton_loss(*args, divergence=divergence, backend="triton", teacher_lse=stats["teacher_lse"] + 0.5)
+    torch.testing.assert_close(true, triton_loss(*args, divergence=divergence, backend="triton"))
+    assert (not torch.allclose(shifted, true)) == used
+
+
+def test_tuning_rejects_an_unknown_triton_mode():
+    with pytest.raises(ValueError, match=r"Tuning.triton_mode must be one of \('strict', 'cached'\), got 'fast'"):
+        Tuning(triton_mode="fast")

@@ -21,7 +21,8 @@ def _usable(names):
 def test_every_usable_peer_and_backend_matches_the_reference(divergence):
     """Beta convention and reduction of each peer agree with ours before anything is timed."""
     cpu = torch.device("cpu")
-    names = [f"opd_fast:{b}" for b in default_backends(cpu)] + _usable(["naive", "trl", "liger-eager"])
+    peers = _usable(["naive", "trl", "trl-full-logits", "liger-eager"])
+    names = [f"opd_fast:{b}" for b in default_backends(cpu)] + peers
     x = make_inputs(SHAPE, "fp32", seed=1)
     want = correctness.reference_outputs(x, divergence, beta=0.3)
     checked = 0
@@ -34,6 +35,19 @@ def test_every_usable_peer_and_backend_matches_the_reference(divergence):
         assert result.max_rel_err < 1e-4
         checked += 1
     assert checked >= 2
+
+
+@pytest.mark.parametrize("peer", ["trl", "trl-full-logits"])
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+def test_trl_peers_match_the_reference_values_and_gradients(peer, divergence):
+    """Both TRL losses, where TRL is installed: same beta convention, mean over tokens, same gradients."""
+    pytest.importorskip("trl")
+    cpu = torch.device("cpu")
+    impl = by_name(peer, cpu)
+    assert impl.unavailable(divergence) == ""
+    x = make_inputs(SHAPE, "fp32", seed=4)
+    result = correctness.check(impl, x, "fp32", divergence, 0.3, correctness.reference_outputs(x, divergence, 0.3))
+    assert result.max_rel_err < 1e-4, result
 
 
 def test_a_wrong_convention_fails_the_check():

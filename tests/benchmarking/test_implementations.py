@@ -33,12 +33,12 @@ def test_missing_peer_is_reported_skipped_not_failed(monkeypatch):
 
 
 def test_unsupported_divergence_and_unbuilt_backend_are_skipped():
-    results = _precheck(select(["triton"], ["naive", "trl"], CPU), Shape(8, 64, 8, 8), "fp32",
+    results = _precheck(select(["triton"], ["naive", "trl", "trl-full-logits"], CPU), Shape(8, 64, 8, 8), "fp32",
                         BenchConfig(divergence="tvd"))
     status = {r.impl: r for r in results}
     assert status["opd_fast:triton"].status == "skipped" and "CUDA" in status["opd_fast:triton"].reason
-    assert status["naive"].status == status["trl"].status == "skipped"
-    assert "tvd" in status["trl"].reason
+    assert status["naive"].status == status["trl"].status == status["trl-full-logits"].status == "skipped"
+    assert "tvd" in status["trl"].reason and "tvd" in status["trl-full-logits"].reason
 
 
 def test_steps_produce_student_gradients_and_the_floor_runs():

@@ -28,8 +28,10 @@ def test_estimates_scale_with_n_times_v_and_chunked_ones_have_none():
 def test_a_case_that_cannot_fit_is_reported_oom_with_what_it_needs(monkeypatch):
     monkeypatch.setattr(runner, "available_bytes", lambda device: 1 * 2**30)
     shape = Shape(16384, 152064, 1024, 1024)
-    results = {r.impl: r for r in _precheck(select(["torch"], ["naive", "trl"], CPU), shape, "fp32", BenchConfig())}
+    results = {r.impl: r for r in _precheck(select(["torch"], ["naive", "trl", "trl-full-logits"], CPU), shape, "fp32",
+                                                BenchConfig())}
     assert results["naive"].status == "oom" and "would need ~" in results["naive"].reason
+    assert results["trl-full-logits"].status == "oom"
     assert results["naive"].estimated_mb > 10_000
     assert results["opd_fast:torch"].status == "ok"
     assert fit_problem(None, 1) == "" and fit_problem(10, None) == ""

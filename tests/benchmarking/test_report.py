@@ -1,6 +1,8 @@
 import csv
 import json
 
+import pytest
+
 from opd_fast.benchmarking import report
 from opd_fast.benchmarking.runner import BenchConfig, CaseResult
 from opd_fast.benchmarking.shapes import Shape
@@ -52,3 +54,21 @@ def test_csv_has_one_row_per_result(tmp_path):
 def test_a_single_run_is_labelled_as_such():
     res = CaseResult(SHAPE, "bf16", "opd_fast:cpu", runs_s=[51.14])
     assert report.rows([res])[0][5] == "51.1 (1 run)"
+
+
+@pytest.mark.parametrize(("load", "state"), [
+    ({"before": {"loadavg_1m": 0.3, "cores": 2}}, "idle"),
+    ({"before": {"loadavg_1m": 7.5, "cores": 2}}, "busy (load 7.5 on 2 cores)"),
+    ({"label": "busy (from the run notes)"}, "busy (from the run notes)"),
+    (None, "load not recorded"),
+])
+def test_setting_names_machine_threads_and_load(load, state):
+    meta = {"cpu": "AMD EPYC", "gpu": None, "cpu_threads": 2, **({"load": load} if load else {})}
+    assert report.setting(meta) == f"AMD EPYC, 2 threads, {state}"
+
+
+def test_metadata_records_the_load_before_and_after():
+    meta = report.metadata(BenchConfig(), argv=[], load_before={"loadavg_1m": 0.1, "cores": 2})
+    assert meta["load"]["before"] == {"loadavg_1m": 0.1, "cores": 2}
+    assert set(meta["load"]["after"]) == {"loadavg_1m", "cores"}
+    assert report.setting(meta).endswith("idle")

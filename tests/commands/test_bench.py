@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from opd_fast.benchmarking import runner, worker
 from opd_fast.cli import main
 
@@ -12,7 +14,7 @@ def _in_process_worker(monkeypatch):
 def test_bench_loss_end_to_end_writes_json_csv_and_plot(tmp_path, capsys, monkeypatch):
     _in_process_worker(monkeypatch)
     out = tmp_path / "r"
-    code = main(["bench", "loss", "--shapes", "32x256x16", "--dtypes", "fp32", "--backends", "torch",
+    code = main(["bench", "loss", "--shapes", "32x16x256", "--dtypes", "fp32", "--backends", "torch",
                  "--peers", "naive", "--repeats", "2", "--seed", "5",
                  "--json", f"{out}.json", "--csv", f"{out}.csv", "--plot", f"{out}.png"])
     assert code == 0
@@ -45,10 +47,33 @@ def test_bench_memory_reports_every_n(tmp_path, capsys, monkeypatch):
 def test_bench_report_merges_runs(tmp_path, capsys, monkeypatch):
     _in_process_worker(monkeypatch)
     for n in (32, 64):
-        main(["bench", "loss", "--shapes", f"{n}x256x16", "--dtypes", "fp32", "--backends", "torch", "--peers", "",
+        main(["bench", "loss", "--shapes", f"{n}x16x256", "--dtypes", "fp32", "--backends", "torch", "--peers", "",
               "--repeats", "1", "--json", str(tmp_path / f"{n}.json")])
     capsys.readouterr()
     assert main(["bench", "report", str(tmp_path / "32.json"), str(tmp_path / "64.json"), "--markdown",
                  "--csv", str(tmp_path / "all.csv")]) == 0
     text = capsys.readouterr().out
     assert text.count("| 32 | 256 |") == 2 and text.count("| 64 | 256 |") == 2
+
+
+@pytest.mark.parametrize("command", ["loss", "memory", "report", "e2e"])
+def test_help_shows_real_defaults_and_no_empty_ones(command, capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # help lines wrap anywhere
+    assert "(default: None)" not in text and "(default: False)" not in text and "(default: True)" not in text
+    if command != "report":
+        assert "(default: " in text
+    if command == "loss":
+        assert "(default: small)" in text and "NxHxV" in text
+
+
+@pytest.mark.parametrize(("argv", "match"), [
+    (["loss", "--shapes", "2048x32768x1024", "--peers", ""], "NxHxV"),
+    (["e2e", "--vocab", "512,big"], "--vocab must be"),
+    (["e2e", "--steps", "2", "--warmup-steps", "2"], "nothing measured"),
+    (["e2e", "--arms", "verl"], "an arm is"),
+])
+def test_bad_arguments_are_clear_errors(argv, match):
+    with pytest.raises(ValueError, match=match):
+        main(["bench", *argv])

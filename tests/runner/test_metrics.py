@@ -7,7 +7,7 @@ from typing import ClassVar
 import pytest
 
 from opd_fast.runner.config import MetricsConfig
-from opd_fast.runner.metrics import MetricsLogger, plot_metrics, read_metrics
+from opd_fast.runner.metrics import MetricsLogger, read_metrics
 
 
 class FakeWriter:
@@ -23,7 +23,7 @@ class FakeWriter:
         pass
 
 
-def test_rows_tensorboard_resume_truncation_and_plots(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_rows_tensorboard_resume_and_truncation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=FakeWriter))
     log = MetricsLogger(tmp_path, total_steps=3, metrics=MetricsConfig(progress=False))
     for step in (1, 2, 3):
@@ -37,9 +37,6 @@ def test_rows_tensorboard_resume_truncation_and_plots(tmp_path: Path, monkeypatc
     quiet = MetricsConfig(progress=False, tensorboard=False)
     MetricsLogger(tmp_path, total_steps=3, start_step=2, metrics=quiet).close()
     assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
-    assert {p.name for p in plot_metrics(tmp_path, tmp_path / "png")} == {"loss.png"}
-    with pytest.raises(ValueError, match="no metrics"):
-        plot_metrics(tmp_path / "empty")
 
 
 def test_missing_tensorboard_is_said_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

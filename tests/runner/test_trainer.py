@@ -6,9 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from opd_fast.plotting.dashboard import plot_run
 from opd_fast.runner import checkpoint as ckpt_mod
 from opd_fast.runner.checkpoint import latest_checkpoint
-from opd_fast.runner.metrics import plot_metrics, read_metrics
+from opd_fast.runner.metrics import read_metrics
 from opd_fast.runner.trainer import Trainer, train
 from opd_fast.tasks import Example, register_task
 
@@ -34,7 +35,8 @@ def test_end_to_end_metrics_checkpoints_eval_and_plots(make_config, models: dict
     for key in ("greedy/accuracy", "sampled/accuracy", "greedy/accuracy/a", "reverse_kl", "reverse_kl/b"):
         assert key in summary["eval"], key
     assert summary["eval"]["reverse_kl"] >= 0
-    assert {p.name for p in plot_metrics(tmp_path / "run")} >= {"loss.png", "eval_reverse_kl.png"}
+    plots = {p.name for p in plot_run(tmp_path / "run", each=True)}
+    assert plots >= {"dashboard.png", "loss.png", "eval_reverse_kl.png"}
 
 
 def test_resume_continues_exactly(make_config, models: dict, tmp_path: Path) -> None:

@@ -89,12 +89,9 @@ HEAD_HEURISTICS: dict[str, Callable[[dict[str, Any]], Any]] = {
 }
 
 
-# Flags of the gradient kernels: gradient filtering and which student gradients are wanted.
+# Flag of the gradient kernels: gradient filtering (which gradients are wanted is the torch GEMMs' business).
 GRAD_HEURISTICS: dict[str, Callable[[dict[str, Any]], Any]] = {
     "HAS_FILTER": lambda args: args["filter_eps"] > 0,
-    "NEED_H": lambda args: args["grad_h_ptr"] is not None,
-    "NEED_W": lambda args: args["grad_w_ptr"] is not None,
-    "NEED_B": lambda args: args["grad_b_ptr"] is not None,
 }
 
 
@@ -359,62 +356,26 @@ def drop_ids(
 
 
 @triton.jit
-def push_grad_tile(
-    g, z, live, h_ptr, w_ptr, grad_h_ptr, grad_w_ptr, grad_b_ptr, row0, col0, n_rows, n_cols, hidden,
-    cap, inv_temp, scale, filter_eps,
-    HAS_SOFTCAP: tl.constexpr, HAS_FILTER: tl.constexpr, NEED_H: tl.constexpr, NEED_W: tl.constexpr,
-    NEED_B: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+def store_grad_tile(
+    g, z, live, g_ptr, g_stride, row0, col0, stripe0, n_rows, stripe_end, cap, inv_temp, scale, filter_eps,
+    HAS_SOFTCAP: tl.constexpr, HAS_FILTER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Finish a ``dL/dz`` tile (already divided by T) and push it through the gradient GEMMs.
+    """Finish a ``dL/dz`` tile (already divided by T) and store it into its vocabulary stripe's buffer.
 
     Chains the softcap (``1 - tanh^2``, recovered from the final logits ``z``) and the head's
     scale, gives zero gradient where ``live`` is False (padded rows / columns, zero mass), and with
-    ``HAS_FILTER`` skips the whole tile when its largest ``|g|`` is below ``filter_eps``.
+    ``HAS_FILTER`` stores zeros for a tile whose largest ``|g|`` is below ``filter_eps`` (the same
+    values as skipping it). The buffer (``stripes.py``) holds columns ``stripe0:stripe_end`` of all
+    rows in the head's dtype, row stride ``g_stride``; the grad GEMMs then run on it in torch.
     """
     if HAS_SOFTCAP:
         t = z * (1.0 / (cap * inv_temp))  # inf where z is -inf: the select below zeroes those
         g = g * (1.0 - t * t)
     g = tl.where(live, g * scale, 0.0)
-    keep = True
     if HAS_FILTER:
-        keep = tl.max(tl.max(tl.abs(g), 1), 0) >= filter_eps
-    if keep:
-        grad_gemms(g, h_ptr, w_ptr, grad_h_ptr, grad_w_ptr, grad_b_ptr, row0, col0, n_rows, n_cols, hidden,
-                   NEED_H, NEED_W, NEED_B, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
-
-
-@triton.jit
-def grad_gemms(
-    g, h_ptr, w_ptr, grad_h_ptr, grad_w_ptr, grad_b_ptr, row0, col0, n_rows, n_cols, hidden,
-    NEED_H: tl.constexpr, NEED_W: tl.constexpr, NEED_B: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """Push a dL/d(h W^T + b) tile through the gradient GEMMs with relaxed fp32 atomics.
-
-    ``grad_h[rows] += g @ W[cols]``, ``grad_w[cols] += g^T @ h[rows]`` (streaming ``hidden`` in
-    ``BLOCK_K`` slices) and ``grad_b[cols] += sum_rows g``; int64 block bases as in ``head_tile``.
-    """
-    cols = col0 + tl.arange(0, BLOCK_N)
-    row_ok = row0 + tl.arange(0, BLOCK_M) < n_rows
-    col_ok = cols < n_cols
-    if NEED_B:
-        tl.atomic_add(grad_b_ptr + cols, tl.sum(g, 0), mask=col_ok, sem="relaxed")
-    g_op = g.to(w_ptr.dtype.element_ty)
-    row_base = tl.cast(row0, tl.int64) * hidden
-    col_base = tl.cast(col0, tl.int64) * hidden
-    row_off = tl.arange(0, BLOCK_M)[:, None] * hidden
-    col_off = tl.arange(0, BLOCK_N)[:, None] * hidden
-    for k0 in range(0, hidden, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_ok = ks < hidden
-        if NEED_H:
-            w = tl.load((w_ptr + col_base) + col_off + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-            tl.atomic_add((grad_h_ptr + row_base) + row_off + ks[None, :],
-                          tl.dot(g_op, w, input_precision=DOT_PRECISION), mask=row_ok[:, None] & k_ok[None, :],
-                          sem="relaxed")
-        if NEED_W:
-            h = tl.load((h_ptr + row_base) + row_off + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            tl.atomic_add((grad_w_ptr + col_base) + col_off + ks[None, :],
-                          tl.dot(tl.trans(g_op), h, input_precision=DOT_PRECISION),
-                          mask=col_ok[:, None] & k_ok[None, :], sem="relaxed")
+        g = tl.where(tl.max(tl.max(tl.abs(g), 1), 0) >= filter_eps, g, 0.0)
+    r = tl.arange(0, BLOCK_M)
+    c = tl.arange(0, BLOCK_N)
+    ok = (row0 + r < n_rows)[:, None] & (col0 + c < stripe_end)[None, :]
+    base = g_ptr + tl.cast(row0, tl.int64) * g_stride + (col0 - stripe0)
+    tl.store(base + r[:, None] * g_stride + c[None, :], g.to(g_ptr.dtype.element_ty), mask=ok)

@@ -12,8 +12,9 @@ Both single-head losses have, outside the row's ids, a gradient of one shape in 
 The ids' own columns are left out (``common.drop_ids``) and handled exactly by the caller as a
 k-sparse correction in torch: adding a dense term there and cancelling it afterwards would lose
 precision (``exp(z_id - lse_tail)`` can be huge). Per tile: recompute the logits, form ``g`` in
-registers, chain temperature / softcap / scale, and push it through the gradient GEMMs with
-fp32 atomics (``common.push_grad_tile``; the design of ``grad``, with its gradient filter).
+registers, chain temperature / softcap / scale and store it into the vocabulary stripe's buffer
+(``common.store_grad_tile``); the grad GEMMs run in torch (``stripes.py``; the design of ``grad``,
+with its gradient filter).
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ import torch
 import triton
 import triton.language as tl
 
+from ...core.engine import Student, StudentGrads, Want
 from ..rows import RowSetup
-from .common import GRAD_HEURISTICS, BlockConfig, drop_ids, head_tile, next_id, push_grad_tile
+from .common import GRAD_HEURISTICS, BlockConfig, drop_ids, head_tile, next_id, store_grad_tile
+from .stripes import SparseColumns, StripePlan, stripe_gradients
 from .tail_lse import ROW_HEURISTICS, row_head_arguments
 
 
@@ -34,13 +37,14 @@ from .tail_lse import ROW_HEURISTICS, row_head_arguments
 })
 @triton.jit
 def tail_grad_kernel(
-    hs_ptr, ws_ptr, bs_ptr, ids_ptr, lse_ptr, coef_ptr, slope_ptr, grad_h_ptr, grad_w_ptr, grad_b_ptr,
+    hs_ptr, ws_ptr, bs_ptr, ids_ptr, lse_ptr, coef_ptr, slope_ptr, g_ptr, g_stride, stripe0, stripe_end,
     N, K, HS, n_ids, n_splits, scale_s, cap_s, inv_temp, filter_eps,
     DOT_PRECISION: tl.constexpr, HAS_BIAS_S: tl.constexpr, HAS_SOFTCAP_S: tl.constexpr, EVEN_KS: tl.constexpr,
-    HAS_SLOPE: tl.constexpr, HAS_FILTER: tl.constexpr, NEED_H: tl.constexpr, NEED_W: tl.constexpr,
-    NEED_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_SLOPE: tl.constexpr, HAS_FILTER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
-    """``lse_ptr`` must be finite (the caller puts 0 where a row's tail is empty)."""
+    """``lse_ptr`` must be finite (the caller puts 0 where a row's tail is empty); ``g_ptr``: the stripe's
+    ``(N, g_stride)`` buffer for columns ``stripe0:stripe_end`` (``stripe0`` a multiple of BLOCK_N)."""
     pid_m = tl.program_id(0)
     split = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -51,7 +55,7 @@ def tail_grad_kernel(
         slope = tl.load(slope_ptr + rows, mask=row_ok, other=0.0)
     cur = tl.zeros((BLOCK_M,), tl.int32)
     nxt = next_id(ids_ptr, rows, row_ok, n_ids, cur)
-    for vb in range(split, tl.cdiv(K, BLOCK_N), n_splits):
+    for vb in range(stripe0 // BLOCK_N + split, tl.cdiv(stripe_end, BLOCK_N), n_splits):
         z = head_tile(hs_ptr, ws_ptr, bs_ptr, pid_m * BLOCK_M, vb * BLOCK_N, N, K, HS, scale_s, cap_s, inv_temp,
                       HAS_BIAS_S, HAS_SOFTCAP_S, EVEN_KS, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
         z, cur, nxt = drop_ids(z, ids_ptr, ids_ptr, rows, row_ok, n_ids, cur, nxt, vb * BLOCK_N, False, BLOCK_N)
@@ -61,34 +65,37 @@ def tail_grad_kernel(
         if HAS_SLOPE:
             factor = factor + slope[:, None] * d
         g = tl.exp(d) * factor * inv_temp
-        push_grad_tile(g, z, live, hs_ptr, ws_ptr, grad_h_ptr, grad_w_ptr, grad_b_ptr, pid_m * BLOCK_M, vb * BLOCK_N,
-                       N, K, HS, cap_s, inv_temp, scale_s, filter_eps, HAS_SOFTCAP_S, HAS_FILTER, NEED_H, NEED_W,
-                       NEED_B, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+        store_grad_tile(g, z, live, g_ptr, g_stride, pid_m * BLOCK_M, vb * BLOCK_N, stripe0, N, stripe_end,
+                        cap_s, inv_temp, scale_s, filter_eps, HAS_SOFTCAP_S, HAS_FILTER, BLOCK_M, BLOCK_N)
 
 
 def tail_grad_arguments(
-    hs, ws, bs, ids: torch.Tensor, lse, coef, slope, setup: RowSetup, want: tuple[bool, bool, bool], n_splits: int,
+    hs, ws, bs, ids: torch.Tensor, lse, coef, slope, setup: RowSetup, buffer: torch.Tensor, n_splits: int,
 ) -> dict:
-    """Keyword arguments of ``tail_grad_kernel``; zeroed fp32 accumulators for the wanted gradients."""
-    acc = {"dtype": torch.float32, "device": hs.device}
-    want_h, want_w, want_b = want
+    """Keyword arguments of ``tail_grad_kernel`` writing into ``buffer`` (``(N, V_c)``, the head's dtype).
+
+    The stripe bounds start at the first stripe; ``launch_tail_grad`` moves them.
+    """
     return {
         **row_head_arguments(hs, ws, bs, ids, setup, n_splits),
         "lse_ptr": lse, "coef_ptr": coef, "slope_ptr": slope,
-        "grad_h_ptr": torch.zeros(hs.shape, **acc) if want_h else None,
-        "grad_w_ptr": torch.zeros(ws.shape, **acc) if want_w else None,
-        "grad_b_ptr": torch.zeros(ws.shape[0], **acc) if want_b and bs is not None else None,
+        "g_ptr": buffer, "g_stride": buffer.shape[1], "stripe0": 0, "stripe_end": min(buffer.shape[1], setup.vocab),
         "filter_eps": setup.tuning.grad_filter_eps or 0.0,
     }
 
 
 def launch_tail_grad(
-    hs, ws, bs, ids: torch.Tensor, lse, coef, slope, setup: RowSetup, want: tuple[bool, bool, bool],
-    config: BlockConfig, n_splits: int,
-) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """fp32 (grad_h, grad_w, grad_b) of the dense part; None where not wanted (``slope`` may be None)."""
-    args = tail_grad_arguments(hs, ws, bs, ids, lse, coef, slope, setup, want, n_splits)
-    grid = (triton.cdiv(hs.shape[0], config.block_m), n_splits)
-    if hs.shape[0]:
-        tail_grad_kernel[grid](**args, **config.constexprs(), **config.launch_options())
-    return args["grad_h_ptr"], args["grad_w_ptr"], args["grad_b_ptr"]
+    student: Student, ids: torch.Tensor, lse, coef, slope, setup: RowSetup, want: Want, config: BlockConfig,
+    plan: StripePlan, sparse: SparseColumns | None = None,
+) -> StudentGrads:
+    """Gradients of the dense part plus the ids' exact columns ``sparse`` (``stripes.stripe_gradients``' dtypes;
+    ``slope`` may be None)."""
+    hs = student.hidden
+
+    def kernel(buffer: torch.Tensor, start: int, stop: int) -> None:
+        args = tail_grad_arguments(*student, ids, lse, coef, slope, setup, buffer, plan.splits)
+        args.update(stripe0=start, stripe_end=stop)
+        tail_grad_kernel[(triton.cdiv(hs.shape[0], config.block_m), plan.splits)](
+            **args, **config.constexprs(), **config.launch_options())
+
+    return stripe_gradients(student, setup.vocab, want, plan.width, kernel, sparse)

@@ -178,14 +178,18 @@ def _merge_online(args: dict) -> RowStats:
 
 
 def launch_row_stats(
-    hs, ws, bs, ht, wt, bt, opts: LossOptions, config: BlockConfig, n_splits: int, labels: torch.Tensor | None = None
+    hs, ws, bs, ht, wt, bt, opts: LossOptions, lse_launch: tuple[BlockConfig, int],
+    terms_launch: tuple[BlockConfig, int], labels: torch.Tensor | None = None, teacher_lse: torch.Tensor | None = None,
 ) -> RowStats:
     """Per-row statistics (and with ``labels`` the cross-entropy at temperature 1).
 
-    One sweep for the KLs, two (pass 1, then this kernel) for JSD and TVD.
+    One sweep for the KLs, two (pass 1, then this kernel) for JSD and TVD; with ``teacher_lse``
+    pass 1 sweeps the student alone. (The one-pass KL sweeps both heads whatever is known.)
+    ``*_launch``: each kernel's (block config, vocabulary splits).
     """
     online = divergence_code(opts.divergence, opts.beta) in (FORWARD_KL, REVERSE_KL)
-    first = (None,) * 4 if online else launch_lse(hs, ws, bs, ht, wt, bt, opts, config, n_splits, labels)
+    first = (None,) * 4 if online else launch_lse(hs, ws, bs, ht, wt, bt, opts, *lse_launch, labels, teacher_lse)
+    config, n_splits = terms_launch
     args = terms_arguments(hs, ws, bs, ht, wt, bt, *first[:2], opts, n_splits, labels if online else None)
     grid = (triton.cdiv(hs.shape[0], config.block_m), n_splits)
     if hs.shape[0]:  # an all-masked batch launches nothing

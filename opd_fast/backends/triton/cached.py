@@ -1,0 +1,206 @@
+"""Cached mode: each head's logits computed once per token chunk, one Triton row kernel for the rest.
+
+``Tuning(triton_mode="cached")`` runs the Triton backend as the chunk loop of ``chunked.py``: per
+token chunk torch matmul (cuBLAS) writes both heads' raw logits ``(chunk, V)``, this kernel turns
+them into every per-row statistic and writes the logit gradient over the student's logits in
+place, and the chunk loop's ``GradSink`` runs grad-hidden and grad-weight (fp32 accumulation) on
+cuBLAS. FLOPs are the GEMM floor (no logit is computed twice); the price is ``2 x chunk x V``
+logits in the GEMM dtype, sized by ``Tuning.memory_budget_mb``. The logits are rounded to that
+dtype by the GEMM, as in the chunked torch backend (strict mode keeps them fp32 in registers).
+
+The kernel is memory-bound: program ``i`` owns ``BLOCK_R`` rows and streams them three times in
+``BLOCK_V`` columns: (1) both online log-sum-exps (+ the label logit and, at T != 1, the
+log-sum-exp of ``T z``), (2) the divergence, ``c`` and the entropy with the row LSEs known,
+(3) with a gradient, ``g = s (a - q c)`` (+ the cross-entropy's), chained through softcap and
+temperature, stored over the student's raw logits. The element-wise math is ``common``'s, the
+one the strict kernels use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ...core.call import LossOptions
+from ..tile_math import HardLabels, RowTerms
+from .common import (
+    INTERPRET,
+    divergence_code,
+    finish_lse,
+    jsd_logs,
+    label_hit,
+    label_logit,
+    online_lse,
+    scaled_lse_step,
+    tanh,
+    tile_terms,
+)
+
+
+@dataclass(frozen=True)
+class RowBlocks:
+    """The row kernel's launch config: rows per program, columns per step, warps."""
+
+    block_r: int
+    block_v: int
+    num_warps: int
+
+    def constexprs(self) -> dict[str, int]:
+        return {"BLOCK_R": self.block_r, "BLOCK_V": self.block_v}
+
+    def launch_options(self) -> dict[str, int]:
+        return {"num_warps": self.num_warps, "num_stages": 1}
+
+    def label(self) -> str:
+        return f"{self.block_r}x{self.block_v} w{self.num_warps}"
+
+
+# One row per program, 4096 columns per step and 8 warps: 16-byte accesses, enough bytes in flight
+# per SM for a memory-bound pass (what `opd-fast kernels check` compiles). The interpreter gets
+# small blocks so tests stay fast.
+GPU_BLOCKS = RowBlocks(1, 4096, 8)
+_INTERPRETER_BLOCKS = RowBlocks(4, 32, 1)
+
+
+@triton.jit
+def _final(ptr, stride, rows, row_ok, cols, n_cols, cap, inv_temp, HAS_SOFTCAP: tl.constexpr):
+    """fp32 final logits ``softcap(raw) / T`` of a ``(rows, cols)`` block; -inf past the row's columns."""
+    ok = row_ok[:, None] & (cols < n_cols)[None, :]
+    raw = tl.load(ptr + tl.cast(rows, tl.int64)[:, None] * stride + cols[None, :], mask=ok, other=0.0)
+    z = raw.to(tl.float32)
+    if HAS_SOFTCAP:
+        z = cap * tanh(z / cap)
+    return tl.where(ok, z * inv_temp, float("-inf"))
+
+
+@triton.heuristics({
+    "HAS_SOFTCAP_S": lambda args: args["cap_s"] > 0,
+    "HAS_SOFTCAP_T": lambda args: args["cap_t"] > 0,
+    "HAS_LABELS": lambda args: args["labels_ptr"] is not None,
+    "HARD_LSE": lambda args: args["labels_ptr"] is not None and args["temperature"] != 1.0,
+    "GRAD": lambda args: args["row_scale_ptr"] is not None,
+})
+@triton.jit
+def cached_rows_kernel(
+    raw_s_ptr, raw_t_ptr, stride_s, stride_t, row_scale_ptr, labels_ptr, hard_scale_ptr, out_ptr,
+    N, K, cap_s, cap_t, inv_temp, temperature, beta, log_beta, log_1m_beta,
+    DIVERGENCE: tl.constexpr, HAS_SOFTCAP_S: tl.constexpr, HAS_SOFTCAP_T: tl.constexpr,
+    HAS_LABELS: tl.constexpr, HARD_LSE: tl.constexpr, GRAD: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """``out_ptr``: ``(6, N)`` fp32 rows: divergence, c, entropy, student LSE, teacher LSE, cross-entropy."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < N
+    m_s = tl.full((BLOCK_R,), float("-inf"), tl.float32)
+    m_t = tl.full((BLOCK_R,), float("-inf"), tl.float32)
+    sum_s = tl.zeros((BLOCK_R,), tl.float32)
+    sum_t = tl.zeros((BLOCK_R,), tl.float32)
+    if HAS_LABELS:
+        z_label = tl.zeros((BLOCK_R,), tl.float32)
+    if HARD_LSE:
+        sum_y = tl.zeros((BLOCK_R,), tl.float32)
+    for v0 in range(0, K, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        z_s = _final(raw_s_ptr, stride_s, rows, row_ok, cols, K, cap_s, inv_temp, HAS_SOFTCAP_S)
+        z_t = _final(raw_t_ptr, stride_t, rows, row_ok, cols, K, cap_t, inv_temp, HAS_SOFTCAP_T)
+        m_prev = m_s
+        m_s, sum_s = online_lse(m_s, sum_s, z_s)
+        m_t, sum_t = online_lse(m_t, sum_t, z_t)
+        if HAS_LABELS:
+            z_label += label_logit(z_s, labels_ptr, rows, row_ok, v0, BLOCK_V)
+        if HARD_LSE:
+            sum_y = scaled_lse_step(sum_y, m_prev, m_s, z_s, temperature)
+    lse_s = finish_lse(m_s, sum_s)
+    lse_t = finish_lse(m_t, sum_t)
+    div = tl.zeros((BLOCK_R,), tl.float32)
+    coef = tl.zeros((BLOCK_R,), tl.float32)
+    ent = tl.zeros((BLOCK_R,), tl.float32)
+    for v0 in range(0, K, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        z_s = _final(raw_s_ptr, stride_s, rows, row_ok, cols, K, cap_s, inv_temp, HAS_SOFTCAP_S)
+        z_t = _final(raw_t_ptr, stride_t, rows, row_ok, cols, K, cap_t, inv_temp, HAS_SOFTCAP_T)
+        value, a, _q, q_log_q = tile_terms(z_s, z_t, lse_s, lse_t, beta, log_beta, log_1m_beta, DIVERGENCE)
+        div += tl.sum(value, 1)
+        coef += tl.sum(a, 1)
+        ent -= tl.sum(q_log_q, 1)
+    ce = tl.zeros((BLOCK_R,), tl.float32)
+    if HAS_LABELS:
+        lse_y = lse_s
+        if HARD_LSE:
+            lse_y = finish_lse(m_s * temperature, sum_y)
+        labels = tl.load(labels_ptr + rows, mask=row_ok, other=-1)
+        ce = tl.where(labels >= 0, lse_y - z_label * temperature, 0.0)
+    tl.store(out_ptr + rows, div, mask=row_ok)
+    tl.store(out_ptr + N + rows, coef, mask=row_ok)
+    tl.store(out_ptr + 2 * N + rows, ent, mask=row_ok)
+    tl.store(out_ptr + 3 * N + rows, lse_s, mask=row_ok)
+    tl.store(out_ptr + 4 * N + rows, lse_t, mask=row_ok)
+    tl.store(out_ptr + 5 * N + rows, ce, mask=row_ok)
+    if GRAD:
+        row_scale = tl.load(row_scale_ptr + rows, mask=row_ok, other=0.0)
+        if HAS_LABELS:
+            hard = tl.load(hard_scale_ptr + rows, mask=row_ok, other=0.0)
+        for v0 in range(0, K, BLOCK_V):
+            cols = v0 + tl.arange(0, BLOCK_V)
+            z_s = _final(raw_s_ptr, stride_s, rows, row_ok, cols, K, cap_s, inv_temp, HAS_SOFTCAP_S)
+            z_t = _final(raw_t_ptr, stride_t, rows, row_ok, cols, K, cap_t, inv_temp, HAS_SOFTCAP_T)
+            _value, a, q, _q_log_q = tile_terms(z_s, z_t, lse_s, lse_t, beta, log_beta, log_1m_beta, DIVERGENCE)
+            if HARD_LSE:  # s (a - q c) / T + h (softmax(T z) - onehot): the CE's own softmax
+                g = (a - q * coef[:, None]) * (row_scale * inv_temp)[:, None] + hard[:, None] * tl.exp(
+                    z_s * temperature - lse_y[:, None])
+            elif HAS_LABELS:  # T = 1: s a - q (s c - h), the CE's softmax is q
+                g = a * row_scale[:, None] - q * (row_scale * coef - hard)[:, None]
+            else:
+                g = (a - q * coef[:, None]) * (row_scale * inv_temp)[:, None]
+            if HAS_LABELS:
+                g -= tl.where(label_hit(labels_ptr, rows, row_ok, v0, BLOCK_V), hard[:, None], 0.0)
+            if HAS_SOFTCAP_S:
+                t = z_s * (1.0 / (cap_s * inv_temp))  # inf where z is -inf: the select below zeroes those
+                g = g * (1.0 - t * t)
+            ok = row_ok[:, None] & (cols < K)[None, :]
+            g = tl.where(ok & (z_s != float("-inf")), g, 0.0)
+            ptrs = raw_s_ptr + tl.cast(rows, tl.int64)[:, None] * stride_s + cols[None, :]
+            tl.store(ptrs, g.to(raw_s_ptr.dtype.element_ty), mask=ok)
+
+
+def cached_rows_arguments(raw_s: torch.Tensor, raw_t: torch.Tensor, opts: LossOptions, row_scale: torch.Tensor | None,
+                          hard: HardLabels | None) -> dict:
+    """Keyword arguments of ``cached_rows_kernel`` (``row_scale`` None: no gradient); a zeroed ``(6, n)`` output."""
+    n, k = raw_s.shape
+    log_beta, log_1m_beta = jsd_logs(opts.beta)
+    with_hard_grad = hard is not None and row_scale is not None
+    return {
+        "raw_s_ptr": raw_s, "raw_t_ptr": raw_t, "stride_s": raw_s.stride(0), "stride_t": raw_t.stride(0),
+        "row_scale_ptr": row_scale, "labels_ptr": None if hard is None else hard.labels.contiguous(),
+        "hard_scale_ptr": hard.scale.float().contiguous() if with_hard_grad else None,
+        "out_ptr": torch.zeros(6, n, dtype=torch.float32, device=raw_s.device),
+        "N": n, "K": k, "cap_s": opts.student.softcap or 0.0, "cap_t": opts.teacher.softcap or 0.0,
+        "inv_temp": 1.0 / opts.temperature, "temperature": opts.temperature, "beta": opts.beta,
+        "log_beta": log_beta, "log_1m_beta": log_1m_beta, "DIVERGENCE": divergence_code(opts.divergence, opts.beta),
+    }
+
+
+class TritonTileMath:
+    """``chunked.TileMath`` on the Triton row kernel: the cached mode of the Triton backend."""
+
+    def live_bytes_per_logit(self, dtype: torch.dtype) -> int:
+        """The two heads' logits in the GEMM dtype; the gradient is written over the student's."""
+        return 2 * dtype.itemsize
+
+    def full_rows(
+        self, raw_s: torch.Tensor, raw_t: torch.Tensor, opts: LossOptions, row_scale: torch.Tensor | None,
+        hard: HardLabels | None = None,
+    ) -> tuple[RowTerms, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``TileMath.full_rows``; the gradient overwrites ``raw_s`` (returned in its dtype)."""
+        n = raw_s.shape[0]
+        grad = row_scale is not None
+        args = cached_rows_arguments(raw_s, raw_t, opts, row_scale.float().contiguous() if grad else None, hard)
+        blocks = _INTERPRETER_BLOCKS if INTERPRET else GPU_BLOCKS
+        if n:
+            cached_rows_kernel[(triton.cdiv(n, blocks.block_r),)](
+                **args, **blocks.constexprs(), **blocks.launch_options())
+        divergence, coef, entropy, lse_s, lse_t, ce = args["out_ptr"]
+        return RowTerms(divergence, coef, entropy, None if hard is None else ce), lse_s, lse_t, raw_s if grad else None

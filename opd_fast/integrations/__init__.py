@@ -1,0 +1,1 @@
+"""The fused losses inside other trainers: Hugging Face models and loops (``hf``), TRL's trainers (``trl``)."""
