@@ -20,7 +20,8 @@ The recorded sampler log-prob of a token is that of the distribution it was draw
 for kept tokens, the teacher's for replaced ones. Scoring and the loss are unchanged: every position
 is still scored by the teacher's full distribution.
 
-Public API: ``Corrector`` (per run), ``CorrectedDecode`` (per rollout, driven by ``rollout``).
+Public API: ``Corrector`` (per run), ``CorrectedDecode`` (per rollout, driven by ``rollout``),
+``correction_metrics`` (a step's metrics row entries).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from transformers import DynamicCache, PreTrainedTokenizerBase
 from .config import CorrectionConfig, RolloutConfig
 from .data import Prompt
 from .models import Teacher, forward_hidden, head_logits
-from .rollout import sample_tokens
+from .rollout import RolloutBatch, sample_tokens
 from .score import Router
 
 
@@ -136,3 +137,21 @@ class CorrectedDecode:
         if c.min_prob > 0:
             flagged |= (z_token - torch.logsumexp(z, -1, keepdim=True)).squeeze(-1) < math.log(c.min_prob)
         return flagged
+
+
+def correction_metrics(batches: list[RolloutBatch], router: Router, rate: float) -> dict[str, float]:
+    """A step's ``correction_rate`` and ``corrected_fraction`` (replaced / completion tokens), overall and per
+    teacher (``corrected_fraction/teacher/<name>``): a teacher that rejects far more than the others do
+    disagrees with the student, or with them, more."""
+    corrected: dict[str, int] = {}
+    tokens: dict[str, int] = {}
+    for batch in batches:
+        lengths = batch.completion_mask.sum(1)
+        per_row = torch.zeros_like(lengths) if batch.corrected_mask is None else batch.corrected_mask.sum(1)
+        for name, rows in router.route([p.domain for p in batch.prompts]).items():
+            corrected[name] = corrected.get(name, 0) + int(per_row[rows].sum())
+            tokens[name] = tokens.get(name, 0) + int(lengths[rows].sum())
+    row = {"correction_rate": rate, "corrected_fraction": sum(corrected.values()) / max(1, sum(tokens.values()))}
+    for name in sorted(tokens):
+        row[f"corrected_fraction/teacher/{name}"] = corrected[name] / max(1, tokens[name])
+    return row

@@ -36,7 +36,7 @@ from . import preflight, run_dir
 from .async_rollout import RolloutProducer, StepRollouts
 from .checkpoint import load_state, rng_state, save_checkpoint, set_rng_state
 from .config import RunConfig, config_to_dict, uses_importance_weights
-from .correction import Corrector
+from .correction import Corrector, correction_metrics
 from .data import Prompt, load_examples, prompt_source, prompt_text
 from .evaluate import Verifiers, evaluate
 from .learn import ImportanceWeights, Learner, MicroStats
@@ -245,8 +245,7 @@ class Trainer:
             "skipped_steps": self.learner.skipped,
         }
         if self.corrector is not None and batches[0].source == "student":
-            row["correction_rate"] = self.corrector.rate(step)
-            row["corrected_fraction"] = sum(b.num_corrected for b in batches) / max(1, num_items)
+            row.update(correction_metrics(batches, self.router, self.corrector.rate(step)))
         if self.config.run.max_staleness >= 1:
             row["async/staleness"] = (step - 1) - plan.version
             row["async/dropped_samples"] = self.dropped_samples

@@ -132,13 +132,23 @@ def test_rate_schedule_hands_control_back() -> None:
     assert {schedule(CorrectionConfig(topk=2, rate=0.3)).rate(s) for s in (1, 50, 10_000)} == {0.3}
 
 
-def test_trainer_logs_exact_corrected_fraction_and_stops_correcting_after_the_schedule(
+def test_trainer_logs_exact_corrected_fractions_and_stops_correcting_after_the_schedule(
         make_config, tmp_path: Path) -> None:
     cfg = make_config(tmp_path, rollout={"correction": {"min_prob": 1.0, "decay_steps": 1}}, optim={"steps": 2})
     trainer = Trainer(cfg)
     first, second = trainer.train_step(), trainer.train_step()
-    assert (first["correction_rate"], first["corrected_fraction"]) == (1.0, 1.0)
-    assert (second["correction_rate"], second["corrected_fraction"]) == (0.0, 0.0)
+    for row, rate in ((first, 1.0), (second, 0.0)):
+        fractions = {v for k, v in row.items() if k.startswith("corrected_fraction")}  # overall and per teacher
+        assert (row["correction_rate"], fractions) == (rate, {rate})
+
+
+def test_per_teacher_corrected_fractions_add_up_by_token_share(make_config, tmp_path: Path) -> None:
+    row = Trainer(make_config(tmp_path, rollout={"correction": {"topk": 3}})).train_step()
+    teachers = [k.removeprefix("token_share/teacher/") for k in row if k.startswith("token_share/teacher/")]
+    assert sorted(teachers) == ["ta", "tb"] and all(f"corrected_fraction/teacher/{t}" in row for t in teachers)
+    by_teacher = sum(row[f"corrected_fraction/teacher/{t}"] * row[f"token_share/teacher/{t}"] for t in teachers)
+    assert 0 < row["corrected_fraction"] < 1
+    assert by_teacher == pytest.approx(row["corrected_fraction"], rel=1e-9)
 
 
 def test_resume_continues_the_corrected_rollouts_exactly(make_config, tmp_path: Path) -> None:
