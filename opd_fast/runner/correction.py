@@ -20,6 +20,11 @@ The recorded sampler log-prob of a token is that of the distribution it was draw
 for kept tokens, the teacher's for replaced ones. Scoring and the loss are unchanged: every position
 is still scored by the teacher's full distribution.
 
+Cost: one forward of each routed teacher per decode step, batched over its rows (a teacher whose rows
+have all finished is no longer run), on the rollout's thread. Teachers are frozen and run under
+no_grad with a cache of their own, so this decode may overlap the score stage's forward of the same
+teacher (strict mode's worker, async mode's learner).
+
 Public API: ``Corrector`` (per run), ``CorrectedDecode`` (per rollout, driven by ``rollout``),
 ``correction_metrics`` (a step's metrics row entries).
 """
