@@ -408,10 +408,10 @@ def _validate_correction(c: RunConfig) -> None:
     _require(k.decay_steps >= 0, "rollout.correction.decay_steps", "must be >= 0 (0 = constant rate)", k.decay_steps)
     _require(c.loss.signal != "sampled" or c.loss.kd_weight == 0, "rollout.correction",
              "cannot be used with loss.signal = 'sampled': its single-sample estimate assumes the student drew "
-             "each token, and corrected tokens are the teacher's", k)
+             "each token, and corrected tokens are the teacher's (loss.signal)", c.loss.signal)
     _require(c.loss.verifier_weight == 0, "rollout.correction",
              "cannot be used with loss.verifier_weight > 0: the policy-gradient term is an on-policy estimator "
-             "and corrected completions are partly the teacher's", k)
+             "and corrected completions are partly the teacher's (loss.verifier_weight)", c.loss.verifier_weight)
 
 
 def validate_config(c: RunConfig) -> None:
