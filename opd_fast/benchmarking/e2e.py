@@ -129,7 +129,8 @@ def arithmetic_prompts(n: int, seed: int) -> list[dict[str, str]]:
 def prepare(cfg: E2EConfig, vocab: int) -> Path:
     """Save the models, tokenizer and prompts for ``vocab`` under the cache directory (once per spec)."""
     spec = cfg.model_spec(vocab)
-    root = Path(cfg.cache_dir) / (f"v{vocab}_t{spec.teacher_hidden}x{spec.teacher_layers}"
+    # Absolute: the opd-fast arms' configs live in their run directories and resolve relative paths there.
+    root = Path(cfg.cache_dir).resolve() / (f"v{vocab}_t{spec.teacher_hidden}x{spec.teacher_layers}"
                                   f"_s{spec.student_hidden}x{spec.student_layers}")
     marker = root / MODEL_SPEC_FILE
     want = {**asdict(spec), "num_prompts": cfg.num_prompts, "seed": cfg.seed}
@@ -206,7 +207,7 @@ def run_arm(arm: Arm, vocab: int, root: Path, cfg: E2EConfig, out_dir: Path) -> 
 
 def run_e2e(cfg: E2EConfig, out_dir: str | Path, log: Callable[[str], None] = print) -> list[ArmResult]:
     """Every arm at every vocabulary, ``rounds`` times in rotated order; results per (arm, vocab)."""
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir).resolve()  # the arms run with their run directory as the config base
     results: list[ArmResult] = []
     for vocab in cfg.vocab_sizes:
         root = prepare(cfg, vocab)

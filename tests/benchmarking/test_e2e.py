@@ -79,11 +79,13 @@ def test_stage_medians_over_steps():
 
 
 @pytest.mark.slow
-def test_quick_mode_runs_both_sides_end_to_end(tmp_path, capsys):
-    """Real subprocesses: opd-fast train and TRL's GKDTrainer on the toy models (tens of seconds)."""
+def test_quick_mode_runs_both_sides_end_to_end(tmp_path, capsys, monkeypatch):
+    """Real subprocesses: opd-fast train and TRL's GKDTrainer on the toy models (tens of seconds). The cache and
+    run directories are relative, as with the command's defaults."""
     pytest.importorskip("trl")
+    monkeypatch.chdir(tmp_path)
     out = tmp_path / "e2e.json"
-    assert main(["bench", "e2e", "--quick", "--cache-dir", str(tmp_path / "cache"), "--out-dir", str(tmp_path / "runs"),
+    assert main(["bench", "e2e", "--quick", "--cache-dir", "cache", "--out-dir", "runs",
                  "--json", str(out), "--plot", str(tmp_path / "e2e.png")]) == 0
     data = json.loads(out.read_text())
     by_arm = {r["arm"]: r for r in data["results"]}
