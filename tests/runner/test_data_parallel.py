@@ -1,0 +1,124 @@
+"""Data-parallel training (``runner.distributed``): 2 gloo processes against one process.
+
+The comparison needs the same rollouts on both sides, but each rank samples from its own RNG stream by
+design; so the runs decode greedily (``rollout.temperature = 0``), which makes every completion a function
+of the weights and the prompt alone. Equal per-step losses over two steps then also prove the gradients:
+step 2's loss is computed on the weights the summed step-1 gradient produced.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from opd_fast.runner.checkpoint import checkpoints
+from opd_fast.runner.config import RunConfig
+from opd_fast.runner.distributed import DataParallel, check_config, rank_seed
+from opd_fast.runner.metrics import read_metrics
+from opd_fast.runner.trainer import train
+
+TIMEOUT_S = 120  # the spawned group is killed past this: a hang fails the test instead of blocking CI
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank(rank: int, world: int, port: int, runs: list[tuple[str, RunConfig, int | None]], results: str) -> None:
+    """One torchrun-like rank: the environment torchrun would set, then each run; a ``ValueError`` is a result."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    out: dict[str, object] = {}
+    for name, config, stop_after in runs:
+        try:
+            out[name] = train(config, stop_after=stop_after)
+        except ValueError as exc:
+            out[name] = f"ValueError: {exc}"
+    Path(results, f"rank{rank}.json").write_text(json.dumps(out))
+
+
+def _spawn(world: int, runs: list[tuple[str, RunConfig, int | None]], results: Path) -> list[dict]:
+    ctx = mp.spawn(_rank, args=(world, _free_port(), runs, str(results)), nprocs=world, join=False)
+    deadline = time.monotonic() + TIMEOUT_S
+    try:
+        while not ctx.join(timeout=1):
+            if time.monotonic() > deadline:
+                pytest.fail(f"the {world}-process run did not finish in {TIMEOUT_S} s")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+    return [json.loads((results / f"rank{r}.json").read_text()) for r in range(world)]
+
+
+COMPARED = ("loss", "tokens", "completion_len", "truncation_rate", "grad_norm", "divergence/teacher/ta",
+            "divergence/teacher/tb", "divergence/domain/a", "divergence/domain/b")
+
+
+def test_two_processes_match_one_and_resume_in_one(make_config, tmp_path: Path) -> None:
+    sections = {"rollout": {"temperature": 0.0}, "loss": {"sft_weight": 0.5},
+                "optim": {"steps": 3, "schedule": "constant", "warmup_steps": 0},
+                "metrics": {"progress": False, "tensorboard": False, "samples_every": 1}}
+    bad = make_config(tmp_path / "bad", **{**sections, "data": {"prompts_per_step": 3}})
+    dp_config = make_config(tmp_path / "dp", **sections)
+    results = tmp_path / "results"
+    results.mkdir()
+    ranks = _spawn(2, [("bad", bad, None), ("dp", dp_config, 2)], results)
+
+    for r, out in enumerate(ranks):  # refused on every rank, before any collective (so nothing hangs)
+        assert "data.prompts_per_step" in out["bad"] and "world size 2" in out["bad"], (r, out["bad"])
+    assert ranks[0]["dp"] == {**ranks[1]["dp"], "steps_per_s": ranks[0]["dp"]["steps_per_s"],
+                              "tokens_per_s": ranks[0]["dp"]["tokens_per_s"]}
+    dp_dir = tmp_path / "dp"
+    assert [r["step"] for r in read_metrics(dp_dir)] == [1, 2]  # one row per step: rank 0 alone writes
+    assert [p.name for p in checkpoints(dp_dir)] == ["step-00000002"]
+    assert len((dp_dir / "config_history.jsonl").read_text().splitlines()) == 1
+    assert {r["step"] for r in read_metrics(dp_dir, "samples.jsonl")} == {1, 2}
+
+    one = train(make_config(tmp_path / "one", **sections))
+    assert one["steps"] == 3
+    resumed = train(dp_config, resume=True)  # the 2-process checkpoint, continued in one process
+    assert resumed["steps_run"] == 1
+    expected = read_metrics(tmp_path / "one")
+    got = read_metrics(dp_dir)
+    assert [r["step"] for r in got] == [1, 2, 3]
+    for want, row in zip(expected, got, strict=True):
+        for key in COMPARED:
+            assert row[key] == pytest.approx(want[key], rel=1e-5, abs=1e-7), (row["step"], key)
+
+
+@pytest.mark.parametrize(("sections", "key"), [
+    ({"data": {"prompts_per_step": 3}}, "data.prompts_per_step"),
+    ({"run": {"max_staleness": 1}}, "run.max_staleness"),
+    ({"loss": {"reward_models": {"a": "some/reward-model"}}}, "loss.reward_models"),
+    ({"run": {"device": "mps"}}, "run.device"),
+])
+def test_refused_with_more_than_one_process(make_config, tmp_path: Path, sections: dict, key: str) -> None:
+    config = make_config(tmp_path, **sections)
+    check_config(config, 1)  # one process: nothing to refuse
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        check_config(config, 2)
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_shards_tile_the_step_batch_in_rank_order(world: int) -> None:
+    batch = list(range(8))
+    shards = [DataParallel(world, r).shard(batch) for r in range(world)]
+    assert [x for s in shards for x in s] == batch
+    assert {len(s) for s in shards} == {8 // world}
+
+
+def test_rank_seeds() -> None:
+    assert rank_seed(7, 0, 0) == rank_seed(7, 0, 5) == 7  # rank 0: the one-process stream, restored on resume
+    seeds = {rank_seed(7, r, s) for r in (1, 2) for s in (0, 5)}
+    assert len(seeds) == 4 and 7 not in seeds  # other ranks: their own streams, fresh after a resume
