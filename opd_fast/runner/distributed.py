@@ -147,17 +147,18 @@ class DataParallel:
             return fn()
         dist.barrier()
         box: list[Any] = [None]
+        failure: Exception | None = None
         if self.is_main:
             try:
                 box[0] = ("ok", fn())
-            except Exception as exc:  # noqa: BLE001 - re-raised below, after the other ranks were told
-                box[0] = ("error", exc)
+            except Exception as exc:  # re-raised below, once the other ranks were told
+                failure, box[0] = exc, ("error", f"{type(exc).__name__}: {exc}")
         dist.broadcast_object_list(box, src=0)
         kind, value = box[0]
+        if failure is not None:
+            raise failure
         if kind == "error":
-            if self.is_main:
-                raise value
-            raise RuntimeError(f"rank 0 failed: {type(value).__name__}: {value}")
+            raise RuntimeError(f"rank 0 failed: {value}")
         return value
 
     def broadcast_parameters(self, module: torch.nn.Module) -> None:
