@@ -10,7 +10,8 @@ fixes the loss normalization; each micro-batch is then scored by its domain's te
 learned from (``Learner.micro_step``); one optimizer step ends the step. Stages only pass plain data (``Prompt``
 lists, ``RolloutBatch``, ``ScoredBatch``), so the pipelined modes overlap them without changing what
 they compute. Every stage run is an interval of the ``Timeline`` (``timeline.py``), which gives the
-step's stage times and overlap metrics and ``RUN_DIR/timeline.jsonl``.
+step's stage times and overlap metrics and ``RUN_DIR/timeline.jsonl``. Under ``torchrun`` every rank runs
+the loop on its share of each step's prompt groups, and rank 0 writes the run's files (``distributed.py``).
 
 Public API (stable): ``train(config, *, resume=False, overwrite=False, stop_after=None) -> dict``
 (summary: steps, final_loss, steps_per_s, tokens_per_s, skipped_steps, run_dir, checkpoint, eval,
