@@ -3,8 +3,8 @@
 Public API (stable, used by the demo and the CLI):
 
 - ``RunConfig`` and its sections (``RunSection``, ``StudentConfig``, ``TeacherConfig``, ``DataConfig``,
-  ``RolloutConfig``, ``LossConfig``, ``OptimConfig``, ``CheckpointConfig``, ``MetricsConfig``,
-  ``EvalConfig``): plain dataclasses with defaults, so code can also build a config directly.
+  ``RolloutConfig`` (with ``CorrectionConfig``), ``LossConfig``, ``OptimConfig``, ``CheckpointConfig``,
+  ``MetricsConfig``, ``EvalConfig``): plain dataclasses with defaults, so code can also build a config directly.
 - ``load_config(path, overrides=())``: read TOML, apply ``--set key=value`` overrides
   (``"optim.lr=1e-3"``, ``"teachers.main.weight=2"``; values parsed as TOML, falling back to strings),
   and validate.
@@ -90,6 +90,9 @@ class TeacherConfig:
     # Domains routed to this teacher; empty = every domain not claimed by another teacher.
     domains: list[str] = field(default_factory=list)
     weight: float = 1.0
+    # Loss temperature on this teacher's rows (student and teacher logits alike), to calibrate a teacher
+    # whose distribution is sharper or flatter than the others'; unset = loss.temperature.
+    temperature: float | None = None
     attn_implementation: str = "sdpa"
     trust_remote_code: bool = False
 
@@ -117,6 +120,17 @@ class DataConfig:
 
 
 @dataclass
+class CorrectionConfig:
+    """Teacher-corrected rollouts (runner/correction.py): a student token the routed teacher rejects is
+    replaced by a teacher sample."""
+
+    topk: int = 0  # reject a token outside the teacher's top-k; 0 = no rank rule
+    min_prob: float = 0.0  # reject a token the teacher gives less probability (rollout temperature); 0 = none
+    rate: float = 1.0  # probability that a rejected token is replaced, at step 1
+    decay_steps: int = 0  # rate falls linearly to 0 at step decay_steps + 1 (then no teacher decode); 0 = constant
+
+
+@dataclass
 class RolloutConfig:
     max_new_tokens: int = 32
     temperature: float = 1.0
@@ -124,6 +138,7 @@ class RolloutConfig:
     top_k: int = 0
     stop: list[str] = field(default_factory=list)
     micro_batch_size: int = 8
+    correction: CorrectionConfig | None = None  # student rollouts only; off-policy and eval ones never
 
 
 @dataclass
@@ -379,6 +394,26 @@ def _choice(key: str, value: str, options: tuple[str, ...]) -> None:
     _require(value in options, key, f"must be one of {options}", value)
 
 
+def _validate_correction(c: RunConfig) -> None:
+    """Corrected rollouts feed the loss states the student reached partly on teacher tokens. Full-vocabulary
+    and top-k terms are exact expectations at each state, so they stay valid (in async mode too: teachers are
+    frozen and the schedule is the rollout's own step); sampled-token estimators assume the student drew
+    every token, so they are refused."""
+    k = c.rollout.correction
+    _require(k.topk >= 0, "rollout.correction.topk", "must be >= 0 (0 = no rank rule)", k.topk)
+    _require(0 <= k.min_prob <= 1, "rollout.correction.min_prob", "must be in [0, 1] (0 = no threshold)", k.min_prob)
+    _require(k.topk > 0 or k.min_prob > 0, "rollout.correction", "rejects nothing with topk = 0 and min_prob = 0; "
+             "set one of them or remove the section", k)
+    _require(0 <= k.rate <= 1, "rollout.correction.rate", "must be in [0, 1]", k.rate)
+    _require(k.decay_steps >= 0, "rollout.correction.decay_steps", "must be >= 0 (0 = constant rate)", k.decay_steps)
+    _require(c.loss.signal != "sampled" or c.loss.kd_weight == 0, "rollout.correction",
+             "cannot be used with loss.signal = 'sampled': its single-sample estimate assumes the student drew "
+             "each token, and corrected tokens are the teacher's (loss.signal)", c.loss.signal)
+    _require(c.loss.verifier_weight == 0, "rollout.correction",
+             "cannot be used with loss.verifier_weight > 0: the policy-gradient term is an on-policy estimator "
+             "and corrected completions are partly the teacher's (loss.verifier_weight)", c.loss.verifier_weight)
+
+
 def validate_config(c: RunConfig) -> None:
     """Check value ranges and cross-field rules; every error names the dotted key."""
     _choice("run.dtype", c.run.dtype, DTYPES)
@@ -398,6 +433,8 @@ def validate_config(c: RunConfig) -> None:
     for name, t in c.teachers.items():
         _require(bool(t.path), f"teachers.{name}.path", "must name a model directory or a model id", t.path)
         _require(t.weight > 0, f"teachers.{name}.weight", "must be > 0", t.weight)
+        _require(t.temperature is None or t.temperature > 0, f"teachers.{name}.temperature", "must be > 0",
+                 t.temperature)
         _choice(f"teachers.{name}.dtype", t.dtype, ("", *DTYPES))
     d = c.data
     _require(bool(d.prompts) != bool(d.task), "data.prompts", "xor data.task must be set (exactly one)",
@@ -420,6 +457,8 @@ def validate_config(c: RunConfig) -> None:
     _require(0 < r.top_p <= 1, "rollout.top_p", "must be in (0, 1]", r.top_p)
     _require(r.top_k >= 0, "rollout.top_k", "must be >= 0 (0 = off)", r.top_k)
     _require(r.micro_batch_size >= 1, "rollout.micro_batch_size", "must be >= 1", r.micro_batch_size)
+    if r.correction is not None:
+        _validate_correction(c)
     lo = c.loss
     _choice("loss.divergence", lo.divergence, DIVERGENCES)
     _choice("loss.signal", lo.signal, SIGNALS)

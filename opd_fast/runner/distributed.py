@@ -26,8 +26,9 @@ batch as one process:
   stopping stops every rank after the same step.
 
 Not supported with more than one process, refused with an error naming the key: async rollouts
-(``run.max_staleness``) and reward models (``loss.reward_models``, whose running per-domain standardization
-would drift apart across ranks). FSDP2 sharding of the student is not built.
+(``run.max_staleness``), reward models (``loss.reward_models``, whose running per-domain standardization
+would drift apart across ranks) and teacher-corrected rollouts (``rollout.correction``, whose generator and
+metrics are per process). FSDP2 sharding of the student is not built.
 
 Public API: ``DataParallel``, ``data_parallel`` (context manager), ``check_config``, ``rank_seed``,
 ``world_from_env``.
@@ -74,6 +75,9 @@ def check_config(config: RunConfig, world_size: int) -> None:
     if config.loss.reward_models:
         raise ValueError(f"config key 'loss.reward_models' is not supported with {world_size} processes (its "
                          "running per-domain standardization is per process); use verifiers or run one process")
+    if config.rollout.correction is not None:
+        raise ValueError(f"config key 'rollout.correction' is not supported with {world_size} processes (its "
+                         "teacher-draw generator and corrected-token fractions are per process); run one process")
     if not (config.run.device == "cpu" or config.run.device.startswith("cuda")):
         raise ValueError(f"config key 'run.device' = {config.run.device!r}: data parallel runs on 'cpu' (gloo) "
                          "or 'cuda' (nccl)")

@@ -3,7 +3,10 @@
 Per micro-batch: the student's final hidden states at the positions predicting completion tokens
 meet each teacher's signal in ``opd_fast.fused_linear_kl`` (or the top-k / sampled-token losses).
 Every term is divided by ``num_items`` = the number of completion tokens of the *whole step* (all
-micro-batches), so gradient accumulation gives the same gradient as one big batch. Optional terms:
+micro-batches), so gradient accumulation gives the same gradient as one big batch. Each teacher's term
+has its own weight and temperature (``Teacher.weight``, ``Teacher.temperature``, default the loss's), and
+its divergence, the student's entropy and its share of the tokens are kept per teacher, so a teacher
+whose signal disagrees with the others shows in the metrics. Optional terms:
 
 - SFT / hard labels: cross-entropy on dataset reference completions (``sft_weight``), normalized by
   the step's reference-token count.
@@ -68,6 +71,8 @@ class MicroStats:
     entropy_sum: float = 0.0
     divergence_sum: dict[str, float] = field(default_factory=dict)  # key "teacher/<name>" or "domain/<name>"
     divergence_tokens: dict[str, int] = field(default_factory=dict)
+    teacher_entropy_sum: dict[str, float] = field(default_factory=dict)  # student entropy on each teacher's rows
+    teacher_tokens: dict[str, int] = field(default_factory=dict)  # completion tokens routed to each teacher
     per_sample_divergence: list[float] = field(default_factory=list)  # mean per token, per row
     importance_sum: float = 0.0  # sum and count of the importance weights applied (async mode)
     importance_tokens: int = 0
@@ -126,11 +131,11 @@ class Learner:
         """One teacher's weighted loss and per-token (divergence, entropy) stats for its rows;
         ``token_weights`` (importance weights of the rows' tokens) weight the sampled-token form only."""
         cfg, head, teacher = self.loss_cfg, self.student.head, self.teachers[ts.teacher]
-        weight = teacher.weight * cfg.kd_weight
+        weight, temperature = teacher.weight * cfg.kd_weight, teacher.loss_temperature(cfg.temperature)
         if cfg.signal == "hidden":
             loss, st = opd_fast.fused_linear_kl(
                 hs, head.weight, ts.hidden, ts.head.weight, divergence=cfg.divergence, beta=cfg.beta,
-                temperature=cfg.temperature, reduction="mean", num_items=num_items,
+                temperature=temperature, reduction="mean", num_items=num_items,
                 vocab_size=teacher.vocab_size, backend=cfg.backend, return_stats=True,
                 **head.loss_kwargs("student"), **ts.head.loss_kwargs("teacher"),
             )
@@ -138,14 +143,14 @@ class Learner:
         if cfg.signal == "topk":
             loss, st = opd_fast.fused_linear_kl_topk(
                 hs, head.weight, ts.topk_ids, ts.topk_logprobs, divergence=cfg.divergence, beta=cfg.beta,
-                temperature=cfg.temperature, reduction="mean", num_items=num_items, student_bias=head.bias,
+                temperature=temperature, reduction="mean", num_items=num_items, student_bias=head.bias,
                 student_logit_scale=head.scale, student_softcap=head.softcap, vocab_size=teacher.vocab_size,
                 backend=cfg.backend, return_stats=True,
             )
             return weight * loss, st.get("divergence"), st.get("student_entropy")
         # "sampled": score-function gradient of the single-sample reverse-KL estimate log q(y) - log p(y).
         targets = batch.target_ids(ts.rows).to(hs.device)
-        log_q = token_logprobs(hs, head, targets, cfg.temperature)
+        log_q = token_logprobs(hs, head, targets, temperature)
         estimate = log_q.detach() - ts.token_logprobs
         per_token = estimate * log_q if token_weights is None else token_weights * estimate * log_q
         return weight * per_token.sum() / num_items, estimate, None
@@ -175,6 +180,11 @@ class Learner:
             rows_weights = None if weights is None else weights[torch.isin(row_of_token, ts.rows).to(weights.device)]
             loss, div, ent = self._teacher_loss(hs, ts, batch, num_items, rows_weights)
             total = total + loss
+            out.teacher_tokens[ts.teacher] = out.teacher_tokens.get(ts.teacher, 0) + hs.shape[0]
+            if ent is not None:
+                ent_sum = float(ent.detach().float().sum())
+                out.entropy_sum += ent_sum
+                out.teacher_entropy_sum[ts.teacher] = out.teacher_entropy_sum.get(ts.teacher, 0.0) + ent_sum
             if div is None:
                 continue
             div = div.detach().float().cpu()
@@ -184,8 +194,6 @@ class Learner:
             self._add(out, f"teacher/{ts.teacher}", float(div.sum()), div.numel())
             for r, c, d in zip(ts.rows.tolist(), counts.tolist(), torch.split(div, counts.tolist()), strict=True):
                 self._add(out, f"domain/{batch.prompts[r].domain}", float(d.sum()), c)
-            if ent is not None:
-                out.entropy_sum += float(ent.detach().float().sum())
         lengths = torch.tensor(batch.completion_lengths()).clamp(min=1)
         out.per_sample_divergence = (row_div / lengths).tolist()
         if advantages is not None and cfg.verifier_weight > 0:

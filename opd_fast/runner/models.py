@@ -87,12 +87,17 @@ class LoadedModel:
 @dataclass
 class Teacher:
     """One configured teacher: its model, the vocabulary size the loss compares, its loss weight and
-    the domains routed to it (empty = every domain no other teacher claims)."""
+    temperature (None = the loss's) and the domains routed to it (empty = every domain no other teacher
+    claims)."""
 
     model: LoadedModel
     vocab_size: int
     weight: float = 1.0
     domains: list[str] = field(default_factory=list)
+    temperature: float | None = None
+
+    def loss_temperature(self, default: float) -> float:
+        return default if self.temperature is None else self.temperature
 
     @property
     def name(self) -> str:
@@ -329,5 +334,5 @@ def load_run_models(
                            dtype=t.dtype or r.dtype, device=r.device, attn_implementation=t.attn_implementation,
                            trust_remote_code=t.trust_remote_code)
         vocab = check_compatible(student, model, config.data.chat_template)
-        teachers[name] = Teacher(model, vocab, t.weight, list(t.domains))
+        teachers[name] = Teacher(model, vocab, t.weight, list(t.domains), t.temperature)
     return student, teachers

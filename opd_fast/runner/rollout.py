@@ -7,7 +7,9 @@ per-row Python work beyond the stop-string check, which decodes a short tail win
 row (``StopStrings``) instead of its whole completion; the attention mask and positions are updated
 in place rather than rebuilt from the whole mask. The recorded log-prob of a token is its
 log-probability under the distribution it was actually drawn from (after temperature / top-k /
-top-p; under the raw model for greedy), which is what importance-sampling corrections need.
+top-p; under the raw model for greedy), which is what importance-sampling corrections need. With a
+``CorrectedDecode`` (``correction.py``) the routed teachers decode beside the student and may replace
+each sampled token; the batch's ``corrected_mask`` marks those tokens.
 
 Public API: ``RolloutBatch`` (plain data handed to scoring and learning), ``rollout`` and
 ``from_completions`` (off-policy batches: dataset references or any given texts), ``sample_tokens``,
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import DynamicCache, PreTrainedTokenizerBase, PreTrainedTokenizerFast
@@ -26,6 +29,9 @@ from .config import RolloutConfig
 from .data import Prompt, encode_prompt
 from .models import LoadedModel, forward_hidden, head_logits
 
+if TYPE_CHECKING:
+    from .correction import CorrectedDecode
+
 
 @dataclass
 class RolloutBatch:
@@ -33,7 +39,8 @@ class RolloutBatch:
 
     ``completion_mask`` is True at completion tokens (EOS included); position ``j`` of the model's
     output predicts token ``j + 1``, so ``target_mask = completion_mask[:, 1:]`` selects the states
-    whose next-token distributions are distilled.
+    whose next-token distributions are distilled. ``corrected_mask`` (corrected rollouts only) is True
+    at the completion tokens a teacher drew in place of the student's.
     """
 
     prompts: list[Prompt]
@@ -44,6 +51,7 @@ class RolloutBatch:
     completions: list[str]
     truncated: list[bool]
     source: str = "student"  # "student" | "teacher" | "dataset"
+    corrected_mask: torch.Tensor | None = None
 
     @property
     def target_mask(self) -> torch.Tensor:
@@ -77,6 +85,10 @@ class RolloutBatch:
     @property
     def num_tokens(self) -> int:
         return int(self.completion_mask.sum())
+
+    @property
+    def num_corrected(self) -> int:
+        return 0 if self.corrected_mask is None else int(self.corrected_mask.sum())
 
     def completion_lengths(self) -> list[int]:
         return self.completion_mask.sum(1).tolist()
@@ -207,8 +219,10 @@ def rollout(
     *,
     chat_template: bool = False,
     source: str = "student",
+    correction: CorrectedDecode | None = None,
 ) -> RolloutBatch:
-    """Sample one completion per prompt with ``lm`` (student, or a teacher for off-policy batches)."""
+    """Sample one completion per prompt with ``lm`` (student, or a teacher for off-policy batches); with
+    ``correction``, the routed teachers vet and may replace every sampled token."""
     tok = lm.tokenizer
     prompt_ids = [encode_prompt(tok, p.prompt, chat_template) for p in prompts]
     device = lm.device
@@ -229,13 +243,16 @@ def rollout(
     positions = None  # the prefill computes its own from the prompt mask
     done = torch.zeros(b, dtype=torch.bool, device=device)
     stops = StopStrings(tok, cfg.stop, b) if cfg.stop else None
-    steps: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    steps: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
     for step in range(cfg.max_new_tokens):
         hidden, cache = forward_hidden(lm, step_ids, mask[:, :p_len + step], cache=cache, positions=positions)
         tokens, lps = sample_tokens(head_logits(hidden[:, -1], head), cfg.temperature, cfg.top_k, cfg.top_p, generator)
         active = ~done
+        replaced = torch.zeros_like(active)
+        if correction is not None:
+            tokens, lps, replaced = correction(step_ids, mask[:, :p_len + step], positions, tokens, lps, active)
         tokens = torch.where(active, tokens, torch.full_like(tokens, pad))
-        steps.append((tokens, lps, active))
+        steps.append((tokens, lps, active, replaced))
         done = done | torch.isin(tokens, eos)
         if stops is not None:
             done = done | stops.add(tokens, active).to(device)
@@ -246,11 +263,15 @@ def rollout(
         if bool(done.all()):
             break
     lm.model.train(was_training)
-    all_tokens, all_lps, all_active = (torch.stack(x, 1).cpu() for x in zip(*steps, strict=True))
+    all_tokens, all_lps, all_active, all_replaced = (torch.stack(x, 1).cpu() for x in zip(*steps, strict=True))
     out_tokens = [all_tokens[i][all_active[i]].tolist() for i in range(b)]
     out_lps = [all_lps[i][all_active[i]].tolist() for i in range(b)]
     truncated = [not bool(d) for d in done.tolist()]
-    return assemble(tok, prompts, prompt_ids, out_tokens, out_lps, truncated, cfg.stop, source)
+    batch = assemble(tok, prompts, prompt_ids, out_tokens, out_lps, truncated, cfg.stop, source)
+    if correction is not None:  # completion tokens in row-major order, as assemble() lays them out
+        batch.corrected_mask = torch.zeros_like(batch.completion_mask)
+        batch.corrected_mask[batch.completion_mask] = all_replaced[all_active]
+    return batch
 
 
 def from_completions(

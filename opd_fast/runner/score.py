@@ -106,7 +106,8 @@ def score(
     topk: int = 32,
     temperature: float = 1.0,
 ) -> ScoredBatch:
-    """Run each teacher on its rows; return hidden states (or top-k / sampled-token log-probs)."""
+    """Run each teacher on its rows; return hidden states (or top-k / sampled-token log-probs at the
+    teacher's own temperature, ``temperature`` when it has none)."""
     out = ScoredBatch(batch)
     for name, rows in router.route([p.domain for p in batch.prompts]).items():
         teacher = teachers[name].model
@@ -114,14 +115,14 @@ def score(
         device = teacher.device
         hidden, _ = forward_hidden(teacher, batch.input_ids[idx].to(device), batch.attention_mask[idx].to(device))
         states = batch.target_states(hidden, idx)
-        head = teacher.head
+        head, t_temperature = teacher.head, teachers[name].loss_temperature(temperature)
         scores = TeacherScores(name, idx, head)  # teacher parameters are frozen constants
         if signal == "hidden":
             scores.hidden = states
         elif signal == "topk":
-            scores.topk_ids, scores.topk_logprobs = _topk(states, head, topk, temperature)
+            scores.topk_ids, scores.topk_logprobs = _topk(states, head, topk, t_temperature)
         else:
             targets = batch.target_ids(idx).to(device)
-            scores.token_logprobs = token_logprobs(states, head, targets, temperature)
+            scores.token_logprobs = token_logprobs(states, head, targets, t_temperature)
         out.scores.append(scores)
     return out

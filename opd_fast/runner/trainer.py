@@ -37,6 +37,7 @@ from . import preflight, run_dir
 from .async_rollout import RolloutProducer, StepRollouts
 from .checkpoint import load_state, rng_state, save_checkpoint, set_rng_state
 from .config import RunConfig, config_to_dict, uses_importance_weights
+from .correction import Corrector, correction_metrics
 from .data import Prompt, load_examples, prompt_source, prompt_text
 from .distributed import DataParallel, data_parallel, rank_seed
 from .evaluate import Verifiers, evaluate
@@ -86,6 +87,9 @@ class Trainer:
                                trust_remote_code=c.loss.reward_trust_remote_code)
         self.generator = torch.Generator(c.run.device).manual_seed(rank_seed(c.run.seed, dp.rank, 0))
         self.mix_rng = random.Random(c.run.seed + 1)
+        self.corrector = None if c.rollout.correction is None else Corrector(
+            c.rollout.correction, c.rollout, self.student.tokenizer, self.teachers, self.router,
+            torch.Generator(c.run.device).manual_seed(c.run.seed + 2))
         self.step = 0
         self.dropped_samples = 0  # async mode: rollouts never learned from (in flight at a checkpoint)
         self.last_step: tuple[list[RolloutBatch], list[MicroStats]] = ([], [])
@@ -100,18 +104,22 @@ class Trainer:
             self.mix_rng.setstate(state["mix_rng"])
             self.rewards.load_state_dict(state.get("rewards", {}))
             set_rng_state(state["rng"], self.generator)  # rank 0's generator: the others re-derive theirs
+            if self.corrector is not None:  # rollout.correction cannot change on resume (run_dir.APPLIED)
+                self.corrector.generator.set_state(state["correction_rng"])
             self.step = state["step"]
             if dp.rank > 0:
                 self.generator.manual_seed(rank_seed(c.run.seed, dp.rank, self.step))
             self.dropped_samples = state.get("dropped_samples", 0) + state.get("in_flight_samples", 0)
 
     # -- stages ---------------------------------------------------------------------------------
-    def make_batch(self, lm: LoadedModel, prompts: list[Prompt], off_policy: bool) -> RolloutBatch:
-        """Rollout stage: ``lm`` (the student or its async snapshot) samples, or off-policy completions on
-        an off-policy step."""
+    def make_batch(self, step: int, lm: LoadedModel, prompts: list[Prompt], off_policy: bool) -> RolloutBatch:
+        """Rollout stage: ``lm`` (the student or its async snapshot) samples, teacher-corrected when so
+        configured, or off-policy completions on an off-policy step."""
         c = self.config
         if not off_policy:
-            return rollout(lm, prompts, c.rollout, self.generator, chat_template=c.data.chat_template)
+            correction = None if self.corrector is None else self.corrector.begin(prompts, step)
+            return rollout(lm, prompts, c.rollout, self.generator, chat_template=c.data.chat_template,
+                           correction=correction)
         if c.loss.off_policy_source == "dataset":
             return from_completions(self.student.tokenizer, prompts, [p.reference or "" for p in prompts], c.rollout,
                                     chat_template=c.data.chat_template)
@@ -138,7 +146,7 @@ class Trainer:
         batches = []
         for i, mb in enumerate(micro):
             with self.timeline.stage(step, "rollout", i):
-                batches.append(self.make_batch(lm, mb, off_policy))
+                batches.append(self.make_batch(step, lm, mb, off_policy))
             if on_batch is not None:
                 on_batch(batches[-1])
         return StepRollouts(step, off_policy, micro, batches, version=step - 1)
@@ -226,10 +234,12 @@ class Trainer:
         sums = {"loss": sum(s.loss for s in stats), "length": float(sum(lengths)), "samples": float(len(lengths)),
                 "truncated": float(sum(t for b in batches for t in b.truncated)),
                 "entropy": sum(s.entropy_sum for s in stats)}
-        for s in stats:
-            for key, value in s.divergence_sum.items():
-                sums[f"divergence/{key}"] = sums.get(f"divergence/{key}", 0.0) + value
-                sums[f"tokens/{key}"] = sums.get(f"tokens/{key}", 0.0) + s.divergence_tokens[key]
+        for s in stats:  # per teacher / domain: divergence and its tokens, routed tokens and the student's entropy
+            for key, value in [*((f"divergence/{k}", v) for k, v in s.divergence_sum.items()),
+                               *((f"tokens/{k}", v) for k, v in s.divergence_tokens.items()),
+                               *((f"routed/{k}", v) for k, v in s.teacher_tokens.items()),
+                               *((f"entropy/{k}", v) for k, v in s.teacher_entropy_sum.items())]:
+                sums[key] = sums.get(key, 0.0) + value
         with self.timeline.stage(step, "sample"), self._sampler_lock:  # every rank's feedback: same sampler state
             indices, divergences, sums = self.dp.gather_step([p.index for b in batches for p in b.prompts],
                                                              [d for s in stats for d in s.per_sample_divergence], sums)
@@ -253,6 +263,8 @@ class Trainer:
             "lr": update["lr"],
             "skipped_steps": self.learner.skipped,
         }
+        if self.corrector is not None and batches[0].source == "student":
+            row.update(correction_metrics(batches, self.router, self.corrector.rate(step)))
         if self.config.run.max_staleness >= 1:
             row["async/staleness"] = (step - 1) - plan.version
             row["async/dropped_samples"] = self.dropped_samples
@@ -263,6 +275,10 @@ class Trainer:
             row["student_entropy"] = sums["entropy"] / num_items
         for key in sorted(k.removeprefix("tokens/") for k in sums if k.startswith("tokens/")):
             row[f"divergence/{key}"] = sums[f"divergence/{key}"] / max(1.0, sums[f"tokens/{key}"])
+        for name in sorted(k.removeprefix("routed/") for k in sums if k.startswith("routed/")):
+            row[f"token_share/teacher/{name}"] = sums[f"routed/{name}"] / max(1.0, num_items)
+            if f"entropy/{name}" in sums:
+                row[f"entropy/teacher/{name}"] = sums[f"entropy/{name}"] / max(1.0, sums[f"routed/{name}"])
         return row
 
     @contextlib.contextmanager
@@ -300,6 +316,7 @@ class Trainer:
             state = {"learner": self.learner.state_dict(), "sampler": self.source.state_dict(),
                      "mix_rng": self.mix_rng.getstate(), "rewards": self.rewards.state_dict(),
                      "rng": rng_state(self.generator), "dropped_samples": self.dropped_samples,
+                     **({} if self.corrector is None else {"correction_rng": self.corrector.generator.get_state()}),
                      "in_flight_samples": in_flight, **self.run_info}
             return save_checkpoint(self.config.run.out_dir, self.step, self.student, state,
                                    self.config.checkpoint.keep, config_to_dict(self.config))

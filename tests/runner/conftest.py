@@ -43,6 +43,16 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
+def padded_teacher(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A wider Llama teacher whose head has 6 rows beyond the tokenizer's vocabulary."""
+    tok = char_tokenizer(ALPHABET)
+    model = tiny_causal_lm(tok, hidden_size=64, num_layers=1, num_heads=2, seed=5)
+    model.resize_token_embeddings(len(tok) + 6)
+    torch.nn.init.normal_(model.get_output_embeddings().weight)  # padded rows with real mass: they must be cut
+    return str(save_model(model, tok, tmp_path_factory.mktemp("padded") / "teacher"))
+
+
+@pytest.fixture(scope="session")
 def prompts_file(tmp_path_factory: pytest.TempPathFactory) -> str:
     path = tmp_path_factory.mktemp("data") / "prompts.jsonl"
     rows = [{"prompt": f"{w}=", "domain": dom, "reference": w if dom == "a" else w[::-1]}

@@ -24,7 +24,7 @@ def test_train_eval_generate_plot_commands(toml_config: Path, tmp_path: Path, ca
     assert main(["generate", str(checkpoint), "--prompt", "ab=", "--max-new-tokens", "3"]) == 0
     assert "'ab=' -> " in capsys.readouterr().out
     assert main(["plot", str(tmp_path / "out")]) == 0
-    assert (tmp_path / "out" / "plots" / "loss.png").is_file()
+    assert (tmp_path / "out" / "plots" / "dashboard.png").is_file()
 
 
 def test_bad_config_key_fails_before_any_work(toml_config: Path) -> None:

@@ -62,6 +62,7 @@ def _spawn(world: int, runs: list[tuple[str, RunConfig, int | None]], results: P
 
 
 COMPARED = ("loss", "tokens", "completion_len", "truncation_rate", "student_entropy", "grad_norm", "lr")
+PER_KEY = ("divergence/", "token_share/", "entropy/teacher/")  # per teacher and domain drawn
 
 
 def test_two_processes_match_one_and_resume_in_one(make_config, tmp_path: Path) -> None:
@@ -92,9 +93,9 @@ def test_two_processes_match_one_and_resume_in_one(make_config, tmp_path: Path) 
     got = read_metrics(dp_dir)
     assert [r["step"] for r in got] == [1, 2, 3]
     for want, row in zip(expected, got, strict=True):
-        divergences = sorted(k for k in want if k.startswith("divergence/"))  # per teacher and domain drawn
-        assert divergences == sorted(k for k in row if k.startswith("divergence/")) and divergences
-        for key in (*COMPARED, *divergences):
+        per_key = sorted(k for k in want if k.startswith(PER_KEY))
+        assert per_key == sorted(k for k in row if k.startswith(PER_KEY)) and per_key
+        for key in (*COMPARED, *per_key):
             assert row[key] == pytest.approx(want[key], rel=1e-5, abs=1e-7), (row["step"], key)
 
 
@@ -102,6 +103,7 @@ def test_two_processes_match_one_and_resume_in_one(make_config, tmp_path: Path) 
     ({"data": {"prompts_per_step": 3}}, "data.prompts_per_step"),
     ({"run": {"max_staleness": 1}}, "run.max_staleness"),
     ({"loss": {"reward_models": {"a": "some/reward-model"}, "verifier_weight": 0.5}}, "loss.reward_models"),
+    ({"rollout": {"correction": {"topk": 2}}}, "rollout.correction"),
     ({"run": {"device": "mps"}}, "run.device"),
 ])
 def test_refused_with_more_than_one_process(make_config, tmp_path: Path, sections: dict, key: str) -> None:
