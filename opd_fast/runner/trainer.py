@@ -57,6 +57,23 @@ def _chunks(items: list[Prompt], size: int) -> list[list[Prompt]]:
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
+def _step_sums(batches: list[RolloutBatch], stats: list[MicroStats]) -> dict[str, float]:
+    """The additive quantities behind a step's metrics row, over this process's batches (a data-parallel run
+    sums them over the ranks): loss, completion lengths, truncations, entropy and, per teacher or domain key,
+    divergence and its tokens, routed tokens and the student's entropy there."""
+    lengths = [n for b in batches for n in b.completion_lengths()]
+    sums = {"loss": sum(s.loss for s in stats), "length": float(sum(lengths)), "samples": float(len(lengths)),
+            "truncated": float(sum(t for b in batches for t in b.truncated)),
+            "entropy": sum(s.entropy_sum for s in stats)}
+    for s in stats:
+        for key, value in [*((f"divergence/{k}", v) for k, v in s.divergence_sum.items()),
+                           *((f"tokens/{k}", v) for k, v in s.divergence_tokens.items()),
+                           *((f"routed/{k}", v) for k, v in s.teacher_tokens.items()),
+                           *((f"entropy/{k}", v) for k, v in s.teacher_entropy_sum.items())]:
+            sums[key] = sums.get(key, 0.0) + value
+    return sums
+
+
 class Trainer:
     """Everything a run needs, loaded and checked at start-up (models, routing, data, learner)."""
 
@@ -230,19 +247,10 @@ class Trainer:
         step, t_start = self.step + 1, time.perf_counter()
         plan, stats, update, num_items = self.step_work(step)
         batches = plan.batches
-        lengths = [n for b in batches for n in b.completion_lengths()]
-        sums = {"loss": sum(s.loss for s in stats), "length": float(sum(lengths)), "samples": float(len(lengths)),
-                "truncated": float(sum(t for b in batches for t in b.truncated)),
-                "entropy": sum(s.entropy_sum for s in stats)}
-        for s in stats:  # per teacher / domain: divergence and its tokens, routed tokens and the student's entropy
-            for key, value in [*((f"divergence/{k}", v) for k, v in s.divergence_sum.items()),
-                               *((f"tokens/{k}", v) for k, v in s.divergence_tokens.items()),
-                               *((f"routed/{k}", v) for k, v in s.teacher_tokens.items()),
-                               *((f"entropy/{k}", v) for k, v in s.teacher_entropy_sum.items())]:
-                sums[key] = sums.get(key, 0.0) + value
         with self.timeline.stage(step, "sample"), self._sampler_lock:  # every rank's feedback: same sampler state
             indices, divergences, sums = self.dp.gather_step([p.index for b in batches for p in b.prompts],
-                                                             [d for s in stats for d in s.per_sample_divergence], sums)
+                                                             [d for s in stats for d in s.per_sample_divergence],
+                                                             _step_sums(batches, stats))
             self.source.update(indices, divergences)
         self.step = step
         if self.producer is not None:
