@@ -34,7 +34,7 @@ def _free_port() -> int:
 
 
 def _rank(rank: int, world: int, port: int, runs: list[tuple[str, RunConfig, int | None]], results: str) -> None:
-    """One torchrun-like rank: the environment torchrun would set, then each run; a ``ValueError`` is a result."""
+    """One torchrun-like rank: the environment torchrun would set, then each run; an error is a result."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
@@ -42,8 +42,8 @@ def _rank(rank: int, world: int, port: int, runs: list[tuple[str, RunConfig, int
     for name, config, stop_after in runs:
         try:
             out[name] = train(config, stop_after=stop_after)
-        except ValueError as exc:
-            out[name] = f"ValueError: {exc}"
+        except Exception as exc:  # the test asserts which error each rank saw
+            out[name] = f"{type(exc).__name__}: {exc}"
     Path(results, f"rank{rank}.json").write_text(json.dumps(out))
 
 
@@ -71,12 +71,18 @@ def test_two_processes_match_one_and_resume_in_one(make_config, tmp_path: Path) 
                 "metrics": {"progress": False, "tensorboard": False, "samples_every": 1}}
     bad = make_config(tmp_path / "bad", **{**sections, "data": {"prompts_per_step": 3}})
     dp_config = make_config(tmp_path / "dp", **sections)
+    blocked = make_config(tmp_path / "blocked", **{**sections, "optim": {**sections["optim"], "steps": 1}})
+    (tmp_path / "blocked").mkdir()
+    (tmp_path / "blocked" / "checkpoints").write_text("")  # rank 0's checkpoint write fails
     results = tmp_path / "results"
     results.mkdir()
-    ranks = _spawn(2, [("bad", bad, None), ("dp", dp_config, 2)], results)
+    ranks = _spawn(2, [("bad", bad, None), ("dp", dp_config, 2), ("blocked", blocked, None)], results)
 
     for r, out in enumerate(ranks):  # refused on every rank, before any collective (so nothing hangs)
-        assert "data.prompts_per_step" in out["bad"] and "world size 2" in out["bad"], (r, out["bad"])
+        assert out["bad"].startswith("ValueError") and "data.prompts_per_step" in out["bad"], (r, out["bad"])
+        assert "world size 2" in out["bad"]
+    assert ranks[0]["blocked"].startswith("FileExistsError")  # a rank-0 failure reaches every rank
+    assert ranks[1]["blocked"].startswith("RuntimeError: rank 0 failed: FileExistsError")
     assert ranks[0]["dp"] == {**ranks[1]["dp"], "steps_per_s": ranks[0]["dp"]["steps_per_s"],
                               "tokens_per_s": ranks[0]["dp"]["tokens_per_s"]}
     dp_dir = tmp_path / "dp"
