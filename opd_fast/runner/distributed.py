@@ -78,9 +78,9 @@ def check_config(config: RunConfig, world_size: int) -> None:
     if config.rollout.correction is not None:
         raise ValueError(f"config key 'rollout.correction' is not supported with {world_size} processes (its "
                          "teacher-draw generator and corrected-token fractions are per process); run one process")
-    if not (config.run.device == "cpu" or config.run.device.startswith("cuda")):
+    if config.run.device not in ("cpu", "cuda"):
         raise ValueError(f"config key 'run.device' = {config.run.device!r}: data parallel runs on 'cpu' (gloo) "
-                         "or 'cuda' (nccl)")
+                         "or 'cuda' (nccl; LOCAL_RANK picks each rank's GPU)")
 
 
 def rank_seed(seed: int, rank: int, step: int) -> int:
@@ -207,7 +207,7 @@ def data_parallel(config: RunConfig) -> Iterator[DataParallel]:
     if world_size == 1:
         yield DataParallel()
         return
-    cuda = config.run.device.startswith("cuda")
+    cuda = config.run.device == "cuda"
     if cuda:
         torch.cuda.set_device(local_rank)  # "cuda" then means this rank's GPU everywhere
     owned = not dist.is_initialized()

@@ -111,6 +111,7 @@ def test_two_processes_match_one_and_resume_in_one(make_config, tmp_path: Path) 
     ({"loss": {"reward_models": {"a": "some/reward-model"}, "verifier_weight": 0.5}}, "loss.reward_models"),
     ({"rollout": {"correction": {"topk": 2}}}, "rollout.correction"),
     ({"run": {"device": "mps"}}, "run.device"),
+    ({"run": {"device": "cuda:1"}}, "run.device"),
 ])
 def test_refused_with_more_than_one_process(make_config, tmp_path: Path, sections: dict, key: str) -> None:
     config = make_config(tmp_path, **sections)
