@@ -1,5 +1,7 @@
 """``opd-fast train CONFIG [--set key=value ...] [--resume | --overwrite]``: run on-policy distillation.
 
+Under ``torchrun --nproc-per-node N -m opd_fast.cli train CONFIG`` it runs data parallel (``runner.distributed``).
+
 Exit status: 0 when the run finished, 130 when a signal stopped it (checkpointed; ``--resume``
 continues), 130 too on a forced quit (second Ctrl-C), which keeps only the previous checkpoint."""
 
@@ -38,6 +40,7 @@ def _run(args: argparse.Namespace) -> int:
 
     hf_logging.disable_progress_bar()  # keep the run's own progress bar readable
     from ..runner.config import load_config
+    from ..runner.distributed import world_from_env
     from ..runner.trainer import train
 
     config = load_config(args.config, config_overrides(args))
@@ -50,7 +53,8 @@ def _run(args: argparse.Namespace) -> int:
         print(f"opd-fast: {exc or 'interrupted'}; " + (f"--resume continues from {kept}" if kept else
               "no checkpoint was written"), file=sys.stderr)
         return 130
-    print(json.dumps(summary, indent=2))
+    if world_from_env()[1] == 0:  # a torchrun run: one summary, from rank 0
+        print(json.dumps(summary, indent=2))
     return 130 if summary["interrupted"] else 0
 
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -105,9 +106,12 @@ class Learner:
         optim: OptimConfig,
         teachers: dict[str, Teacher],
         importance: ImportanceWeights | None = None,
+        gradient_sync: Callable[[list[torch.Tensor], bool], bool] | None = None,
     ) -> None:
+        """``gradient_sync(params, finite)``, in a data-parallel run: sums the accumulated gradients over the
+        ranks before clipping and returns whether every rank's loss was finite."""
         self.student, self.loss_cfg, self.optim_cfg, self.teachers = student, loss, optim, teachers
-        self.importance = importance
+        self.importance, self.gradient_sync = importance, gradient_sync
         self.params = [p for p in student.model.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("the student has no trainable parameters")
@@ -217,6 +221,8 @@ class Learner:
 
     def step(self) -> dict[str, float]:
         """Clip and apply the accumulated gradient, or skip it when anything is non-finite."""
+        if self.gradient_sync is not None:
+            self._finite = self.gradient_sync(self.params, self._finite)
         clip = self.optim_cfg.grad_clip if self.optim_cfg.grad_clip > 0 else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, clip))
         lr = self.optimizer.param_groups[0]["lr"]

@@ -10,7 +10,7 @@ unreadable; a broken line anywhere else is an error naming the file and line. Ev
 ``metrics.samples_every`` steps a few completions (prompt, completion, reward, mean per-token
 divergence) go to ``RUN_DIR/samples.jsonl`` under the same resume rule, and to the trackers as tables.
 
-Public API: ``MetricsLogger``, ``read_metrics`` (figures: ``opd_fast.plotting.dashboard``).
+Public API: ``MetricsLogger``, ``SilentLogger``, ``read_metrics`` (figures: ``opd_fast.plotting.dashboard``).
 """
 
 from __future__ import annotations
@@ -97,4 +97,21 @@ class MetricsLogger:
         self.file.close()
         for tracker in self.trackers:
             tracker.close()
+
+
+class SilentLogger(MetricsLogger):
+    """The logger of a data-parallel run's ranks other than 0: logs nothing (rank 0 writes the run's files and
+    trackers, with the global values)."""
+
+    def __init__(self) -> None:  # no files, no trackers, no progress bar
+        self.kept = []
+
+    def log(self, row: dict[str, Any], *, advance: bool = True) -> None:
+        pass
+
+    def log_samples(self, records: list[SampleRecord]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 

@@ -10,7 +10,8 @@ fixes the loss normalization; each micro-batch is then scored by its domain's te
 learned from (``Learner.micro_step``); one optimizer step ends the step. Stages only pass plain data (``Prompt``
 lists, ``RolloutBatch``, ``ScoredBatch``), so the pipelined modes overlap them without changing what
 they compute. Every stage run is an interval of the ``Timeline`` (``timeline.py``), which gives the
-step's stage times and overlap metrics and ``RUN_DIR/timeline.jsonl``.
+step's stage times and overlap metrics and ``RUN_DIR/timeline.jsonl``. Under ``torchrun`` every rank runs
+the loop on its share of each step's prompt groups, and rank 0 writes the run's files (``distributed.py``).
 
 Public API (stable): ``train(config, *, resume=False, overwrite=False, stop_after=None) -> dict``
 (summary: steps, final_loss, steps_per_s, tokens_per_s, skipped_steps, run_dir, checkpoint, eval,
@@ -38,15 +39,16 @@ from .checkpoint import load_state, rng_state, save_checkpoint, set_rng_state
 from .config import RunConfig, config_to_dict, uses_importance_weights
 from .correction import Corrector, correction_metrics
 from .data import Prompt, load_examples, prompt_source, prompt_text
+from .distributed import DataParallel, data_parallel, rank_seed
 from .evaluate import Verifiers, evaluate
 from .learn import ImportanceWeights, Learner, MicroStats
-from .metrics import MetricsLogger
+from .metrics import MetricsLogger, SilentLogger
 from .models import LoadedModel, load_run_models, torch_threads
 from .pipeline import StageWorker, main_threads, split_threads
 from .rewards import Rewards
 from .rollout import RolloutBatch, from_completions, rollout
 from .score import Router, ScoredBatch, score
-from .signals import stop_on_signals
+from .signals import StopSignals, stop_on_signals
 from .timeline import Timeline, stage_metrics
 from .trackers import RunIdentity, SampleRecord
 
@@ -55,15 +57,35 @@ def _chunks(items: list[Prompt], size: int) -> list[list[Prompt]]:
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
+def _step_sums(batches: list[RolloutBatch], stats: list[MicroStats]) -> dict[str, float]:
+    """The additive quantities behind a step's metrics row, over this process's batches (a data-parallel run
+    sums them over the ranks): loss, completion lengths, truncations, entropy and, per teacher or domain key,
+    divergence and its tokens, routed tokens and the student's entropy there."""
+    lengths = [n for b in batches for n in b.completion_lengths()]
+    sums = {"loss": sum(s.loss for s in stats), "length": float(sum(lengths)), "samples": float(len(lengths)),
+            "truncated": float(sum(t for b in batches for t in b.truncated)),
+            "entropy": sum(s.entropy_sum for s in stats)}
+    for s in stats:
+        for key, value in [*((f"divergence/{k}", v) for k, v in s.divergence_sum.items()),
+                           *((f"tokens/{k}", v) for k, v in s.divergence_tokens.items()),
+                           *((f"routed/{k}", v) for k, v in s.teacher_tokens.items()),
+                           *((f"entropy/{k}", v) for k, v in s.teacher_entropy_sum.items())]:
+            sums[key] = sums.get(key, 0.0) + value
+    return sums
+
+
 class Trainer:
     """Everything a run needs, loaded and checked at start-up (models, routing, data, learner)."""
 
-    def __init__(self, config: RunConfig, checkpoint: Path | None = None, state: dict[str, Any] | None = None) -> None:
+    def __init__(self, config: RunConfig, checkpoint: Path | None = None, state: dict[str, Any] | None = None,
+                 dp: DataParallel | None = None) -> None:
         self.config = c = config
+        self.dp = dp = dp or DataParallel()
         torch.manual_seed(c.run.seed)
         random.seed(c.run.seed)
         ckpt = None if checkpoint is None else str(checkpoint)
         self.student, self.teachers = load_run_models(c, ckpt)
+        dp.broadcast_parameters(self.student.model)
         self.router = Router(self.teachers)
         self.source = prompt_source(c.data, c.run.seed)
         self.router.check(self.source.domains)
@@ -75,11 +97,12 @@ class Trainer:
                 raise ValueError(f"config key {key!r} trains on dataset references, but {missing} prompts have none")
         importance = (ImportanceWeights(c.run.importance_clip, c.rollout.temperature)
                       if uses_importance_weights(c) else None)
-        self.learner = Learner(self.student, c.loss, c.optim, self.teachers, importance)
+        self.learner = Learner(self.student, c.loss, c.optim, self.teachers, importance,
+                               gradient_sync=dp.sync_gradients if dp.world_size > 1 else None)
         self.verifiers = Verifiers(c.loss.verifiers, c.data.task)
         self.rewards = Rewards(self.verifiers, c.loss.reward_models, device=c.run.device,
                                trust_remote_code=c.loss.reward_trust_remote_code)
-        self.generator = torch.Generator(c.run.device).manual_seed(c.run.seed)
+        self.generator = torch.Generator(c.run.device).manual_seed(rank_seed(c.run.seed, dp.rank, 0))
         self.mix_rng = random.Random(c.run.seed + 1)
         self.corrector = None if c.rollout.correction is None else Corrector(
             c.rollout.correction, c.rollout, self.student.tokenizer, self.teachers, self.router,
@@ -97,10 +120,12 @@ class Trainer:
             self.source.load_state_dict(state["sampler"])
             self.mix_rng.setstate(state["mix_rng"])
             self.rewards.load_state_dict(state.get("rewards", {}))
-            set_rng_state(state["rng"], self.generator)
+            set_rng_state(state["rng"], self.generator)  # rank 0's generator: the others re-derive theirs
             if self.corrector is not None:  # rollout.correction cannot change on resume (run_dir.APPLIED)
                 self.corrector.generator.set_state(state["correction_rng"])
             self.step = state["step"]
+            if dp.rank > 0:
+                self.generator.manual_seed(rank_seed(c.run.seed, dp.rank, self.step))
             self.dropped_samples = state.get("dropped_samples", 0) + state.get("in_flight_samples", 0)
 
     # -- stages ---------------------------------------------------------------------------------
@@ -131,7 +156,7 @@ class Trainer:
         batch goes to ``on_batch`` (the strict mode's scorer) as soon as it exists."""
         c = self.config
         with self.timeline.stage(step, "sample"), self._sampler_lock:
-            prompts = self.source.next_batch()
+            prompts = self.dp.shard(self.source.next_batch())  # every rank draws the global batch: same sampler
         fraction = c.loss.off_policy_fraction
         off_policy = fraction > 0 and self.mix_rng.random() < fraction
         micro = _chunks(prompts, c.rollout.micro_batch_size)
@@ -179,9 +204,10 @@ class Trainer:
         """Learn stage of every micro-batch (``scored(i, batch)`` gives its teacher signal, in order), then
         the optimizer step; returns the stats, the update and the step's completion-token count."""
         step, batches = plan.step, plan.batches
-        num_items = float(sum(b.num_tokens for b in batches))  # every term's normalization: needs all rollouts
+        # every term's normalization, over all ranks' rollouts: the summed gradient is the global batch's
         advantages = self.advantages(batches)
         sft, sft_items = self.sft_batches(plan.micro)
+        num_items, sft_items = self.dp.sum(float(sum(b.num_tokens for b in batches)), sft_items)
         stats: list[MicroStats] = []
         for i, (batch, adv, ref) in enumerate(zip(batches, advantages, sft, strict=True)):
             signal = scored(i, batch)
@@ -221,21 +247,22 @@ class Trainer:
         step, t_start = self.step + 1, time.perf_counter()
         plan, stats, update, num_items = self.step_work(step)
         batches = plan.batches
-        with self.timeline.stage(step, "sample"), self._sampler_lock:
-            self.source.update([p.index for b in batches for p in b.prompts],
-                               [d for s in stats for d in s.per_sample_divergence])
+        with self.timeline.stage(step, "sample"), self._sampler_lock:  # every rank's feedback: same sampler state
+            indices, divergences, sums = self.dp.gather_step([p.index for b in batches for p in b.prompts],
+                                                             [d for s in stats for d in s.per_sample_divergence],
+                                                             _step_sums(batches, stats))
+            self.source.update(indices, divergences)
         self.step = step
         if self.producer is not None:
             self.producer.publish(step)
         self.last_step = (batches, stats)  # what ``sample_records`` reports
         elapsed = time.perf_counter() - t_start
-        lengths = [n for b in batches for n in b.completion_lengths()]
         row: dict[str, Any] = {
             "step": self.step,
-            "loss": sum(s.loss for s in stats),
+            "loss": sums["loss"],
             "source": batches[0].source,
-            "completion_len": sum(lengths) / len(lengths),
-            "truncation_rate": sum(t for b in batches for t in b.truncated) / len(lengths),
+            "completion_len": sums["length"] / sums["samples"],
+            "truncation_rate": sums["truncated"] / sums["samples"],
             "tokens": int(num_items),
             "tokens_per_s": num_items / elapsed,
             "step_time": elapsed,
@@ -252,20 +279,14 @@ class Trainer:
             weighted = sum(s.importance_tokens for s in stats)
             if weighted:
                 row["async/importance_weight"] = sum(s.importance_sum for s in stats) / weighted
-        entropy = sum(s.entropy_sum for s in stats)
-        if entropy:
-            row["student_entropy"] = entropy / num_items
-        keys = {k for s in stats for k in s.divergence_sum}
-        for key in sorted(keys):
-            total = sum(s.divergence_sum.get(key, 0.0) for s in stats)
-            count = sum(s.divergence_tokens.get(key, 0) for s in stats)
-            row[f"divergence/{key}"] = total / max(1, count)
-        for name in sorted({n for s in stats for n in s.teacher_tokens}):
-            routed = sum(s.teacher_tokens.get(name, 0) for s in stats)
-            row[f"token_share/teacher/{name}"] = routed / max(1, num_items)
-            entropies = [s.teacher_entropy_sum[name] for s in stats if name in s.teacher_entropy_sum]
-            if entropies:
-                row[f"entropy/teacher/{name}"] = sum(entropies) / max(1, routed)
+        if sums["entropy"]:
+            row["student_entropy"] = sums["entropy"] / num_items
+        for key in sorted(k.removeprefix("tokens/") for k in sums if k.startswith("tokens/")):
+            row[f"divergence/{key}"] = sums[f"divergence/{key}"] / max(1.0, sums[f"tokens/{key}"])
+        for name in sorted(k.removeprefix("routed/") for k in sums if k.startswith("routed/")):
+            row[f"token_share/teacher/{name}"] = sums[f"routed/{name}"] / max(1.0, num_items)
+            if f"entropy/{name}" in sums:
+                row[f"entropy/teacher/{name}"] = sums[f"entropy/{name}"] / max(1.0, sums[f"routed/{name}"])
         return row
 
     @contextlib.contextmanager
@@ -323,22 +344,38 @@ def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False,
     """Run (or with ``resume`` continue) training; ``overwrite`` replaces a previous run in ``run.out_dir``;
     ``stop_after`` ends early after that step, checkpointed."""
     preflight.check_config(config)
-    with torch_threads(config.run.threads):
-        return _train(config, resume, overwrite, stop_after)
+    with data_parallel(config) as dp, torch_threads(config.run.threads):
+        return _train(config, resume, overwrite, stop_after, dp)
 
 
-def _train(config: RunConfig, resume: bool, overwrite: bool, stop_after: int | None) -> dict[str, Any]:
+def _final_eval(trainer: Trainer, logger: MetricsLogger, signals: StopSignals, start: int) -> dict[str, float]:
+    """The end-of-run evaluation, logged; a resumed run that had already finished reuses its recorded one."""
+    recorded = logger.recorded_eval(trainer.step) if trainer.step == start else None
+    final = recorded if recorded is not None else signals.evaluate(trainer.evaluate)
+    if final is not None and recorded is None:
+        logger.log({"step": trainer.step, "kind": "eval", **final}, advance=False)
+    return final or {}
+
+
+def _train(config: RunConfig, resume: bool, overwrite: bool, stop_after: int | None,
+           dp: DataParallel) -> dict[str, Any]:
+    """The loop; in a data-parallel run every rank runs it, rank 0 alone writing the run's files
+    (see ``distributed``)."""
     out = Path(config.run.out_dir)
     begin = run_dir.open_run(config, resume=resume, overwrite=overwrite)
-    trainer = Trainer(config, begin.checkpoint, begin.state)
+    trainer = Trainer(config, begin.checkpoint, begin.state, dp)
     preflight.check_lengths(config, trainer.student, trainer.teachers, trainer.source.pool)
     trainer.run_info = {"run_id": begin.run_id, "schedule": run_dir.apply_resumed_optim(trainer.learner, config, begin)}
-    run_dir.record_config(config, begin, trainer.step)
+    run_id = dp.on_main(lambda: begin.run_id)  # a new run's id is drawn per rank: rank 0's names the run
+    trainer.run_info["run_id"] = run_id
+    dp.on_main(lambda: run_dir.record_config(config, begin, trainer.step))  # after every rank read the directory
     c, start = config, trainer.step
-    logger = MetricsLogger(out, c.optim.steps, start, c.metrics, RunIdentity(begin.run_id, out.name, config_to_dict(c)))
+    logger = (MetricsLogger(out, c.optim.steps, start, c.metrics, RunIdentity(run_id, out.name, config_to_dict(c)))
+              if dp.is_main else SilentLogger())
     last_ckpt, eval_results, interrupted, row = begin.checkpoint, {}, False, {}
     tokens, t0 = 0, time.perf_counter()
-    trainer.timeline.open(out, start)
+    if dp.is_main:
+        trainer.timeline.open(out, start)
     try:
         with stop_on_signals() as signals, trainer.run_ahead():
             while trainer.step < c.optim.steps:
@@ -351,23 +388,20 @@ def _train(config: RunConfig, resume: bool, overwrite: bool, stop_after: int | N
                     logger.log_samples(trainer.sample_records(c.metrics.samples_per_step))
                 at_end = trainer.step == c.optim.steps
                 if c.checkpoint.every and trainer.step % c.checkpoint.every == 0 and not at_end:
-                    last_ckpt = trainer.save()
+                    last_ckpt = dp.on_main(trainer.save)
                 if c.eval.every and trainer.step % c.eval.every == 0 and not at_end:
-                    periodic = signals.evaluate(trainer.evaluate)
+                    periodic = dp.on_main(lambda: signals.evaluate(trainer.evaluate))
                     if periodic is not None:
                         logger.log({"step": trainer.step, "kind": "eval", **periodic}, advance=False)
-                if signals.stop.is_set() or (stop_after is not None and trainer.step >= stop_after):
+                interrupted = dp.any(signals.stop.is_set())  # a signal to any rank stops all after this step
+                if interrupted or (stop_after is not None and trainer.step >= stop_after):
                     break
             elapsed = time.perf_counter() - t0
             if trainer.step > start:
-                last_ckpt = trainer.save()
+                last_ckpt = dp.on_main(trainer.save)
             if trainer.step == c.optim.steps and c.eval.at_end:
-                recorded = logger.recorded_eval(trainer.step) if trainer.step == start else None
-                final = recorded if recorded is not None else signals.evaluate(trainer.evaluate)
-                if final is not None and recorded is None:
-                    logger.log({"step": trainer.step, "kind": "eval", **final}, advance=False)
-                eval_results = final or {}
-            interrupted = signals.stop.is_set()
+                eval_results = dp.on_main(lambda: _final_eval(trainer, logger, signals, start))
+            interrupted = dp.any(signals.stop.is_set())
     finally:
         logger.close()
         trainer.timeline.close()
