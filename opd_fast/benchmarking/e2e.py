@@ -65,6 +65,9 @@ DEFAULT_ARMS: tuple[Arm, ...] = (
     Arm("trl-gkd", "trl-gkd"),
     Arm("trl-distill", "trl-distill"),
     Arm("opd-fast-serial", "opd-fast", ('run.pipeline="serial"',)),
+    # Strict and async overlap stages only across micro-batches, so they split the batch; serial at the same
+    # split separates the cost of smaller decode batches from the gain of overlapping.
+    Arm("opd-fast-serial-mb4", "opd-fast", ('run.pipeline="serial"', "rollout.micro_batch_size=4")),
     Arm("opd-fast-strict", "opd-fast", ('run.pipeline="strict"', "rollout.micro_batch_size=4")),
     Arm("opd-fast-async1", "opd-fast", ('run.pipeline="strict"', "rollout.micro_batch_size=4", "run.max_staleness=1")),
 )
