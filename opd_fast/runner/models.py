@@ -8,7 +8,7 @@ tied embeddings need nothing special because ``get_output_embeddings()`` returns
 
 Public API: ``LoadedModel``, ``Head``, ``Teacher``, ``load_model``, ``forward_hidden``, ``position_ids``,
 ``head_logits`` (rollout/eval sampling only), ``token_logprobs``, ``check_compatible``,
-``load_run_models``, ``torch_threads``.
+``load_run_models``, ``load_tokenizer``, ``torch_threads``.
 """
 
 from __future__ import annotations
@@ -131,7 +131,7 @@ def decoder_of(model: nn.Module) -> nn.Module:
     return getattr(lm, lm.base_model_prefix)
 
 
-def _load_tokenizer(path: str, trust_remote_code: bool) -> PreTrainedTokenizerBase:
+def load_tokenizer(path: str, trust_remote_code: bool) -> PreTrainedTokenizerBase:
     """The tokenizer class the directory declares.
 
     transformers 5's ``AutoTokenizer`` prefers the model type's tokenizer class (e.g. ``Qwen2Tokenizer``
@@ -179,7 +179,7 @@ def load_model(
         lm = AutoModelForCausalLM.from_pretrained(
             path, dtype=DTYPES[dtype], attn_implementation=attn_implementation, trust_remote_code=trust_remote_code
         )
-        tokenizer = _load_tokenizer(path, trust_remote_code)
+        tokenizer = load_tokenizer(path, trust_remote_code)
     except (OSError, ValueError) as exc:  # missing files; a config.json transformers does not recognize
         raise ValueError(f"{name}: cannot load a model/tokenizer from {path!r}: {exc}") from exc
     lm.to(device)

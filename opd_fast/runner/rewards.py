@@ -24,6 +24,7 @@ from ..tasks import Message
 from .data import Prompt, prompt_text
 from .evaluate import Verifiers
 from .hub import model_directory
+from .models import load_tokenizer
 
 
 @dataclass
@@ -68,13 +69,13 @@ class RewardModel:
 
     def __init__(self, path: str, *, device: str = "cpu", trust_remote_code: bool = False,
                  max_length: int = 2048, key: str = "loss.reward_models") -> None:
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoModelForSequenceClassification
 
         path = model_directory(path, label=f"config key {key!r}")  # a local directory or a cached model id
         if not Path(path, "config.json").is_file():
             raise ValueError(f"config key {key!r}: {path!r} is not a model directory (no config.json there)")
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+            self.tokenizer = load_tokenizer(path, trust_remote_code)
             self.model = AutoModelForSequenceClassification.from_pretrained(
                 path, trust_remote_code=trust_remote_code).to(device).eval()
         except (OSError, ValueError) as exc:
