@@ -10,7 +10,8 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, replace
 
-from ..tasks.column_add import ColumnAdd
+from ..runner.config import CorrectionConfig
+from .domains import DOMAINS
 
 
 def _hash(fields: dict) -> str:
@@ -27,50 +28,63 @@ class ModelSize:
 @dataclass(frozen=True)
 class Profile:
     name: str
-    # Teacher: trained once (cached) on demonstrations with retries until it is near perfect.
+    # Teachers (one per domain, the same recipe): trained once until near perfect on their own task.
     teacher: ModelSize = ModelSize(64, 2, 4)
-    teacher_retry_rate: float = 0.2
+    teacher_retry_rate: float = 0.2  # column_add's demonstrations with a taken-back slip (its only retry task)
     teacher_lr: float = 3e-3
     teacher_batch: int = 64
     teacher_max_steps: int = 4000
     teacher_target: float = 0.97  # greedy and T=1 accuracy on a train-split dev set
-    # Student: several times smaller; its shared start is SFT on ground truth up to an accuracy threshold.
+    # Student: several times smaller; its shared start is SFT on both domains' references up to an accuracy
+    # threshold on each. The weak student is smaller still, for the corrected-rollout rescue.
     student: ModelSize = ModelSize(32, 2, 2)
     student_retry_rate: float = 0.05
     student_lr: float = 3e-3
     student_batch: int = 64
     student_max_steps: int = 3000
-    student_target: float = 0.5  # greedy dev accuracy at which the shared start is frozen
+    student_target: float = 0.5  # greedy dev accuracy (every domain) at which the shared start is frozen
+    weak_student: ModelSize = ModelSize(16, 1, 2)
+    weak_student_target: float = 0.2
     check_every: int = 100
-    dev_prompts: int = 128
+    dev_prompts: int = 128  # per domain
     # Arms: equal budget for every arm.
     arm_steps: int = 150
     arm_batch: int = 32
     arm_lr: float = 1e-3
     arm_warmup: int = 10
-    train_prompts: int = 4096
-    eval_prompts: int = 256
+    train_prompts: int = 4096  # per domain; batches mix the domains equally
+    eval_prompts: int = 256  # per domain
     eval_points: int = 3  # evaluations during an arm (for the accuracy-vs-tokens curve), the last at the end
+    # Corrected rollouts (the rescue arm): a student token the teacher gives less than this probability
+    # is replaced by a teacher sample, always at first, then less and less until the arm's last step.
+    correction_min_prob: float = 0.1
 
     @property
-    def digits(self) -> int:
-        """The registered task's size: the runner builds the task by name, so the demo cannot change it."""
-        return ColumnAdd().digits
+    def correction(self) -> CorrectionConfig:
+        return CorrectionConfig(min_prob=self.correction_min_prob, rate=1.0, decay_steps=self.arm_steps)
 
     @property
     def max_new_tokens(self) -> int:
-        """Room for the tagged answer, its EOS and three retries (two tokens each)."""
-        return 2 * (self.digits + 1) + 7
+        """Room for the longest tagged answer, its EOS and three retries (two tokens each)."""
+        return max(d.answer_tokens for d in DOMAINS) + 6
 
-    def teacher_key(self) -> str:
-        """Cache key of everything that determines the teacher."""
-        fields = {k: v for k, v in asdict(self).items() if k.startswith("teacher") or k == "check_every"}
-        return _hash({**fields, "digits": self.digits})
+    def teacher_key(self, domain: str) -> str:
+        """Cache key of everything that determines the teacher of ``domain``."""
+        fields = {k: v for k, v in asdict(self).items() if k.startswith("teacher") or k in ("check_every", "dev_prompts")}
+        return _hash({**fields, "domain": domain, "tasks": _tasks()})
 
-    def student_key(self, seed: int) -> str:
-        """Cache key of one seed's initial student (it depends on the teacher only through the task)."""
-        fields = {k: v for k, v in asdict(self).items() if k.startswith("student") or k == "check_every"}
-        return _hash({**fields, "digits": self.digits, "seed": seed})
+    def student_key(self, seed: int, weak: bool = False) -> str:
+        """Cache key of one seed's initial student (it depends on the teachers only through the tasks)."""
+        prefix = "weak_student" if weak else "student"
+        fields = {k: v for k, v in asdict(self).items()
+                  if (k.startswith(prefix) or k in ("check_every", "dev_prompts", "student_lr", "student_batch",
+                                                     "student_max_steps", "student_retry_rate"))}
+        return _hash({**fields, "seed": seed, "tasks": _tasks()})
+
+
+def _tasks() -> list[dict]:
+    """The domains' task settings (part of every model's cache key)."""
+    return [{"domain": d.name, **asdict(d.task)} for d in DOMAINS]
 
 
 DEFAULT = Profile(name="default")

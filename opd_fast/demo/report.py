@@ -1,9 +1,18 @@
-"""The demo's results: one row per (arm, seed), aggregated to mean ± std, as a table, JSON, Markdown and a PNG.
+"""The demo's results: one ``ArmResult`` per (student, arm, seed); per domain a table of means with standard
+errors, the paired difference of each on-policy arm against the best off-policy arm, JSON, Markdown and
+one PNG per domain.
 
-Accuracy is the task verifier's exact match on held-out prompts, greedy and at T=1; ``reverse_kl`` is the
-mean per-token KL(student || teacher) on the student's own T=1 samples. The token columns make budgets
+Accuracy is the domain verifier's score on held-out prompts, greedy and at T=1; ``reverse_kl`` is the mean
+per-token KL(student || teacher) on the student's own T=1 samples. The token columns make budgets
 comparable: tokens the teacher scored (a forward pass of the teacher per token), tokens the teacher
-generated (off-policy teacher samples, the costliest), and tokens the student took a gradient on.
+generated (off-policy teacher samples and corrected tokens, the costliest), tokens the student took a
+gradient on.
+
+Standard errors. Within a seed every arm starts from the same student and is evaluated on the same
+prompts, so arms are compared by their **paired difference per seed**; the standard error of a mean over
+``S`` seeds is ``std / sqrt(S)`` (sample std, ``S - 1`` degrees of freedom) of the per-seed values, which
+folds in both the spread of the starts and the evaluation's sampling noise. A single seed has no standard
+error (``None``).
 """
 
 from __future__ import annotations
@@ -16,67 +25,117 @@ from pathlib import Path
 from typing import Any
 
 METRICS = ("greedy_accuracy", "sampled_accuracy", "reverse_kl")
-COUNTS = ("teacher_scored_tokens", "teacher_generated_tokens", "student_grad_tokens", "wall_s")
+COUNTS = ("teacher_scored_tokens", "teacher_generated_tokens", "corrected_tokens", "student_grad_tokens", "wall_s")
+START = "start"  # the arm name of the initial student's evaluation
+SPECIALIST = "specialist"  # ... and of each domain's teacher evaluated on its own domain
 
 
 @dataclass
 class ArmResult:
-    """One arm trained from one seed's initial student."""
+    """One arm trained from one seed's initial student (``student``: "main" or "weak"); metrics per domain."""
 
     arm: str
     label: str
+    student: str
     seed: int
-    greedy_accuracy: float
-    sampled_accuracy: float
-    reverse_kl: float
-    teacher_scored_tokens: int
-    teacher_generated_tokens: int
-    student_grad_tokens: int
-    wall_s: float
-    # (teacher-scored tokens so far, T=1 accuracy) at each evaluation, for the plot.
-    curve: list[tuple[int, float]] = field(default_factory=list)
+    off_policy: bool
+    greedy_accuracy: dict[str, float]
+    sampled_accuracy: dict[str, float]
+    reverse_kl: dict[str, float]
+    teacher_scored_tokens: int = 0
+    teacher_generated_tokens: int = 0
+    corrected_tokens: int = 0
+    student_grad_tokens: int = 0
+    wall_s: float = 0.0
+    # per domain: (teacher-scored tokens so far, T=1 accuracy) at each evaluation, for the plots
+    curve: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
 
 
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-    mean = sum(values) / len(values)
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
-    return mean, std
+def mean_se(values: Sequence[float]) -> tuple[float, float | None]:
+    """Mean and its standard error ``std / sqrt(n)`` (None for a single value)."""
+    n = len(values)
+    if n == 0:
+        raise ValueError("mean_se needs at least one value")
+    mean = sum(values) / n
+    if n == 1:
+        return mean, None
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
 
 
-def aggregate(results: Sequence[ArmResult]) -> list[dict[str, Any]]:
-    """Per arm, in first-seen order: mean and std of every metric and count over seeds."""
-    arms: dict[str, list[ArmResult]] = {}
+def paired_difference(a: dict[int, float], b: dict[int, float]) -> tuple[float, float | None]:
+    """Mean and standard error over the seeds both have of the per-seed difference ``a - b``."""
+    seeds = sorted(set(a) & set(b))
+    if not seeds:
+        raise ValueError("the two arms share no seed to pair")
+    return mean_se([a[s] - b[s] for s in seeds])
+
+
+def _groups(results: Sequence[ArmResult]) -> dict[tuple[str, str], list[ArmResult]]:
+    groups: dict[tuple[str, str], list[ArmResult]] = {}
     for r in results:
-        arms.setdefault(r.arm, []).append(r)
-    rows = []
-    for arm, runs in arms.items():
-        row: dict[str, Any] = {"arm": arm, "label": runs[0].label, "seeds": [r.seed for r in runs]}
-        for key in METRICS + COUNTS:
-            row[key], row[f"{key}_std"] = _mean_std([float(getattr(r, key)) for r in runs])
+        groups.setdefault((r.student, r.arm), []).append(r)
+    return groups
+
+
+def domain_rows(results: Sequence[ArmResult], domain: str, student: str) -> list[dict[str, Any]]:
+    """One row per arm of ``student`` (and the specialist) on ``domain``, in first-seen order: every metric's
+    mean and SE over seeds; on-policy rows add ``diff_vs_best_off_policy`` (T=1 accuracy, paired, with SE),
+    the best off-policy arm by mean T=1 accuracy, and ``beats_every_off_policy`` (by more than 2 SE of the
+    difference against each off-policy arm)."""
+    groups = {arm: runs for (who, arm), runs in _groups(results).items() if who in (student, SPECIALIST)}
+    rows: list[dict[str, Any]] = []
+    for arm, runs in groups.items():
+        runs = [r for r in runs if domain in r.sampled_accuracy]
+        if not runs:
+            continue
+        row: dict[str, Any] = {"arm": arm, "label": runs[0].label, "off_policy": runs[0].off_policy,
+                               "seeds": [r.seed for r in runs]}
+        for key in METRICS:
+            row[key], row[f"{key}_se"] = mean_se([getattr(r, key)[domain] for r in runs])
+        for key in COUNTS:
+            row[key] = mean_se([float(getattr(r, key)) for r in runs])[0]
         rows.append(row)
+    t1 = {arm: {r.seed: r.sampled_accuracy[domain] for r in runs if domain in r.sampled_accuracy}
+          for arm, runs in groups.items()}
+    baselines = [row["arm"] for row in rows if row["off_policy"]]
+    if baselines:
+        best = max(baselines, key=lambda arm: next(r["sampled_accuracy"] for r in rows if r["arm"] == arm))
+        for row in rows:
+            if row["off_policy"] or row["arm"] in (START, SPECIALIST):
+                continue
+            row["best_off_policy"] = best
+            row["diff_vs_best_off_policy"], row["diff_vs_best_off_policy_se"] = paired_difference(t1[row["arm"]],
+                                                                                                  t1[best])
+            diffs = [paired_difference(t1[row["arm"]], t1[arm]) for arm in baselines]
+            row["beats_every_off_policy"] = all(se is not None and d > 2 * se for d, se in diffs)
     return rows
 
 
-def _cell(row: dict[str, Any], key: str, digits: int) -> str:
-    mean, std = row[key], row[f"{key}_std"]
-    text = f"{mean:.{digits}f}"
-    return text + (f" ± {std:.{digits}f}" if len(row["seeds"]) > 1 else "")
+def _pm(mean: float, se: float | None, digits: int = 3) -> str:
+    return f"{mean:.{digits}f}" + (f" ± {se:.{digits}f}" if se is not None else "")
 
 
 def _count(value: float) -> str:
     return f"{value / 1000:.1f}k" if value >= 1000 else f"{value:.0f}"
 
 
-HEADER = ("arm", "acc greedy", "acc T=1", "rev KL", "teacher-scored", "teacher-gen", "student-grad", "wall s")
+HEADER = ("arm", "acc greedy", "acc T=1", "Δ T=1 vs best off-policy", "rev KL", "teacher-scored", "teacher-gen",
+          "student-grad", "wall s")
 
 
 def table_rows(rows: Sequence[dict[str, Any]]) -> list[list[str]]:
-    return [
-        [row["label"], _cell(row, "greedy_accuracy", 3), _cell(row, "sampled_accuracy", 3), _cell(row, "reverse_kl", 3),
-         _count(row["teacher_scored_tokens"]), _count(row["teacher_generated_tokens"]),
-         _count(row["student_grad_tokens"]), f"{row['wall_s']:.0f}"]
-        for row in rows
-    ]
+    out = []
+    for row in rows:
+        diff = ""
+        if "diff_vs_best_off_policy" in row:
+            diff = _pm(row["diff_vs_best_off_policy"], row["diff_vs_best_off_policy_se"]) + f" ({row['best_off_policy']})"
+            diff += " ✓" if row["beats_every_off_policy"] else ""
+        out.append([row["label"], _pm(row["greedy_accuracy"], row["greedy_accuracy_se"]),
+                    _pm(row["sampled_accuracy"], row["sampled_accuracy_se"]), diff,
+                    _pm(row["reverse_kl"], row["reverse_kl_se"]), _count(row["teacher_scored_tokens"]),
+                    _count(row["teacher_generated_tokens"]), _count(row["student_grad_tokens"]),
+                    f"{row['wall_s']:.0f}"])
+    return out
 
 
 def text_table(rows: Sequence[dict[str, Any]]) -> str:
@@ -95,38 +154,79 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def write_results(results: Sequence[ArmResult], out: Path, meta: dict[str, Any]) -> list[dict[str, Any]]:
-    """Write ``results.json`` (meta, per-run and aggregated rows), ``results.md`` and ``accuracy_vs_tokens.png``."""
+def summarize(results: Sequence[ArmResult]) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """``{student: {domain: rows}}`` for every student and domain in ``results``."""
+    students = [s for s in dict.fromkeys(r.student for r in results) if s != SPECIALIST]
+    domains = list(dict.fromkeys(d for r in results for d in r.sampled_accuracy))
+    return {s: {d: domain_rows(results, d, s) for d in domains} for s in students}
+
+
+STUDENT_TITLES = {"main": "the student", "weak": "the weak student (rescue)"}
+
+
+def report_text(summary: dict[str, dict[str, list[dict[str, Any]]]], markdown: bool) -> str:
+    table = markdown_table if markdown else text_table
+    parts = []
+    for student, domains in summary.items():
+        for domain, rows in domains.items():
+            title = f"{domain}, {STUDENT_TITLES.get(student, student)}"
+            parts.append(f"### {title}\n\n{table(rows)}" if markdown else f"[{title}]\n{table(rows)}")
+    return "\n\n".join(parts)
+
+
+SE_NOTE = ("mean ± standard error over seeds; Δ is the per-seed paired difference in T=1 accuracy against the "
+           "best off-policy arm (by mean), mean ± its standard error; ✓ = ahead of every off-policy arm by more "
+           "than 2 standard errors of the difference")
+
+
+def write_results(results: Sequence[ArmResult], out: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """Write ``results.json`` (meta, per-run results, per-domain summary), ``results.md`` and one
+    ``accuracy_vs_tokens_<domain>.png`` per domain; returns the summary."""
     out.mkdir(parents=True, exist_ok=True)
-    rows = aggregate(results)
-    payload = {"meta": meta, "runs": [asdict(r) for r in results], "summary": rows}
+    summary = summarize(results)
+    payload = {"meta": meta, "runs": [asdict(r) for r in results], "summary": summary}
     (out / "results.json").write_text(json.dumps(payload, indent=2))
-    seeds = sorted({r.seed for r in results})
-    note = f"mean ± std over seeds {seeds}" if len(seeds) > 1 else f"seed {seeds[0]}"
-    (out / "results.md").write_text(f"{markdown_table(rows)}\n\n({note}; {meta.get('profile', '')} profile)\n")
-    plot_curves(results, out / "accuracy_vs_tokens.png")
-    return rows
+    seeds = sorted({r.seed for r in results if r.student != SPECIALIST})
+    wall = meta.get("total_wall_s")
+    note = f"seeds {seeds}; {SE_NOTE}; {meta.get('profile', '')} profile" + (
+        f"; {wall:.0f} s wall time" if wall is not None else "")
+    (out / "results.md").write_text(f"{report_text(summary, markdown=True)}\n\n({note})\n")
+    for domain in dict.fromkeys(d for r in results for d in r.sampled_accuracy):
+        plot_curves([r for r in results if r.student == "main"], domain, out / f"accuracy_vs_tokens_{domain}.png")
+    return summary
 
 
-def merge_results(dirs: Sequence[Path], out: Path) -> list[dict[str, Any]]:
-    """Combine the runs of several demo outputs (e.g. one process per seed) into one report under ``out``."""
-    payloads = [json.loads((Path(d) / "results.json").read_text()) for d in dirs]
-    profiles = {p["meta"]["profile"] for p in payloads}
+def load_results(path: Path) -> tuple[list[ArmResult], dict[str, Any]]:
+    """The runs and meta of a ``results.json``."""
+    payload = json.loads(Path(path).read_text())
+    runs = [ArmResult(**{**r, "curve": {d: [tuple(c) for c in cs] for d, cs in r["curve"].items()}})
+            for r in payload["runs"]]
+    return runs, payload["meta"]
+
+
+def merge_results(dirs: Sequence[Path], out: Path) -> dict[str, Any]:
+    """Combine the runs of several demo outputs (e.g. one process per seed) into one report under ``out``;
+    the specialists' rows, the same in every output, are kept once."""
+    loaded = [load_results(Path(d) / "results.json") for d in dirs]
+    profiles = {meta["profile"] for _, meta in loaded}
     if len(profiles) != 1:
         raise ValueError(f"cannot merge results of different profiles: {sorted(profiles)} from {list(dirs)}")
-    runs = [ArmResult(**{**r, "curve": [tuple(c) for c in r["curve"]]}) for p in payloads for r in p["runs"]]
-    seen = [(r.arm, r.seed) for r in runs]
+    specialists = [r for r in loaded[0][0] if r.student == SPECIALIST]
+    runs = [r for rs, _ in loaded for r in rs if r.student != SPECIALIST]
+    seen = [(r.student, r.arm, r.seed) for r in runs]
     if len(set(seen)) != len(seen):
         repeated = sorted({x for x in seen if seen.count(x) > 1})
-        raise ValueError(f"the merged outputs repeat (arm, seed) pairs: {repeated}")
+        raise ValueError(f"the merged outputs repeat (student, arm, seed) runs: {repeated}")
     runs.sort(key=lambda r: r.seed)  # stable: arms keep their order within a seed
-    meta = {**payloads[0]["meta"], "merged_from": [str(d) for d in dirs], "seeds": sorted({r.seed for r in runs})}
-    return write_results(runs, out, meta)
+    meta = {**loaded[0][1], "merged_from": [str(d) for d in dirs], "seeds": sorted({r.seed for r in runs}),
+            "total_wall_s": sum(m.get("total_wall_s", 0.0) for _, m in loaded)}
+    return write_results(specialists + runs, out, meta)
 
 
-def plot_curves(results: Sequence[ArmResult], path: Path) -> None:
-    """T=1 accuracy against teacher-scored tokens, one line per arm (mean over seeds at each evaluation).
-    Arms that never query the teacher (SFT) are drawn as a horizontal line at their final accuracy."""
+def plot_curves(results: Sequence[ArmResult], domain: str, path: Path) -> None:
+    """T=1 accuracy on ``domain`` against teacher-scored tokens, one line per arm (mean over seeds at each
+    evaluation). Arms without a curve (SFT, the start, the specialist) are horizontal lines at their final
+    accuracy."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -134,22 +234,23 @@ def plot_curves(results: Sequence[ArmResult], path: Path) -> None:
 
     arms: dict[str, list[ArmResult]] = {}
     for r in results:
-        arms.setdefault(r.arm, []).append(r)
+        if domain in r.sampled_accuracy:
+            arms.setdefault(r.arm, []).append(r)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     flat_styles = iter([("black", ":"), ("grey", "--"), ("grey", "-."), ("grey", ":")])
     for runs in arms.values():
         label = runs[0].label
-        if all(r.teacher_scored_tokens == 0 for r in runs):
+        if not all(r.curve.get(domain) for r in runs):
             color, style = next(flat_styles, ("grey", "--"))
-            ax.axhline(_mean_std([r.sampled_accuracy for r in runs])[0], ls=style, color=color, label=label)
+            ax.axhline(mean_se([r.sampled_accuracy[domain] for r in runs])[0], ls=style, color=color, label=label)
             continue
-        length = min(len(r.curve) for r in runs)
-        xs = [_mean_std([r.curve[i][0] for r in runs])[0] for i in range(length)]
-        ys = [_mean_std([r.curve[i][1] for r in runs])[0] for i in range(length)]
+        length = min(len(r.curve[domain]) for r in runs)
+        xs = [mean_se([r.curve[domain][i][0] for r in runs])[0] for i in range(length)]
+        ys = [mean_se([r.curve[domain][i][1] for r in runs])[0] for i in range(length)]
         ax.plot(xs, ys, marker="o", label=label)
-    ax.set_xlabel("teacher-scored tokens")
+    ax.set_xlabel("teacher-scored tokens (both domains)")
     ax.set_ylabel("held-out accuracy at T=1")
-    ax.set_title("column_add: accuracy vs teacher compute")
+    ax.set_title(f"{domain}: accuracy vs teacher compute")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

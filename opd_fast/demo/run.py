@@ -1,8 +1,10 @@
-"""``opd-fast demo``: prepare (or reuse) the teacher and the initial students, run every arm, report.
+"""``opd-fast demo``: prepare (or reuse) the specialists and the initial students, run every arm, report.
 
-For each seed: the seed's initial student is prepared (cached), then every arm trains from it with the
-same budget and is evaluated on the same held-out prompts. The initial student is evaluated too (the
-``start`` row), so each arm's gain is visible.
+Two specialist teachers (one per domain) are prepared first and evaluated on their own domain (the
+``specialist`` rows). For each seed: the seed's initial student is prepared, evaluated (the ``start``
+row, so each arm's gain is visible), then every arm trains from it over both domains with the same
+budget and is evaluated on the same held-out prompts of each domain. The weak student's start and its
+arms (plain and teacher-corrected on-policy reverse KL) follow, for the rescue comparison.
 """
 
 from __future__ import annotations
@@ -14,22 +16,36 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from ..runner.data import read_jsonl
 from ..runner.evaluate import evaluate_run
-from ..runner.models import torch_threads
-from .arms import ARMS_BY_NAME, THREADS, Arm, run_arm, run_config
-from .prepare import parameter_count, prepare_student, prepare_teacher
+from ..runner.models import load_model, torch_threads
+from .arms import ARMS_BY_NAME, THREADS, DemoData, per_domain, run_arm, run_config
+from .domains import DOMAINS, mixed_examples, write_prompts
+from .prepare import accuracy, parameter_count, prepare_student, prepare_teacher
 from .profiles import Profile
-from .report import ArmResult, text_table, write_results
+from .report import SPECIALIST, START, ArmResult, report_text, write_results
 
-START = Arm("start", "initial student (before any arm)")
+START_LABEL = "initial student (before any arm)"
 
 
-def _evaluate_start(profile: Profile, student: Path, teacher: Path, out: Path, seed: int) -> ArmResult:
-    config = run_config(ARMS_BY_NAME["sft"], profile, student, teacher, out, seed)
+def _evaluate_start(profile: Profile, student: str, path: Path, teachers: dict[str, Path], data: DemoData,
+                    out: Path, seed: int) -> ArmResult:
+    config = run_config(ARMS_BY_NAME["sft"], profile, path, teachers, data, out, seed)
     e = evaluate_run(config)
-    return ArmResult(arm=START.name, label=START.label, seed=seed, greedy_accuracy=e["greedy/accuracy"],
-                     sampled_accuracy=e["sampled/accuracy"], reverse_kl=e["reverse_kl"], teacher_scored_tokens=0,
-                     teacher_generated_tokens=0, student_grad_tokens=0, wall_s=0.0)
+    return ArmResult(arm=START, label=START_LABEL, student=student, seed=seed, off_policy=False,
+                     greedy_accuracy=per_domain(e, "greedy/accuracy"),
+                     sampled_accuracy=per_domain(e, "sampled/accuracy"), reverse_kl=per_domain(e, "reverse_kl"))
+
+
+def _evaluate_specialist(profile: Profile, domain: str, path: Path, data: DemoData) -> ArmResult:
+    """The teacher on its own domain's held-out prompts (its reverse KL to itself is 0)."""
+    lm = load_model(str(path))
+    examples = [ex for ex in read_jsonl(data.eval) if ex.domain == domain]
+    acc = {mode: accuracy(lm, examples, temperature, 0, profile.max_new_tokens)[domain]
+           for mode, temperature in (("greedy", 0.0), ("sampled", 1.0))}
+    return ArmResult(arm=SPECIALIST, label=f"specialist teacher ({domain})", student=SPECIALIST, seed=0,
+                     off_policy=False, greedy_accuracy={domain: acc["greedy"]},
+                     sampled_accuracy={domain: acc["sampled"]}, reverse_kl={domain: 0.0})
 
 
 def _trained(recipe: dict) -> str:
@@ -39,43 +55,63 @@ def _trained(recipe: dict) -> str:
 
 
 def run_demo(
-    profile: Profile, seeds: Sequence[int], arms: Sequence[str], out: Path, cache: Path
-) -> list[dict[str, Any]]:
-    """Run the demo; returns the aggregated rows (also written under ``out``)."""
-    unknown = [a for a in arms if a not in ARMS_BY_NAME]
+    profile: Profile,
+    seeds: Sequence[int],
+    arms: Sequence[str],
+    out: Path,
+    cache: Path,
+    *,
+    weak_arms: Sequence[str] = (),
+    retrain: bool = False,
+) -> dict[str, Any]:
+    """Run the demo; returns the per-student, per-domain summary (also written under ``out``).
+    ``retrain`` trains every model from scratch instead of reusing shipped or cached ones."""
+    unknown = [a for a in [*arms, *weak_arms] if a not in ARMS_BY_NAME]
     if unknown:
         raise ValueError(f"unknown arm(s) {unknown}; available: {sorted(ARMS_BY_NAME)}")
     if not seeds:
         raise ValueError("seeds must name at least one seed")
     with torch_threads(THREADS):
-        return _run(profile, seeds, arms, Path(out), Path(cache))
+        return _run(profile, seeds, arms, weak_arms, Path(out), Path(cache), retrain)
 
 
-def _run(profile: Profile, seeds: Sequence[int], arms: Sequence[str], out: Path, cache: Path) -> list[dict[str, Any]]:
+def _run(profile: Profile, seeds: Sequence[int], arms: Sequence[str], weak_arms: Sequence[str], out: Path,
+         cache: Path, retrain: bool) -> dict[str, Any]:
     t0 = time.perf_counter()
-    print(f"[demo] profile {profile.name}: task column_add ({profile.digits} digits), arms {', '.join(arms)}, "
-          f"seeds {list(seeds)}; cache {cache}")
-    teacher, t_recipe = prepare_teacher(profile, cache)
-    print(f"[demo] teacher: {parameter_count(teacher):,} parameters, {_trained(t_recipe)}")
+    print(f"[demo] profile {profile.name}: domains {', '.join(d.name for d in DOMAINS)}, arms {', '.join(arms)}, "
+          f"weak-student arms {', '.join(weak_arms) or 'none'}, seeds {list(seeds)}; cache {cache}")
+    data = DemoData(write_prompts(out / "data" / "train.jsonl", mixed_examples("train", profile.train_prompts, 0)),
+                    write_prompts(out / "data" / "eval.jsonl", mixed_examples("eval", profile.eval_prompts, 0)))
+    teachers: dict[str, Path] = {}
+    recipes: dict[str, Any] = {"teachers": {}, "students": {}, "weak_students": {}}
     results: list[ArmResult] = []
-    students: dict[int, dict] = {}
+    for domain in DOMAINS:
+        teachers[domain.name], recipe = prepare_teacher(profile, cache, domain, retrain=retrain)
+        recipes["teachers"][domain.name] = recipe
+        print(f"[demo] {domain.name} teacher: {parameter_count(teachers[domain.name]):,} parameters, "
+              f"{_trained(recipe)}")
+        results.append(_evaluate_specialist(profile, domain.name, teachers[domain.name], data))
+    groups = [("main", arms, False)] + ([("weak", weak_arms, True)] if weak_arms else [])
     for seed in seeds:
-        student, s_recipe = prepare_student(profile, cache, seed)
-        students[seed] = s_recipe
-        print(f"[demo] seed {seed}: initial student {parameter_count(student):,} parameters, {_trained(s_recipe)}")
-        results.append(_evaluate_start(profile, student, teacher, out / f"seed{seed}" / "start", seed))
-        for name in arms:
-            print(f"[demo] seed {seed}: arm {name}")
-            results.append(run_arm(ARMS_BY_NAME[name], profile, student, teacher, out / f"seed{seed}" / name, seed))
+        for student, names, weak in groups:
+            path, recipe = prepare_student(profile, cache, seed, weak=weak, retrain=retrain)
+            recipes["weak_students" if weak else "students"][seed] = recipe
+            print(f"[demo] seed {seed}: {student} initial student {parameter_count(path):,} parameters, "
+                  f"{_trained(recipe)}")
+            where = out / f"seed{seed}" / student
+            results.append(_evaluate_start(profile, student, path, teachers, data, where / START, seed))
+            for name in names:
+                print(f"[demo] seed {seed}: {student} student, arm {name}")
+                results.append(run_arm(ARMS_BY_NAME[name], profile, student, path, teachers, data, where / name, seed))
     meta = {"profile": profile.name, "settings": asdict(profile), "seeds": list(seeds), "arms": list(arms),
-            "teacher": t_recipe, "students": students, "total_wall_s": time.perf_counter() - t0}
-    rows = write_results(results, out, meta)
+            "weak_arms": list(weak_arms), **recipes, "total_wall_s": time.perf_counter() - t0}
+    summary = write_results(results, out, meta)
     print()
-    print(text_table(rows))
+    print(report_text(summary, markdown=False))
     if profile.name == "quick":
         print("[demo] quick profile: a smoke test of the pipeline; its models are barely trained, so these numbers "
               "mean nothing. Run `opd-fast demo` for the real comparison.")
     print(f"\n[demo] {time.perf_counter() - t0:.0f} s; results in {out}/results.json, results.md, "
-          "accuracy_vs_tokens.png")
+          "accuracy_vs_tokens_<domain>.png")
     (out / "meta.json").write_text(json.dumps(meta, indent=2))
-    return rows
+    return summary

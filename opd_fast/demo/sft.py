@@ -24,6 +24,7 @@ from ..runner.learn import lr_lambda
 from ..runner.models import LoadedModel, forward_hidden, head_logits
 from ..tasks import Example
 from ..tasks.column_add import with_retries
+from .domains import DOMAINS_BY_NAME
 
 IGNORE = -100
 
@@ -32,12 +33,14 @@ def sft_batch(
     tokenizer, examples: list[Example], retry_rate: float, rng: random.Random
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(input_ids, attention_mask, labels)`` right-padded; ``labels[:, j]`` is the target of position ``j``
-    (the next token) or ``IGNORE`` for prompt tokens, taken-back slips and padding."""
+    (the next token) or ``IGNORE`` for prompt tokens, taken-back slips and padding. ``retry_rate`` applies
+    to the examples of domains with a retry token only."""
     rows: list[tuple[list[int], list[int]]] = []
     for ex in examples:
         ids = encode_prompt(tokenizer, ex.prompt)
         learn = [False] * len(ids)
-        for text, trained in with_retries(ex.reference, retry_rate, rng):
+        rate = retry_rate if DOMAINS_BY_NAME[ex.domain].retries else 0.0
+        for text, trained in with_retries(ex.reference, rate, rng):
             piece = tokenizer(text, add_special_tokens=False)["input_ids"]
             ids += piece
             learn += [trained] * len(piece)
@@ -57,7 +60,7 @@ def sft_batch(
 
 
 def sft_loss(lm: LoadedModel, input_ids: torch.Tensor, attention: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of the labelled positions. The demo's vocabulary has 17 entries, so plain logits
+    """Mean cross-entropy of the labelled positions. The demo's vocabulary has 42 entries, so plain logits
     are cheaper here than the fused path, which pays off at large vocabularies."""
     hidden, _ = forward_hidden(lm, input_ids, attention)
     keep = labels != IGNORE

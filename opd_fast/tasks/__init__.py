@@ -44,7 +44,7 @@ class Task(Protocol):
 
 _REGISTRY: dict[str, Callable[[], Task]] = {}
 # Modules under opd_fast/tasks/ that register built-in tasks when imported.
-BUILTIN_MODULES: tuple[str, ...] = ("column_add",)
+BUILTIN_MODULES: tuple[str, ...] = ("column_add", "pair_sum")
 
 
 def register_task(name: str) -> Callable[[Callable[[], Task]], Callable[[], Task]]:
