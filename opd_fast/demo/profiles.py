@@ -65,12 +65,14 @@ class Profile:
 
     @property
     def max_new_tokens(self) -> int:
-        """Room for the longest tagged answer, its EOS and three retries (two tokens each)."""
-        return max(d.answer_tokens for d in DOMAINS) + 6
+        """Room for the longest tagged answer, its EOS and, where the task has a retry token, three retries
+        (two tokens each)."""
+        return max(d.answer_tokens + (6 if d.retries else 0) for d in DOMAINS)
 
     def teacher_key(self, domain: str) -> str:
         """Cache key of everything that determines the teacher of ``domain``."""
-        fields = {k: v for k, v in asdict(self).items() if k.startswith("teacher") or k in ("check_every", "dev_prompts")}
+        fields = {k: v for k, v in asdict(self).items()
+                  if k.startswith("teacher") or k in ("check_every", "dev_prompts")}
         return _hash({**fields, "domain": domain, "tasks": _tasks()})
 
     def student_key(self, seed: int, weak: bool = False) -> str:

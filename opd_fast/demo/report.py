@@ -128,8 +128,8 @@ def table_rows(rows: Sequence[dict[str, Any]]) -> list[list[str]]:
     for row in rows:
         diff = ""
         if "diff_vs_best_off_policy" in row:
-            diff = _pm(row["diff_vs_best_off_policy"], row["diff_vs_best_off_policy_se"]) + f" ({row['best_off_policy']})"
-            diff += " ✓" if row["beats_every_off_policy"] else ""
+            diff = _pm(row["diff_vs_best_off_policy"], row["diff_vs_best_off_policy_se"])
+            diff += f" ({row['best_off_policy']})" + (" ✓" if row["beats_every_off_policy"] else "")
         out.append([row["label"], _pm(row["greedy_accuracy"], row["greedy_accuracy_se"]),
                     _pm(row["sampled_accuracy"], row["sampled_accuracy_se"]), diff,
                     _pm(row["reverse_kl"], row["reverse_kl_se"]), _count(row["teacher_scored_tokens"]),

@@ -6,74 +6,102 @@ from dataclasses import replace
 import pytest
 
 from opd_fast.cli import build_parser
-from opd_fast.demo.arms import DEFAULT_ARMS
+from opd_fast.demo.arms import ARMS_BY_NAME, DEFAULT_ARMS, WEAK_ARMS, DemoData, run_config
+from opd_fast.demo.domains import DOMAINS
 from opd_fast.demo.prepare import prepare_teacher
 from opd_fast.demo.profiles import QUICK
 from opd_fast.demo.report import merge_results
 from opd_fast.demo.run import run_demo
+from opd_fast.runner.score import Router
 
-TINY = replace(QUICK, name="tiny", teacher_max_steps=4, student_max_steps=4, check_every=2, dev_prompts=8,
-               arm_steps=2, arm_batch=4, eval_prompts=8, eval_points=2, train_prompts=64)
+TINY = replace(QUICK, name="tiny", teacher_max_steps=4, student_max_steps=4, check_every=2, dev_prompts=4,
+               arm_steps=2, arm_batch=4, eval_prompts=4, eval_points=2, train_prompts=32)
+DOMAIN_NAMES = [d.name for d in DOMAINS]
 
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
-    rows = run_demo(TINY, [0], list(DEFAULT_ARMS), root / "out", root / "cache")
-    return root, rows
+    summary = run_demo(TINY, [0], list(DEFAULT_ARMS), root / "out", root / "cache", weak_arms=list(WEAK_ARMS))
+    return root, summary
 
 
-def test_every_arm_is_reported_with_its_budget(demo_run):
-    _, rows = demo_run
-    by_arm = {r["arm"]: r for r in rows}
-    assert list(by_arm) == ["start", *DEFAULT_ARMS]
-    for row in rows:
-        assert 0 <= row["greedy_accuracy"] <= 1 and 0 <= row["sampled_accuracy"] <= 1
-        assert row["reverse_kl"] >= 0
-    # SFT never queries the teacher; SeqKD's tokens are all teacher samples; on-policy ones never are.
-    assert by_arm["sft"]["teacher_scored_tokens"] == 0 and by_arm["sft"]["student_grad_tokens"] > 0
-    seqkd = by_arm["seqkd"]
-    assert seqkd["teacher_generated_tokens"] == seqkd["teacher_scored_tokens"] > 0
-    for arm in ("supervised_kd", "on_policy_fkl", "on_policy_rkl", "on_policy_jsd"):
-        assert by_arm[arm]["teacher_generated_tokens"] == 0
-        assert by_arm[arm]["teacher_scored_tokens"] == by_arm[arm]["student_grad_tokens"] > 0
-    # Supervised KD trains on the references: 4 prompts x 2 steps x (10-char tagged answer + EOS).
-    assert by_arm["supervised_kd"]["teacher_scored_tokens"] == 4 * 2 * 11
+def test_every_arm_is_reported_per_domain_with_its_budget(demo_run):
+    _, summary = demo_run
+    assert list(summary) == ["main", "weak"] and list(summary["main"]) == DOMAIN_NAMES
+    for domain in DOMAIN_NAMES:
+        by_arm = {r["arm"]: r for r in summary["main"][domain]}
+        assert list(by_arm) == ["specialist", "start", *DEFAULT_ARMS]
+        for row in by_arm.values():
+            assert 0 <= row["greedy_accuracy"] <= 1 and 0 <= row["sampled_accuracy"] <= 1
+            assert row["reverse_kl"] >= 0
+        # SFT never queries the teacher; SeqKD's tokens are all teacher samples; on-policy ones never are.
+        assert by_arm["sft"]["teacher_scored_tokens"] == 0 and by_arm["sft"]["student_grad_tokens"] > 0
+        seqkd = by_arm["seqkd"]
+        assert seqkd["teacher_generated_tokens"] == seqkd["teacher_scored_tokens"] > 0
+        for arm in ("supervised_kd", "on_policy_rkl", "on_policy_jsd"):
+            assert by_arm[arm]["teacher_generated_tokens"] == 0
+            assert by_arm[arm]["teacher_scored_tokens"] == by_arm[arm]["student_grad_tokens"] > 0
+        # Supervised KD trains on references: 4 prompts x 2 steps of 11 (column_add) or 13 (pair_sum) tokens.
+        assert 8 * 11 <= by_arm["supervised_kd"]["teacher_scored_tokens"] <= 8 * 13
+        assert by_arm["on_policy_rkl"]["best_off_policy"] in ("sft", "supervised_kd", "seqkd")
+        weak = {r["arm"]: r for r in summary["weak"][domain]}
+        assert list(weak) == ["specialist", "start", *WEAK_ARMS]
 
 
 def test_outputs_are_written(demo_run):
     root, _ = demo_run
     out = root / "out"
     payload = json.loads((out / "results.json").read_text())
-    assert payload["meta"]["profile"] == "tiny" and len(payload["runs"]) == 1 + len(DEFAULT_ARMS)
-    curves = [r["curve"] for r in payload["runs"] if r["arm"] == "on_policy_rkl"]
-    assert len(curves[0]) == 2 and curves[0][0][0] < curves[0][1][0]  # evaluated twice, tokens growing
-    assert "| on-policy rev KL |" in (out / "results.md").read_text()
-    assert (out / "accuracy_vs_tokens.png").stat().st_size > 1000
+    assert payload["meta"]["profile"] == "tiny"
+    assert len(payload["runs"]) == len(DOMAINS) + (1 + len(DEFAULT_ARMS)) + (1 + len(WEAK_ARMS))
+    curve = next(r["curve"] for r in payload["runs"] if r["arm"] == "on_policy_rkl")
+    for domain in DOMAIN_NAMES:
+        assert len(curve[domain]) == 2 and curve[domain][0][0] < curve[domain][1][0]  # tokens growing
+        assert (out / f"accuracy_vs_tokens_{domain}.png").stat().st_size > 1000
+    text = (out / "results.md").read_text()
+    assert "### pair_sum, the student" in text and "| on-policy rev KL |" in text
 
 
 def test_prepared_models_are_cached(demo_run):
     root, _ = demo_run
     cache = root / "cache"
-    path, recipe = prepare_teacher(TINY, cache)
+    path, recipe = prepare_teacher(TINY, cache, DOMAINS[1])
     stamp = (path / "model.safetensors").stat().st_mtime_ns
-    again, recipe_again = prepare_teacher(TINY, cache)
-    assert again == path and recipe_again == recipe
+    again, recipe_again = prepare_teacher(TINY, cache, DOMAINS[1])
+    assert again == path and recipe_again == recipe and recipe["domains"] == ["pair_sum"]
     assert (path / "model.safetensors").stat().st_mtime_ns == stamp
-    assert (cache / "teacher").resolve() == path.resolve()
+    assert (cache / "teacher-pair_sum").resolve() == path.resolve()
     assert (cache / "student-seed0" / "recipe.json").is_file()
+    assert (cache / "weak-student-seed0" / "recipe.json").is_file()
 
 
 def test_merge(demo_run, tmp_path):
-    root, rows = demo_run
-    assert merge_results([root / "out"], tmp_path / "merged") == rows
+    root, summary = demo_run
+    assert merge_results([root / "out"], tmp_path / "merged") == summary
     with pytest.raises(ValueError, match="repeat"):
         merge_results([root / "out", root / "out"], tmp_path / "twice")
 
 
+def test_each_domain_is_routed_to_its_specialist(tmp_path):
+    teachers = {d.name: tmp_path / f"t-{d.name}" for d in DOMAINS}
+    data = DemoData(tmp_path / "train.jsonl", tmp_path / "eval.jsonl")
+    config = run_config(ARMS_BY_NAME["on_policy_rkl"], TINY, tmp_path / "s", teachers, data, tmp_path / "o", 0)
+    router = Router(config.teachers)
+    assert {d: router.teacher_for(d) for d in DOMAIN_NAMES} == {d: d for d in DOMAIN_NAMES}
+    assert config.teachers["pair_sum"].path == str(teachers["pair_sum"])
+    assert config.data.mixture == {d: 1.0 for d in DOMAIN_NAMES}
+    assert set(config.loss.verifiers) == set(DOMAIN_NAMES)
+    assert config.rollout.correction is None
+    corrected = run_config(ARMS_BY_NAME["corrected_rkl"], TINY, tmp_path / "s", teachers, data, tmp_path / "o", 0)
+    assert corrected.rollout.correction == TINY.correction
+
+
 def test_cli_options():
-    args = build_parser().parse_args(["demo", "--quick", "--seeds", "3", "--out", "x", "--arms", "sft,seqkd"])
+    args = build_parser().parse_args(["demo", "--quick", "--seeds", "3", "--out", "x", "--arms", "sft,seqkd",
+                                      "--weak-arms", "", "--retrain"])
     assert args.quick and args.seeds == 3 and args.out == "x" and args.arms == "sft,seqkd"
+    assert args.weak_arms == "" and args.retrain
 
 
 def test_unknown_arm_is_rejected(tmp_path):

@@ -46,13 +46,13 @@ def test_every_valid_pair_is_accepted_and_nothing_else():
 
 
 @pytest.mark.parametrize("completion,score", [
-    ("A07B52", 1.0),       # 20 + 37 = 57
-    (" A07B52\n", 1.0),    # surrounding whitespace is ignored
-    ("A07B5", 0.0),        # a column short
-    ("A07B521", 0.0),      # a digit too many
-    ("B07A52", 0.0),       # tags out of order
-    ("A0<7B52", 0.0),      # no retry token in this task
-    ("A08B52", 0.0),       # 20 + 38 = 58
+    ("A07B23", 1.0),       # 20 + 37 = 57
+    (" A07B23\n", 1.0),    # surrounding whitespace is ignored
+    ("A07B2", 0.0),        # a column short
+    ("A07B231", 0.0),      # a digit too many
+    ("B07A23", 0.0),       # tags out of order
+    ("A0<7B23", 0.0),      # no retry token in this task
+    ("A08B23", 0.0),       # 20 + 38 = 58
 ])
 def test_verifier_cases(completion, score):
     assert PairSum(digits=2).verify(encode_number(57, 2), completion, "A70B05") == score

@@ -1,0 +1,54 @@
+"""The report's statistics: standard errors and the paired difference against the best off-policy arm,
+checked against values computed by hand."""
+
+import math
+
+import pytest
+
+from opd_fast.demo.report import ArmResult, domain_rows, mean_se, paired_difference
+
+
+def test_mean_se_by_hand():
+    # values 0.5, 0.7, 0.9: mean 0.7, sample std 0.2, SE 0.2 / sqrt(3)
+    mean, se = mean_se([0.5, 0.7, 0.9])
+    assert mean == pytest.approx(0.7) and se == pytest.approx(0.2 / math.sqrt(3))
+    assert mean_se([0.4]) == (0.4, None)
+    with pytest.raises(ValueError, match="at least one"):
+        mean_se([])
+
+
+def test_paired_difference_pairs_by_seed():
+    # per-seed differences 0.1, 0.3 (seed 2 exists only in a): mean 0.2, std sqrt(0.02), SE 0.1
+    mean, se = paired_difference({0: 0.6, 1: 0.8, 2: 0.0}, {0: 0.5, 1: 0.5})
+    assert mean == pytest.approx(0.2) and se == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="no seed"):
+        paired_difference({0: 1.0}, {1: 1.0})
+
+
+def _run(arm: str, seed: int, t1: float, off_policy: bool) -> ArmResult:
+    return ArmResult(arm=arm, label=arm, student="main", seed=seed, off_policy=off_policy,
+                     greedy_accuracy={"d": t1}, sampled_accuracy={"d": t1}, reverse_kl={"d": 0.0})
+
+
+@pytest.mark.parametrize("on_policy, beats", [
+    ((0.70, 0.72, 0.74), True),    # +0.10 over sft every seed (SE 0), +0.06..0.14 over seqkd
+    ((0.70, 0.52, 0.74), False),   # seed 1 falls behind: the mean lead is within 2 SE
+])
+def test_difference_against_the_best_off_policy_arm(on_policy, beats):
+    sft, seqkd = (0.60, 0.62, 0.64), (0.55, 0.58, 0.60)
+    results = [_run("sft", s, v, True) for s, v in enumerate(sft)]
+    results += [_run("seqkd", s, v, True) for s, v in enumerate(seqkd)]
+    results += [_run("on_policy", s, v, False) for s, v in enumerate(on_policy)]
+    rows = {r["arm"]: r for r in domain_rows(results, "d", "main")}
+    row = rows["on_policy"]
+    assert row["best_off_policy"] == "sft"  # higher mean T=1 accuracy than seqkd
+    expected = mean_se([a - b for a, b in zip(on_policy, sft, strict=True)])
+    assert (row["diff_vs_best_off_policy"], row["diff_vs_best_off_policy_se"]) == pytest.approx(expected)
+    assert row["beats_every_off_policy"] is beats
+    assert "diff_vs_best_off_policy" not in rows["sft"]
+
+
+def test_a_single_seed_never_passes():
+    results = [_run("sft", 0, 0.1, True), _run("on_policy", 0, 0.9, False)]
+    row = {r["arm"]: r for r in domain_rows(results, "d", "main")}["on_policy"]
+    assert row["diff_vs_best_off_policy_se"] is None and row["beats_every_off_policy"] is False
