@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -85,6 +86,7 @@ def _train_to_target(kind: str, path: Path, profile: Profile, domains: tuple[Dom
     dev = [ex for d in domains for ex in d.examples("train", profile.dev_prompts, seed=10_000 + seed)]  # not eval
     tmp = path.with_name(path.name + ".tmp")
     attempts = []
+    cpu0 = time.process_time()
 
     def met(reached: dict[str, dict[str, float]]) -> bool:
         modes = ("greedy", "sampled") if need_sampled else ("greedy",)
@@ -113,7 +115,8 @@ def _train_to_target(kind: str, path: Path, profile: Profile, domains: tuple[Dom
             break
     recipe = {"kind": kind, "domains": [d.name for d in domains], "seed": attempts[-1]["init_seed"], "steps": steps,
               "dev_accuracy": reached, "target": target, "reached_target": ok, "attempts": attempts,
-              "size": asdict(size), "retry_rate": retry_rate, "profile": asdict(profile)}
+              "size": asdict(size), "retry_rate": retry_rate, "cpu_s": round(time.process_time() - cpu0, 1),
+              "profile": asdict(profile)}
     save_model(lm.model, lm.tokenizer, tmp)
     (tmp / RECIPE).write_text(json.dumps(recipe, indent=2))
     shutil.rmtree(path, ignore_errors=True)  # a retrained model replaces the cached one

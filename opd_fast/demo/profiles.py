@@ -42,9 +42,9 @@ class Profile:
     student_lr: float = 3e-3
     student_batch: int = 64
     student_max_steps: int = 3000
-    student_target: float = 0.5  # greedy dev accuracy (every domain) at which the shared start is frozen
+    student_target: float = 0.4  # greedy dev accuracy (every domain) at which the shared start is frozen
     weak_student: ModelSize = ModelSize(16, 1, 2)
-    weak_student_target: float = 0.2
+    weak_student_target: float = 0.1
     check_every: int = 100
     dev_prompts: int = 128  # per domain
     # Arms: equal budget for every arm.

@@ -1,6 +1,7 @@
 """The demo end to end on a tiny profile: same code path as ``opd-fast demo``, a few steps per stage."""
 
 import json
+import shutil
 from dataclasses import replace
 
 import pytest
@@ -8,6 +9,7 @@ import pytest
 from opd_fast.cli import build_parser
 from opd_fast.demo.arms import ARMS_BY_NAME, DEFAULT_ARMS, WEAK_ARMS, DemoData, run_config
 from opd_fast.demo.domains import DOMAINS
+from opd_fast.demo import prepare
 from opd_fast.demo.prepare import prepare_teacher
 from opd_fast.demo.profiles import QUICK
 from opd_fast.demo.report import merge_results
@@ -74,6 +76,19 @@ def test_prepared_models_are_cached(demo_run):
     assert (cache / "teacher-pair_sum").resolve() == path.resolve()
     assert (cache / "student-seed0" / "recipe.json").is_file()
     assert (cache / "weak-student-seed0" / "recipe.json").is_file()
+
+
+def test_shipped_models_are_used_unless_retrained(demo_run, tmp_path, monkeypatch):
+    root, _ = demo_run
+    trained, recipe = prepare_teacher(TINY, root / "cache", DOMAINS[0])
+    shipped = tmp_path / "shipped"
+    shutil.copytree(trained, shipped / trained.name)
+    (shipped / trained.name / "recipe.json").write_text(json.dumps({**recipe, "shipped": True}))
+    monkeypatch.setattr(prepare, "SHIPPED", shipped)
+    path, used = prepare_teacher(TINY, tmp_path / "cache", DOMAINS[0])
+    assert used["shipped"] and (path / "model.safetensors").is_file()
+    _, retrained = prepare_teacher(TINY, tmp_path / "cache", DOMAINS[0], retrain=True)
+    assert "shipped" not in retrained and retrained["steps"] == TINY.teacher_max_steps
 
 
 def test_merge(demo_run, tmp_path):
