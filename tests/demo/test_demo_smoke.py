@@ -7,9 +7,9 @@ from dataclasses import replace
 import pytest
 
 from opd_fast.cli import build_parser
+from opd_fast.demo import prepare
 from opd_fast.demo.arms import ARMS_BY_NAME, DEFAULT_ARMS, WEAK_ARMS, DemoData, run_config
 from opd_fast.demo.domains import DOMAINS
-from opd_fast.demo import prepare
 from opd_fast.demo.prepare import prepare_teacher
 from opd_fast.demo.profiles import QUICK
 from opd_fast.demo.report import merge_results
