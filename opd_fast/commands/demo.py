@@ -4,6 +4,7 @@ distillation, against off-policy baselines, on the shipped ``column_add`` and ``
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 
@@ -25,7 +26,8 @@ def _run(args: argparse.Namespace) -> int:
     arms = _arms(args.arms) if args.arms is not None else list(DEFAULT_ARMS)
     weak_arms = _arms(args.weak_arms) if args.weak_arms is not None else list(WEAK_ARMS)
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
-    run_demo(profile, seeds, arms, out, Path(args.cache), weak_arms=weak_arms, retrain=args.retrain)
+    jobs = args.jobs if args.jobs is not None else min(len(seeds), os.cpu_count() or 1)
+    run_demo(profile, seeds, arms, out, Path(args.cache), weak_arms=weak_arms, retrain=args.retrain, jobs=jobs)
     return 0
 
 
@@ -50,6 +52,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                       "sft,supervised_kd,seqkd,on_policy_rkl,on_policy_jsd)")
     demo.add_argument("--weak-arms", default=None, help="comma-separated arms of the weak student (default: "
                       "on_policy_rkl,corrected_rkl; '' skips the weak student)")
+    demo.add_argument("--jobs", type=int, default=None,
+                      help="seeds run in parallel worker processes (default: one per seed, at most one per CPU core)")
     demo.add_argument("--merge", nargs="+", metavar="DIR", default=None,
                       help="instead of training, merge the results of earlier runs (e.g. one per seed) into --out")
     demo.set_defaults(func=_run)

@@ -95,7 +95,6 @@ def run_config(arm: Arm, profile: Profile, student: Path, teachers: dict[str, Pa
                seed: int) -> RunConfig:
     """The runner configuration of one arm (the SFT arm uses its optimizer, data and eval sections too).
     ``teachers`` maps each domain to its specialist; each becomes a teacher routed that domain only."""
-    evals = max(1, profile.eval_points)
     correction = profile.correction if arm.corrected else None
     config = RunConfig(
         run=RunSection(out_dir=str(out), seed=seed, threads=THREADS),
@@ -111,8 +110,7 @@ def run_config(arm: Arm, profile: Profile, student: Path, teachers: dict[str, Pa
                           warmup_steps=min(profile.arm_warmup, profile.arm_steps // 2)),
         checkpoint=CheckpointConfig(every=0, keep=1),
         metrics=MetricsConfig(progress=True, tensorboard=False),
-        eval=EvalConfig(every=max(1, profile.arm_steps // evals) if evals > 1 else 0,
-                        num_prompts=profile.eval_prompts * len(DOMAINS)),
+        eval=EvalConfig(every=0, num_prompts=profile.eval_prompts * len(DOMAINS)),  # once, at the end
     )
     validate_config(config)
     return config
@@ -123,14 +121,14 @@ def per_domain(evaluation: dict[str, float], key: str) -> dict[str, float]:
     return {d.name: evaluation[f"{key}/{d.name}"] for d in DOMAINS}
 
 
-def _result(arm: Arm, student: str, seed: int, evaluation: dict[str, float], curve: dict[str, list[tuple[int, float]]],
-            scored: int, generated: int, corrected: int, grad: int, wall: float) -> ArmResult:
+def _result(arm: Arm, student: str, seed: int, evaluation: dict[str, float], scored: int, generated: int,
+            corrected: int, grad: int, wall: float) -> ArmResult:
     return ArmResult(arm=arm.name, label=arm.label, student=student, seed=seed, off_policy=arm.off_policy,
                      greedy_accuracy=per_domain(evaluation, "greedy/accuracy"),
                      sampled_accuracy=per_domain(evaluation, "sampled/accuracy"),
                      reverse_kl=per_domain(evaluation, "reverse_kl"), teacher_scored_tokens=scored,
                      teacher_generated_tokens=generated, corrected_tokens=corrected, student_grad_tokens=grad,
-                     wall_s=wall, curve=curve)
+                     wall_s=wall)
 
 
 def _run_distill(arm: Arm, student: str, config: RunConfig) -> ArmResult:
@@ -139,7 +137,6 @@ def _run_distill(arm: Arm, student: str, config: RunConfig) -> ArmResult:
     wall = time.perf_counter() - t0
     rows = read_metrics(config.run.out_dir)
     scored = generated = corrected = 0
-    tokens_at: dict[int, int] = {}
     for row in rows:
         if row.get("kind") == "eval":
             continue
@@ -147,11 +144,8 @@ def _run_distill(arm: Arm, student: str, config: RunConfig) -> ArmResult:
         generated += row["tokens"] if row["source"] == "teacher" else 0
         # a corrected token is a teacher sample too (drawn during the student's rollout)
         corrected += round(row.get("corrected_fraction", 0.0) * row["tokens"])
-        tokens_at[row["step"]] = scored
-    evals = [r for r in rows if r.get("kind") == "eval"]
-    curve = {d.name: [(tokens_at[r["step"]], r[f"sampled/accuracy/{d.name}"]) for r in evals] for d in DOMAINS}
-    return _result(arm, student, config.run.seed, summary["eval"], curve, scored, generated + corrected, corrected,
-                   scored, wall)
+    return _result(arm, student, config.run.seed, summary["eval"], scored, generated + corrected, corrected, scored,
+                   wall)
 
 
 def _run_sft(arm: Arm, student: str, config: RunConfig, profile: Profile) -> ArmResult:
@@ -168,7 +162,7 @@ def _run_sft(arm: Arm, student: str, config: RunConfig, profile: Profile) -> Arm
     save_model(lm.model, lm.tokenizer, final)
     wall = time.perf_counter() - t0
     evaluation = evaluate_run(replace(config, student=StudentConfig(path=str(final))))
-    return _result(arm, student, config.run.seed, evaluation, {}, 0, 0, 0, tokens, wall)
+    return _result(arm, student, config.run.seed, evaluation, 0, 0, 0, tokens, wall)
 
 
 def run_arm(arm: Arm, profile: Profile, student: str, student_path: Path, teachers: dict[str, Path], data: DemoData,

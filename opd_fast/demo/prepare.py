@@ -20,6 +20,7 @@ scratch). Each model is saved with its tokenizer under ``<kind>-<recipe hash>/``
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from dataclasses import asdict
@@ -143,7 +144,7 @@ def _link(path: Path, name: str) -> None:
     """A stable name (``CACHE/teacher-pair_sum``, ``CACHE/student-seed0``) for the last prepared model, so
     configs such as ``examples/demo/on_policy.toml`` can point at it without knowing the recipe hash."""
     link = path.parent / name
-    tmp = path.parent / f".{name}.link"
+    tmp = path.parent / f".{name}.{os.getpid()}.link"  # per process: seeds may be prepared in parallel
     tmp.unlink(missing_ok=True)
     tmp.symlink_to(path.name)
     tmp.replace(link)

@@ -43,7 +43,7 @@ class Profile:
     student_batch: int = 64
     student_max_steps: int = 3000
     student_target: float = 0.4  # greedy dev accuracy (every domain) at which the shared start is frozen
-    weak_student: ModelSize = ModelSize(16, 1, 2)
+    weak_student: ModelSize = ModelSize(16, 2, 2)
     weak_student_target: float = 0.1
     check_every: int = 100
     dev_prompts: int = 128  # per domain
@@ -54,7 +54,6 @@ class Profile:
     arm_warmup: int = 10
     train_prompts: int = 4096  # per domain; batches mix the domains equally
     eval_prompts: int = 256  # per domain
-    eval_points: int = 3  # evaluations during an arm (for the accuracy-vs-tokens curve), the last at the end
     # Corrected rollouts (the rescue arm): a student token the teacher gives less than this probability
     # is replaced by a teacher sample, always at first, then less and less until the arm's last step.
     correction_min_prob: float = 0.1
@@ -92,5 +91,5 @@ def _tasks() -> list[dict]:
 DEFAULT = Profile(name="default")
 # CI smoke: models far from trained, so its numbers mean nothing; it proves the pipeline end to end.
 QUICK = replace(DEFAULT, name="quick", teacher_max_steps=60, student_max_steps=40, check_every=20, dev_prompts=32,
-                arm_steps=6, arm_batch=8, eval_prompts=32, eval_points=2)
+                arm_steps=6, arm_batch=8, eval_prompts=32)
 PROFILES = {p.name: p for p in (DEFAULT, QUICK)}

@@ -1,6 +1,6 @@
 """The demo's results: one ``ArmResult`` per (student, arm, seed); per domain a table of means with standard
 errors, the paired difference of each on-policy arm against the best off-policy arm, JSON, Markdown and
-one PNG per domain.
+one bar chart per domain.
 
 Accuracy is the domain verifier's score on held-out prompts, greedy and at T=1; ``reverse_kl`` is the mean
 per-token KL(student || teacher) on the student's own T=1 samples. The token columns make budgets
@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,8 +47,6 @@ class ArmResult:
     corrected_tokens: int = 0
     student_grad_tokens: int = 0
     wall_s: float = 0.0
-    # per domain: (teacher-scored tokens so far, T=1 accuracy) at each evaluation, for the plots
-    curve: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
 
 
 def mean_se(values: Sequence[float]) -> tuple[float, float | None]:
@@ -181,7 +179,7 @@ SE_NOTE = ("mean ± standard error over seeds; Δ is the per-seed paired differe
 
 def write_results(results: Sequence[ArmResult], out: Path, meta: dict[str, Any]) -> dict[str, Any]:
     """Write ``results.json`` (meta, per-run results, per-domain summary), ``results.md`` and one
-    ``accuracy_vs_tokens_<domain>.png`` per domain; returns the summary."""
+    ``accuracy_<domain>.png`` per domain (the main student's arms); returns the summary."""
     out.mkdir(parents=True, exist_ok=True)
     summary = summarize(results)
     payload = {"meta": meta, "runs": [asdict(r) for r in results], "summary": summary}
@@ -191,22 +189,22 @@ def write_results(results: Sequence[ArmResult], out: Path, meta: dict[str, Any])
     note = f"seeds {seeds}; {SE_NOTE}; {meta.get('profile', '')} profile" + (
         f"; {wall:.0f} s wall time" if wall is not None else "")
     (out / "results.md").write_text(f"{report_text(summary, markdown=True)}\n\n({note})\n")
-    for domain in dict.fromkeys(d for r in results for d in r.sampled_accuracy):
-        plot_curves([r for r in results if r.student == "main"], domain, out / f"accuracy_vs_tokens_{domain}.png")
+    for domain, rows in summary.get("main", {}).items():
+        plot_domain(rows, domain, out / f"accuracy_{domain}.png")
     return summary
 
 
 def load_results(path: Path) -> tuple[list[ArmResult], dict[str, Any]]:
     """The runs and meta of a ``results.json``."""
     payload = json.loads(Path(path).read_text())
-    runs = [ArmResult(**{**r, "curve": {d: [tuple(c) for c in cs] for d, cs in r["curve"].items()}})
-            for r in payload["runs"]]
+    runs = [ArmResult(**r) for r in payload["runs"]]
     return runs, payload["meta"]
 
 
-def merge_results(dirs: Sequence[Path], out: Path) -> dict[str, Any]:
+def merge_results(dirs: Sequence[Path], out: Path, total_wall_s: float | None = None) -> dict[str, Any]:
     """Combine the runs of several demo outputs (e.g. one process per seed) into one report under ``out``;
-    the specialists' rows, the same in every output, are kept once."""
+    the specialists' rows, the same in every output, are kept once. ``total_wall_s`` is the wall time of
+    the whole (when the outputs ran in parallel); by default the sum of theirs."""
     loaded = [load_results(Path(d) / "results.json") for d in dirs]
     profiles = {meta["profile"] for _, meta in loaded}
     if len(profiles) != 1:
@@ -218,40 +216,34 @@ def merge_results(dirs: Sequence[Path], out: Path) -> dict[str, Any]:
         repeated = sorted({x for x in seen if seen.count(x) > 1})
         raise ValueError(f"the merged outputs repeat (student, arm, seed) runs: {repeated}")
     runs.sort(key=lambda r: r.seed)  # stable: arms keep their order within a seed
-    meta = {**loaded[0][1], "merged_from": [str(d) for d in dirs], "seeds": sorted({r.seed for r in runs}),
-            "total_wall_s": sum(m.get("total_wall_s", 0.0) for _, m in loaded)}
+    recipes = {key: {seed: recipe for _, m in loaded for seed, recipe in m.get(key, {}).items()}
+               for key in ("students", "weak_students")}
+    meta = {**loaded[0][1], **recipes, "merged_from": [str(d) for d in dirs], "seeds": sorted({r.seed for r in runs}),
+            "total_wall_s": total_wall_s if total_wall_s is not None
+            else sum(m.get("total_wall_s", 0.0) for _, m in loaded)}
     return write_results(specialists + runs, out, meta)
 
 
-def plot_curves(results: Sequence[ArmResult], domain: str, path: Path) -> None:
-    """T=1 accuracy on ``domain`` against teacher-scored tokens, one line per arm (mean over seeds at each
-    evaluation). Arms without a curve (SFT, the start, the specialist) are horizontal lines at their final
-    accuracy."""
+def plot_domain(rows: Sequence[dict[str, Any]], domain: str, path: Path) -> None:
+    """Held-out accuracy on ``domain`` per arm, greedy and T=1 side by side, with standard-error bars (the
+    specialist and the start included, for scale)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    arms: dict[str, list[ArmResult]] = {}
-    for r in results:
-        if domain in r.sampled_accuracy:
-            arms.setdefault(r.arm, []).append(r)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    flat_styles = iter([("black", ":"), ("grey", "--"), ("grey", "-."), ("grey", ":")])
-    for runs in arms.values():
-        label = runs[0].label
-        if not all(r.curve.get(domain) for r in runs):
-            color, style = next(flat_styles, ("grey", "--"))
-            ax.axhline(mean_se([r.sampled_accuracy[domain] for r in runs])[0], ls=style, color=color, label=label)
-            continue
-        length = min(len(r.curve[domain]) for r in runs)
-        xs = [mean_se([r.curve[domain][i][0] for r in runs])[0] for i in range(length)]
-        ys = [mean_se([r.curve[domain][i][1] for r in runs])[0] for i in range(length)]
-        ax.plot(xs, ys, marker="o", label=label)
-    ax.set_xlabel("teacher-scored tokens (both domains)")
-    ax.set_ylabel("held-out accuracy at T=1")
-    ax.set_title(f"{domain}: accuracy vs teacher compute")
-    ax.grid(alpha=0.3)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(rows) + 2), 4.5))
+    width = 0.38
+    for offset, key, label in ((-width / 2, "greedy_accuracy", "greedy"), (width / 2, "sampled_accuracy", "T=1")):
+        xs = [i + offset for i in range(len(rows))]
+        errs = [row[f"{key}_se"] or 0.0 for row in rows]
+        ax.bar(xs, [row[key] for row in rows], width, yerr=errs, capsize=3, label=label)
+    ax.set_xticks(range(len(rows)), [row["label"] for row in rows], rotation=25, ha="right", fontsize=8)
+    ax.set_ylabel("held-out accuracy")
+    ax.set_ylim(0, 1)
+    seeds = sorted({s for row in rows for s in row["seeds"] if row["arm"] != SPECIALIST})
+    ax.set_title(f"{domain}: accuracy per arm (mean ± SE over seeds {seeds})")
+    ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -10,8 +10,10 @@ arms (plain and teacher-corrected on-policy reverse KL) follow, for the rescue c
 from __future__ import annotations
 
 import json
+import multiprocessing
 import time
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,7 @@ from .arms import ARMS_BY_NAME, THREADS, DemoData, per_domain, run_arm, run_conf
 from .domains import DOMAINS, mixed_examples, write_prompts
 from .prepare import accuracy, parameter_count, prepare_student, prepare_teacher
 from .profiles import Profile
-from .report import SPECIALIST, START, ArmResult, report_text, write_results
+from .report import SPECIALIST, START, ArmResult, merge_results, report_text, write_results
 
 START_LABEL = "initial student (before any arm)"
 
@@ -63,16 +65,40 @@ def run_demo(
     *,
     weak_arms: Sequence[str] = (),
     retrain: bool = False,
+    jobs: int = 1,
 ) -> dict[str, Any]:
     """Run the demo; returns the per-student, per-domain summary (also written under ``out``).
-    ``retrain`` trains every model from scratch instead of reusing shipped or cached ones."""
+
+    ``retrain`` trains every model from scratch instead of reusing shipped or cached ones. ``jobs > 1``
+    runs the seeds in that many worker processes (each single-threaded, as the models are tiny), each into
+    ``out/seed<K>``, and merges their results into ``out``.
+    """
     unknown = [a for a in [*arms, *weak_arms] if a not in ARMS_BY_NAME]
     if unknown:
         raise ValueError(f"unknown arm(s) {unknown}; available: {sorted(ARMS_BY_NAME)}")
     if not seeds:
         raise ValueError("seeds must name at least one seed")
+    if jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}")
+    out, cache = Path(out), Path(cache)
+    if jobs == 1 or len(seeds) == 1:
+        with torch_threads(THREADS):
+            return _run(profile, seeds, arms, weak_arms, out, cache, retrain)
+    t0 = time.perf_counter()
     with torch_threads(THREADS):
-        return _run(profile, seeds, arms, weak_arms, Path(out), Path(cache), retrain)
+        for domain in DOMAINS:  # once, here: the workers then find them in the cache
+            prepare_teacher(profile, cache, domain, retrain=retrain)
+    dirs = [out / f"seed{seed}" for seed in seeds]
+    context = multiprocessing.get_context("spawn")  # no forked torch thread pools
+    with ProcessPoolExecutor(max_workers=min(jobs, len(seeds)), mp_context=context) as pool:
+        futures = [pool.submit(run_demo, profile, [seed], arms, where, cache, weak_arms=weak_arms, retrain=False)
+                   for seed, where in zip(seeds, dirs, strict=True)]
+        for future in futures:
+            future.result()
+    summary = merge_results(dirs, out, total_wall_s=time.perf_counter() - t0)
+    print(f"\n[demo] merged seeds {list(seeds)} into {out}\n")
+    print(report_text(summary, markdown=False))
+    return summary
 
 
 def _run(profile: Profile, seeds: Sequence[int], arms: Sequence[str], weak_arms: Sequence[str], out: Path,

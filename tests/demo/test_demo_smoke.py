@@ -17,7 +17,7 @@ from opd_fast.demo.run import run_demo
 from opd_fast.runner.score import Router
 
 TINY = replace(QUICK, name="tiny", teacher_max_steps=4, student_max_steps=4, check_every=2, dev_prompts=4,
-               arm_steps=2, arm_batch=4, eval_prompts=4, eval_points=2, train_prompts=32)
+               arm_steps=2, arm_batch=4, eval_prompts=4, train_prompts=32)
 DOMAIN_NAMES = [d.name for d in DOMAINS]
 
 
@@ -57,10 +57,8 @@ def test_outputs_are_written(demo_run):
     payload = json.loads((out / "results.json").read_text())
     assert payload["meta"]["profile"] == "tiny"
     assert len(payload["runs"]) == len(DOMAINS) + (1 + len(DEFAULT_ARMS)) + (1 + len(WEAK_ARMS))
-    curve = next(r["curve"] for r in payload["runs"] if r["arm"] == "on_policy_rkl")
     for domain in DOMAIN_NAMES:
-        assert len(curve[domain]) == 2 and curve[domain][0][0] < curve[domain][1][0]  # tokens growing
-        assert (out / f"accuracy_vs_tokens_{domain}.png").stat().st_size > 1000
+        assert (out / f"accuracy_{domain}.png").stat().st_size > 1000
     text = (out / "results.md").read_text()
     assert "### pair_sum, the student" in text and "| on-policy rev KL |" in text
 
