@@ -32,6 +32,7 @@ import torch
 
 from ..core.call import LossOptions, Tuning
 from ..core.engine import TEACHER_HEAD_OUTPUTS, EngineResult, Student, StudentGrads, Upstream, Want, accum_dtype
+from .gemm import matmul_fp32
 from .tile_math import (
     HardLabels,
     RowTerms,
@@ -51,7 +52,11 @@ _GRAD_W_SLICE_ELEMS = 16 * 2**20
 
 class TileMath(Protocol):
     def live_bytes_per_logit(self, dtype: torch.dtype) -> int:
-        """Bytes alive per (token, vocab) element of a chunk for logits of ``dtype`` (sizes chunks)."""
+        """Bytes alive per (token, vocab) element of a chunk for inputs of ``dtype`` (sizes chunks)."""
+        ...
+
+    def logits_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """The dtype the chunk's GEMMs write logits in, for inputs of ``dtype``."""
         ...
 
     def full_rows(
@@ -101,6 +106,11 @@ class Head:
         """
         w = self.weight[v0:v1]
         out = buffer[: h.shape[0] * (v1 - v0)].view(h.shape[0], v1 - v0)
+        if out.dtype != h.dtype:  # a wider logit than the operands (the Triton cached mode's fp32 logits)
+            matmul_fp32(h, w.T, out=out)
+            if self.bias is not None:
+                out.add_(self.bias[v0:v1])
+            return out.mul_(self.scale) if self.scale != 1.0 else out
         if self.bias is None:
             torch.mm(h, w.T, out=out)
             return out.mul_(self.scale) if self.scale != 1.0 else out
@@ -247,7 +257,8 @@ class ChunkedEngine:
                 hard = HardLabels(self.labels, (zeros if upstream[1] is None else upstream[1]) * head.scale)
         chunk_tokens, chunk_vocab = plan_chunks(n, k, self.tuning, tiles.live_bytes_per_logit(hs.dtype))
         out = SweepResult(*(torch.zeros(n, **acc) for _ in SweepResult._fields)) if state is None else state
-        buffers = tuple(torch.empty(chunk_tokens * chunk_vocab, dtype=h.dtype, device=h.device) for h in (hs, ht))
+        buffers = tuple(torch.empty(chunk_tokens * chunk_vocab, dtype=tiles.logits_dtype(h.dtype), device=h.device)
+                        for h in (hs, ht))
         for i0 in range(0, n, chunk_tokens):
             rows = slice(i0, min(i0 + chunk_tokens, n))
             chunk = _ChunkLogits(hs[rows], ht[rows], head, self.teacher, opts, buffers)

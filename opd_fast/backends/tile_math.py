@@ -214,6 +214,10 @@ class TorchTileMath:
         """Six accumulation-dtype tiles are alive at once (two logits tiles, q, p, a, temporaries)."""
         return 6 * accum_dtype(dtype).itemsize
 
+    def logits_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """The GEMM's own dtype: the tiles are upcast to the accumulation dtype as they are used."""
+        return dtype
+
     def full_rows(
         self,
         raw_s: torch.Tensor,

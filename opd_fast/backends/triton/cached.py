@@ -1,12 +1,13 @@
 """Cached mode: each head's logits computed once per token chunk, one Triton row kernel for the rest.
 
 ``Tuning(triton_mode="cached")`` runs the Triton backend as the chunk loop of ``chunked.py``: per
-token chunk torch matmul (cuBLAS) writes both heads' raw logits ``(chunk, V)``, this kernel turns
+token chunk torch matmul (cuBLAS) writes both heads' raw logits ``(chunk, V)`` in fp32, this kernel turns
 them into every per-row statistic and writes the logit gradient over the student's logits in
 place, and the chunk loop's ``GradSink`` runs grad-hidden and grad-weight (fp32 accumulation) on
 cuBLAS. FLOPs are the GEMM floor (no logit is computed twice); the price is ``2 x chunk x V``
-logits in the GEMM dtype, sized by ``Tuning.memory_budget_mb``. The logits are rounded to that
-dtype by the GEMM, as in the chunked torch backend (strict mode keeps them fp32 in registers).
+fp32 logits (plus the gradient's 16-bit copy), sized by ``Tuning.memory_budget_mb``. The logits
+keep the GEMM's fp32 accumulator (``gemm.matmul_fp32``), as the strict kernels keep them in
+registers: rounding them to bf16 would move a logit of 20 by up to 0.06.
 
 The kernel is memory-bound: program ``i`` owns ``BLOCK_R`` rows and streams them three times in
 ``BLOCK_V`` columns: (1) both online log-sum-exps (+ the label logit and, at T != 1, the
@@ -187,8 +188,14 @@ class TritonTileMath:
     """``chunked.TileMath`` on the Triton row kernel: the cached mode of the Triton backend."""
 
     def live_bytes_per_logit(self, dtype: torch.dtype) -> int:
-        """The two heads' logits in the GEMM dtype; the gradient is written over the student's."""
-        return 2 * dtype.itemsize
+        """The two heads' fp32 logits (the gradient is written over the student's) and, for 16-bit inputs,
+        the gradient's copy in the GEMM dtype that the gradient GEMMs read."""
+        wide = self.logits_dtype(dtype)
+        return 2 * wide.itemsize + (dtype.itemsize if wide != dtype else 0)
+
+    def logits_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """fp32 (or wider): the GEMMs keep their accumulator, so a logit is as exact as in the strict kernels."""
+        return torch.promote_types(dtype, torch.float32)
 
     def full_rows(
         self, raw_s: torch.Tensor, raw_t: torch.Tensor, opts: LossOptions, row_scale: torch.Tensor | None,
