@@ -66,7 +66,11 @@ class TileMath(Protocol):
         opts: LossOptions,
         row_scale: torch.Tensor | None,
         hard: HardLabels | None = None,
-    ) -> tuple[RowTerms, torch.Tensor, torch.Tensor, torch.Tensor | None]: ...
+        grad_dtype: torch.dtype | None = None,
+    ) -> tuple[RowTerms, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Statistics and gradient of whole rows; ``grad_dtype`` is what the gradient GEMMs read (the
+        student's dtype): a tile math may return the gradient in it (``GradSink`` converts otherwise)."""
+        ...
 
 
 def plan_chunks(n_tokens: int, vocab: int, tuning: Tuning, bytes_per_logit: int) -> tuple[int, int]:
@@ -267,7 +271,7 @@ class ChunkedEngine:
             if chunk_vocab < k:
                 self._tiled_chunk(chunk, chunk_vocab, rows, out, state is None, scale, chunk_hard, sink)
                 continue
-            terms, lse_s, lse_t, grad = tiles.full_rows(*chunk.raw(0, k), opts, scale, chunk_hard)
+            terms, lse_s, lse_t, grad = tiles.full_rows(*chunk.raw(0, k), opts, scale, chunk_hard, hs.dtype)
             if state is None:
                 out.divergence[rows], out.coef[rows], out.entropy[rows] = terms.divergence, terms.coef, terms.entropy
                 out.student_lse[rows], out.teacher_lse[rows] = lse_s, lse_t

@@ -191,6 +191,7 @@ class NativeTileMath(NativeOptions):
         opts: LossOptions,
         row_scale: torch.Tensor | None,
         hard: HardLabels | None = None,
+        grad_dtype: torch.dtype | None = None,  # unused: the gradient comes back in fp32 or raw_s's dtype
     ) -> tuple[RowTerms, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """``TileMath.full_rows``; the gradient overwrites ``raw_s`` (returned in its dtype).
 

@@ -225,6 +225,7 @@ class TorchTileMath:
         opts: LossOptions,
         row_scale: torch.Tensor | None,
         hard: HardLabels | None = None,
+        grad_dtype: torch.dtype | None = None,  # unused: the gradient comes back in fp32 or raw_s's dtype
     ) -> tuple[RowTerms, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Everything for rows whose whole compared vocabulary is in the tile.
 

@@ -117,7 +117,8 @@ def _kernel_arguments(kernel: str, divergence: str, dtype):
         raw_s = torch.empty(chunk, vocab, **wide)
         rows_c = torch.empty(chunk, dtype=torch.float32, device="meta")
         hard = HardLabels(torch.empty(chunk, dtype=torch.int64, device="meta"), rows_c)
-        return cached_rows_arguments(raw_s, torch.empty(chunk, vocab, **wide), opts, rows_c, hard)
+        grad = torch.empty(chunk, vocab, **meta)  # the gradient in the student's dtype (over raw_s for fp32)
+        return cached_rows_arguments(raw_s, torch.empty(chunk, vocab, **wide), opts, rows_c, hard, grad)
     if kernel.startswith("tail_"):
         ids = torch.empty(n, TOPK, dtype=torch.int32, device="meta")
         setup = RowSetup(opts.student, opts.temperature, vocab, Tuning(grad_filter_eps=1e-6))

@@ -54,7 +54,7 @@ class Tuning:
     ``"strict"`` keeps extra memory O(N + V) and recomputes logit tiles per pass (1.6-2.2x the
     GEMM floor's FLOPs); ``"cached"`` computes each head's logits once per token chunk with torch
     matmul and runs one Triton row kernel on them (the floor's FLOPs, ``2 x chunk x V`` fp32 logits
-    plus the gradient's 16-bit copy: give it ``memory_budget_mb`` of 1-2 GB so chunks hold ~1000+ tokens).
+    plus a 16-bit student's gradient: give it ``memory_budget_mb`` of 1-2 GB so chunks hold ~1000+ tokens).
     """
 
     chunk_tokens: int | None = None
