@@ -35,7 +35,7 @@ from ..runner.config import (
     TeacherConfig,
     validate_config,
 )
-from ..runner.data import read_jsonl
+from ..runner.data import read_examples
 from ..runner.evaluate import evaluate_run
 from ..runner.metrics import read_metrics
 from ..runner.models import load_model
@@ -151,7 +151,7 @@ def _run_distill(arm: Arm, student: str, config: RunConfig) -> ArmResult:
 def _run_sft(arm: Arm, student: str, config: RunConfig, profile: Profile) -> ArmResult:
     t0 = time.perf_counter()
     lm = load_model(config.student.path, name="student", trainable=True)
-    pool = read_jsonl(config.data.prompts)  # the runner arms' prompt pool
+    pool = read_examples(config.data.prompts)  # the runner arms' prompt pool
     o = config.optim
     _, tokens = train_sft(
         lm, lambda step: [pool[(step * profile.arm_batch + i) % len(pool)] for i in range(profile.arm_batch)],

@@ -18,7 +18,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from ..runner.data import read_jsonl
+from ..runner.data import read_examples
 from ..runner.evaluate import evaluate_run
 from ..runner.models import load_model, torch_threads
 from .arms import ARMS_BY_NAME, THREADS, DemoData, per_domain, run_arm, run_config
@@ -42,7 +42,7 @@ def _evaluate_start(profile: Profile, student: str, path: Path, teachers: dict[s
 def _evaluate_specialist(profile: Profile, domain: str, path: Path, data: DemoData) -> ArmResult:
     """The teacher on its own domain's held-out prompts (its reverse KL to itself is 0)."""
     lm = load_model(str(path))
-    examples = [ex for ex in read_jsonl(data.eval) if ex.domain == domain]
+    examples = [ex for ex in read_examples(data.eval) if ex.domain == domain]
     acc = {mode: accuracy(lm, examples, temperature, 0, profile.max_new_tokens)[domain]
            for mode, temperature in (("greedy", 0.0), ("sampled", 1.0))}
     return ArmResult(arm=SPECIALIST, label=f"specialist teacher ({domain})", student=SPECIALIST, seed=0,
