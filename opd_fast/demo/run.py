@@ -117,7 +117,8 @@ def _run(profile: Profile, seeds: Sequence[int], arms: Sequence[str], weak_arms:
         print(f"[demo] {domain.name} teacher: {parameter_count(teachers[domain.name]):,} parameters, "
               f"{_trained(recipe)}")
         results.append(_evaluate_specialist(profile, domain.name, teachers[domain.name], data))
-    groups = [("main", arms, False)] + ([("weak", weak_arms, True)] if weak_arms else [])
+    groups = [(student, names, weak) for student, names, weak in (("main", arms, False), ("weak", weak_arms, True))
+              if names]  # a student without arms is not prepared at all
     for seed in seeds:
         for student, names, weak in groups:
             path, recipe = prepare_student(profile, cache, seed, weak=weak, retrain=retrain)
