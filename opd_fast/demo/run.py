@@ -139,6 +139,6 @@ def _run(profile: Profile, seeds: Sequence[int], arms: Sequence[str], weak_arms:
         print("[demo] quick profile: a smoke test of the pipeline; its models are barely trained, so these numbers "
               "mean nothing. Run `opd-fast demo` for the real comparison.")
     print(f"\n[demo] {time.perf_counter() - t0:.0f} s; results in {out}/results.json, results.md, "
-          "accuracy_vs_tokens_<domain>.png")
+          "accuracy_<domain>.png")
     (out / "meta.json").write_text(json.dumps(meta, indent=2))
     return summary
