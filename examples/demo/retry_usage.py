@@ -1,7 +1,7 @@
-"""How the demo's students use the retry token: a check on *why* an arm wins, not only whether it does.
+"""How the demo's students use column_add's retry token: a check on *why* an arm wins, not only whether it does.
 
-For each arm's final student of a seed, sample one T=1 answer per held-out prompt and report accuracy, the
-share of answers that use ``<``, and how many of those end correct (a successful recovery).
+For each arm's final (main) student of a seed, sample one T=1 answer per held-out column_add prompt and report
+accuracy, the share of answers that use ``<``, and how many of those end correct (a successful recovery).
 
     python examples/demo/retry_usage.py runs/demo-default 0 [1 2 ...]
 """
@@ -25,7 +25,7 @@ from opd_fast.tasks.column_add import RETRY, ColumnAdd
 def student_dirs(out: Path, cache: Path, seed: int) -> dict[str, Path]:
     dirs = {"start": cache / f"student-seed{seed}"}
     for arm in DEFAULT_ARMS:
-        run = out / f"seed{seed}" / arm
+        run = out / f"seed{seed}" / "main" / arm
         dirs[arm] = run / "student" if arm == "sft" else sorted((run / "checkpoints").glob("step-*"))[-1] / "student"
     return dirs
 
