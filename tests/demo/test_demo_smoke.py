@@ -96,6 +96,18 @@ def test_merge(demo_run, tmp_path):
         merge_results([root / "out", root / "out"], tmp_path / "twice")
 
 
+@pytest.mark.slow  # two spawned workers, each importing torch and training its seed
+def test_seeds_in_parallel_workers_merge_into_one_report(demo_run, tmp_path):
+    root, _ = demo_run
+    summary = run_demo(TINY, [0, 1], ["sft", "on_policy_rkl"], tmp_path / "out", root / "cache", jobs=2)
+    rows = {r["arm"]: r for r in summary["main"]["pair_sum"]}
+    assert rows["on_policy_rkl"]["seeds"] == [0, 1] and rows["on_policy_rkl"]["sampled_accuracy_se"] is not None
+    assert rows["on_policy_rkl"]["best_off_policy"] == "sft"
+    for seed in (0, 1):
+        assert (tmp_path / "out" / f"seed{seed}" / "results.json").is_file()
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["meta"]["seeds"] == [0, 1]
+
+
 def test_each_domain_is_routed_to_its_specialist(tmp_path):
     teachers = {d.name: tmp_path / f"t-{d.name}" for d in DOMAINS}
     data = DemoData(tmp_path / "train.jsonl", tmp_path / "eval.jsonl")
