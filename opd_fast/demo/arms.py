@@ -62,7 +62,8 @@ class Arm:
 
 @dataclass(frozen=True)
 class DemoData:
-    """One seed's prompt files (both domains, a ``domain`` per line)."""
+    """The run's prompt files (both domains, a ``domain`` per line), shared by every seed and arm so that
+    arms are compared on the same held-out prompts."""
 
     train: Path
     eval: Path
