@@ -11,8 +11,10 @@ gradient on.
 Standard errors. Within a seed every arm starts from the same student and is evaluated on the same
 prompts, so arms are compared by their **paired difference per seed**; the standard error of a mean over
 ``S`` seeds is ``std / sqrt(S)`` (sample std, ``S - 1`` degrees of freedom) of the per-seed values, which
-folds in both the spread of the starts and the evaluation's sampling noise. A single seed has no standard
-error (``None``).
+folds in both the spread of the starts and the evaluation's sampling noise. A single seed has only the
+evaluation's noise: the binomial standard error of an accuracy on ``n`` prompts, and for a difference that
+of two independent accuracies (an upper bound on the paired one). The bar for on-policy distillation is
+set over at least ``MIN_SEEDS`` seeds, so a single seed never clears it.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import Any
 
 METRICS = ("greedy_accuracy", "sampled_accuracy", "reverse_kl")
 COUNTS = ("teacher_scored_tokens", "teacher_generated_tokens", "corrected_tokens", "student_grad_tokens", "wall_s")
+MIN_SEEDS = 3  # the bar on-policy must clear is set over at least this many seeds
 START = "start"  # the arm name of the initial student's evaluation
 SPECIALIST = "specialist"  # ... and of each domain's teacher evaluated on its own domain
 
@@ -68,6 +71,17 @@ def paired_difference(a: dict[int, float], b: dict[int, float]) -> tuple[float, 
     return mean_se([a[s] - b[s] for s in seeds])
 
 
+def binomial_se(p: float, n: int) -> float:
+    """Standard error of an accuracy ``p`` measured on ``n`` independent prompts (one sample each)."""
+    return math.sqrt(p * (1 - p) / n)
+
+
+def _seed_or_binomial(mean_and_se: tuple[float, float | None], binomial: float) -> tuple[float, float | None]:
+    """The seeds' standard error when there are several seeds, else the evaluation's binomial one."""
+    mean, se = mean_and_se
+    return mean, se if se is not None else binomial
+
+
 def _groups(results: Sequence[ArmResult]) -> dict[tuple[str, str], list[ArmResult]]:
     groups: dict[tuple[str, str], list[ArmResult]] = {}
     for r in results:
@@ -75,11 +89,15 @@ def _groups(results: Sequence[ArmResult]) -> dict[tuple[str, str], list[ArmResul
     return groups
 
 
-def domain_rows(results: Sequence[ArmResult], domain: str, student: str) -> list[dict[str, Any]]:
+def domain_rows(results: Sequence[ArmResult], domain: str, student: str, prompts: int = 0) -> list[dict[str, Any]]:
     """One row per arm of ``student`` (and the specialist) on ``domain``, in first-seen order: every metric's
     mean and SE over seeds; on-policy rows add ``diff_vs_best_off_policy`` (T=1 accuracy, paired, with SE),
-    the best off-policy arm by mean T=1 accuracy, and ``beats_every_off_policy`` (by more than 2 SE of the
-    difference against each off-policy arm)."""
+    the best off-policy arm by mean T=1 accuracy, and ``beats_every_off_policy`` (over at least
+    ``MIN_SEEDS`` seeds, by more than 2 SE of the difference against each off-policy arm).
+
+    With a single seed and ``prompts`` (eval prompts per domain) given, accuracies carry the evaluation's
+    binomial SE instead, and differences that of two independent accuracies (conservative: both arms are
+    graded on the same prompts, whose paired difference would vary less)."""
     groups = {arm: runs for (who, arm), runs in _groups(results).items() if who in (student, SPECIALIST)}
     rows: list[dict[str, Any]] = []
     for arm, runs in groups.items():
@@ -90,22 +108,33 @@ def domain_rows(results: Sequence[ArmResult], domain: str, student: str) -> list
                                "seeds": [r.seed for r in runs]}
         for key in METRICS:
             row[key], row[f"{key}_se"] = mean_se([getattr(r, key)[domain] for r in runs])
+            if key != "reverse_kl" and prompts:
+                row[f"{key}_se"] = _seed_or_binomial((row[key], row[f"{key}_se"]), binomial_se(row[key], prompts))[1]
         for key in COUNTS:
             row[key] = mean_se([float(getattr(r, key)) for r in runs])[0]
         rows.append(row)
     t1 = {arm: {r.seed: r.sampled_accuracy[domain] for r in runs if domain in r.sampled_accuracy}
           for arm, runs in groups.items()}
+    by_arm = {row["arm"]: row for row in rows}
+
+    def difference(a: dict[str, Any], b: dict[str, Any]) -> tuple[float, float | None]:
+        mean, se = paired_difference(t1[a["arm"]], t1[b["arm"]])
+        if se is None and prompts:
+            se = math.sqrt(binomial_se(a["sampled_accuracy"], prompts) ** 2
+                           + binomial_se(b["sampled_accuracy"], prompts) ** 2)
+        return mean, se
+
     baselines = [row["arm"] for row in rows if row["off_policy"]]
     if baselines:
         best = max(baselines, key=lambda arm: next(r["sampled_accuracy"] for r in rows if r["arm"] == arm))
         for row in rows:
             if row["off_policy"] or row["arm"] in (START, SPECIALIST):
                 continue
+            diffs = {arm: difference(row, by_arm[arm]) for arm in baselines}
             row["best_off_policy"] = best
-            row["diff_vs_best_off_policy"], row["diff_vs_best_off_policy_se"] = paired_difference(t1[row["arm"]],
-                                                                                                  t1[best])
-            diffs = [paired_difference(t1[row["arm"]], t1[arm]) for arm in baselines]
-            row["beats_every_off_policy"] = all(se is not None and d > 2 * se for d, se in diffs)
+            row["diff_vs_best_off_policy"], row["diff_vs_best_off_policy_se"] = diffs[best]
+            row["beats_every_off_policy"] = len(row["seeds"]) >= MIN_SEEDS and all(
+                se is not None and d > 2 * se for d, se in diffs.values())
     return rows
 
 
@@ -152,11 +181,12 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def summarize(results: Sequence[ArmResult]) -> dict[str, dict[str, list[dict[str, Any]]]]:
-    """``{student: {domain: rows}}`` for every student and domain in ``results``."""
+def summarize(results: Sequence[ArmResult], prompts: int = 0) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """``{student: {domain: rows}}`` for every student and domain in ``results`` (``prompts``: eval prompts
+    per domain, for single-seed standard errors)."""
     students = [s for s in dict.fromkeys(r.student for r in results) if s != SPECIALIST]
     domains = list(dict.fromkeys(d for r in results for d in r.sampled_accuracy))
-    return {s: {d: domain_rows(results, d, s) for d in domains} for s in students}
+    return {s: {d: domain_rows(results, d, s, prompts) for d in domains} for s in students}
 
 
 STUDENT_TITLES = {"main": "the student", "weak": "the weak student (rescue)"}
@@ -172,16 +202,17 @@ def report_text(summary: dict[str, dict[str, list[dict[str, Any]]]], markdown: b
     return "\n\n".join(parts)
 
 
-SE_NOTE = ("mean ± standard error over seeds; Δ is the per-seed paired difference in T=1 accuracy against the "
-           "best off-policy arm (by mean), mean ± its standard error; ✓ = ahead of every off-policy arm by more "
-           "than 2 standard errors of the difference")
+SE_NOTE = ("mean ± standard error over seeds (a single seed: the evaluation's binomial standard error, and "
+           "differences as of two independent accuracies); Δ is the per-seed paired difference in T=1 accuracy "
+           "against the best off-policy arm (by mean), mean ± its standard error; ✓ = over at least 3 seeds, "
+           "ahead of every off-policy arm by more than 2 standard errors of the difference")
 
 
 def write_results(results: Sequence[ArmResult], out: Path, meta: dict[str, Any]) -> dict[str, Any]:
     """Write ``results.json`` (meta, per-run results, per-domain summary), ``results.md`` and one
     ``accuracy_<domain>.png`` per domain (the main student's arms); returns the summary."""
     out.mkdir(parents=True, exist_ok=True)
-    summary = summarize(results)
+    summary = summarize(results, meta.get("settings", {}).get("eval_prompts", 0))
     payload = {"meta": meta, "runs": [asdict(r) for r in results], "summary": summary}
     (out / "results.json").write_text(json.dumps(payload, indent=2))
     seeds = sorted({r.seed for r in results if r.student != SPECIALIST})

@@ -52,3 +52,21 @@ def test_a_single_seed_never_passes():
     results = [_run("sft", 0, 0.1, True), _run("on_policy", 0, 0.9, False)]
     row = {r["arm"]: r for r in domain_rows(results, "d", "main")}["on_policy"]
     assert row["diff_vs_best_off_policy_se"] is None and row["beats_every_off_policy"] is False
+
+
+def test_a_single_seed_gets_the_evaluations_binomial_se():
+    # on 100 prompts: SE(0.5) = 0.05, SE(0.2) = 0.04, SE of the difference sqrt(0.05^2 + 0.04^2)
+    results = [_run("sft", 0, 0.2, True), _run("on_policy", 0, 0.5, False)]
+    rows = {r["arm"]: r for r in domain_rows(results, "d", "main", prompts=100)}
+    assert rows["sft"]["sampled_accuracy_se"] == pytest.approx(0.04)
+    assert rows["on_policy"]["greedy_accuracy_se"] == pytest.approx(0.05)
+    assert rows["on_policy"]["diff_vs_best_off_policy"] == pytest.approx(0.3)
+    assert rows["on_policy"]["diff_vs_best_off_policy_se"] == pytest.approx(math.sqrt(0.05**2 + 0.04**2))
+    assert rows["on_policy"]["beats_every_off_policy"] is False  # 0.3 > 2 SE, but one seed is not the bar
+
+
+def test_the_bar_needs_three_seeds():
+    results = [_run(arm, s, v, arm == "sft") for s in (0, 1) for arm, v in (("sft", 0.2 + s / 10), ("on", 0.9))]
+    row = {r["arm"]: r for r in domain_rows(results, "d", "main")}["on"]
+    assert row["diff_vs_best_off_policy"] > 2 * row["diff_vs_best_off_policy_se"]
+    assert row["beats_every_off_policy"] is False
