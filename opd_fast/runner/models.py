@@ -246,9 +246,22 @@ def _cache_kwarg(decoder_cls: type) -> str:
     return "cache" if "cache" in inspect.signature(decoder_cls.forward).parameters else "past_key_values"
 
 
+# Rows up to which the CPU sampling head multiplies in weight-major order. MKL's product of a few rows
+# against a transposed weight (``h @ W.T``, nn.Linear's layout) takes a slow small-M path on this
+# project's CPUs: 8 x 128 against a 32000 x 128 head took 7-8 ms, the same product as ``(W @ h.T).T``
+# 2.8 ms; from a few dozen rows on the two layouts ran equally fast (bench/results/rollout_profile_cpu.md).
+# A fixed rule rather than a timing probe, so that a run's logits never depend on a measurement.
+WEIGHT_MAJOR_MAX_ROWS = 16
+
+
 def head_logits(hidden: torch.Tensor, head: Head, temperature: float = 1.0) -> torch.Tensor:
-    """fp32 logits for the few rows that need them (the sampler's last position, eval)."""
-    z = hidden.float() @ head.weight.float().T
+    """fp32 logits for the few rows that need them (the sampler's last position, eval); ``(..., V)``."""
+    weight, h = head.weight.float(), hidden.float()
+    rows = h.reshape(-1, h.shape[-1])
+    if h.device.type == "cpu" and rows.shape[0] <= WEIGHT_MAJOR_MAX_ROWS:
+        z = (weight @ rows.T).T.contiguous().reshape(*h.shape[:-1], weight.shape[0])
+    else:
+        z = h @ weight.T
     if head.bias is not None:
         z = z + head.bias.float()
     z = z * head.scale

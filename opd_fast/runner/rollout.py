@@ -23,11 +23,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-from transformers import DynamicCache, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from .config import RolloutConfig
 from .data import Prompt, encode_prompt
-from .models import LoadedModel, forward_hidden, head_logits
+from .decode import start_decode
+from .models import LoadedModel, head_logits
 
 if TYPE_CHECKING:
     from .correction import CorrectedDecode
@@ -97,7 +98,16 @@ class RolloutBatch:
 def sample_tokens(
     logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator: torch.Generator | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Draw one token per row; return ``(tokens, log-probs under the sampling distribution)``."""
+    """Draw one token per row; return ``(tokens, log-probs under the sampling distribution)``.
+
+    Sampling is by inverse CDF, with one float64 uniform per row: ``torch.multinomial`` draws a random
+    number per vocabulary entry (its exponential-race method), which at a 32k vocabulary costs more than
+    the model's whole decode step on CPU. It is exact: the row's probabilities ``p`` (float32, as recorded)
+    are summed in float64, ``u`` is uniform on ``[0, sum p)`` and the token is the first ``i`` whose
+    cumulative sum exceeds ``u``, so ``i`` is drawn with probability ``p_i / sum p`` up to the float64
+    rounding of the cumulative sum (below ``V * 2**-53`` absolute). A token of probability 0 (masked by
+    top-k / top-p) spans an empty interval, since adding 0 leaves the sum unchanged, and is never drawn.
+    """
     if temperature == 0:
         tokens = logits.argmax(-1)
         return tokens, torch.log_softmax(logits, -1).gather(-1, tokens[:, None]).squeeze(-1)
@@ -111,7 +121,15 @@ def sample_tokens(
         drop = probs.cumsum(-1) - probs >= top_p  # mass before this token already reaches top_p
         z = z.scatter(-1, order, sorted_z.masked_fill(drop, float("-inf")))
     logp = torch.log_softmax(z, -1)
-    tokens = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)
+    cdf = logp.exp().double().cumsum(-1)
+    total = cdf[:, -1:]
+    bad = ~torch.isfinite(total.squeeze(-1))
+    if bool(bad.any()):  # multinomial would raise too; searchsorted would silently pick a token
+        raise ValueError(f"sample_tokens: the sampling distribution of rows {bad.nonzero().squeeze(-1).tolist()} "
+                         "is not finite (NaN or +inf logits)")
+    u = torch.rand(total.shape, dtype=torch.float64, generator=generator, device=total.device) * total
+    u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))  # u * total may round up to total
+    tokens = torch.searchsorted(cdf, u, right=True).squeeze(-1)
     return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
 
 
@@ -239,14 +257,16 @@ def rollout(
     eos = torch.tensor(_eos_ids(lm), device=device)
     was_training = lm.model.training
     lm.model.eval()
-    cache, head = DynamicCache(), lm.head
+    head = lm.head
+    decode, hidden = start_decode(lm, step_ids, mask[:, :p_len], cfg.max_new_tokens, cfg.decode)
     positions = None  # the prefill computes its own from the prompt mask
     done = torch.zeros(b, dtype=torch.bool, device=device)
     stops = StopStrings(tok, cfg.stop, b) if cfg.stop else None
     steps: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
     for step in range(cfg.max_new_tokens):
-        hidden, cache = forward_hidden(lm, step_ids, mask[:, :p_len + step], cache=cache, positions=positions)
-        tokens, lps = sample_tokens(head_logits(hidden[:, -1], head), cfg.temperature, cfg.top_k, cfg.top_p, generator)
+        if step:
+            hidden = decode.step(tokens, mask[:, :p_len + step], positions)
+        tokens, lps = sample_tokens(head_logits(hidden, head), cfg.temperature, cfg.top_k, cfg.top_p, generator)
         active = ~done
         replaced = torch.zeros_like(active)
         if correction is not None:
