@@ -265,7 +265,7 @@ def rollout(
     steps: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
     for step in range(cfg.max_new_tokens):
         if step:
-            hidden = decode.step(tokens, mask[:, :p_len + step], positions)
+            hidden = decode.step(step_ids[:, -1], mask[:, :p_len + step], positions)  # last step's tokens
         tokens, lps = sample_tokens(head_logits(hidden, head), cfg.temperature, cfg.top_k, cfg.top_p, generator)
         active = ~done
         replaced = torch.zeros_like(active)

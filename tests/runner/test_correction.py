@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from opd_fast.models.tiny import char_tokenizer
-from opd_fast.runner.config import CorrectionConfig, RolloutConfig
 from opd_fast.runner import correction
+from opd_fast.runner.config import CorrectionConfig, RolloutConfig
 from opd_fast.runner.correction import Corrector
-from opd_fast.runner.decode import start_decode
 from opd_fast.runner.data import Prompt
+from opd_fast.runner.decode import start_decode
 from opd_fast.runner.metrics import read_metrics
 from opd_fast.runner.models import Teacher, forward_hidden, head_logits, load_model
 from opd_fast.runner.rollout import RolloutBatch, rollout
