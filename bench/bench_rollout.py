@@ -16,9 +16,10 @@ The first two replace the library's functions inside ``opd_fast.runner.rollout``
 (``before`` runs at plain T=1 sampling, which is what the earlier sampler is reproduced for). Repeats
 interleave the variants, so a shared machine's drift hits them alike; medians with min-max, and ms per
 decode step (rollout time / steps run). ``--profile`` adds torch.profiler's top ops (self CPU time) of
-one rollout per variant. Without ``--model-dir`` the student is a random Llama built from a config
-(hidden 128 x 2 layers, 4 heads, as the end-to-end benchmark's student) over a character tokenizer
-padded to ``--vocab``; with it, ``DIR/student`` and ``DIR/prompts.jsonl`` (chat template) are used.
+one rollout per variant; ``--head-rows 1 8 16 32`` times the sampling head's two layouts alone. Without
+``--model-dir`` the student is a random Llama built from a config (hidden 128 x 2 layers, 4 heads, as the
+end-to-end benchmark's student) over a character tokenizer padded to ``--vocab``; with it,
+``DIR/student`` and ``DIR/prompts.jsonl`` (chat template) are used.
 """
 
 from __future__ import annotations
@@ -132,6 +133,27 @@ def bench_case(lm: LoadedModel, prompts: list[Prompt], chat: bool, args: argpars
     return out
 
 
+def bench_head_layouts(vocab: int, hidden: int, rows: list[int], repeats: int) -> dict[str, dict[str, float]]:
+    """Milliseconds of the sampling head's product in both layouts per row count (medians, interleaved):
+    the measurement behind ``WEIGHT_MAJOR_MAX_ROWS``."""
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(vocab, hidden, generator=g)
+    layouts = {"h @ W.T": lambda h: h @ weight.T, "(W @ h.T).T": lambda h: (weight @ h.T).T.contiguous()}
+    out = {}
+    for n in rows:
+        h = torch.randn(n, hidden, generator=g)
+        times: dict[str, list[float]] = {name: [] for name in layouts}
+        for _ in range(repeats):
+            for name, fn in layouts.items():
+                fn(h)
+                start = time.perf_counter()
+                for _ in range(10):
+                    fn(h)
+                times[name].append((time.perf_counter() - start) / 10 * 1e3)
+        out[str(n)] = {name: statistics.median(t) for name, t in times.items()}
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--vocab", type=int, nargs="+", default=[512, 32000])
@@ -144,6 +166,8 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--profile", action="store_true", help="torch.profiler top ops of one rollout per variant")
     parser.add_argument("--top", type=int, default=12, help="profiled ops to keep")
+    parser.add_argument("--head-rows", type=int, nargs="*", default=[],
+                        help="also time the sampling head's two layouts at these row counts (hidden 128)")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -160,6 +184,13 @@ def main() -> None:
                       f"{r['max_s'] * 1e3:.1f})  {r['ms_per_step']:6.2f} ms/step over {r['steps']} steps")
                 for op in r.get("profile", []):
                     print(f"      {op['op'][:48]:48s} {op['self_ms']:9.2f} ms  x{op['calls']}")
+    if args.head_rows:
+        results["head_layouts"] = {}
+        for v in args.vocab:
+            results["head_layouts"][v] = layouts = bench_head_layouts(v, 128, args.head_rows, args.repeats)
+            print(f"\nsampling head, vocab {v} x hidden 128, ms per product:")
+            for n, r in layouts.items():
+                print(f"  {n:>4s} rows  " + "  ".join(f"{name} {ms:7.3f}" for name, ms in r.items()))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

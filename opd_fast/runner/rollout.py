@@ -113,7 +113,7 @@ def sample_tokens(
     if temperature == 0:
         tokens = logits.argmax(-1)
         return tokens, torch.log_softmax(logits, -1).gather(-1, tokens[:, None]).squeeze(-1)
-    z = logits / temperature
+    z = logits if temperature == 1 else logits / temperature  # dividing by 1 is exact: skip a pass over B x V
     if 0 < top_k < z.shape[-1]:
         kth = torch.topk(z, top_k, dim=-1).values[:, -1:]
         z = z.masked_fill(z < kth, float("-inf"))
@@ -123,7 +123,7 @@ def sample_tokens(
         drop = probs.cumsum(-1) - probs >= top_p  # mass before this token already reaches top_p
         z = z.scatter(-1, order, sorted_z.masked_fill(drop, float("-inf")))
     logp = torch.log_softmax(z, -1)
-    cdf = logp.exp().double().cumsum(-1)
+    cdf = torch.cumsum(logp.exp(), -1, dtype=torch.float64)
     total = cdf[:, -1:]
     bad = ~torch.isfinite(total.squeeze(-1))
     if bool(bad.any()):  # multinomial would raise too; searchsorted would silently pick a token
