@@ -211,3 +211,9 @@ def test_an_unsupported_student_rolls_out_on_hfs_path(arch_models: dict) -> None
     assert batch.num_tokens > 0
     with pytest.raises(ValueError, match="peft"):
         rollout(lm, PROMPTS, RolloutConfig(max_new_tokens=4, decode="fast"))
+
+
+def test_the_config_key_names_its_choices(make_config, tmp_path: Path) -> None:
+    assert make_config(tmp_path).rollout.decode == "auto"
+    with pytest.raises(ValueError, match=r"'rollout.decode' must be one of \('auto', 'hf', 'fast'\)"):
+        make_config(tmp_path, rollout={"max_new_tokens": 6, "micro_batch_size": 2, "decode": "compiled"})
