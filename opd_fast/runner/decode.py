@@ -32,6 +32,7 @@ from typing import Literal, NamedTuple, Protocol
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 from transformers import DynamicCache
 
 from .models import LoadedModel, decoder_of, forward_hidden
@@ -41,6 +42,9 @@ FAST_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 FAST_ATTENTION = ("sdpa", "eager")
 # Rotary variants whose frequencies do not depend on the sequence length (dynamic NTK and LongRoPE do).
 FAST_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+# The projections of a decoder layer the step multiplies by, as plain weights (and biases).
+PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+               "mlp.up_proj", "mlp.down_proj")
 
 
 class Decode(Protocol):
@@ -56,8 +60,9 @@ def fast_decode_unsupported(lm: LoadedModel, total_length: int) -> str | None:
     """Why ``FastDecode`` cannot decode ``lm`` for sequences of ``total_length`` tokens; None when it can.
 
     The rule is explicit rather than a try-and-fall-back: anything that changes a module's forward
-    beyond the weights the fast step reads (peft adapters, quantized or hooked layers, sharded DTensor
-    parameters, sliding windows that bite, sequence-length-dependent rotary scaling) must take HF's path.
+    beyond the weights the fast step reads (peft adapters, quantized or replaced projections, forward
+    hooks, sharded DTensor parameters, sliding windows that bite, sequence-length-dependent rotary
+    scaling) must take HF's path.
     """
     model = lm.model
     if hasattr(model, "peft_config"):
@@ -74,11 +79,16 @@ def fast_decode_unsupported(lm: LoadedModel, total_length: int) -> str | None:
     if window is not None and total_length > window:
         return f"a sliding window of {window} tokens shorter than the rollout's {total_length}"
     decoder = decoder_of(model)
-    for name, module in decoder.layers.named_modules():
-        if isinstance(module, nn.Linear) and type(module) is not nn.Linear:
-            return f"layer module {name} is a {type(module).__name__}, not a plain Linear"
-    if any(isinstance(p, torch.distributed.tensor.DTensor) for p in model.parameters()):
+    for i, layer in enumerate(decoder.layers):
+        for name in PROJECTIONS:
+            module = layer.get_submodule(name)
+            if type(module) is not nn.Linear:
+                return f"layers.{i}.{name} is a {type(module).__name__}, not a plain Linear"
+    if any(isinstance(p, DTensor) for p in model.parameters()):
         return "sharded (DTensor) parameters, gathered only by the modules' forward hooks"
+    for name, module in decoder.named_modules():
+        if module._forward_hooks or module._forward_pre_hooks:
+            return f"forward hooks on {name or 'the decoder'}, which only HF's forward would run"
     return None
 
 

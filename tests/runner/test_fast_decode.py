@@ -184,6 +184,8 @@ def test_the_rule_picks_fast_only_where_it_is_hfs_computation(arch_models: dict,
                                                n_positions=64)),
         "sliding window": lambda: load_model(build(tmp_path / "mistral", MistralConfig, sliding_window=8)),
         "not a plain Linear": lambda: _patched(load_model(arch_models["llama"]), _wrap_q_proj),
+        "forward hooks": lambda: _patched(load_model(arch_models["llama"]), lambda lm: lm.decoder.layers[1].mlp
+                                          .register_forward_hook(lambda *_: None)),
         "rotary type": lambda: load_model(build(tmp_path / "dyn", LlamaConfig, rope_parameters={
             "rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})),
     }
