@@ -15,8 +15,10 @@ Variants, cumulative, each the rollout of one batch with the same models, prompt
 The first two replace the library's functions inside ``opd_fast.runner.rollout`` for their runs only
 (``before`` runs at plain T=1 sampling, which is what the earlier sampler is reproduced for). Repeats
 interleave the variants, so a shared machine's drift hits them alike; medians with min-max, and ms per
-decode step (rollout time / steps run). ``--profile`` adds torch.profiler's top ops (self CPU time) of
-one rollout per variant; ``--head-rows 1 8 16 32`` times the sampling head's two layouts alone. Without
+decode step (rollout time / steps run), split into stages (prefill, decode steps, sampling head,
+sampler, the rest; medians of separate timed runs, the prefill spread over the steps). ``--profile``
+adds torch.profiler's top ops (self CPU time) of one rollout per variant; ``--head-rows 1 8 16 32``
+times the sampling head's two layouts alone. Without
 ``--model-dir`` the student is a random Llama built from a config (hidden 128 x 2 layers, 4 heads, as the
 end-to-end benchmark's student) over a character tokenizer padded to ``--vocab``; with it,
 ``DIR/student`` and ``DIR/prompts.jsonl`` (chat template) are used.
@@ -99,6 +101,61 @@ def run_once(lm: LoadedModel, prompts: list[Prompt], cfg: RolloutConfig, chat: b
     return time.perf_counter() - start, max(batch.completion_lengths())
 
 
+class StageClock:
+    """Wall time of a rollout's stages: the prefill, the model's decode steps, the sampling head, the
+    sampler; the rest (prompt encoding, stop checks, bookkeeping, packing the batch) is the difference."""
+
+    STAGES = ("prefill", "decode steps", "head", "sampler")
+
+    def __init__(self) -> None:
+        self.seconds = dict.fromkeys(self.STAGES, 0.0)
+
+    def timed(self, stage: str, fn: Callable) -> Callable:
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            out = fn(*args, **kwargs)
+            self.seconds[stage] += time.perf_counter() - start
+            return out
+
+        return wrapper
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        saved = {attr: getattr(rollout_module, attr) for attr in ("start_decode", "head_logits", "sample_tokens")}
+        start = saved["start_decode"]
+
+        def timed_start(*args, **kwargs):
+            state, hidden = self.timed("prefill", start)(*args, **kwargs)
+            state.step = self.timed("decode steps", state.step)
+            return state, hidden
+
+        rollout_module.start_decode = timed_start
+        rollout_module.head_logits = self.timed("head", saved["head_logits"])
+        rollout_module.sample_tokens = self.timed("sampler", saved["sample_tokens"])
+        try:
+            yield
+        finally:
+            for attr, fn in saved.items():
+                setattr(rollout_module, attr, fn)
+
+
+def stages_once(lm: LoadedModel, prompts: list[Prompt], cfg: RolloutConfig, chat: bool, mode: str) -> dict:
+    """Milliseconds per decode step of each stage of one rollout (the prefill once per rollout, spread too)."""
+    clock = StageClock()
+    with clock.installed():
+        total, steps = run_once(lm, prompts, cfg, chat, mode)
+    ms = {stage: 1e3 * sec / steps for stage, sec in clock.seconds.items()}
+    ms["rest"] = 1e3 * total / steps - sum(ms.values())
+    return {stage: round(v, 3) for stage, v in ms.items()}
+
+
+def statistics_of_stages(lm: LoadedModel, prompts: list[Prompt], cfg: RolloutConfig, chat: bool, mode: str,
+                         repeats: int) -> dict[str, float]:
+    """Per-stage medians over ``repeats`` timed rollouts (run after the interleaved timing)."""
+    runs = [stages_once(lm, prompts, cfg, chat, mode) for _ in range(repeats)]
+    return {stage: statistics.median(r[stage] for r in runs) for stage in runs[0]}
+
+
 def profile_once(lm: LoadedModel, prompts: list[Prompt], cfg: RolloutConfig, chat: bool, mode: str,
                  top: int) -> list[dict[str, float | int | str]]:
     from torch.profiler import profile
@@ -127,8 +184,9 @@ def bench_case(lm: LoadedModel, prompts: list[Prompt], chat: bool, args: argpars
         t = times[name]
         out[name] = {"median_s": statistics.median(t), "min_s": min(t), "max_s": max(t), "steps": steps[name],
                      "ms_per_step": 1e3 * statistics.median(t) / steps[name]}
-        if args.profile:
-            with variant(name) as mode:
+        with variant(name) as mode:
+            out[name]["stages_ms_per_step"] = statistics_of_stages(lm, batch, cfg, chat, mode, args.repeats)
+            if args.profile:
                 out[name]["profile"] = profile_once(lm, batch, cfg, chat, mode, args.top)
     return out
 
@@ -182,6 +240,7 @@ def main() -> None:
             for name, r in case.items():
                 print(f"  {name:9s} {r['median_s'] * 1e3:8.1f} ms (min {r['min_s'] * 1e3:.1f}, max "
                       f"{r['max_s'] * 1e3:.1f})  {r['ms_per_step']:6.2f} ms/step over {r['steps']} steps")
+                print("      ms/step: " + ", ".join(f"{k} {v:.2f}" for k, v in r["stages_ms_per_step"].items()))
                 for op in r.get("profile", []):
                     print(f"      {op['op'][:48]:48s} {op['self_ms']:9.2f} ms  x{op['calls']}")
     if args.head_rows:
