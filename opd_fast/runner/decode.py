@@ -65,6 +65,8 @@ def fast_decode_unsupported(lm: LoadedModel, total_length: int) -> str | None:
     scaling) must take HF's path.
     """
     model = lm.model
+    if not hasattr(DynamicCache(), "layers"):
+        return "this transformers version's DynamicCache has no per-layer key/value tensors to start from"
     if hasattr(model, "peft_config"):
         return "a peft (LoRA) model, whose adapters run inside the modules' forward"
     config = model.config
@@ -72,7 +74,8 @@ def fast_decode_unsupported(lm: LoadedModel, total_length: int) -> str | None:
         return f"model type {config.model_type!r} is not one of {FAST_MODEL_TYPES}"
     if config._attn_implementation not in FAST_ATTENTION:
         return f"attention implementation {config._attn_implementation!r} is not one of {FAST_ATTENTION}"
-    rope_type = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}  # v5 / v4 name
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in FAST_ROPE_TYPES:
         return f"rotary type {rope_type!r} is not one of {FAST_ROPE_TYPES}"
     window = _attention_window(config)
@@ -110,12 +113,12 @@ def start_decode(
 ) -> tuple[Decode, torch.Tensor]:
     """Prefill the left-padded prompts ``(B, P)`` through HF; return the decode state for up to
     ``max_new_tokens`` more tokens and the prompts' last hidden states ``(B, H)``."""
+    total = input_ids.shape[1] + max_new_tokens
+    path = decode_path(lm, mode, total)
     cache = DynamicCache()
     hidden, _ = forward_hidden(lm, input_ids, attention_mask, cache=cache)
-    total = input_ids.shape[1] + max_new_tokens
-    if decode_path(lm, mode, total) == "hf":
-        return HFDecode(lm, cache), hidden[:, -1]
-    return FastDecode(lm, cache, total), hidden[:, -1]
+    decode = HFDecode(lm, cache) if path == "hf" else FastDecode(lm, cache, total)
+    return decode, hidden[:, -1]
 
 
 class HFDecode:
