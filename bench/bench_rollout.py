@@ -16,7 +16,7 @@ The first two replace the library's functions inside ``opd_fast.runner.rollout``
 (``before`` runs at plain T=1 sampling, which is what the earlier sampler is reproduced for). Repeats
 interleave the variants, so a shared machine's drift hits them alike; medians with min-max, and ms per
 decode step (rollout time / steps run), split into stages (prefill, decode steps, sampling head,
-sampler, the rest; medians of separate timed runs, the prefill spread over the steps). ``--profile``
+sampler, the rest; medians over the same timed runs, the prefill spread over the steps). ``--profile``
 adds torch.profiler's top ops (self CPU time) of one rollout per variant; ``--head-rows 1 8 16 32``
 times the sampling head's two layouts alone. Without
 ``--model-dir`` the student is a random Llama built from a config (hidden 128 x 2 layers, 4 heads, as the
@@ -139,21 +139,16 @@ class StageClock:
                 setattr(rollout_module, attr, fn)
 
 
-def stages_once(lm: LoadedModel, prompts: list[Prompt], cfg: RolloutConfig, chat: bool, mode: str) -> dict:
-    """Milliseconds per decode step of each stage of one rollout (the prefill once per rollout, spread too)."""
+def stages_once(lm: LoadedModel, prompts: list[Prompt], cfg: RolloutConfig, chat: bool,
+                mode: str) -> tuple[float, int, dict[str, float]]:
+    """One timed rollout: seconds, decode steps, and ms per decode step of each stage (the prefill, once
+    per rollout, spread over the steps too). The stage clocks add a few microseconds per step."""
     clock = StageClock()
     with clock.installed():
         total, steps = run_once(lm, prompts, cfg, chat, mode)
     ms = {stage: 1e3 * sec / steps for stage, sec in clock.seconds.items()}
     ms["rest"] = 1e3 * total / steps - sum(ms.values())
-    return {stage: round(v, 3) for stage, v in ms.items()}
-
-
-def statistics_of_stages(lm: LoadedModel, prompts: list[Prompt], cfg: RolloutConfig, chat: bool, mode: str,
-                         repeats: int) -> dict[str, float]:
-    """Per-stage medians over ``repeats`` timed rollouts (run after the interleaved timing)."""
-    runs = [stages_once(lm, prompts, cfg, chat, mode) for _ in range(repeats)]
-    return {stage: statistics.median(r[stage] for r in runs) for stage in runs[0]}
+    return total, steps, ms
 
 
 def profile_once(lm: LoadedModel, prompts: list[Prompt], cfg: RolloutConfig, chat: bool, mode: str,
@@ -173,20 +168,23 @@ def bench_case(lm: LoadedModel, prompts: list[Prompt], chat: bool, args: argpars
         with variant(name) as mode:
             run_once(lm, batch, cfg, chat, mode)
     times: dict[str, list[float]] = {name: [] for name in args.variants}
+    stages: dict[str, list[dict[str, float]]] = {name: [] for name in args.variants}
     steps: dict[str, int] = {}
     for _ in range(args.repeats):
         for name in args.variants:
             with variant(name) as mode:
-                seconds, steps[name] = run_once(lm, batch, cfg, chat, mode)
+                seconds, steps[name], ms = stages_once(lm, batch, cfg, chat, mode)
             times[name].append(seconds)
+            stages[name].append(ms)
     out = {}
     for name in args.variants:
         t = times[name]
         out[name] = {"median_s": statistics.median(t), "min_s": min(t), "max_s": max(t), "steps": steps[name],
-                     "ms_per_step": 1e3 * statistics.median(t) / steps[name]}
-        with variant(name) as mode:
-            out[name]["stages_ms_per_step"] = statistics_of_stages(lm, batch, cfg, chat, mode, args.repeats)
-            if args.profile:
+                     "ms_per_step": 1e3 * statistics.median(t) / steps[name],
+                     "stages_ms_per_step": {stage: round(statistics.median(r[stage] for r in stages[name]), 3)
+                                            for stage in stages[name][0]}}
+        if args.profile:
+            with variant(name) as mode:
                 out[name]["profile"] = profile_once(lm, batch, cfg, chat, mode, args.top)
     return out
 
