@@ -104,11 +104,13 @@ def sample_tokens(
 
     Sampling is by inverse CDF, with one float64 uniform per row: ``torch.multinomial`` draws a random
     number per vocabulary entry (its exponential-race method), which at a 32k vocabulary costs more than
-    the model's whole decode step on CPU. It is exact: the row's probabilities ``p`` (float32, as recorded)
-    are summed in float64, ``u`` is uniform on ``[0, sum p)`` and the token is the first ``i`` whose
-    cumulative sum exceeds ``u``, so ``i`` is drawn with probability ``p_i / sum p`` up to the float64
-    rounding of the cumulative sum (below ``V * 2**-53`` absolute). A token of probability 0 (masked by
-    top-k / top-p) spans an empty interval, since adding 0 leaves the sum unchanged, and is never drawn.
+    the model's whole decode step on CPU. It is exact: the row's unnormalized probabilities
+    ``w = exp(z - max z)`` (float32) are summed in float64, ``u`` is uniform on ``[0, sum w)`` and the
+    token is the first ``i`` whose cumulative sum exceeds ``u``, so ``i`` is drawn with probability
+    ``w_i / sum w`` up to the float64 rounding of the cumulative sum (below ``V * 2**-53`` absolute). A
+    token of probability 0 (masked by top-k / top-p) spans an empty interval, since adding 0 leaves the
+    sum unchanged, and is never drawn. The recorded log-prob ``z_i - max z - log(sum w)`` is that same
+    distribution's, without a ``log_softmax`` pass over the vocabulary.
     """
     if temperature == 0:
         tokens = logits.argmax(-1)
@@ -122,8 +124,8 @@ def sample_tokens(
         probs = torch.softmax(sorted_z, -1)
         drop = probs.cumsum(-1) - probs >= top_p  # mass before this token already reaches top_p
         z = z.scatter(-1, order, sorted_z.masked_fill(drop, float("-inf")))
-    logp = torch.log_softmax(z, -1)
-    cdf = torch.cumsum(logp.exp(), -1, dtype=torch.float64)
+    top = z.max(-1, keepdim=True).values
+    cdf = torch.cumsum((z - top).exp_(), -1, dtype=torch.float64)
     total = cdf[:, -1:]
     bad = ~torch.isfinite(total.squeeze(-1))
     if bool(bad.any()):  # multinomial would raise too; searchsorted would silently pick a token
@@ -131,8 +133,9 @@ def sample_tokens(
                          "is not finite (NaN or +inf logits)")
     u = torch.rand(total.shape, dtype=torch.float64, generator=generator, device=total.device) * total
     u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))  # u * total may round up to total
-    tokens = torch.searchsorted(cdf, u, right=True).squeeze(-1)
-    return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
+    tokens = torch.searchsorted(cdf, u, right=True)
+    logp = z.gather(-1, tokens).double() - top.double() - total.log()
+    return tokens.squeeze(-1), logp.squeeze(-1).to(logits.dtype)
 
 
 def _eos_ids(lm: LoadedModel) -> list[int]:
