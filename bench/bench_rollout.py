@@ -8,8 +8,9 @@ Variants, cumulative, each the rollout of one batch with the same models, prompt
 
 - ``before``: the earlier sampler (``torch.multinomial``, one exponential per vocabulary entry), the
   sampling head as ``h @ W.T`` and HF's decoder forward per token;
-- ``+sampler``: inverse-CDF sampling (one uniform per row);
-- ``+head``: the sampling head in the layout ``head_logits`` picks (weight-major for a few rows on CPU);
+- ``+sampler``: inverse-CDF sampling (one uniform per row, no ``log_softmax`` pass);
+- ``+head``: ``head_logits`` as shipped (weight-major for a few rows on CPU; no passes for a logit scale
+  or temperature of 1);
 - ``+fast``: the fast decode step (``rollout.decode = "fast"``): the library as shipped.
 
 The first two replace the library's functions inside ``opd_fast.runner.rollout`` for their runs only
@@ -58,8 +59,8 @@ def multinomial_sample(logits: torch.Tensor, temperature: float, top_k: int, top
 
 
 def nt_head_logits(hidden: torch.Tensor, head: Head, temperature: float = 1.0) -> torch.Tensor:
-    """The sampling head as nn.Linear lays it out (``h @ W.T``), without bias/scale/softcap (a Llama head)."""
-    return hidden.float() @ head.weight.float().T / temperature
+    """The earlier sampling head for a Llama head (no bias or softcap): ``h @ W.T``, then scale and temperature."""
+    return (hidden.float() @ head.weight.float().T) * head.scale / temperature
 
 
 @contextlib.contextmanager

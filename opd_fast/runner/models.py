@@ -264,10 +264,11 @@ def head_logits(hidden: torch.Tensor, head: Head, temperature: float = 1.0) -> t
         z = h @ weight.T
     if head.bias is not None:
         z = z + head.bias.float()
-    z = z * head.scale
+    if head.scale != 1:  # multiplying or dividing by 1 is exact: skip those passes over the logits
+        z = z * head.scale
     if head.softcap is not None:
         z = head.softcap * torch.tanh(z / head.softcap)
-    return z / temperature
+    return z if temperature == 1 else z / temperature
 
 
 def token_logprobs(hidden: torch.Tensor, head: Head, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
