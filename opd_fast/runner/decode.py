@@ -21,7 +21,8 @@ sampled completions.
 ``rollout.decode``: ``"auto"`` takes the fast path wherever ``fast_decode_unsupported`` finds nothing
 against it, ``"hf"`` always HF's, ``"fast"`` insists (an error names why a model cannot).
 
-Public API: ``Decode``, ``start_decode``, ``decode_path``, ``fast_decode_unsupported``, ``FAST_MODEL_TYPES``.
+Public API: ``Decode`` (``HFDecode``, ``FastDecode``), ``start_decode``, ``decode_path``,
+``fast_decode_unsupported``, ``FAST_MODEL_TYPES``.
 """
 
 from __future__ import annotations
