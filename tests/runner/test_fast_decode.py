@@ -151,9 +151,10 @@ def test_teacher_corrected_rollouts_decode_the_teachers_on_the_same_path(arch_mo
     torch.testing.assert_close(fast.sampler_logprobs, hf.sampler_logprobs, atol=1e-5, rtol=1e-5)
 
 
-def test_bf16_compute_follows_hfs_autocast(arch_models: dict) -> None:
-    """fp32 weights with bf16 compute: the step runs under the same autocast, so it stays within bf16 rounding."""
-    lm = load_model(arch_models["qwen2-gqa"], compute_dtype="bfloat16")
+@pytest.mark.parametrize("dtypes", [{"compute_dtype": "bfloat16"}, {"dtype": "bfloat16"}], ids=["autocast", "bf16"])
+def test_bf16_follows_hfs_dtypes(arch_models: dict, dtypes: dict) -> None:
+    """fp32 weights with bf16 compute (the same autocast) and pure bf16 weights: within bf16 rounding of HF."""
+    lm = load_model(arch_models["qwen2-gqa"], **dtypes)
     ids, mask = left_padded(lm, PROMPTS, 1)
     mask[:, -1] = 1
     step = (ids[:, -1], mask, mask.sum(1, keepdim=True) - 1)
