@@ -249,8 +249,8 @@ def _cache_kwarg(decoder_cls: type) -> str:
 # Rows up to which the CPU sampling head multiplies in weight-major order. MKL's product of a few rows
 # against a transposed weight (``h @ W.T``, nn.Linear's layout) takes a slow small-M path on this
 # project's CPUs: 8 x 128 against a 32000 x 128 head took 7-8 ms with 2 idle threads, the same product as
-# ``(W @ h.T).T`` 2.8 ms. In every measurement weight-major won from 4 to 16 rows and tied at 1; from a
-# few dozen rows on the two were even or nn.Linear's layout won (bench/results/rollout_profile_cpu.md).
+# ``(W @ h.T).T`` 2.8 ms. Weight-major won at 4 and 8 rows in every measurement, at 16 in two of three,
+# and tied at 1; from a few dozen rows on, results were mixed (bench/results/rollout_profile_cpu.md).
 # A fixed rule rather than a timing probe, so that a run's logits never depend on a measurement.
 WEIGHT_MAJOR_MAX_ROWS = 16
 
