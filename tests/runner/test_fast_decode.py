@@ -95,6 +95,7 @@ def test_each_step_gives_hf_hidden_states_and_logits(arch_models: dict, arch: st
             positions = (count - 1)[:, None]
             live = mask[:, :p_len + step + 1]
             hidden_hf, hidden_fast = hf.step(tokens, live, positions), fast.step(tokens, live, positions)
+        torch.testing.assert_close(hidden_fast, hidden_hf, atol=2e-5, rtol=2e-5)
 
 
 def test_the_fast_step_reads_the_models_own_weights(arch_models: dict) -> None:
