@@ -5,9 +5,9 @@ batch, on the decode path ``rollout.decode`` picks (``decode.py``: HF's forward,
 the Llama/Mistral/Qwen family on a static cache); finished rows keep feeding a masked pad token so
 the batch stays rectangular. Each row stops at EOS or at a stop string or after ``max_new_tokens``
 (``truncated``). Sampling draws one uniform per row (inverse CDF, ``sample_tokens``). Per token the
-loop does no per-row Python work beyond the stop-string check, which decodes a short tail window of each active
-row (``StopStrings``) instead of its whole completion; the attention mask and positions are updated
-in place rather than rebuilt from the whole mask. The recorded log-prob of a token is its
+loop does no per-row Python work beyond the stop-string check, which decodes a short tail window of
+each active row (``StopStrings``) instead of its whole completion; the attention mask and positions
+are updated in place rather than rebuilt from the whole mask. The recorded log-prob of a token is its
 log-probability under the distribution it was actually drawn from (after temperature / top-k /
 top-p; under the raw model for greedy), which is what importance-sampling corrections need. With a
 ``CorrectedDecode`` (``correction.py``) the routed teachers decode beside the student and may replace
