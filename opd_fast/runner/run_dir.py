@@ -40,7 +40,7 @@ RUN_FILES = (METRICS_FILE, TIMELINE_FILE, SAMPLES_FILE, "config.json", HISTORY_F
 # pipeline modes keep no state of their own (async in-flight rollouts are dropped at a checkpoint).
 APPLIED = ("optim.lr", "optim.steps", "optim.min_lr_ratio", "optim.weight_decay", "optim.grad_clip",
            "optim.max_consecutive_skips", "checkpoint.", "metrics.", "eval.", "run.threads", "run.out_dir",
-           "run.device", "loss.backend", "run.pipeline", "run.max_staleness", "run.importance_clip",
+           "run.device", "loss.backend", "rollout.decode", "run.pipeline", "run.max_staleness", "run.importance_clip",
            "student.gradient_checkpointing", "student.local_files_only")
 _SCHEDULE_KEYS = ("optim.steps", "optim.min_lr_ratio")
 
