@@ -35,11 +35,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     demo = sub.add_parser(
         "demo",
         help="consolidate two specialist teachers into one student: on-policy distillation vs off-policy baselines",
-        description="Two specialist teachers (column_add, pair_sum) and seed 0's student starts ship with the package "
-        "(other seeds train theirs first; --retrain trains every model from scratch); every arm (SFT, supervised KD, SeqKD, on-policy reverse KL and JSD) "
-        "trains the shared start over both domains at equal budget, each row routed to its domain's teacher; then "
-        "a weaker student with plain and teacher-corrected on-policy reverse KL. Prints and writes per-domain "
-        "tables with standard errors over seeds (JSON/Markdown) and one PNG per domain.",
+        description="Two specialist teachers (column_add, pair_sum) and seed 0's student starts ship with the "
+        "package (other seeds train theirs first; --retrain trains every model from scratch); every arm (SFT, "
+        "supervised KD, SeqKD, on-policy reverse KL and JSD) trains the shared start over both domains at equal "
+        "budget, each row routed to its domain's teacher; then a weaker student with plain and teacher-corrected "
+        "on-policy reverse KL. Prints and writes per-domain tables with standard errors (JSON/Markdown) and one "
+        "PNG per domain.",
     )
     demo.add_argument("--quick", action="store_true", help="CI smoke profile: same code path, far fewer steps")
     demo.add_argument("--seeds", type=int, default=3, help="number of seeds; tables show mean ± standard error")
