@@ -85,6 +85,8 @@ def run_demo(
         with torch_threads(THREADS):
             return _run(profile, seeds, arms, weak_arms, out, cache, retrain)
     t0 = time.perf_counter()
+    print(f"[demo] profile {profile.name}: seeds {list(seeds)} in {min(jobs, len(seeds))} worker processes, each "
+          f"into {out}/seed<K>; preparing the teachers first (cache {cache})")
     with torch_threads(THREADS):
         for domain in DOMAINS:  # once, here: the workers then find them in the cache
             prepare_teacher(profile, cache, domain, retrain=retrain)
