@@ -25,7 +25,7 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     arms = _arms(args.arms) if args.arms is not None else list(DEFAULT_ARMS)
     weak_arms = _arms(args.weak_arms) if args.weak_arms is not None else list(WEAK_ARMS)
-    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
+    seeds = list(range(args.first_seed, args.first_seed + (args.seeds or profile.seeds)))
     jobs = args.jobs if args.jobs is not None else min(len(seeds), os.cpu_count() or 1)
     run_demo(profile, seeds, arms, out, Path(args.cache), weak_arms=weak_arms, retrain=args.retrain, jobs=jobs)
     return 0
@@ -43,7 +43,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "PNG per domain.",
     )
     demo.add_argument("--quick", action="store_true", help="CI smoke profile: same code path, far fewer steps")
-    demo.add_argument("--seeds", type=int, default=3, help="number of seeds; tables show mean ± standard error")
+    demo.add_argument("--seeds", type=int, default=None,
+                      help="number of seeds (default: 3, --quick 1); tables show mean ± standard error")
     demo.add_argument("--first-seed", type=int, default=0, help="seeds run are FIRST_SEED .. FIRST_SEED+SEEDS-1")
     demo.add_argument("--out", default=None, help="output directory (default runs/demo-<profile>)")
     demo.add_argument("--cache", default="runs/demo-cache", help="where prepared teachers/students are cached")

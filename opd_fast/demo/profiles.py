@@ -47,6 +47,7 @@ class Profile:
     weak_student_target: float = 0.1
     check_every: int = 100
     dev_prompts: int = 128  # per domain
+    seeds: int = 3  # seeds run unless the command line says otherwise
     # Arms: equal budget for every arm.
     arm_steps: int = 150
     arm_batch: int = 32
@@ -90,6 +91,6 @@ def _tasks() -> list[dict]:
 
 DEFAULT = Profile(name="default")
 # CI smoke: models far from trained, so its numbers mean nothing; it proves the pipeline end to end.
-QUICK = replace(DEFAULT, name="quick", teacher_max_steps=60, student_max_steps=40, check_every=20, dev_prompts=32,
-                arm_steps=6, arm_batch=8, eval_prompts=32)
+QUICK = replace(DEFAULT, name="quick", seeds=1, teacher_max_steps=60, student_max_steps=40, check_every=20,
+                dev_prompts=32, arm_steps=6, arm_batch=8, eval_prompts=32)
 PROFILES = {p.name: p for p in (DEFAULT, QUICK)}
