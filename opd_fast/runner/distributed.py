@@ -78,6 +78,18 @@ def check_config(config: RunConfig, world_size: int) -> None:
     if config.rollout.correction is not None:
         raise ValueError(f"config key 'rollout.correction' is not supported with {world_size} processes (its "
                          "teacher-draw generator and corrected-token fractions are per process); run one process")
+    if config.run.parallel == "fsdp" and config.student.lora is not None:
+        raise ValueError("config key 'student.lora' is not supported with run.parallel = 'fsdp' (the adapter is a "
+                         "small share of the weights: train it data parallel, run.parallel = 'ddp')")
+    for name, teacher in config.teachers.items():
+        if teacher.shard and len(config.teachers) > 1:
+            raise ValueError(f"config key 'teachers.{name}.shard' needs {name!r} to be the only teacher: every rank "
+                             "must forward a sharded teacher on every micro-batch, and routing by domain sends the "
+                             f"ranks to different teachers (teachers: {sorted(config.teachers)})")
+        if teacher.shard and config.loss.off_policy_fraction > 0 and config.loss.off_policy_source == "teacher":
+            raise ValueError(f"config key 'teachers.{name}.shard' cannot be used with loss.off_policy_source = "
+                             "'teacher': the ranks decode different numbers of tokens, so a sharded teacher's "
+                             "all-gathers would not pair up")
     if config.run.device not in ("cpu", "cuda"):
         raise ValueError(f"config key 'run.device' = {config.run.device!r}: data parallel runs on 'cpu' (gloo) "
                          "or 'cuda' (nccl; LOCAL_RANK picks each rank's GPU)")
@@ -174,6 +186,11 @@ class DataParallel:
                 buf = t.detach().to(self.device)
                 dist.broadcast(buf, src=0)
                 t.copy_(buf)
+
+    def agree_finite(self, params: list[torch.Tensor], finite: bool) -> bool:
+        """The gradient sync of a sharded student, whose gradients FSDP already summed in backward: whether every
+        rank's loss was finite."""
+        return not self.any(not finite)
 
     def sync_gradients(self, params: list[torch.Tensor], finite: bool) -> bool:
         """Sum the accumulated gradients over the ranks (one flat all-reduce per dtype); returns whether every

@@ -107,11 +107,14 @@ class Learner:
         teachers: dict[str, Teacher],
         importance: ImportanceWeights | None = None,
         gradient_sync: Callable[[list[torch.Tensor], bool], bool] | None = None,
+        backward_always: bool = False,
     ) -> None:
         """``gradient_sync(params, finite)``, in a data-parallel run: sums the accumulated gradients over the
-        ranks before clipping and returns whether every rank's loss was finite."""
+        ranks before clipping and returns whether every rank's loss was finite. ``backward_always``: run backward
+        even on a non-finite loss (a sharded student's backward holds collectives every rank must join; the
+        step is skipped all the same)."""
         self.student, self.loss_cfg, self.optim_cfg, self.teachers = student, loss, optim, teachers
-        self.importance, self.gradient_sync = importance, gradient_sync
+        self.importance, self.gradient_sync, self.backward_always = importance, gradient_sync, backward_always
         self.params = [p for p in student.model.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("the student has no trainable parameters")
@@ -208,10 +211,9 @@ class Learner:
             total = total - cfg.sft_weight * log_q.sum() / sft_items
         out.loss = float(total.detach())
         out.finite = math.isfinite(out.loss)
-        if out.finite:
+        if out.finite or self.backward_always:
             total.backward()
-        else:
-            self._finite = False
+        self._finite = self._finite and out.finite
         return out
 
     @staticmethod
