@@ -39,6 +39,7 @@ import torch
 
 import opd_fast
 
+from ..distributed.dtensor import gathered
 from .config import LossConfig, OptimConfig
 from .models import Head, LoadedModel, Teacher, forward_hidden, token_logprobs
 from .rollout import RolloutBatch
@@ -94,6 +95,14 @@ class ImportanceWeights:
         log_q = token_logprobs(states, head, batch.targets.to(states.device), self.temperature).float()
         ratio = torch.exp(log_q - batch.target_sampler_logprobs().to(log_q.device))
         return ratio.clamp(max=self.clip)
+
+
+def _clip_grad_norm(params: list[torch.Tensor], clip: float) -> float:
+    """``clip_grad_norm_`` whose norm is the whole model's when the gradients are sharded DTensors (FSDP): their
+    norm is gathered once, and every shard is scaled by the same factor."""
+    norm = gathered(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
+    torch.nn.utils.clip_grads_with_norm_(params, clip, norm)
+    return float(norm)
 
 
 class Learner:
@@ -167,9 +176,9 @@ class Learner:
         sft_items: float = 1.0,
     ) -> MicroStats:
         """Forward + backward of one micro-batch; gradients accumulate until ``step()``."""
-        batch, cfg, head = scored.batch, self.loss_cfg, self.student.head
-        device = head.weight.device
+        batch, cfg, device = scored.batch, self.loss_cfg, self.student.device
         hidden, _ = forward_hidden(self.student, batch.input_ids.to(device), batch.attention_mask.to(device))
+        head = self.student.head  # after the forward, which gathers a sharded student's head (see ``sharding``)
         total = hidden.new_zeros((), dtype=torch.float32)
         out = MicroStats()
         row_div = torch.zeros(len(batch.prompts))
@@ -226,7 +235,7 @@ class Learner:
         if self.gradient_sync is not None:
             self._finite = self.gradient_sync(self.params, self._finite)
         clip = self.optim_cfg.grad_clip if self.optim_cfg.grad_clip > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, clip))
+        grad_norm = _clip_grad_norm(self.params, clip)
         lr = self.optimizer.param_groups[0]["lr"]
         skipped = not (self._finite and math.isfinite(grad_norm))
         if skipped:

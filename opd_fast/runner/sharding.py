@@ -69,6 +69,11 @@ class HiddenStates(nn.Module):
         super().__init__()
         self.lm = lm
 
+    @property
+    def config(self) -> Any:
+        """The decoder's config, which callers of a decoder read (e.g. its position limit)."""
+        return decoder_of(self.lm).config
+
     def forward(self, *args: Any, cache: Any = None, **kwargs: Any) -> Any:
         decoder = decoder_of(self.lm)
         if cache is not None:  # the decoder's own name for it (it changed across transformers versions)

@@ -1,0 +1,90 @@
+"""FSDP2 sharding (``runner.sharding``): 2 gloo processes against one process, and checkpoints across strategies.
+
+As in ``test_data_parallel``, the runs decode greedily, so every completion is a function of the weights and
+the prompt, and equal per-step losses over steps prove the summed gradients. The tolerance is the data-parallel
+one (relative 1e-5): FSDP's reduce-scatter sums the same two per-rank gradients in fp32 as one process sums
+its micro-batches, in a different order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+import pytest
+from ranks import Run, assert_same_steps, run_ranks
+
+from opd_fast.runner.checkpoint import checkpoints, load_state
+from opd_fast.runner.config import RunConfig
+from opd_fast.runner.distributed import check_config
+from opd_fast.runner.metrics import read_metrics
+from opd_fast.runner.trainer import train
+
+SECTIONS = {"rollout": {"temperature": 0.0}, "loss": {"sft_weight": 0.5},
+            "optim": {"steps": 3, "schedule": "constant", "warmup_steps": 0},
+            "metrics": {"progress": False, "tensorboard": False}}
+FSDP = {**SECTIONS, "run": {"parallel": "fsdp"}}
+
+
+def _one_teacher(config: RunConfig, shard: bool) -> RunConfig:
+    """``config`` with its teacher ``ta`` alone, taking every domain (a sharded teacher must be the only one)."""
+    config.teachers = {"all": dataclasses.replace(config.teachers["ta"], domains=[], shard=shard)}
+    return config
+
+
+def test_fsdp_matches_one_process_and_its_checkpoint_resumes_under_ddp_and_one_process(
+        make_config, tmp_path: Path) -> None:
+    lora = make_config(tmp_path / "lora", **{**FSDP, "student": {"lora": {"r": 2}}})
+    fsdp = make_config(tmp_path / "fsdp", **FSDP)
+    two_steps = {"eval": {"num_prompts": 4, "at_end": True, "sampled": False},
+                 "optim": {**SECTIONS["optim"], "steps": 2}}
+    replicated = _one_teacher(make_config(tmp_path / "replicated", **{**SECTIONS, **two_steps}), shard=False)
+    sharded = _one_teacher(make_config(tmp_path / "sharded", **{**FSDP, **two_steps}), shard=True)
+    ranks = run_ranks(2, [Run("lora", lora), Run("fsdp", fsdp, {"stop_after": 2}), Run("replicated", replicated),
+                          Run("sharded", sharded)], tmp_path / "results")
+
+    for r, out in enumerate(ranks):  # refused on every rank, before any collective (so nothing hangs)
+        assert out["lora"].startswith("ValueError") and "student.lora" in out["lora"], (r, out["lora"])
+
+    assert ranks[0]["fsdp"] == {**ranks[1]["fsdp"], "steps_per_s": ranks[0]["fsdp"]["steps_per_s"],
+                                "tokens_per_s": ranks[0]["fsdp"]["tokens_per_s"]}
+    [written] = checkpoints(tmp_path / "fsdp")
+    state = load_state(written)  # the one-process format: parameter indices, full (unsharded) tensors
+    assert sorted(state["learner"]["optimizer"]["state"]) == list(range(len(state["learner"]["optimizer"]["state"])))
+    assert (written / "student" / "model.safetensors").is_file()
+
+    # a sharded teacher (under a sharded student) gives the replicated teacher's losses and evaluation
+    assert_same_steps(read_metrics(tmp_path / "replicated"), read_metrics(tmp_path / "sharded"))
+    want_eval, got_eval = ranks[0]["replicated"]["eval"], ranks[0]["sharded"]["eval"]
+    assert want_eval and got_eval.keys() == want_eval.keys()
+    assert got_eval == pytest.approx(want_eval, rel=1e-5)
+    assert ranks[1]["sharded"]["eval"] == got_eval  # every rank evaluated (its sharded forwards paired up)
+
+    one = make_config(tmp_path / "one", **SECTIONS)
+    train(one)
+    under_one = tmp_path / "under_one"
+    shutil.copytree(tmp_path / "fsdp", under_one)
+    train(make_config(under_one, **SECTIONS), resume=True)  # fsdp checkpoint, one process
+    ddp = make_config(tmp_path / "fsdp", **SECTIONS)  # the same run directory, continued data parallel
+    resumed = run_ranks(2, [Run("ddp", ddp, {"resume": True})], tmp_path / "resumed")
+    assert resumed[0]["ddp"]["steps_run"] == 1
+    for run_dir in (under_one, tmp_path / "fsdp"):
+        assert_same_steps(read_metrics(tmp_path / "one"), read_metrics(run_dir))
+
+
+@pytest.mark.parametrize(("sections", "sharded", "key"), [
+    ({"run": {"parallel": "fsdp"}, "student": {"lora": {"r": 2}}}, None, "student.lora"),
+    ({}, "ta", "teachers.ta.shard"),  # one of two teachers: routing sends ranks to different ones
+    ({"loss": {"off_policy_fraction": 0.5, "off_policy_source": "teacher"}}, "all", "teachers.all.shard"),
+])
+def test_refused_before_any_collective(make_config, tmp_path: Path, sections: dict, sharded: str | None,
+                                       key: str) -> None:
+    config = make_config(tmp_path, **sections)
+    if sharded == "all":
+        config = _one_teacher(config, shard=True)
+    elif sharded is not None:
+        config.teachers[sharded].shard = True
+    check_config(config, 1)  # one process: nothing is sharded, nothing to refuse
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        check_config(config, 2)
