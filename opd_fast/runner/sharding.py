@@ -35,7 +35,7 @@ optimizer state keyed by parameter index as ``torch.optim`` writes it. Resuming 
 rank and shards them, and ``set_optimizer_state_dict`` shards the full optimizer state, so a run resumes on any
 world size and under either strategy.
 
-Public API: ``Sharding``, ``shard_run``, ``HiddenStates``.
+Public API: ``Sharding``, ``to_shard``, ``shard_run``, ``HiddenStates``.
 """
 
 from __future__ import annotations
@@ -153,7 +153,7 @@ class Sharding:
         if self.student is None:
             return None, None
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        weights = get_model_state_dict(student.model, options=options)
+        weights = _tie(student.model, get_model_state_dict(student.model, options=options))
         by_name = get_optimizer_state_dict(student.model, optimizer, options=options)
         index = {name: i for i, name in enumerate(_trainable_names(student.model))}
         optim = {"state": {index[name]: value for name, value in by_name.get("state", {}).items()},
@@ -175,24 +175,42 @@ class Sharding:
         return optimizer.state_dict()
 
 
+def _tie(model: nn.Module, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Gathered tensors of one tied parameter (a head tied to the embeddings) made one tensor again, so that
+    ``save_pretrained`` writes it once, as it does for the live model."""
+    first: dict[int, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        canonical = first.setdefault(id(p), name)
+        if canonical != name and name in weights:
+            weights[name] = weights[canonical]
+    return weights
+
+
 def _trainable_names(model: nn.Module) -> list[str]:
     """Parameter names in the optimizer's order (the learner optimizes the trainable parameters in order)."""
     return [name for name, p in model.named_parameters() if p.requires_grad]
 
 
-def shard_run(config: RunConfig, world_size: int, student: LoadedModel, teachers: dict[str, Teacher]) -> Sharding:
-    """Shard what the config asks for (the process group is initialized); nothing with one process."""
+def to_shard(config: RunConfig, world_size: int) -> set[str]:
+    """The models a run of ``world_size`` processes shards: "student" and teacher names."""
     if world_size <= 1:
-        return Sharding()
+        return set()
+    student = {"student"} if config.run.parallel == "fsdp" else set()
+    return student | {name for name, t in config.teachers.items() if t.shard}
+
+
+def shard_run(config: RunConfig, world_size: int, student: LoadedModel, teachers: dict[str, Teacher]) -> Sharding:
+    """Shard what the config asks for (``to_shard``; the process group is initialized)."""
+    names = to_shard(config, world_size)
     device = config.run.device
     sharding = Sharding()
-    if config.run.parallel == "fsdp":
+    if "student" in names:
         master = student.head.weight.dtype
         compute = DTYPES[config.run.dtype]
         policy = MixedPrecisionPolicy(param_dtype=compute if compute != master else None, reduce_dtype=master)
         sharding.student = _shard(student, DeviceMesh.from_group(dist.group.WORLD, device), policy, root_reshards=False)
     for name, teacher in teachers.items():
-        if config.teachers[name].shard:
+        if name in names:
             group = dist.new_group(backend="nccl" if device == "cuda" else "gloo")
             mesh = DeviceMesh.from_group(group, device)
             sharding.teachers[name] = _shard(teacher.model, mesh, MixedPrecisionPolicy(), root_reshards=True)

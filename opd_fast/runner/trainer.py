@@ -48,7 +48,7 @@ from .pipeline import StageWorker, main_threads, split_threads
 from .rewards import Rewards
 from .rollout import RolloutBatch, from_completions, rollout
 from .score import Router, ScoredBatch, score
-from .sharding import shard_run
+from .sharding import shard_run, to_shard
 from .signals import StopSignals, stop_on_signals
 from .timeline import Timeline, stage_metrics
 from .trackers import RunIdentity, SampleRecord
@@ -85,7 +85,7 @@ class Trainer:
         torch.manual_seed(c.run.seed)
         random.seed(c.run.seed)
         ckpt = None if checkpoint is None else str(checkpoint)
-        self.student, self.teachers = load_run_models(c, ckpt)
+        self.student, self.teachers = load_run_models(c, ckpt, to_shard=to_shard(c, dp.world_size))
         dp.broadcast_parameters(self.student.model)
         self.sharding = shard_run(c, dp.world_size, self.student, self.teachers)
         self.router = Router(self.teachers)

@@ -9,12 +9,17 @@ its micro-batches, in a different order.
 from __future__ import annotations
 
 import dataclasses
+import math
 import shutil
 from pathlib import Path
 
 import pytest
+import torch
+from conftest import ALPHABET
 from ranks import Run, assert_same_steps, run_ranks
+from safetensors import safe_open
 
+from opd_fast.models.tiny import char_tokenizer, save_model, tiny_causal_lm
 from opd_fast.runner.checkpoint import checkpoints, load_state
 from opd_fast.runner.config import RunConfig
 from opd_fast.runner.distributed import check_config
@@ -33,16 +38,28 @@ def _one_teacher(config: RunConfig, shard: bool) -> RunConfig:
     return config
 
 
+@pytest.fixture(scope="module")
+def tied_student(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Two decoder layers and a head tied to the embeddings: one parameter in two modules of the root unit."""
+    tok = char_tokenizer(ALPHABET)
+    lm = tiny_causal_lm(tok, hidden_size=32, num_layers=2, num_heads=2, tie_embeddings=True, seed=4)
+    return str(save_model(lm, tok, tmp_path_factory.mktemp("tied") / "student"))
+
+
+@pytest.mark.slow  # two 2-process groups and a one-process run: about a minute
 def test_fsdp_matches_one_process_and_its_checkpoint_resumes_under_ddp_and_one_process(
-        make_config, tmp_path: Path) -> None:
+        make_config, tied_student: str, tmp_path: Path) -> None:
+    student = {"student": {"path": tied_student}}
     lora = make_config(tmp_path / "lora", **{**FSDP, "student": {"lora": {"r": 2}}})
-    fsdp = make_config(tmp_path / "fsdp", **FSDP)
+    fsdp = make_config(tmp_path / "fsdp", **FSDP, **student)
+    bf16 = make_config(tmp_path / "bf16", **{**FSDP, "run": {"parallel": "fsdp", "dtype": "bfloat16"},
+                                             "optim": {**SECTIONS["optim"], "steps": 1}})
     two_steps = {"eval": {"num_prompts": 4, "at_end": True, "sampled": False},
                  "optim": {**SECTIONS["optim"], "steps": 2}}
     replicated = _one_teacher(make_config(tmp_path / "replicated", **{**SECTIONS, **two_steps}), shard=False)
     sharded = _one_teacher(make_config(tmp_path / "sharded", **{**FSDP, **two_steps}), shard=True)
-    ranks = run_ranks(2, [Run("lora", lora), Run("fsdp", fsdp, {"stop_after": 2}), Run("replicated", replicated),
-                          Run("sharded", sharded)], tmp_path / "results")
+    ranks = run_ranks(2, [Run("lora", lora), Run("fsdp", fsdp, {"stop_after": 2}), Run("bf16", bf16),
+                          Run("replicated", replicated), Run("sharded", sharded)], tmp_path / "results")
 
     for r, out in enumerate(ranks):  # refused on every rank, before any collective (so nothing hangs)
         assert out["lora"].startswith("ValueError") and "student.lora" in out["lora"], (r, out["lora"])
@@ -52,7 +69,14 @@ def test_fsdp_matches_one_process_and_its_checkpoint_resumes_under_ddp_and_one_p
     [written] = checkpoints(tmp_path / "fsdp")
     state = load_state(written)  # the one-process format: parameter indices, full (unsharded) tensors
     assert sorted(state["learner"]["optimizer"]["state"]) == list(range(len(state["learner"]["optimizer"]["state"])))
-    assert (written / "student" / "model.safetensors").is_file()
+    with safe_open(written / "student" / "model.safetensors", "pt") as weights:
+        names = list(weights.keys())
+    assert "model.embed_tokens.weight" in names and "lm_head.weight" not in names  # tied: saved once, as HF does
+    assert math.isfinite(ranks[0]["bf16"]["final_loss"]) and ranks[0]["bf16"] == ranks[1]["bf16"] | {
+        k: ranks[0]["bf16"][k] for k in ("steps_per_s", "tokens_per_s")}
+    with safe_open(Path(ranks[0]["bf16"]["checkpoint"]) / "student" / "model.safetensors", "pt") as weights:
+        dtypes = {weights.get_tensor(k).dtype for k in list(weights.keys())}
+    assert dtypes == {torch.float32}  # bf16 compute, fp32 master weights
 
     # a sharded teacher (under a sharded student) gives the replicated teacher's losses and evaluation
     assert_same_steps(read_metrics(tmp_path / "replicated"), read_metrics(tmp_path / "sharded"))
@@ -61,12 +85,11 @@ def test_fsdp_matches_one_process_and_its_checkpoint_resumes_under_ddp_and_one_p
     assert got_eval == pytest.approx(want_eval, rel=1e-5)
     assert ranks[1]["sharded"]["eval"] == got_eval  # every rank evaluated (its sharded forwards paired up)
 
-    one = make_config(tmp_path / "one", **SECTIONS)
-    train(one)
+    train(make_config(tmp_path / "one", **SECTIONS, **student))
     under_one = tmp_path / "under_one"
     shutil.copytree(tmp_path / "fsdp", under_one)
-    train(make_config(under_one, **SECTIONS), resume=True)  # fsdp checkpoint, one process
-    ddp = make_config(tmp_path / "fsdp", **SECTIONS)  # the same run directory, continued data parallel
+    train(make_config(under_one, **SECTIONS, **student), resume=True)  # fsdp checkpoint, one process
+    ddp = make_config(tmp_path / "fsdp", **SECTIONS, **student)  # the same run directory, continued data parallel
     resumed = run_ranks(2, [Run("ddp", ddp, {"resume": True})], tmp_path / "resumed")
     assert resumed[0]["ddp"]["steps_run"] == 1
     for run_dir in (under_one, tmp_path / "fsdp"):
