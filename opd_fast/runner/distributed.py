@@ -17,7 +17,9 @@ batch as one process:
   student also decodes rollouts and is checkpointed through the Hugging Face model; an explicit reduction
   of the accumulated gradient is one collective per step and leaves the model untouched. A non-finite loss
   on any rank skips the step on every rank.
-- Teachers are replicated: each rank loads them and scores its own rollouts (sharding them is not built).
+- Strategy (``run.parallel``): "ddp" replicates the student (the explicit gradient all-reduce above); "fsdp"
+  shards it with FSDP2, whose backward reduce-scatters (sums) the gradients, so the step only agrees on
+  finiteness (``agree_finite``). Teachers are replicated unless ``teachers.NAME.shard`` (see ``sharding``).
 - Rollout RNG: rank 0's generator is seeded exactly as in one process; rank ``r > 0`` derives its own from
   ``(run.seed, r, step)``. Checkpoints store rank 0's generator only; a resume (on any world size the config
   allows) restores it on rank 0 and re-derives the others from the resumed step.
@@ -28,7 +30,8 @@ batch as one process:
 Not supported with more than one process, refused with an error naming the key: async rollouts
 (``run.max_staleness``), reward models (``loss.reward_models``, whose running per-domain standardization
 would drift apart across ranks) and teacher-corrected rollouts (``rollout.correction``, whose generator and
-metrics are per process). FSDP2 sharding of the student is not built.
+metrics are per process); and what sharding cannot do: ``student.lora`` with "fsdp", a sharded teacher that is
+not the only teacher or that generates off-policy completions (see ``sharding``).
 
 Public API: ``DataParallel``, ``data_parallel`` (context manager), ``check_config``, ``rank_seed``,
 ``world_from_env``.
