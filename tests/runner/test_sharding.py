@@ -9,6 +9,7 @@ its micro-batches, in a different order.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import shutil
 from pathlib import Path
@@ -111,3 +112,13 @@ def test_refused_before_any_collective(make_config, tmp_path: Path, sections: di
     check_config(config, 1)  # one process: nothing is sharded, nothing to refuse
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
         check_config(config, 2)
+
+
+def test_sharding_keys_may_change_on_resume(make_config, tmp_path: Path) -> None:
+    """Checkpoints hold full state dicts, so the strategy is not part of a run's state (one process: ignored)."""
+    train(make_config(tmp_path, optim={"steps": 2}), stop_after=1)
+    config = make_config(tmp_path, optim={"steps": 2}, run={"parallel": "fsdp"})
+    config.teachers["ta"].shard = True
+    assert train(config, resume=True)["steps"] == 2
+    [_, resumed] = (tmp_path / "config_history.jsonl").read_text().splitlines()
+    assert json.loads(resumed)["changed"] == {"run.parallel": ["ddp", "fsdp"], "teachers.ta.shard": [False, True]}
