@@ -28,9 +28,13 @@ from opd_fast.runner.metrics import read_metrics
 from opd_fast.runner.trainer import train
 
 SECTIONS = {"rollout": {"temperature": 0.0}, "loss": {"sft_weight": 0.5},
-            "optim": {"steps": 3, "schedule": "constant", "warmup_steps": 0},
+            "optim": {"steps": 4, "schedule": "constant", "warmup_steps": 0},
             "metrics": {"progress": False, "tensorboard": False}}
 FSDP = {**SECTIONS, "run": {"parallel": "fsdp"}}
+
+
+def _student(path: str) -> dict:
+    return {"student": {"path": path}}
 
 
 def _one_teacher(config: RunConfig, shard: bool) -> RunConfig:
@@ -47,54 +51,80 @@ def tied_student(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(save_model(lm, tok, tmp_path_factory.mktemp("tied") / "student"))
 
 
-@pytest.mark.slow  # two 2-process groups and a one-process run: about a minute
-def test_fsdp_matches_one_process_and_its_checkpoint_resumes_under_ddp_and_one_process(
-        make_config, tied_student: str, tmp_path: Path) -> None:
-    student = {"student": {"path": tied_student}}
-    lora = make_config(tmp_path / "lora", **{**FSDP, "student": {"lora": {"r": 2}}})
-    fsdp = make_config(tmp_path / "fsdp", **FSDP, **student)
-    bf16 = make_config(tmp_path / "bf16", **{**FSDP, "run": {"parallel": "fsdp", "dtype": "bfloat16"},
-                                             "optim": {**SECTIONS["optim"], "steps": 1}})
+@pytest.fixture(scope="module")
+def group(make_config, tied_student: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict]]:
+    """One 2-process group running, in order: a refused config; 2 of 4 FSDP steps (tied student); one bf16 step;
+    2 steps with one replicated teacher under DDP and with it sharded under FSDP, each evaluated at the end."""
+    root = tmp_path_factory.mktemp("sharding")
+    lora = make_config(root / "lora", **{**FSDP, "student": {"lora": {"r": 2}}})
+    fsdp = make_config(root / "fsdp", **FSDP, **_student(tied_student))
+    bf16 = make_config(root / "bf16", **{**FSDP, "run": {"parallel": "fsdp", "dtype": "bfloat16"},
+                                         "optim": {**SECTIONS["optim"], "steps": 1}})
     two_steps = {"eval": {"num_prompts": 4, "at_end": True, "sampled": False},
                  "optim": {**SECTIONS["optim"], "steps": 2}}
-    replicated = _one_teacher(make_config(tmp_path / "replicated", **{**SECTIONS, **two_steps}), shard=False)
-    sharded = _one_teacher(make_config(tmp_path / "sharded", **{**FSDP, **two_steps}), shard=True)
-    ranks = run_ranks(2, [Run("lora", lora), Run("fsdp", fsdp, {"stop_after": 2}), Run("bf16", bf16),
-                          Run("replicated", replicated), Run("sharded", sharded)], tmp_path / "results")
+    replicated = _one_teacher(make_config(root / "replicated", **{**SECTIONS, **two_steps}), shard=False)
+    sharded = _one_teacher(make_config(root / "sharded", **{**FSDP, **two_steps}), shard=True)
+    runs = [Run("lora", lora), Run("fsdp", fsdp, {"stop_after": 2}), Run("bf16", bf16), Run("replicated", replicated),
+            Run("sharded", sharded)]
+    return root, run_ranks(2, runs, root / "results")
 
-    for r, out in enumerate(ranks):  # refused on every rank, before any collective (so nothing hangs)
+
+def _same_summary(ranks: list[dict], name: str) -> dict:
+    """A run's summary, equal on both ranks but for their own timings."""
+    timings = ("steps_per_s", "tokens_per_s")
+    assert {k: v for k, v in ranks[0][name].items() if k not in timings} == {
+        k: v for k, v in ranks[1][name].items() if k not in timings}
+    return ranks[0][name]
+
+
+@pytest.mark.slow  # the 2-process group: about 30 s, once for the module
+def test_refused_on_every_rank_without_a_hang(group: tuple[Path, list[dict]]) -> None:
+    for r, out in enumerate(group[1]):  # before any collective: the later runs of the group still ran
         assert out["lora"].startswith("ValueError") and "student.lora" in out["lora"], (r, out["lora"])
 
-    assert ranks[0]["fsdp"] == {**ranks[1]["fsdp"], "steps_per_s": ranks[0]["fsdp"]["steps_per_s"],
-                                "tokens_per_s": ranks[0]["fsdp"]["tokens_per_s"]}
-    [written] = checkpoints(tmp_path / "fsdp")
-    state = load_state(written)  # the one-process format: parameter indices, full (unsharded) tensors
-    assert sorted(state["learner"]["optimizer"]["state"]) == list(range(len(state["learner"]["optimizer"]["state"])))
+
+@pytest.mark.slow  # the 2-process group: about 30 s, once for the module
+def test_checkpoints_keep_the_one_process_format(group: tuple[Path, list[dict]]) -> None:
+    root, ranks = group
+    assert _same_summary(ranks, "fsdp")["steps"] == 2
+    [written] = checkpoints(root / "fsdp")
+    optimizer = load_state(written)["learner"]["optimizer"]  # parameter indices, full (unsharded) tensors
+    assert sorted(optimizer["state"]) == optimizer["param_groups"][0]["params"] == list(range(len(optimizer["state"])))
     with safe_open(written / "student" / "model.safetensors", "pt") as weights:
         names = list(weights.keys())
     assert "model.embed_tokens.weight" in names and "lm_head.weight" not in names  # tied: saved once, as HF does
-    assert math.isfinite(ranks[0]["bf16"]["final_loss"]) and ranks[0]["bf16"] == ranks[1]["bf16"] | {
-        k: ranks[0]["bf16"][k] for k in ("steps_per_s", "tokens_per_s")}
+    assert math.isfinite(_same_summary(ranks, "bf16")["final_loss"])
     with safe_open(Path(ranks[0]["bf16"]["checkpoint"]) / "student" / "model.safetensors", "pt") as weights:
         dtypes = {weights.get_tensor(k).dtype for k in list(weights.keys())}
     assert dtypes == {torch.float32}  # bf16 compute, fp32 master weights
 
-    # a sharded teacher (under a sharded student) gives the replicated teacher's losses and evaluation
-    assert_same_steps(read_metrics(tmp_path / "replicated"), read_metrics(tmp_path / "sharded"))
-    want_eval, got_eval = ranks[0]["replicated"]["eval"], ranks[0]["sharded"]["eval"]
-    assert want_eval and got_eval.keys() == want_eval.keys()
-    assert got_eval == pytest.approx(want_eval, rel=1e-5)
-    assert ranks[1]["sharded"]["eval"] == got_eval  # every rank evaluated (its sharded forwards paired up)
 
-    train(make_config(tmp_path / "one", **SECTIONS, **student))
-    under_one = tmp_path / "under_one"
-    shutil.copytree(tmp_path / "fsdp", under_one)
-    train(make_config(under_one, **SECTIONS, **student), resume=True)  # fsdp checkpoint, one process
-    ddp = make_config(tmp_path / "fsdp", **SECTIONS, **student)  # the same run directory, continued data parallel
-    resumed = run_ranks(2, [Run("ddp", ddp, {"resume": True})], tmp_path / "resumed")
-    assert resumed[0]["ddp"]["steps_run"] == 1
-    for run_dir in (under_one, tmp_path / "fsdp"):
-        assert_same_steps(read_metrics(tmp_path / "one"), read_metrics(run_dir))
+@pytest.mark.slow  # the 2-process group: about 30 s, once for the module
+def test_sharded_teacher_matches_replicated_in_training_and_evaluation(group: tuple[Path, list[dict]]) -> None:
+    root, ranks = group
+    assert_same_steps(read_metrics(root / "replicated"), read_metrics(root / "sharded"))
+    want, got = _same_summary(ranks, "replicated")["eval"], _same_summary(ranks, "sharded")["eval"]
+    assert want and got.keys() == want.keys()  # every rank evaluated, and their sharded forwards paired up
+    assert got == pytest.approx(want, rel=1e-5)
+
+
+@pytest.mark.slow  # a second 2-process group and two one-process runs
+def test_fsdp_matches_one_process_and_resumes_across_strategies(make_config, tied_student: str,
+                                                                group: tuple[Path, list[dict]]) -> None:
+    """FSDP steps 1-2 then DDP steps 3-4 (the same directory), and FSDP 1-2, one process 3, FSDP 4 (a copy):
+    both equal an uninterrupted one-process run step by step."""
+    root = group[0]
+    train(make_config(root / "one", **SECTIONS, **_student(tied_student)))
+    mixed = root / "mixed"
+    shutil.copytree(root / "fsdp", mixed)
+    train(make_config(mixed, **SECTIONS, **_student(tied_student)), resume=True, stop_after=3)
+    ddp = make_config(root / "fsdp", **SECTIONS, **_student(tied_student))
+    fsdp = make_config(mixed, **FSDP, **_student(tied_student))
+    resumed = run_ranks(2, [Run("ddp", ddp, {"resume": True}), Run("fsdp", fsdp, {"resume": True})],
+                        root / "resumed")
+    assert _same_summary(resumed, "ddp")["steps_run"] == 2 and _same_summary(resumed, "fsdp")["steps_run"] == 1
+    for run_dir in (root / "fsdp", mixed):
+        assert_same_steps(read_metrics(root / "one"), read_metrics(run_dir))
 
 
 @pytest.mark.parametrize(("sections", "sharded", "key"), [
