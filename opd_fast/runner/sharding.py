@@ -5,8 +5,8 @@ embeddings, the final norm and the LM head. The runner never calls a causal LM's
 logits); it calls the decoder and reads the head itself. So the root is ``HiddenStates``, a module that owns the
 whole causal LM and whose ``forward`` is the decoder's: asking for hidden states runs the root's all-gather,
 and the head the loss then reads is the all-gathered parameter, whose gradient FSDP reduce-scatters with the
-rest. (A head read while sharded would be a DTensor: the loss accepts one, but its gradient would be this
-rank's alone, never summed over the ranks.)
+rest. So the learner reads the head after the forward: a head read while sharded would be a DTensor, which
+the loss accepts, but its gradient would be this rank's alone, never summed over the ranks.
 
 Student (training): fp32 master weights sharded; with ``run.dtype`` lower than the master dtype,
 ``MixedPrecisionPolicy`` all-gathers the parameters in ``run.dtype`` and reduce-scatters gradients in the
@@ -55,7 +55,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from .config import RunConfig
 from .models import DTYPES, LoadedModel, Teacher, _cache_kwarg, decoder_of
@@ -93,7 +93,7 @@ def _layers(lm: LoadedModel) -> nn.ModuleList:
 class _Sharded:
     """One sharded model's FSDP units (layers first, root last) and whether its root reshards after forward."""
 
-    units: list[Any]
+    units: list[FSDPModule]
     root_reshards: bool
 
     def set_resharding(self, on: bool) -> None:
@@ -106,7 +106,7 @@ class _Sharded:
             unit.reshard()
 
 
-def _shard(lm: LoadedModel, mesh: Any, mp_policy: Any, *, root_reshards: bool) -> _Sharded:
+def _shard(lm: LoadedModel, mesh: DeviceMesh, mp_policy: MixedPrecisionPolicy, *, root_reshards: bool) -> _Sharded:
     units = [fully_shard(layer, mesh=mesh, mp_policy=mp_policy) for layer in _layers(lm)]
     root = fully_shard(HiddenStates(lm.model), mesh=mesh, mp_policy=mp_policy, reshard_after_forward=root_reshards)
     units.append(root)

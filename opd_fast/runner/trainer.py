@@ -11,7 +11,9 @@ learned from (``Learner.micro_step``); one optimizer step ends the step. Stages 
 lists, ``RolloutBatch``, ``ScoredBatch``), so the pipelined modes overlap them without changing what
 they compute. Every stage run is an interval of the ``Timeline`` (``timeline.py``), which gives the
 step's stage times and overlap metrics and ``RUN_DIR/timeline.jsonl``. Under ``torchrun`` every rank runs
-the loop on its share of each step's prompt groups, and rank 0 writes the run's files (``distributed.py``).
+the loop on its share of each step's prompt groups, and rank 0 writes the run's files (``distributed.py``); a
+sharded student or teacher (FSDP2) changes only a few hook points: decoding gathered, checkpoints gathered, and
+evaluations on every rank (``sharding.py``).
 
 Public API (stable): ``train(config, *, resume=False, overwrite=False, stop_after=None) -> dict``
 (summary: steps, final_loss, steps_per_s, tokens_per_s, skipped_steps, run_dir, checkpoint, eval,
