@@ -32,6 +32,7 @@ import torch
 
 from ..core.call import LossOptions, Tuning
 from ..core.engine import TEACHER_HEAD_OUTPUTS, EngineResult, Student, StudentGrads, Upstream, Want, accum_dtype
+from .gemm import matmul_fp32
 from .tile_math import (
     HardLabels,
     RowTerms,
@@ -51,7 +52,11 @@ _GRAD_W_SLICE_ELEMS = 16 * 2**20
 
 class TileMath(Protocol):
     def live_bytes_per_logit(self, dtype: torch.dtype) -> int:
-        """Bytes alive per (token, vocab) element of a chunk for logits of ``dtype`` (sizes chunks)."""
+        """Bytes alive per (token, vocab) element of a chunk for inputs of ``dtype`` (sizes chunks)."""
+        ...
+
+    def logits_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """The dtype the chunk's GEMMs write logits in, for inputs of ``dtype``."""
         ...
 
     def full_rows(
@@ -61,7 +66,11 @@ class TileMath(Protocol):
         opts: LossOptions,
         row_scale: torch.Tensor | None,
         hard: HardLabels | None = None,
-    ) -> tuple[RowTerms, torch.Tensor, torch.Tensor, torch.Tensor | None]: ...
+        grad_dtype: torch.dtype | None = None,
+    ) -> tuple[RowTerms, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Statistics and gradient of whole rows; ``grad_dtype`` is what the gradient GEMMs read (the
+        student's dtype): a tile math may return the gradient in it (``GradSink`` converts otherwise)."""
+        ...
 
 
 def plan_chunks(n_tokens: int, vocab: int, tuning: Tuning, bytes_per_logit: int) -> tuple[int, int]:
@@ -101,6 +110,11 @@ class Head:
         """
         w = self.weight[v0:v1]
         out = buffer[: h.shape[0] * (v1 - v0)].view(h.shape[0], v1 - v0)
+        if out.dtype != h.dtype:  # a wider logit than the operands (the Triton cached mode's fp32 logits)
+            matmul_fp32(h, w.T, out=out)
+            if self.bias is not None:
+                out.add_(self.bias[v0:v1])
+            return out.mul_(self.scale) if self.scale != 1.0 else out
         if self.bias is None:
             torch.mm(h, w.T, out=out)
             return out.mul_(self.scale) if self.scale != 1.0 else out
@@ -247,7 +261,8 @@ class ChunkedEngine:
                 hard = HardLabels(self.labels, (zeros if upstream[1] is None else upstream[1]) * head.scale)
         chunk_tokens, chunk_vocab = plan_chunks(n, k, self.tuning, tiles.live_bytes_per_logit(hs.dtype))
         out = SweepResult(*(torch.zeros(n, **acc) for _ in SweepResult._fields)) if state is None else state
-        buffers = tuple(torch.empty(chunk_tokens * chunk_vocab, dtype=h.dtype, device=h.device) for h in (hs, ht))
+        buffers = tuple(torch.empty(chunk_tokens * chunk_vocab, dtype=tiles.logits_dtype(h.dtype), device=h.device)
+                        for h in (hs, ht))
         for i0 in range(0, n, chunk_tokens):
             rows = slice(i0, min(i0 + chunk_tokens, n))
             chunk = _ChunkLogits(hs[rows], ht[rows], head, self.teacher, opts, buffers)
@@ -256,7 +271,7 @@ class ChunkedEngine:
             if chunk_vocab < k:
                 self._tiled_chunk(chunk, chunk_vocab, rows, out, state is None, scale, chunk_hard, sink)
                 continue
-            terms, lse_s, lse_t, grad = tiles.full_rows(*chunk.raw(0, k), opts, scale, chunk_hard)
+            terms, lse_s, lse_t, grad = tiles.full_rows(*chunk.raw(0, k), opts, scale, chunk_hard, hs.dtype)
             if state is None:
                 out.divergence[rows], out.coef[rows], out.entropy[rows] = terms.divergence, terms.coef, terms.entropy
                 out.student_lse[rows], out.teacher_lse[rows] = lse_s, lse_t

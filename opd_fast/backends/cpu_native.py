@@ -180,6 +180,10 @@ class NativeTileMath(NativeOptions):
             return TorchTileMath().live_bytes_per_logit(dtype)
         return 2 * (2 if dtype == torch.bfloat16 else 4) + (8 if dtype not in _DTYPES else 0)
 
+    def logits_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """The GEMM's own dtype (the kernel reads bf16 and fp32 tiles as they are)."""
+        return dtype
+
     def full_rows(
         self,
         raw_s: torch.Tensor,
@@ -187,6 +191,7 @@ class NativeTileMath(NativeOptions):
         opts: LossOptions,
         row_scale: torch.Tensor | None,
         hard: HardLabels | None = None,
+        grad_dtype: torch.dtype | None = None,  # unused: the gradient comes back in fp32 or raw_s's dtype
     ) -> tuple[RowTerms, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """``TileMath.full_rows``; the gradient overwrites ``raw_s`` (returned in its dtype).
 

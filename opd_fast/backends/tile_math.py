@@ -214,6 +214,10 @@ class TorchTileMath:
         """Six accumulation-dtype tiles are alive at once (two logits tiles, q, p, a, temporaries)."""
         return 6 * accum_dtype(dtype).itemsize
 
+    def logits_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """The GEMM's own dtype: the tiles are upcast to the accumulation dtype as they are used."""
+        return dtype
+
     def full_rows(
         self,
         raw_s: torch.Tensor,
@@ -221,6 +225,7 @@ class TorchTileMath:
         opts: LossOptions,
         row_scale: torch.Tensor | None,
         hard: HardLabels | None = None,
+        grad_dtype: torch.dtype | None = None,  # unused: the gradient comes back in fp32 or raw_s's dtype
     ) -> tuple[RowTerms, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Everything for rows whose whole compared vocabulary is in the tile.
 

@@ -42,7 +42,7 @@ VARIANTS = (
 )
 # Ids per row of the single-head kernels (a served teacher's top-k).
 TOPK = 20
-# Token chunk of the cached mode's logits (its memory budget's choice at Liger's vocabulary).
+# Token chunk of the cached mode's fp32 logits (about its 2 GB budget's choice at Liger's vocabulary).
 CACHED_CHUNK_TOKENS = 2048
 # Liger's published benchmark shape (docs/performance.md).
 SHAPE = {"n": 8192, "hs": 2048, "ht": 4096, "vocab": 128256}
@@ -92,7 +92,7 @@ def _kernel_arguments(kernel: str, divergence: str, dtype):
 
     from ..backends.rows import RowSetup
     from ..backends.tile_math import HardLabels
-    from ..backends.triton.cached import cached_rows_arguments
+    from ..backends.triton.cached import TritonTileMath, cached_rows_arguments
     from ..backends.triton.grad import grad_arguments
     from ..backends.triton.lse import lse_arguments
     from ..backends.triton.tail_grad import tail_grad_arguments
@@ -113,10 +113,12 @@ def _kernel_arguments(kernel: str, divergence: str, dtype):
     labels = torch.empty(n, dtype=torch.int64, device="meta") if "labels" in extras else None
     if kernel == "cached_rows":
         chunk = CACHED_CHUNK_TOKENS
-        raw_s = torch.empty(chunk, vocab, **meta)
+        wide = {**meta, "dtype": TritonTileMath().logits_dtype(dtype)}  # the logits the cached mode's GEMMs write
+        raw_s = torch.empty(chunk, vocab, **wide)
         rows_c = torch.empty(chunk, dtype=torch.float32, device="meta")
         hard = HardLabels(torch.empty(chunk, dtype=torch.int64, device="meta"), rows_c)
-        return cached_rows_arguments(raw_s, torch.empty(chunk, vocab, **meta), opts, rows_c, hard)
+        grad = torch.empty(chunk, vocab, **meta)  # the gradient in the student's dtype (over raw_s for fp32)
+        return cached_rows_arguments(raw_s, torch.empty(chunk, vocab, **wide), opts, rows_c, hard, grad)
     if kernel.startswith("tail_"):
         ids = torch.empty(n, TOPK, dtype=torch.int32, device="meta")
         setup = RowSetup(opts.student, opts.temperature, vocab, Tuning(grad_filter_eps=1e-6))

@@ -53,8 +53,8 @@ class Tuning:
     ``triton_mode`` (the two-head loss on the Triton backend; other backends ignore it):
     ``"strict"`` keeps extra memory O(N + V) and recomputes logit tiles per pass (1.6-2.2x the
     GEMM floor's FLOPs); ``"cached"`` computes each head's logits once per token chunk with torch
-    matmul and runs one Triton row kernel on them (the floor's FLOPs, ``2 x chunk x V`` logits in
-    the GEMM dtype: give it ``memory_budget_mb`` of 1-2 GB so chunks hold ~1000+ tokens).
+    matmul and runs one Triton row kernel on them (the floor's FLOPs, ``2 x chunk x V`` fp32 logits
+    plus a 16-bit student's gradient: give it ``memory_budget_mb`` of 1-2 GB so chunks hold ~1000+ tokens).
     """
 
     chunk_tokens: int | None = None

@@ -1,7 +1,7 @@
 """Prompts: where they come from, how they are mixed, and which ones the student sees next.
 
 Public API: ``Prompt`` (one sample slot, plain data), ``PromptPool`` (the training prompts, columnar;
-the formats it reads are ``sources``'), ``read_jsonl`` / ``load_examples`` (prompt data or a task),
+the formats it reads are ``sources``'), ``read_examples`` / ``load_examples`` (prompt data or a task),
 ``PromptSource`` (mixture + group sampling + the anti-overfitting sampler, with ``state_dict``),
 ``encode_prompt``.
 
@@ -166,7 +166,7 @@ class PromptPool:
         return int((~self.has_reference).sum())
 
 
-def read_jsonl(path: str | Path) -> list[Example]:
+def read_examples(path: str | Path) -> list[Example]:
     """Examples from a JSONL file of ``{"prompt": ..., "domain"?: ..., "reference"?: ...}`` lines."""
     pool = PromptPool.from_jsonl(path)
     return [pool[i] for i in range(len(pool))]

@@ -198,3 +198,17 @@ def test_teacher_lse_replaces_the_teacher_sweep(triton_loss, seed, divergence, u
 def test_tuning_rejects_an_unknown_triton_mode():
     with pytest.raises(ValueError, match=r"Tuning.triton_mode must be one of \('strict', 'cached'\), got 'fast'"):
         Tuning(triton_mode="fast")
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl"])
+def test_cached_mode_keeps_16_bit_logits_exact(triton_loss, seed, divergence):
+    """Large fp16 logits (|z| ~ 30, where an fp16 logit is off by up to 0.008): the cached mode's logits keep the
+    GEMM's fp32 accumulator, so its per-token result matches float64 on the same fp16 inputs at fp32 tolerance."""
+    t = make(torch.float16, bias=False)
+    t["student_hidden"] = (t["student_hidden"].detach() * 6).requires_grad_()
+    t["teacher_hidden"] = t["teacher_hidden"] * 4
+    args = [t[k] for k in ("student_hidden", "student_weight", "teacher_hidden", "teacher_weight")]
+    kw = dict(divergence=divergence, reduction="none")
+    cached = triton_loss(*args, backend="triton", tuning=Tuning(chunk_tokens=4, triton_mode="cached"), **kw)
+    exact = reference.fused_linear_kl(*args, **kw)
+    torch.testing.assert_close(cached.double(), exact, rtol=1e-4, atol=1e-5)

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from opd_fast.runner.data import PromptSource, read_jsonl
+from opd_fast.runner.data import PromptSource, read_examples
 from opd_fast.tasks import Example
 
 
@@ -39,8 +39,8 @@ def test_jsonl_errors_name_the_line(tmp_path: Path) -> None:
     path = tmp_path / "p.jsonl"
     path.write_text(json.dumps({"prompt": "a"}) + "\n" + json.dumps({"prompt": "b", "extra": 1}) + "\n")
     with pytest.raises(ValueError, match=r"p\.jsonl:2: unknown keys \['extra'\]"):
-        read_jsonl(path)
+        read_examples(path)
     path.write_text('{"prompt": "a", "domain": "d"}\n')
-    assert read_jsonl(path) == [Example("a", "", "d")]
+    assert read_examples(path) == [Example("a", "", "d")]
     with pytest.raises(ValueError, match="data.mixture.*no prompts"):
-        PromptSource(read_jsonl(path), prompts_per_step=1, group_size=1, mixture={"zzz": 1.0})
+        PromptSource(read_examples(path), prompts_per_step=1, group_size=1, mixture={"zzz": 1.0})

@@ -1,19 +1,21 @@
 """Cached mode: each head's logits computed once per token chunk, one Triton row kernel for the rest.
 
 ``Tuning(triton_mode="cached")`` runs the Triton backend as the chunk loop of ``chunked.py``: per
-token chunk torch matmul (cuBLAS) writes both heads' raw logits ``(chunk, V)``, this kernel turns
-them into every per-row statistic and writes the logit gradient over the student's logits in
-place, and the chunk loop's ``GradSink`` runs grad-hidden and grad-weight (fp32 accumulation) on
-cuBLAS. FLOPs are the GEMM floor (no logit is computed twice); the price is ``2 x chunk x V``
-logits in the GEMM dtype, sized by ``Tuning.memory_budget_mb``. The logits are rounded to that
-dtype by the GEMM, as in the chunked torch backend (strict mode keeps them fp32 in registers).
+token chunk torch matmul (cuBLAS) writes both heads' raw logits ``(chunk, V)`` in fp32, this kernel
+turns them into every per-row statistic and writes the logit gradient, and the chunk loop's
+``GradSink`` runs grad-hidden and grad-weight (fp32 accumulation) on cuBLAS. FLOPs are the GEMM floor
+(no logit is computed twice); the price is ``2 x chunk x V`` fp32 logits plus, for a 16-bit student,
+the gradient in its dtype (read by the GEMMs as it is; an fp32 gradient overwrites the student's
+logits), sized by ``Tuning.memory_budget_mb``. The logits keep the GEMM's fp32 accumulator
+(``gemm.matmul_fp32``), as the strict kernels keep them in registers: rounding them to bf16 would
+move a logit of 20 by up to 0.06.
 
 The kernel is memory-bound: program ``i`` owns ``BLOCK_R`` rows and streams them three times in
 ``BLOCK_V`` columns: (1) both online log-sum-exps (+ the label logit and, at T != 1, the
 log-sum-exp of ``T z``), (2) the divergence, ``c`` and the entropy with the row LSEs known,
 (3) with a gradient, ``g = s (a - q c)`` (+ the cross-entropy's), chained through softcap and
-temperature, stored over the student's raw logits. The element-wise math is ``common``'s, the
-one the strict kernels use.
+temperature, stored into the gradient buffer. The element-wise math is ``common``'s, the one the
+strict kernels use.
 """
 
 from __future__ import annotations
@@ -85,13 +87,17 @@ def _final(ptr, stride, rows, row_ok, cols, n_cols, cap, inv_temp, HAS_SOFTCAP: 
 })
 @triton.jit
 def cached_rows_kernel(
-    raw_s_ptr, raw_t_ptr, stride_s, stride_t, row_scale_ptr, labels_ptr, hard_scale_ptr, out_ptr,
+    raw_s_ptr, raw_t_ptr, stride_s, stride_t, grad_ptr, stride_g, row_scale_ptr, labels_ptr, hard_scale_ptr, out_ptr,
     N, K, cap_s, cap_t, inv_temp, temperature, beta, log_beta, log_1m_beta,
     DIVERGENCE: tl.constexpr, HAS_SOFTCAP_S: tl.constexpr, HAS_SOFTCAP_T: tl.constexpr,
     HAS_LABELS: tl.constexpr, HARD_LSE: tl.constexpr, GRAD: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    """``out_ptr``: ``(6, N)`` fp32 rows: divergence, c, entropy, student LSE, teacher LSE, cross-entropy."""
+    """``out_ptr``: ``(6, N)`` fp32 rows: divergence, c, entropy, student LSE, teacher LSE, cross-entropy.
+
+    ``grad_ptr`` (with a gradient): row ``i``'s ``K`` gradient entries go to ``grad_ptr + i * stride_g``, either
+    over ``raw_s`` (same dtype) or into a buffer in the student's 16-bit dtype that the gradient GEMMs read.
+    """
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < N
     m_s = tl.full((BLOCK_R,), float("-inf"), tl.float32)
@@ -162,18 +168,21 @@ def cached_rows_kernel(
                 g = g * (1.0 - t * t)
             ok = row_ok[:, None] & (cols < K)[None, :]
             g = tl.where(ok & (z_s != float("-inf")), g, 0.0)
-            ptrs = raw_s_ptr + tl.cast(rows, tl.int64)[:, None] * stride_s + cols[None, :]
-            tl.store(ptrs, g.to(raw_s_ptr.dtype.element_ty), mask=ok)
+            ptrs = grad_ptr + tl.cast(rows, tl.int64)[:, None] * stride_g + cols[None, :]
+            tl.store(ptrs, g.to(grad_ptr.dtype.element_ty), mask=ok)
 
 
 def cached_rows_arguments(raw_s: torch.Tensor, raw_t: torch.Tensor, opts: LossOptions, row_scale: torch.Tensor | None,
-                          hard: HardLabels | None) -> dict:
-    """Keyword arguments of ``cached_rows_kernel`` (``row_scale`` None: no gradient); a zeroed ``(6, n)`` output."""
+                          hard: HardLabels | None, grad: torch.Tensor | None = None) -> dict:
+    """Keyword arguments of ``cached_rows_kernel`` (``row_scale`` None: no gradient; ``grad`` None: over
+    ``raw_s``); a zeroed ``(6, n)`` output."""
     n, k = raw_s.shape
     log_beta, log_1m_beta = jsd_logs(opts.beta)
     with_hard_grad = hard is not None and row_scale is not None
+    grad = raw_s if grad is None else grad
     return {
         "raw_s_ptr": raw_s, "raw_t_ptr": raw_t, "stride_s": raw_s.stride(0), "stride_t": raw_t.stride(0),
+        "grad_ptr": grad, "stride_g": grad.stride(0),
         "row_scale_ptr": row_scale, "labels_ptr": None if hard is None else hard.labels.contiguous(),
         "hard_scale_ptr": hard.scale.float().contiguous() if with_hard_grad else None,
         "out_ptr": torch.zeros(6, n, dtype=torch.float32, device=raw_s.device),
@@ -187,20 +196,30 @@ class TritonTileMath:
     """``chunked.TileMath`` on the Triton row kernel: the cached mode of the Triton backend."""
 
     def live_bytes_per_logit(self, dtype: torch.dtype) -> int:
-        """The two heads' logits in the GEMM dtype; the gradient is written over the student's."""
-        return 2 * dtype.itemsize
+        """The two heads' fp32 logits and, for a 16-bit student, the gradient in its dtype (an fp32 gradient
+        is written over the student's logits)."""
+        wide = self.logits_dtype(dtype)
+        return 2 * wide.itemsize + (dtype.itemsize if wide != dtype else 0)
+
+    def logits_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """fp32 (or wider): the GEMMs keep their accumulator, so a logit is as exact as in the strict kernels."""
+        return torch.promote_types(dtype, torch.float32)
 
     def full_rows(
         self, raw_s: torch.Tensor, raw_t: torch.Tensor, opts: LossOptions, row_scale: torch.Tensor | None,
         hard: HardLabels | None = None,
+        grad_dtype: torch.dtype | None = None,
     ) -> tuple[RowTerms, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """``TileMath.full_rows``; the gradient overwrites ``raw_s`` (returned in its dtype)."""
+        """``TileMath.full_rows``; the gradient comes back in ``grad_dtype`` (default ``raw_s``'s): over ``raw_s``
+        when the dtypes agree, else in a buffer of its own, which the gradient GEMMs read with no conversion."""
         n = raw_s.shape[0]
         grad = row_scale is not None
-        args = cached_rows_arguments(raw_s, raw_t, opts, row_scale.float().contiguous() if grad else None, hard)
+        same = grad_dtype in (None, raw_s.dtype)
+        out = raw_s if same or not grad else torch.empty(raw_s.shape, dtype=grad_dtype, device=raw_s.device)
+        args = cached_rows_arguments(raw_s, raw_t, opts, row_scale.float().contiguous() if grad else None, hard, out)
         blocks = _INTERPRETER_BLOCKS if INTERPRET else GPU_BLOCKS
         if n:
             cached_rows_kernel[(triton.cdiv(n, blocks.block_r),)](
                 **args, **blocks.constexprs(), **blocks.launch_options())
         divergence, coef, entropy, lse_s, lse_t, ce = args["out_ptr"]
-        return RowTerms(divergence, coef, entropy, None if hard is None else ce), lse_s, lse_t, raw_s if grad else None
+        return RowTerms(divergence, coef, entropy, None if hard is None else ce), lse_s, lse_t, out if grad else None

@@ -26,6 +26,7 @@ import torch
 
 from ...core.call import Tuning
 from ...core.engine import Student, StudentGrads, Want
+from ..gemm import matmul_fp32
 
 # Writes G for columns [start, stop) into the front columns of the (N, width) buffer it is given.
 StripeKernel = Callable[[torch.Tensor, int, int], None]
@@ -74,22 +75,11 @@ def stripe_width(tuning: Tuning, n_rows: int, vocab: int, dtype: torch.dtype, bl
 
 
 def _accumulate(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """``out += a @ b`` into the fp32 ``out``, keeping a 16-bit GEMM's fp32 accumulator where torch can.
-
-    ``torch.mm(..., out_dtype=torch.float32)`` (CUDA) returns the 16-bit GEMM's fp32 accumulator
-    instead of rounding it to 16 bits; where that is not offered the stripe's product is rounded
-    once, like any 16-bit matmul, and added in fp32.
-    """
+    """``out += a @ b`` into the fp32 ``out``, keeping a 16-bit GEMM's fp32 accumulator (``gemm.matmul_fp32``)."""
     if a.dtype == out.dtype:
         out.addmm_(a, b)
-        return
-    if a.device.type == "cuda":
-        try:
-            out += torch.mm(a, b, out_dtype=torch.float32)
-            return
-        except (TypeError, RuntimeError):  # a torch without out_dtype for this dtype pair
-            pass
-    out += a @ b
+    else:
+        out += matmul_fp32(a, b)
 
 
 def stripe_gradients(student: Student, vocab: int, want: Want, width: int, kernel: StripeKernel,
