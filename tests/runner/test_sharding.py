@@ -53,11 +53,13 @@ def tied_student(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 @pytest.fixture(scope="module")
 def group(make_config, tied_student: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict]]:
-    """One 2-process group running, in order: a refused config; 2 of 4 FSDP steps (tied student); one bf16 step;
+    """One 2-process group running, in order: a refused config; 2 of 4 FSDP steps (tied student, activation
+    checkpointing); one bf16 step;
     2 steps with one replicated teacher under DDP and with it sharded under FSDP, each evaluated at the end."""
     root = tmp_path_factory.mktemp("sharding")
     lora = make_config(root / "lora", **{**FSDP, "student": {"lora": {"r": 2}}})
     fsdp = make_config(root / "fsdp", **FSDP, **_student(tied_student))
+    fsdp.student.gradient_checkpointing = True  # recomputed layers inside FSDP units: the same gradients
     bf16 = make_config(root / "bf16", **{**FSDP, "run": {"parallel": "fsdp", "dtype": "bfloat16"},
                                          "optim": {**SECTIONS["optim"], "steps": 1}})
     two_steps = {"eval": {"num_prompts": 4, "at_end": True, "sampled": False},
