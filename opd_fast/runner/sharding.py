@@ -113,6 +113,9 @@ def _shard(lm: LoadedModel, mesh: DeviceMesh, mp_policy: MixedPrecisionPolicy, *
     for unit in units:  # losses are divided by the global token count: the gradients must be summed
         unit.set_gradient_divide_factor(1.0)
         unit.set_force_sum_reduction_for_comms(True)  # sum and no pre-scaling (gloo has no PREMUL_SUM)
+        # a parameter this rank's batch did not reach still joins the reduce-scatter (as zeros): the ranks'
+        # collectives must match whatever their data
+        unit.set_reduce_scatter_unused_params(True, recurse=False)
     lm.decoder = root
     return _Sharded(units, root_reshards)
 
@@ -132,7 +135,9 @@ class Sharding:
 
     @contextlib.contextmanager
     def gathered(self) -> Iterator[None]:
-        """The student's full weights on every rank for the block (decoding: no collective per token)."""
+        """The student's full weights on every rank for the block (decoding: no collective per token). Only
+        forwards belong inside: a backward there would reshard the layers it reduces, and the next forward
+        would all-gather again, out of step across ranks."""
         s = self.student
         if s is None:
             yield
