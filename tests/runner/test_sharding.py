@@ -55,7 +55,8 @@ def tied_student(tmp_path_factory: pytest.TempPathFactory) -> str:
 def group(make_config, tied_student: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict]]:
     """One 2-process group running, in order: a refused config; 2 of 4 FSDP steps (tied student, activation
     checkpointing); one bf16 step;
-    2 steps with one replicated teacher under DDP and with it sharded under FSDP, each evaluated at the end."""
+    2 steps with one replicated teacher under DDP and with it sharded under FSDP, each evaluated at the end; 2 steps
+    under DDP and under FSDP where rank 1's loss is NaN."""
     root = tmp_path_factory.mktemp("sharding")
     lora = make_config(root / "lora", **{**FSDP, "student": {"lora": {"r": 2}}})
     fsdp = make_config(root / "fsdp", **FSDP, **_student(tied_student))
@@ -66,8 +67,15 @@ def group(make_config, tied_student: str, tmp_path_factory: pytest.TempPathFacto
                  "optim": {**SECTIONS["optim"], "steps": 2}}
     replicated = _one_teacher(make_config(root / "replicated", **{**SECTIONS, **two_steps}), shard=False)
     sharded = _one_teacher(make_config(root / "sharded", **{**FSDP, **two_steps}), shard=True)
+    verifier = root / "nan_on_rank_1.py"  # rank 1's rewards, hence its loss, are NaN
+    verifier.write_text("import math, os\n\ndef verify(prompt, completion, reference):\n"
+                        "    return math.nan if os.environ['RANK'] == '1' else 1.0\n")
+    nan = {"loss": {**SECTIONS["loss"], "verifier_weight": 0.5,
+                    "verifiers": {d: f"{verifier}:verify" for d in ("a", "b")}}, "optim": two_steps["optim"]}
+    nan_ddp = make_config(root / "nan_ddp", **{**SECTIONS, **nan})
+    nan_fsdp = make_config(root / "nan_fsdp", **{**FSDP, **nan})
     runs = [Run("lora", lora), Run("fsdp", fsdp, {"stop_after": 2}), Run("bf16", bf16), Run("replicated", replicated),
-            Run("sharded", sharded)]
+            Run("sharded", sharded), Run("nan_ddp", nan_ddp), Run("nan_fsdp", nan_fsdp)]
     return root, run_ranks(2, runs, root / "results")
 
 
@@ -108,6 +116,15 @@ def test_sharded_teacher_matches_replicated_in_training_and_evaluation(group: tu
     want, got = _same_summary(ranks, "replicated")["eval"], _same_summary(ranks, "sharded")["eval"]
     assert want and got.keys() == want.keys()  # every rank evaluated, and their sharded forwards paired up
     assert got == pytest.approx(want, rel=1e-5)
+
+
+@pytest.mark.slow  # the 2-process group: about 30 s, once for the module
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_a_non_finite_loss_on_one_rank_skips_the_step_on_every_rank(group: tuple[Path, list[dict]],
+                                                                    strategy: str) -> None:
+    summary = _same_summary(group[1], f"nan_{strategy}")  # and no rank waited for another's collective
+    assert summary["steps"] == summary["skipped_steps"] == 2
+    assert [math.isnan(r["loss"]) for r in read_metrics(group[0] / f"nan_{strategy}")] == [True, True]
 
 
 @pytest.mark.slow  # a second 2-process group and two one-process runs
