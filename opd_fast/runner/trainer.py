@@ -329,11 +329,11 @@ class Trainer:
         """Checkpoint the step, written by rank 0 (every rank calls it: a sharded student's state is gathered
         first); in async mode with the producer paused, its in-flight samples counted as dropped for a resumed
         run (they are not saved)."""
-        weights, optimizer = self.sharding.full_state(self.student, self.learner.optimizer)
-        learner = self.learner.state_dict()
-        if optimizer is not None:  # the gathered one-process form of a sharded optimizer's state
-            learner["optimizer"] = optimizer
         with self.producer.paused() if self.producer is not None else contextlib.nullcontext():
+            weights, optimizer = self.sharding.full_state(self.student, self.learner.optimizer)
+            learner = self.learner.state_dict()
+            if optimizer is not None:  # the gathered one-process form of a sharded optimizer's state
+                learner["optimizer"] = optimizer
             in_flight = 0 if self.producer is None else self.producer.in_flight_samples
             state = {"learner": learner, "sampler": self.source.state_dict(),
                      "mix_rng": self.mix_rng.getstate(), "rewards": self.rewards.state_dict(),
@@ -352,7 +352,6 @@ class Trainer:
         with torch.random.fork_rng(devices=[]), self.sharding.gathered():
             return evaluate(self.student, self.teachers, self.router, examples, c.rollout, self.verifiers,
                             sampled=c.eval.sampled, seed=c.run.seed, chat_template=c.data.chat_template)
-
 
     def run_eval(self, signals: StopSignals) -> dict[str, float] | None:
         """An evaluation (``None`` when a signal stops it): rank 0's alone, or with a sharded model every rank's,
