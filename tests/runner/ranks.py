@@ -1,7 +1,8 @@
-"""Training runs on a torchrun-like group of processes (gloo), with a deadline instead of a hang.
+"""Training runs on a torchrun-like group of processes, with a deadline instead of a hang.
 
 Each rank gets the environment torchrun would set and runs ``train`` for each ``Run`` in order; what a run
-returns (its summary, or the error it raised, as ``"Type: message"``) comes back per rank.
+returns (its summary, or the error it raised, as ``"Type: message"``) comes back per rank. The runs are on
+the CPU (gloo); ``OPD_TEST_DIST_BACKEND=nccl`` puts them on CUDA, one GPU per rank (nccl), through ``DEVICE``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from opd_fast.runner.config import RunConfig
 from opd_fast.runner.trainer import train
 
 TIMEOUT_S = 180  # the spawned group is killed past this: a hang fails the test instead of blocking CI
+DEVICE = "cuda" if os.environ.get("OPD_TEST_DIST_BACKEND", "gloo") == "nccl" else "cpu"  # the runs' run.device
 
 
 @dataclass(frozen=True)

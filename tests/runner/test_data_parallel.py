@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from ranks import Run, assert_same_steps, run_ranks
+from ranks import DEVICE, Run, assert_same_steps, run_ranks
 
 from opd_fast.runner.checkpoint import checkpoints
 from opd_fast.runner.distributed import DataParallel, check_config, rank_seed
@@ -20,7 +20,7 @@ from opd_fast.runner.trainer import train
 
 
 def test_two_processes_match_one_and_resume_in_one(make_config, tmp_path: Path) -> None:
-    sections = {"rollout": {"temperature": 0.0}, "loss": {"sft_weight": 0.5},
+    sections = {"run": {"device": DEVICE}, "rollout": {"temperature": 0.0}, "loss": {"sft_weight": 0.5},
                 "optim": {"steps": 3, "schedule": "constant", "warmup_steps": 0},
                 "metrics": {"progress": False, "tensorboard": False, "samples_every": 1}}
     bad = make_config(tmp_path / "bad", **{**sections, "data": {"prompts_per_step": 3}})

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import ALPHABET
-from ranks import Run, assert_same_steps, run_ranks
+from ranks import DEVICE, Run, assert_same_steps, run_ranks
 from safetensors import safe_open
 
 from opd_fast.models.tiny import char_tokenizer, save_model, tiny_causal_lm
@@ -27,10 +27,10 @@ from opd_fast.runner.distributed import check_config
 from opd_fast.runner.metrics import read_metrics
 from opd_fast.runner.trainer import train
 
-SECTIONS = {"rollout": {"temperature": 0.0}, "loss": {"sft_weight": 0.5},
+SECTIONS = {"run": {"device": DEVICE}, "rollout": {"temperature": 0.0}, "loss": {"sft_weight": 0.5},
             "optim": {"steps": 4, "schedule": "constant", "warmup_steps": 0},
             "metrics": {"progress": False, "tensorboard": False}}
-FSDP = {**SECTIONS, "run": {"parallel": "fsdp"}}
+FSDP = {**SECTIONS, "run": {"device": DEVICE, "parallel": "fsdp"}}
 
 
 def _student(path: str) -> dict:
@@ -61,7 +61,7 @@ def group(make_config, tied_student: str, tmp_path_factory: pytest.TempPathFacto
     lora = make_config(root / "lora", **{**FSDP, "student": {"lora": {"r": 2}}})
     fsdp = make_config(root / "fsdp", **FSDP, **_student(tied_student))
     fsdp.student.gradient_checkpointing = True  # recomputed layers inside FSDP units: the same gradients
-    bf16 = make_config(root / "bf16", **{**FSDP, "run": {"parallel": "fsdp", "dtype": "bfloat16"},
+    bf16 = make_config(root / "bf16", **{**FSDP, "run": {**FSDP["run"], "dtype": "bfloat16"},
                                          "optim": {**SECTIONS["optim"], "steps": 1}})
     two_steps = {"eval": {"num_prompts": 4, "at_end": True, "sampled": False},
                  "optim": {**SECTIONS["optim"], "steps": 2}}
