@@ -1,12 +1,13 @@
 """FSDP2 sharding of the student (``run.parallel = "fsdp"``) and of frozen teachers (``teachers.NAME.shard``).
 
-Both use ``torch.distributed.fsdp.fully_shard``: every decoder layer is one unit, and the root unit holds the
-embeddings, the final norm and the LM head. The runner never calls a causal LM's ``forward`` (that would form
-logits); it calls the decoder and reads the head itself. So the root is ``HiddenStates``, a module that owns the
-whole causal LM and whose ``forward`` is the decoder's: asking for hidden states runs the root's all-gather,
-and the head the loss then reads is the all-gathered parameter, whose gradient FSDP reduce-scatters with the
-rest. So the learner reads the head after the forward: a head read while sharded would be a DTensor, which
-the loss accepts, but its gradient would be this rank's alone, never summed over the ranks.
+Both use ``torch.distributed.fsdp.fully_shard``: every decoder layer (the model's ``_no_split_modules``) is one
+unit, and the root unit holds the embeddings, the final norm and the LM head. The runner never calls a causal
+LM's ``forward`` (that would form logits); it calls the decoder and reads the head itself. So the root is
+``HiddenStates``, a module that owns the whole causal LM and whose ``forward`` is the decoder's: asking for
+hidden states runs the root's all-gather, and the head the loss then reads is the all-gathered parameter,
+whose gradient FSDP reduce-scatters with the rest. So the learner reads the head after the forward: a head
+read while sharded would be a DTensor, which the loss accepts, but its gradient would be this rank's alone,
+never summed over the ranks.
 
 Student (training): fp32 master weights sharded; with ``run.dtype`` lower than the master dtype,
 ``MixedPrecisionPolicy`` all-gathers the parameters in ``run.dtype`` and reduce-scatters gradients in the
@@ -81,11 +82,14 @@ class HiddenStates(nn.Module):
         return decoder(*args, **kwargs)
 
 
-def _layers(lm: LoadedModel) -> nn.ModuleList:
-    layers = getattr(decoder_of(lm.model), "layers", None)
-    if not isinstance(layers, nn.ModuleList):
-        raise ValueError(f"{lm.name} ({lm.path}): cannot shard it: its decoder has no 'layers' list of decoder "
-                         "layers (the Hugging Face layout FSDP units are cut along)")
+def _layers(lm: LoadedModel) -> list[nn.Module]:
+    """The decoder layers, by the classes the model declares unsplittable (``_no_split_modules``, what Hugging
+    Face's own device maps and FSDP wrapping policies cut along)."""
+    classes = set(getattr(lm.model, "_no_split_modules", None) or ())
+    layers = [m for m in lm.model.modules() if type(m).__name__ in classes]
+    if not layers:
+        raise ValueError(f"{lm.name} ({lm.path}): cannot shard it: its model class declares no decoder layer "
+                         f"classes (_no_split_modules = {sorted(classes)}), found none of them in the model")
     return layers
 
 
