@@ -30,8 +30,8 @@ batch as one process:
 Not supported with more than one process, refused with an error naming the key: async rollouts
 (``run.max_staleness``), reward models (``loss.reward_models``, whose running per-domain standardization
 would drift apart across ranks) and teacher-corrected rollouts (``rollout.correction``, whose generator and
-metrics are per process); and what sharding cannot do: ``student.lora`` with "fsdp", a sharded teacher that is
-not the only teacher or that generates off-policy completions (see ``sharding``).
+metrics are per process); and what sharding cannot do: ``student.lora`` with "fsdp", a sharded teacher that
+generates off-policy completions (see ``sharding``).
 
 Public API: ``DataParallel``, ``data_parallel`` (context manager), ``check_config``, ``rank_seed``,
 ``world_from_env``.
@@ -85,10 +85,6 @@ def check_config(config: RunConfig, world_size: int) -> None:
         raise ValueError("config key 'student.lora' is not supported with run.parallel = 'fsdp' (the adapter is a "
                          "small share of the weights: train it data parallel, run.parallel = 'ddp')")
     for name, teacher in config.teachers.items():
-        if teacher.shard and len(config.teachers) > 1:
-            raise ValueError(f"config key 'teachers.{name}.shard' needs {name!r} to be the only teacher: every rank "
-                             "must forward a sharded teacher on every micro-batch, and routing by domain sends the "
-                             f"ranks to different teachers (teachers: {sorted(config.teachers)})")
         if teacher.shard and config.loss.off_policy_fraction > 0 and config.loss.off_policy_source == "teacher":
             raise ValueError(f"config key 'teachers.{name}.shard' cannot be used with loss.off_policy_source = "
                              "'teacher': the ranks decode different numbers of tokens, so a sharded teacher's "

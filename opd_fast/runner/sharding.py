@@ -23,12 +23,16 @@ sharded decode, with one all-gather per layer per token, would pair collectives 
 ranks. The price is the student's full weights in ``run.dtype`` on every rank while it decodes (2 bytes per
 parameter in bf16), on top of its sharded state.
 
-Teachers (``shard = true``): forward only, every unit (the root too) resharded after forward; the head the loss
-reads is then a DTensor, gathered once per loss call (teacher tensors get no gradient). Each sharded teacher
+Teachers (``shard = true``): forward only, the layers resharded after forward. The root (embeddings, final norm,
+head) stays gathered from the first forward on, as it never goes through a backward: the loss reads the head on
+the ranks that have rows for the teacher, which a DTensor head would turn into a collective the others never
+join. Each sharded teacher
 has its own process group, because the strict pipeline scores on a worker thread while the main thread runs
-the student's collectives: two threads must not share one group. A sharded teacher must be forwarded by every
-rank on every micro-batch, so it must be the run's only teacher (routing would send ranks to different
-teachers) and must not generate (``loss.off_policy_source = "teacher"``); ``distributed.check_config`` refuses both.
+the student's collectives: two threads must not share one group. Every rank must run each sharded forward the
+others run: scoring visits the teachers in the config's order on every rank, and a rank with no rows for a
+sharded teacher in a micro-batch joins with a one-token forward (``join_forward``). A sharded teacher must not
+generate (``loss.off_policy_source = "teacher"``: ranks decode different numbers of tokens), which
+``distributed.check_config`` refuses.
 
 Checkpoints keep the one-process format: full state dicts gathered to rank 0 on CPU
 (``get_model_state_dict`` / ``get_optimizer_state_dict``, ``full_state_dict=True, cpu_offload=True``), the
@@ -36,7 +40,7 @@ optimizer state keyed by parameter index as ``torch.optim`` writes it. Resuming 
 rank and shards them, and ``set_optimizer_state_dict`` shards the full optimizer state, so a run resumes on any
 world size and under either strategy.
 
-Public API: ``Sharding``, ``to_shard``, ``shard_run``, ``HiddenStates``.
+Public API: ``Sharding``, ``to_shard``, ``shard_run``, ``is_sharded``, ``join_forward``, ``HiddenStates``.
 """
 
 from __future__ import annotations
@@ -95,24 +99,24 @@ def _layers(lm: LoadedModel) -> list[nn.Module]:
 
 @dataclass
 class _Sharded:
-    """One sharded model's FSDP units (layers first, root last) and whether its root reshards after forward."""
+    """One sharded model's FSDP units: its layers, then the root (which never reshards after forward)."""
 
     units: list[FSDPModule]
-    root_reshards: bool
 
     def set_resharding(self, on: bool) -> None:
+        """Whether the layers reshard after forward (the root never does)."""
         for unit in self.units[:-1]:
             unit.set_reshard_after_forward(on, recurse=False)
-        self.units[-1].set_reshard_after_forward(on and self.root_reshards, recurse=False)
 
     def reshard(self) -> None:
         for unit in self.units:
             unit.reshard()
 
 
-def _shard(lm: LoadedModel, mesh: DeviceMesh, mp_policy: MixedPrecisionPolicy, *, root_reshards: bool) -> _Sharded:
+def _shard(lm: LoadedModel, mesh: DeviceMesh, mp_policy: MixedPrecisionPolicy) -> _Sharded:
     units = [fully_shard(layer, mesh=mesh, mp_policy=mp_policy) for layer in _layers(lm)]
-    root = fully_shard(HiddenStates(lm.model), mesh=mesh, mp_policy=mp_policy, reshard_after_forward=root_reshards)
+    # the root keeps the head gathered after forward: the loss reads it there, on the ranks with rows for it
+    root = fully_shard(HiddenStates(lm.model), mesh=mesh, mp_policy=mp_policy, reshard_after_forward=False)
     units.append(root)
     for unit in units:  # losses are divided by the global token count: the gradients must be summed
         unit.set_gradient_divide_factor(1.0)
@@ -121,7 +125,7 @@ def _shard(lm: LoadedModel, mesh: DeviceMesh, mp_policy: MixedPrecisionPolicy, *
         # collectives must match whatever their data
         unit.set_reduce_scatter_unused_params(True, recurse=False)
     lm.decoder = root
-    return _Sharded(units, root_reshards)
+    return _Sharded(units)
 
 
 @dataclass
@@ -184,6 +188,19 @@ class Sharding:
         return optimizer.state_dict()
 
 
+def is_sharded(lm: LoadedModel) -> bool:
+    """Whether ``lm``'s forward is a collective (it was sharded by ``shard_run``)."""
+    return isinstance(lm.decoder, HiddenStates)
+
+
+@torch.no_grad()
+def join_forward(lm: LoadedModel) -> None:
+    """A one-token forward of a sharded model, on a rank with nothing for it in a micro-batch that other ranks
+    run it on: each forward all-gathers the same units in the same order, so this one pairs with theirs."""
+    token = torch.full((1, 1), lm.tokenizer.pad_token_id, device=lm.device)
+    lm.decoder(input_ids=token, attention_mask=torch.ones_like(token))
+
+
 def _tie(model: nn.Module, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Gathered tensors of one tied parameter (a head tied to the embeddings) made one tensor again, so that
     ``save_pretrained`` writes it once, as it does for the live model."""
@@ -217,10 +234,10 @@ def shard_run(config: RunConfig, world_size: int, student: LoadedModel, teachers
         master = student.head.weight.dtype
         compute = DTYPES[config.run.dtype]
         policy = MixedPrecisionPolicy(param_dtype=compute if compute != master else None, reduce_dtype=master)
-        sharding.student = _shard(student, DeviceMesh.from_group(dist.group.WORLD, device), policy, root_reshards=False)
+        sharding.student = _shard(student, DeviceMesh.from_group(dist.group.WORLD, device), policy)
     for name, teacher in teachers.items():
         if name in names:
             group = dist.new_group(backend="nccl" if device == "cuda" else "gloo")
             mesh = DeviceMesh.from_group(group, device)
-            sharding.teachers[name] = _shard(teacher.model, mesh, MixedPrecisionPolicy(), root_reshards=True)
+            sharding.teachers[name] = _shard(teacher.model, mesh, MixedPrecisionPolicy())
     return sharding
