@@ -13,7 +13,7 @@ Student (training): fp32 master weights sharded; with ``run.dtype`` lower than t
 ``MixedPrecisionPolicy`` all-gathers the parameters in ``run.dtype`` and reduce-scatters gradients in the
 master dtype. Gradients are summed, not averaged (``set_gradient_divide_factor(1)``): every loss term is
 already divided by the global token count, so the sum is the one-process gradient. Layers reshard after
-forward; the root keeps the head gathered through backward (FSDP's default for a root). Every rank runs
+forward; the root keeps the head gathered through backward (resharded after it). Every rank runs
 backward even on a non-finite loss (the reduce-scatters are collectives); the step is then skipped on every
 rank, as in DDP.
 
@@ -26,13 +26,12 @@ parameter in bf16), on top of its sharded state.
 Teachers (``shard = true``): forward only, the layers resharded after forward. The root (embeddings, final norm,
 head) stays gathered from the first forward on, as it never goes through a backward: the loss reads the head on
 the ranks that have rows for the teacher, which a DTensor head would turn into a collective the others never
-join. Each sharded teacher
-has its own process group, because the strict pipeline scores on a worker thread while the main thread runs
-the student's collectives: two threads must not share one group. Every rank must run each sharded forward the
-others run: scoring visits the teachers in the config's order on every rank, and a rank with no rows for a
-sharded teacher in a micro-batch joins with a one-token forward (``join_forward``). A sharded teacher must not
-generate (``loss.off_policy_source = "teacher"``: ranks decode different numbers of tokens), which
-``distributed.check_config`` refuses.
+join. Each sharded teacher has its own process group, because the strict pipeline scores on a worker thread
+while the main thread runs the student's collectives: two threads must not share one group. Every rank must run
+each sharded forward the others run: scoring visits the teachers in the config's order on every rank, and a rank
+with no rows for a sharded teacher in a micro-batch joins with a one-token forward (``join_forward``). A sharded
+teacher must not generate (``loss.off_policy_source = "teacher"``: ranks decode different numbers of tokens),
+which ``distributed.check_config`` refuses.
 
 Checkpoints keep the one-process format: full state dicts gathered to rank 0 on CPU
 (``get_model_state_dict`` / ``get_optimizer_state_dict``, ``full_state_dict=True, cpu_offload=True``), the
