@@ -37,6 +37,7 @@ SIGNALS = ("hidden", "topk", "sampled")
 DTYPES = ("float32", "bfloat16", "float16")
 SCHEDULES = ("cosine", "linear", "constant")
 PARALLEL = ("ddp", "fsdp")
+DECODE_MODES = ("auto", "hf", "fast")
 
 
 @dataclass
@@ -146,6 +147,9 @@ class RolloutConfig:
     top_k: int = 0
     stop: list[str] = field(default_factory=list)
     micro_batch_size: int = 8
+    # Decode step: "fast" = the written-out step of the Llama/Mistral/Qwen2/Qwen3 family on a static KV
+    # cache (runner/decode.py), "hf" = the model's own forward, "auto" = fast wherever it applies.
+    decode: str = "auto"
     correction: CorrectionConfig | None = None  # student rollouts only; off-policy and eval ones never
 
 
@@ -466,6 +470,7 @@ def validate_config(c: RunConfig) -> None:
     _require(0 < r.top_p <= 1, "rollout.top_p", "must be in (0, 1]", r.top_p)
     _require(r.top_k >= 0, "rollout.top_k", "must be >= 0 (0 = off)", r.top_k)
     _require(r.micro_batch_size >= 1, "rollout.micro_batch_size", "must be >= 1", r.micro_batch_size)
+    _choice("rollout.decode", r.decode, DECODE_MODES)
     if r.correction is not None:
         _validate_correction(c)
     lo = c.loss

@@ -2,7 +2,8 @@
 
 A student too weak for its own samples to be informative wanders into states no teacher signal can
 pull it back from. Here the teacher of each row decodes alongside the student, with its own KV cache
-(one teacher forward per decode step, batched over the rows routed to it), and vets the student's
+(one teacher decode step per student step, batched over the rows routed to it, on the decode path
+``rollout.decode`` picks for that teacher: ``decode.py``), and vets the student's
 token: a token outside the teacher's top-``k`` or given less than ``min_prob`` by the teacher (at the
 rollout temperature) is *flagged*, and a flagged token is replaced by a sample from the teacher's
 sampling distribution with probability ``rate`` (interleaved sampling, as in speculative knowledge
@@ -35,11 +36,12 @@ import math
 from collections.abc import Mapping
 
 import torch
-from transformers import DynamicCache, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from .config import CorrectionConfig, RolloutConfig
 from .data import Prompt
-from .models import Teacher, forward_hidden, head_logits
+from .decode import Decode, start_decode
+from .models import Teacher, head_logits
 from .rollout import RolloutBatch, sample_tokens
 from .score import Router
 
@@ -87,8 +89,8 @@ class CorrectedDecode:
 
     def __init__(self, corrector: Corrector, rows: dict[str, list[int]], rate: float) -> None:
         self.corrector, self.rate = corrector, rate
-        self.parts = [(corrector.teachers[name], torch.tensor(r, dtype=torch.long), DynamicCache())
-                      for name, r in rows.items()]
+        self.parts = [(corrector.teachers[name], torch.tensor(r, dtype=torch.long)) for name, r in rows.items()]
+        self.decodes: list[Decode | None] = [None] * len(self.parts)  # started by the prefill
 
     def __call__(
         self,
@@ -107,16 +109,20 @@ class CorrectedDecode:
         s = self.corrector.sampling
         tokens, logprobs = tokens.clone(), logprobs.clone()
         replaced = torch.zeros_like(tokens, dtype=torch.bool)
-        for teacher, rows, cache in self.parts:
+        for part, (teacher, rows) in enumerate(self.parts):
             device = teacher.model.device
             idx = rows.to(step_ids.device)
             if not bool(active[idx].any()):
                 continue
-            pos = None if positions is None else positions[idx].to(device)
-            hidden, _ = forward_hidden(teacher.model, step_ids[idx].to(device), mask[idx].to(device),
-                                       cache=cache, positions=pos)
+            ids, part_mask = step_ids[idx].to(device), mask[idx].to(device)
+            decode = self.decodes[part]
+            if decode is None:  # the prefill (positions None): the teacher decodes the way the student does
+                decode, hidden = start_decode(teacher.model, ids, part_mask, s.max_new_tokens, s.decode)
+                self.decodes[part] = decode
+            else:
+                hidden = decode.step(ids[:, -1], part_mask, positions[idx].to(device))
             # Only ids both heads cover: a padded teacher row is no token the student could take.
-            logits = head_logits(hidden[:, -1], teacher.head)[:, :teacher.vocab_size]
+            logits = head_logits(hidden, teacher.head)[:, :teacher.vocab_size]
             t_tokens, t_lps = sample_tokens(logits, s.temperature, s.top_k, s.top_p, self.corrector.generator)
             swap = self._flagged(logits, tokens[idx].to(device))
             if self.rate < 1:

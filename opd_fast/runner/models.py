@@ -246,15 +246,30 @@ def _cache_kwarg(decoder_cls: type) -> str:
     return "cache" if "cache" in inspect.signature(decoder_cls.forward).parameters else "past_key_values"
 
 
+# Rows up to which the CPU sampling head multiplies in weight-major order. MKL's product of a few rows
+# against a transposed weight (``h @ W.T``, nn.Linear's layout) takes a slow small-M path on this
+# project's CPUs: 8 x 128 against a 32000 x 128 head took 7-8 ms with 2 idle threads, the same product as
+# ``(W @ h.T).T`` 2.8 ms. Weight-major won at 4 and 8 rows in every measurement, at 16 in two of three,
+# and tied at 1; from a few dozen rows on, results were mixed (bench/results/rollout_profile_cpu.md).
+# A fixed rule rather than a timing probe, so that a run's logits never depend on a measurement.
+WEIGHT_MAJOR_MAX_ROWS = 16
+
+
 def head_logits(hidden: torch.Tensor, head: Head, temperature: float = 1.0) -> torch.Tensor:
-    """fp32 logits for the few rows that need them (the sampler's last position, eval)."""
-    z = hidden.float() @ head.weight.float().T
+    """fp32 logits for the few rows that need them (the sampler's last position, eval); ``(..., V)``."""
+    weight, h = head.weight.float(), hidden.float()
+    rows = h.reshape(-1, h.shape[-1])
+    if h.device.type == "cpu" and rows.shape[0] <= WEIGHT_MAJOR_MAX_ROWS:
+        z = (weight @ rows.T).T.contiguous().reshape(*h.shape[:-1], weight.shape[0])
+    else:
+        z = h @ weight.T
     if head.bias is not None:
         z = z + head.bias.float()
-    z = z * head.scale
+    if head.scale != 1:  # multiplying or dividing by 1 is exact: skip those passes over the logits
+        z = z * head.scale
     if head.softcap is not None:
         z = head.softcap * torch.tanh(z / head.softcap)
-    return z / temperature
+    return z if temperature == 1 else z / temperature
 
 
 def token_logprobs(hidden: torch.Tensor, head: Head, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:

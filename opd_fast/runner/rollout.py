@@ -1,11 +1,13 @@
 """Rollout: batched KV-cache sampling on the HF model, recording the sampler's log-probs.
 
 One forward of the left-padded prompts fills the cache, then one token per step for the whole
-batch; finished rows keep feeding a masked pad token so the batch stays rectangular. Each row stops
-at EOS or at a stop string or after ``max_new_tokens`` (``truncated``). Per token the loop does no
-per-row Python work beyond the stop-string check, which decodes a short tail window of each active
-row (``StopStrings``) instead of its whole completion; the attention mask and positions are updated
-in place rather than rebuilt from the whole mask. The recorded log-prob of a token is its
+batch, on the decode path ``rollout.decode`` picks (``decode.py``: HF's forward, or the fast step of
+the Llama/Mistral/Qwen family on a static cache); finished rows keep feeding a masked pad token so
+the batch stays rectangular. Each row stops at EOS or at a stop string or after ``max_new_tokens``
+(``truncated``). Sampling draws one uniform per row (inverse CDF, ``sample_tokens``). Per token the
+loop does no per-row Python work beyond the stop-string check, which decodes a short tail window of
+each active row (``StopStrings``) instead of its whole completion; the attention mask and positions
+are updated in place rather than rebuilt from the whole mask. The recorded log-prob of a token is its
 log-probability under the distribution it was actually drawn from (after temperature / top-k /
 top-p; under the raw model for greedy), which is what importance-sampling corrections need. With a
 ``CorrectedDecode`` (``correction.py``) the routed teachers decode beside the student and may replace
@@ -23,11 +25,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-from transformers import DynamicCache, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from .config import RolloutConfig
 from .data import Prompt, encode_prompt
-from .models import LoadedModel, forward_hidden, head_logits
+from .decode import start_decode
+from .models import LoadedModel, head_logits
 
 if TYPE_CHECKING:
     from .correction import CorrectedDecode
@@ -97,11 +100,22 @@ class RolloutBatch:
 def sample_tokens(
     logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator: torch.Generator | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Draw one token per row; return ``(tokens, log-probs under the sampling distribution)``."""
+    """Draw one token per row; return ``(tokens, log-probs under the sampling distribution)``.
+
+    Sampling is by inverse CDF, with one float64 uniform per row: ``torch.multinomial`` draws a random
+    number per vocabulary entry (its exponential-race method), which at a 32k vocabulary costs more than
+    the model's whole decode step on CPU. It is exact: the row's unnormalized probabilities
+    ``w = exp(z - max z)`` (float32) are summed in float64, ``u`` is uniform on ``[0, sum w)`` and the
+    token is the first ``i`` whose cumulative sum exceeds ``u``, so ``i`` is drawn with probability
+    ``w_i / sum w`` up to the float64 rounding of the cumulative sum (below ``V * 2**-53`` absolute). A
+    token of probability 0 (masked by top-k / top-p) spans an empty interval, since adding 0 leaves the
+    sum unchanged, and is never drawn. The recorded log-prob ``z_i - max z - log(sum w)`` is that same
+    distribution's, without a ``log_softmax`` pass over the vocabulary.
+    """
     if temperature == 0:
         tokens = logits.argmax(-1)
         return tokens, torch.log_softmax(logits, -1).gather(-1, tokens[:, None]).squeeze(-1)
-    z = logits / temperature
+    z = logits if temperature == 1 else logits / temperature  # dividing by 1 is exact: skip a pass over B x V
     if 0 < top_k < z.shape[-1]:
         kth = torch.topk(z, top_k, dim=-1).values[:, -1:]
         z = z.masked_fill(z < kth, float("-inf"))
@@ -110,9 +124,18 @@ def sample_tokens(
         probs = torch.softmax(sorted_z, -1)
         drop = probs.cumsum(-1) - probs >= top_p  # mass before this token already reaches top_p
         z = z.scatter(-1, order, sorted_z.masked_fill(drop, float("-inf")))
-    logp = torch.log_softmax(z, -1)
-    tokens = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)
-    return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
+    top = z.max(-1, keepdim=True).values
+    cdf = torch.cumsum((z - top).exp_(), -1, dtype=torch.float64)
+    total = cdf[:, -1:]
+    bad = ~torch.isfinite(total.squeeze(-1))
+    if bool(bad.any()):  # multinomial would raise too; searchsorted would silently pick a token
+        raise ValueError(f"sample_tokens: the sampling distribution of rows {bad.nonzero().squeeze(-1).tolist()} "
+                         "is not finite (NaN or +inf logits)")
+    u = torch.rand(total.shape, dtype=torch.float64, generator=generator, device=total.device) * total
+    u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))  # u * total may round up to total
+    tokens = torch.searchsorted(cdf, u, right=True)
+    logp = z.gather(-1, tokens).double() - top.double() - total.log()
+    return tokens.squeeze(-1), logp.squeeze(-1).to(logits.dtype)
 
 
 def _eos_ids(lm: LoadedModel) -> list[int]:
@@ -239,14 +262,16 @@ def rollout(
     eos = torch.tensor(_eos_ids(lm), device=device)
     was_training = lm.model.training
     lm.model.eval()
-    cache, head = DynamicCache(), lm.head
+    head = lm.head
+    decode, hidden = start_decode(lm, step_ids, mask[:, :p_len], cfg.max_new_tokens, cfg.decode)
     positions = None  # the prefill computes its own from the prompt mask
     done = torch.zeros(b, dtype=torch.bool, device=device)
     stops = StopStrings(tok, cfg.stop, b) if cfg.stop else None
     steps: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
     for step in range(cfg.max_new_tokens):
-        hidden, cache = forward_hidden(lm, step_ids, mask[:, :p_len + step], cache=cache, positions=positions)
-        tokens, lps = sample_tokens(head_logits(hidden[:, -1], head), cfg.temperature, cfg.top_k, cfg.top_p, generator)
+        if step:
+            hidden = decode.step(step_ids[:, -1], mask[:, :p_len + step], positions)  # last step's tokens
+        tokens, lps = sample_tokens(head_logits(hidden, head), cfg.temperature, cfg.top_k, cfg.top_p, generator)
         active = ~done
         replaced = torch.zeros_like(active)
         if correction is not None:

@@ -42,8 +42,9 @@ RUN_FILES = (METRICS_FILE, TIMELINE_FILE, SAMPLES_FILE, "config.json", HISTORY_F
 # sharding (checkpoints hold full state dicts). "*" matches one key part.
 APPLIED = ("optim.lr", "optim.steps", "optim.min_lr_ratio", "optim.weight_decay", "optim.grad_clip",
            "optim.max_consecutive_skips", "checkpoint.", "metrics.", "eval.", "run.threads", "run.out_dir",
-           "run.device", "loss.backend", "run.pipeline", "run.max_staleness", "run.importance_clip",
-           "student.gradient_checkpointing", "student.local_files_only", "run.parallel", "teachers.*.shard")
+           "run.device", "loss.backend", "rollout.decode", "run.pipeline", "run.max_staleness",
+           "run.importance_clip", "student.gradient_checkpointing", "student.local_files_only", "run.parallel",
+           "teachers.*.shard")
 _SCHEDULE_KEYS = ("optim.steps", "optim.min_lr_ratio")
 
 

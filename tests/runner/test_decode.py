@@ -1,5 +1,6 @@
 """The rollout's per-token work: stop strings found on a tail window exactly where a whole-completion
-decode finds them first, and sampling unchanged by the in-place mask and positions."""
+decode finds them first, sampling unchanged by the in-place mask and positions, and the sampling head
+in either layout."""
 
 import random
 
@@ -9,7 +10,7 @@ import torch
 from opd_fast.models.tiny import char_tokenizer
 from opd_fast.runner.config import RolloutConfig
 from opd_fast.runner.data import Prompt
-from opd_fast.runner.models import forward_hidden, head_logits, load_model
+from opd_fast.runner.models import WEIGHT_MAJOR_MAX_ROWS, Head, forward_hidden, head_logits, load_model
 from opd_fast.runner.rollout import StopStrings, rollout, sample_tokens
 
 
@@ -83,3 +84,20 @@ def test_sampling_matches_a_step_by_step_full_recompute(models: dict) -> None:
             live = batch.completion_mask[:, j]
             assert torch.equal(tokens[live], ids[live, j])
             torch.testing.assert_close(lps[live], batch.sampler_logprobs[live, j], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 8, WEIGHT_MAJOR_MAX_ROWS, WEIGHT_MAJOR_MAX_ROWS + 1, 64])
+@pytest.mark.parametrize("extras", [{}, {"bias": True, "scale": 0.5, "softcap": 3.0}])
+def test_head_logits_in_either_layout_are_the_heads_logits(rows: int, extras: dict) -> None:
+    """Weight-major for few rows, nn.Linear's layout beyond: the same logits to fp32 rounding, any leading shape."""
+    g = torch.Generator().manual_seed(rows)
+    weight, hidden = torch.randn(300, 24, generator=g), torch.randn(rows, 24, generator=g)
+    bias = torch.randn(300, generator=g) if extras.get("bias") else None
+    head = Head(weight, bias, extras.get("scale", 1.0), extras.get("softcap"))
+    expected = (hidden.double() @ weight.double().T + (0 if bias is None else bias.double())) * head.scale
+    if head.softcap is not None:
+        expected = head.softcap * torch.tanh(expected / head.softcap)
+    logits = head_logits(hidden, head, temperature=0.5)
+    assert logits.dtype == torch.float32 and logits.is_contiguous()
+    torch.testing.assert_close(logits.double(), expected / 0.5, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(head_logits(hidden.view(1, rows, 24), head, 0.5), logits[None], atol=0, rtol=0)

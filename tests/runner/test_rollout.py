@@ -38,11 +38,12 @@ def test_eos_and_stop_strings_end_rows(models: dict) -> None:
     lm.model.generation_config.eos_token_id = None
     g = torch.Generator().manual_seed(1)
     free = rollout(lm, PROMPTS, RolloutConfig(max_new_tokens=12), g)
-    stop_char = free.completions[0][2]  # a character the first row emits: stopping on it cuts the row there
+    row = next(r for r, text in enumerate(free.completions) if len(text) >= 3)
+    stop_char = free.completions[row][2]  # a character the row emits: stopping on it cuts the row there
     g = torch.Generator().manual_seed(1)
     stopped = rollout(lm, PROMPTS, RolloutConfig(max_new_tokens=12, stop=[stop_char]), g)
-    assert stopped.completions[0] == free.completions[0][: free.completions[0].index(stop_char)]
-    assert not stopped.truncated[0]
+    assert stopped.completions[row] == free.completions[row][: free.completions[row].index(stop_char)]
+    assert not stopped.truncated[row]
 
 
 def test_top_k_one_is_greedy_and_top_p_keeps_the_top_token() -> None:
@@ -76,3 +77,63 @@ def test_recorded_logprobs_are_those_of_the_filtered_sampling_distribution(model
     expected = logp.gather(-1, batch.targets[:, None]).squeeze(-1)
     assert torch.isfinite(expected).all()  # every sampled token was inside the top 3
     torch.testing.assert_close(batch.sampler_logprobs[:, 1:][batch.target_mask], expected, atol=1e-4, rtol=1e-4)
+
+
+def sampling_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """The sampling distribution written out independently (float64): temperature, top-k, nucleus."""
+    z = logits.double() / temperature
+    if top_k:
+        z = z.masked_fill(z < z.topk(top_k, -1).values[:, -1:], float("-inf"))
+    p = z.softmax(-1)
+    above = (p[:, None, :] * (p[:, None, :] > p[:, :, None])).sum(-1)  # mass of the tokens above each token
+    return z.masked_fill(above >= top_p, float("-inf")).softmax(-1)
+
+
+def chi_square_bound(dof: int) -> float:
+    """Upper 1e-6 quantile of chi-square(dof) (Wilson-Hilferty): a fair sampler exceeds it once in 10^6 seeds."""
+    return dof * (1 - 2 / (9 * dof) + 4.75 * (2 / (9 * dof)) ** 0.5) ** 3
+
+
+LOGITS = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -3.0, -6.0, 1.5, -30.0],
+                       [-2.0, 0.0, 3.0, 0.1, 0.2, -0.5, 2.9, -4.0, 1.0]])
+
+
+@pytest.mark.parametrize(("temperature", "top_k", "top_p"), [(1.0, 0, 1.0), (0.7, 4, 1.0), (1.3, 0, 0.8),
+                                                              (1.0, 6, 0.7)])
+def test_sampled_frequencies_follow_the_sampling_distribution(temperature: float, top_k: int, top_p: float) -> None:
+    n = 200_000  # draws per row: enough to see a bias of a few parts in a thousand
+    tokens, lps = sample_tokens(LOGITS.repeat(n, 1), temperature, top_k, top_p, torch.Generator().manual_seed(0))
+    probs = sampling_probs(LOGITS, temperature, top_k, top_p)
+    for row in range(len(LOGITS)):
+        drawn = tokens[row::len(LOGITS)]
+        counts = torch.bincount(drawn, minlength=LOGITS.shape[1]).double()
+        assert counts[probs[row] == 0].sum() == 0  # masked tokens are never drawn
+        expected = n * probs[row]
+        big = expected >= 5  # the usual chi-square rule; the rare tokens are pooled into one bin
+        observed = torch.cat([counts[big], counts[~big].sum()[None]])
+        wanted = torch.cat([expected[big], expected[~big].sum()[None]])
+        keep = wanted > 0
+        stat = float((((observed - wanted) ** 2)[keep] / wanted[keep]).sum())
+        assert stat < chi_square_bound(int(keep.sum()) - 1), (row, stat)
+        torch.testing.assert_close(lps[row::len(LOGITS)].double(), probs[row, drawn].log(), atol=1e-5, rtol=1e-5)
+
+
+def test_sampling_is_determined_by_the_generator_alone() -> None:
+    logits = torch.randn(64, 1000, generator=torch.Generator().manual_seed(1))
+    draw = [sample_tokens(logits, 1.0, 50, 0.95, torch.Generator().manual_seed(s))[0] for s in (7, 7, 8)]
+    assert torch.equal(draw[0], draw[1]) and not torch.equal(draw[0], draw[2])
+
+
+def test_a_single_kept_token_is_always_drawn_wherever_it_sits() -> None:
+    """The first and last ids, behind and before runs of masked ones: the inverse CDF's edge cases."""
+    logits = torch.full((4, 50), -1.0)
+    logits[0, 0] = logits[1, 49] = logits[2, 25] = logits[3, 48] = 5.0
+    tokens, lps = sample_tokens(logits.repeat(500, 1), 1.0, 1, 1.0, torch.Generator().manual_seed(0))
+    assert tokens.view(500, 4).eq(torch.tensor([0, 49, 25, 48])).all() and torch.equal(lps, torch.zeros_like(lps))
+
+
+def test_non_finite_logits_are_an_error_naming_the_rows() -> None:
+    logits = torch.zeros(3, 5)
+    logits[1, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"rows \[1\] is not finite"):
+        sample_tokens(logits, 1.0, 0, 1.0, torch.Generator().manual_seed(0))
