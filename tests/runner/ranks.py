@@ -22,7 +22,7 @@ import torch.multiprocessing as mp
 from opd_fast.runner.config import RunConfig
 from opd_fast.runner.trainer import train
 
-TIMEOUT_S = 180  # the spawned group is killed past this: a hang fails the test instead of blocking CI
+TIMEOUT_S = 300  # the spawned group is killed past this: a hang fails the test instead of blocking CI
 DEVICE = "cuda" if os.environ.get("OPD_TEST_DIST_BACKEND", "gloo") == "nccl" else "cpu"  # the runs' run.device
 
 
@@ -39,14 +39,27 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank(rank: int, world: int, ports: list[int], runs: list[Run], results: str) -> None:
+def _port(rank: int, results: str, run: int) -> int:
+    """The run's rendezvous port: picked by rank 0 right before the run (a port picked earlier may have been
+    taken since, e.g. by a gloo connection of the previous run), read by the others from a file."""
+    path = Path(results, f"port{run}")
+    if rank == 0:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(str(_free_port()))
+        tmp.replace(path)  # atomic: the others never read a partial file
+    while not path.exists():
+        time.sleep(0.05)
+    return int(path.read_text())
+
+
+def _rank(rank: int, world: int, runs: list[Run], results: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     out: dict[str, object] = {}
-    for run, port in zip(runs, ports, strict=True):
+    for i, run in enumerate(runs):
         # a port per run: a rank done with one run must not reach the store of the previous one, still served
         # by a rank that has not finished it
-        os.environ["MASTER_PORT"] = str(port)
+        os.environ["MASTER_PORT"] = str(_port(rank, results, i))
         try:
             out[run.name] = train(run.config, **run.options)
         except Exception as exc:  # the test asserts which error each rank saw
@@ -57,8 +70,7 @@ def _rank(rank: int, world: int, ports: list[int], runs: list[Run], results: str
 def run_ranks(world: int, runs: list[Run], results: Path) -> list[dict]:
     """Every rank's results, in rank order."""
     results.mkdir(parents=True, exist_ok=True)
-    ports = [_free_port() for _ in runs]
-    ctx = mp.spawn(_rank, args=(world, ports, runs, str(results)), nprocs=world, join=False)
+    ctx = mp.spawn(_rank, args=(world, runs, str(results)), nprocs=world, join=False)
     deadline = time.monotonic() + TIMEOUT_S
     try:
         while not ctx.join(timeout=1):
