@@ -7,7 +7,8 @@ samples, KV cache) -> ``score`` (teachers, routed by domain) -> ``learn`` (fused
 ``checkpoint`` / ``metrics`` (``trackers``: TensorBoard, wandb, MLflow) / ``evaluate`` -> ``trainer``
 (the loop; ``train(config) -> summary``).
 Around the loop: ``preflight`` (start-up checks), ``run_dir`` (new run / resume / overwrite rules and
-the config history), ``signals`` (clean stop, force-quit), ``files`` (fsync, atomic writes).
+the config history), ``signals`` (clean stop, force-quit), ``files`` (fsync, atomic writes),
+``distributed`` (torchrun data parallel) and ``sharding`` (its FSDP2 students and teachers).
 
 Stable entry points: ``config.load_config`` / ``config.RunConfig`` (+ sections), ``trainer.train``,
 ``trainer.Trainer``, ``evaluate.evaluate_run`` / ``evaluate.evaluate``, ``metrics.read_metrics``,

@@ -128,11 +128,12 @@ def _rename(src: Path, dst: Path) -> None:
 
 
 def save_checkpoint(run_dir: str | Path, step: int, student: LoadedModel, state: dict[str, Any], keep: int,
-                    config: dict[str, Any] | None = None) -> Path:
+                    config: dict[str, Any] | None = None, weights: dict[str, torch.Tensor] | None = None) -> Path:
     """Write student + trainer state (+ the config in effect) for ``step`` durably; prune to the last ``keep``.
 
-    ``state["run_id"]`` (when given) marks the checkpoint as the current run's: only those are pruned."""
-    for p in student.model.parameters():
+    ``state["run_id"]`` (when given) marks the checkpoint as the current run's: only those are pruned.
+    ``weights`` is the student's full state dict when its parameters are sharded (written in their place)."""
+    for p in (student.model.parameters() if weights is None else weights.values()):
         if not torch.isfinite(p).all():
             raise RuntimeError(f"refusing to checkpoint step {step}: the student has non-finite weights")
     root = checkpoint_dir(run_dir)
@@ -140,7 +141,7 @@ def save_checkpoint(run_dir: str | Path, step: int, student: LoadedModel, state:
     final = root / f"{PREFIX}{step:08d}"
     tmp = root / f".tmp-{PREFIX}{step:08d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    student.model.save_pretrained(tmp / "student", safe_serialization=True)
+    student.model.save_pretrained(tmp / "student", safe_serialization=True, state_dict=weights)
     student.tokenizer.save_pretrained(tmp / "student")
     tensors: dict[str, torch.Tensor] = {}
     encoded = _encode({**state, "step": step}, tensors)

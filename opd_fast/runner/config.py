@@ -36,6 +36,7 @@ DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd")
 SIGNALS = ("hidden", "topk", "sampled")
 DTYPES = ("float32", "bfloat16", "float16")
 SCHEDULES = ("cosine", "linear", "constant")
+PARALLEL = ("ddp", "fsdp")
 DECODE_MODES = ("auto", "hf", "fast")
 
 
@@ -57,6 +58,10 @@ class RunSection:
     # Async mode: sampled-token terms (loss.signal = "sampled", the verifier term) are weighted per token
     # by min(importance_clip, q_now / q_sampler); 0 = unweighted. Full-vocab / top-k terms never are.
     importance_clip: float = 2.0
+    # With more than one process (torchrun): "ddp" replicates the student on every rank and sums its gradients
+    # once per step; "fsdp" shards its weights, gradients and optimizer state across the ranks (FSDP2), for
+    # students whose training state does not fit one device. Ignored with one process.
+    parallel: str = "ddp"
 
 
 @dataclass
@@ -96,6 +101,9 @@ class TeacherConfig:
     temperature: float | None = None
     attn_implementation: str = "sdpa"
     trust_remote_code: bool = False
+    # With more than one process: shard this frozen teacher's weights across the ranks (FSDP2, forward only)
+    # instead of loading all of it on every rank. Ignored with one process.
+    shard: bool = False
 
 
 @dataclass
@@ -424,6 +432,7 @@ def validate_config(c: RunConfig) -> None:
     _choice("student.dtype", c.student.dtype, ("", *DTYPES))
     _require(c.run.threads >= 0, "run.threads", "must be >= 0 (0 = torch default)", c.run.threads)
     _choice("run.pipeline", c.run.pipeline, ("serial", "strict"))
+    _choice("run.parallel", c.run.parallel, PARALLEL)
     _require(c.run.max_staleness >= 0, "run.max_staleness", "must be >= 0 (0 = on-policy)", c.run.max_staleness)
     _require(c.run.importance_clip >= 0, "run.importance_clip", "must be >= 0 (0 = off)", c.run.importance_clip)
     if uses_importance_weights(c):

@@ -17,7 +17,9 @@ batch as one process:
   student also decodes rollouts and is checkpointed through the Hugging Face model; an explicit reduction
   of the accumulated gradient is one collective per step and leaves the model untouched. A non-finite loss
   on any rank skips the step on every rank.
-- Teachers are replicated: each rank loads them and scores its own rollouts (sharding them is not built).
+- Strategy (``run.parallel``): "ddp" replicates the student (the explicit gradient all-reduce above); "fsdp"
+  shards it with FSDP2, whose backward reduce-scatters (sums) the gradients, so the step only agrees on
+  finiteness (``agree_finite``). Teachers are replicated unless ``teachers.NAME.shard`` (see ``sharding``).
 - Rollout RNG: rank 0's generator is seeded exactly as in one process; rank ``r > 0`` derives its own from
   ``(run.seed, r, step)``. Checkpoints store rank 0's generator only; a resume (on any world size the config
   allows) restores it on rank 0 and re-derives the others from the resumed step.
@@ -28,7 +30,8 @@ batch as one process:
 Not supported with more than one process, refused with an error naming the key: async rollouts
 (``run.max_staleness``), reward models (``loss.reward_models``, whose running per-domain standardization
 would drift apart across ranks) and teacher-corrected rollouts (``rollout.correction``, whose generator and
-metrics are per process). FSDP2 sharding of the student is not built.
+metrics are per process); and what sharding cannot do: ``student.lora`` with "fsdp", a sharded teacher that
+generates off-policy completions (see ``sharding``).
 
 Public API: ``DataParallel``, ``data_parallel`` (context manager), ``check_config``, ``rank_seed``,
 ``world_from_env``.
@@ -78,6 +81,14 @@ def check_config(config: RunConfig, world_size: int) -> None:
     if config.rollout.correction is not None:
         raise ValueError(f"config key 'rollout.correction' is not supported with {world_size} processes (its "
                          "teacher-draw generator and corrected-token fractions are per process); run one process")
+    if config.run.parallel == "fsdp" and config.student.lora is not None:
+        raise ValueError("config key 'student.lora' is not supported with run.parallel = 'fsdp' (the adapter is a "
+                         "small share of the weights: train it data parallel, run.parallel = 'ddp')")
+    for name, teacher in config.teachers.items():
+        if teacher.shard and config.loss.off_policy_fraction > 0 and config.loss.off_policy_source == "teacher":
+            raise ValueError(f"config key 'teachers.{name}.shard' cannot be used with loss.off_policy_source = "
+                             "'teacher': the ranks decode different numbers of tokens, so a sharded teacher's "
+                             "all-gathers would not pair up")
     if config.run.device not in ("cpu", "cuda"):
         raise ValueError(f"config key 'run.device' = {config.run.device!r}: data parallel runs on 'cpu' (gloo) "
                          "or 'cuda' (nccl; LOCAL_RANK picks each rank's GPU)")
@@ -174,6 +185,11 @@ class DataParallel:
                 buf = t.detach().to(self.device)
                 dist.broadcast(buf, src=0)
                 t.copy_(buf)
+
+    def agree_finite(self, params: list[torch.Tensor], finite: bool) -> bool:
+        """The gradient sync of a sharded student, whose gradients FSDP already summed in backward: whether every
+        rank's loss was finite."""
+        return not self.any(not finite)
 
     def sync_gradients(self, params: list[torch.Tensor], finite: bool) -> bool:
         """Sum the accumulated gradients over the ranks (one flat all-reduce per dtype); returns whether every

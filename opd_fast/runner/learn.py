@@ -39,6 +39,7 @@ import torch
 
 import opd_fast
 
+from ..distributed.dtensor import gathered
 from .config import LossConfig, OptimConfig
 from .models import Head, LoadedModel, Teacher, forward_hidden, token_logprobs
 from .rollout import RolloutBatch
@@ -96,6 +97,14 @@ class ImportanceWeights:
         return ratio.clamp(max=self.clip)
 
 
+def _clip_grad_norm(params: list[torch.Tensor], clip: float) -> float:
+    """``clip_grad_norm_`` whose norm is the whole model's when the gradients are sharded DTensors (FSDP): their
+    norm is gathered once, and every shard is scaled by the same factor."""
+    norm = gathered(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
+    torch.nn.utils.clip_grads_with_norm_(params, clip, norm)
+    return float(norm)
+
+
 class Learner:
     """Owns the student's optimizer and schedule; turns scored micro-batches into updates."""
 
@@ -107,11 +116,14 @@ class Learner:
         teachers: dict[str, Teacher],
         importance: ImportanceWeights | None = None,
         gradient_sync: Callable[[list[torch.Tensor], bool], bool] | None = None,
+        backward_always: bool = False,
     ) -> None:
         """``gradient_sync(params, finite)``, in a data-parallel run: sums the accumulated gradients over the
-        ranks before clipping and returns whether every rank's loss was finite."""
+        ranks before clipping and returns whether every rank's loss was finite. ``backward_always``: run backward
+        even on a non-finite loss (a sharded student's backward holds collectives every rank must join; the
+        step is skipped all the same)."""
         self.student, self.loss_cfg, self.optim_cfg, self.teachers = student, loss, optim, teachers
-        self.importance, self.gradient_sync = importance, gradient_sync
+        self.importance, self.gradient_sync, self.backward_always = importance, gradient_sync, backward_always
         self.params = [p for p in student.model.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("the student has no trainable parameters")
@@ -164,9 +176,9 @@ class Learner:
         sft_items: float = 1.0,
     ) -> MicroStats:
         """Forward + backward of one micro-batch; gradients accumulate until ``step()``."""
-        batch, cfg, head = scored.batch, self.loss_cfg, self.student.head
-        device = head.weight.device
+        batch, cfg, device = scored.batch, self.loss_cfg, self.student.device
         hidden, _ = forward_hidden(self.student, batch.input_ids.to(device), batch.attention_mask.to(device))
+        head = self.student.head  # after the forward, which gathers a sharded student's head (see ``sharding``)
         total = hidden.new_zeros((), dtype=torch.float32)
         out = MicroStats()
         row_div = torch.zeros(len(batch.prompts))
@@ -208,10 +220,9 @@ class Learner:
             total = total - cfg.sft_weight * log_q.sum() / sft_items
         out.loss = float(total.detach())
         out.finite = math.isfinite(out.loss)
-        if out.finite:
+        if out.finite or self.backward_always:
             total.backward()
-        else:
-            self._finite = False
+        self._finite = self._finite and out.finite
         return out
 
     @staticmethod
@@ -224,7 +235,7 @@ class Learner:
         if self.gradient_sync is not None:
             self._finite = self.gradient_sync(self.params, self._finite)
         clip = self.optim_cfg.grad_clip if self.optim_cfg.grad_clip > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, clip))
+        grad_norm = _clip_grad_norm(self.params, clip)
         lr = self.optimizer.param_groups[0]["lr"]
         skipped = not (self._finite and math.isfinite(grad_norm))
         if skipped:

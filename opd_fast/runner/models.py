@@ -18,7 +18,7 @@ import functools
 import inspect
 import json
 import warnings
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -328,9 +328,12 @@ def check_compatible(student: LoadedModel, teacher: LoadedModel, chat_template: 
 
 
 def load_run_models(
-    config: RunConfig, checkpoint: str | None = None, *, trainable: bool = True
+    config: RunConfig, checkpoint: str | None = None, *, trainable: bool = True, to_shard: Collection[str] = ()
 ) -> tuple[LoadedModel, dict[str, Teacher]]:
-    """Student (from ``checkpoint/student`` when given) and the teachers by name, each checked against it."""
+    """Student (from ``checkpoint/student`` when given) and the teachers by name, each checked against it.
+
+    The models named in ``to_shard`` ("student", teacher names) are loaded on the CPU: sharding moves each
+    rank's shard to ``run.device``, so a model too large for one device never lands there whole."""
     r, s = config.run, config.student
     student_path, revision, adapter = s.path, s.revision, None
     if checkpoint is not None:
@@ -339,14 +342,16 @@ def load_run_models(
         else:
             adapter = str(Path(checkpoint) / "student")
     student = load_model(student_path, name="student", revision=revision, local_files_only=s.local_files_only,
-                         dtype=s.dtype or "float32", compute_dtype=r.dtype, device=r.device,
+                         dtype=s.dtype or "float32", compute_dtype=r.dtype,
+                         device="cpu" if "student" in to_shard else r.device,
                          gradient_checkpointing=s.gradient_checkpointing,
                          attn_implementation=s.attn_implementation, trust_remote_code=s.trust_remote_code,
                          lora=s.lora, adapter_path=adapter, trainable=trainable)
     teachers = {}
     for name, t in config.teachers.items():
         model = load_model(t.path, name=name, revision=t.revision, local_files_only=t.local_files_only,
-                           dtype=t.dtype or r.dtype, device=r.device, attn_implementation=t.attn_implementation,
+                           dtype=t.dtype or r.dtype, device="cpu" if name in to_shard else r.device,
+                           attn_implementation=t.attn_implementation,
                            trust_remote_code=t.trust_remote_code)
         vocab = check_compatible(student, model, config.data.chat_template)
         teachers[name] = Teacher(model, vocab, t.weight, list(t.domains), t.temperature)

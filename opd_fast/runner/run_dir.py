@@ -23,6 +23,7 @@ import json
 import shutil
 import uuid
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
@@ -37,11 +38,13 @@ HISTORY_FILE = "config_history.jsonl"
 RUN_FILES = (METRICS_FILE, TIMELINE_FILE, SAMPLES_FILE, "config.json", HISTORY_FILE, "checkpoints", "tensorboard",
              "wandb", "plots")
 # Keys a resumed run may change; they are applied from the next step on. Prefixes end with ".". The
-# pipeline modes keep no state of their own (async in-flight rollouts are dropped at a checkpoint).
+# pipeline modes keep no state of their own (async in-flight rollouts are dropped at a checkpoint), nor does
+# sharding (checkpoints hold full state dicts). "*" matches one key part.
 APPLIED = ("optim.lr", "optim.steps", "optim.min_lr_ratio", "optim.weight_decay", "optim.grad_clip",
            "optim.max_consecutive_skips", "checkpoint.", "metrics.", "eval.", "run.threads", "run.out_dir",
-           "run.device", "loss.backend", "rollout.decode", "run.pipeline", "run.max_staleness", "run.importance_clip",
-           "student.gradient_checkpointing", "student.local_files_only")
+           "run.device", "loss.backend", "rollout.decode", "run.pipeline", "run.max_staleness",
+           "run.importance_clip", "student.gradient_checkpointing", "student.local_files_only", "run.parallel",
+           "teachers.*.shard")
 _SCHEDULE_KEYS = ("optim.steps", "optim.min_lr_ratio")
 
 
@@ -73,7 +76,8 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def _applied(key: str) -> bool:
-    return any(key == a or (a.endswith(".") and key.startswith(a)) for a in APPLIED)
+    return any(key == a or (a.endswith(".") and key.startswith(a)) or ("*" in a and fnmatchcase(key, a))
+               for a in APPLIED)
 
 
 def config_changes(saved: dict[str, Any], new: dict[str, Any]) -> dict[str, list[Any]]:

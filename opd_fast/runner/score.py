@@ -20,6 +20,7 @@ import torch
 from .config import TeacherConfig
 from .models import Head, Teacher, forward_hidden, head_logits, token_logprobs
 from .rollout import RolloutBatch
+from .sharding import is_sharded, join_forward
 
 
 class Router:
@@ -109,8 +110,14 @@ def score(
     """Run each teacher on its rows; return hidden states (or top-k / sampled-token log-probs at the
     teacher's own temperature, ``temperature`` when it has none)."""
     out = ScoredBatch(batch)
-    for name, rows in router.route([p.domain for p in batch.prompts]).items():
+    routed = router.route([p.domain for p in batch.prompts])
+    for name in teachers:  # the same order on every rank, so that sharded teachers' collectives pair up
         teacher = teachers[name].model
+        rows = routed.get(name)
+        if rows is None:
+            if is_sharded(teacher):  # the other ranks may forward it on this micro-batch: join their all-gathers
+                join_forward(teacher)
+            continue
         idx = torch.tensor(rows, dtype=torch.long)
         device = teacher.device
         hidden, _ = forward_hidden(teacher, batch.input_ids[idx].to(device), batch.attention_mask[idx].to(device))

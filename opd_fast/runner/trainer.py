@@ -11,7 +11,9 @@ learned from (``Learner.micro_step``); one optimizer step ends the step. Stages 
 lists, ``RolloutBatch``, ``ScoredBatch``), so the pipelined modes overlap them without changing what
 they compute. Every stage run is an interval of the ``Timeline`` (``timeline.py``), which gives the
 step's stage times and overlap metrics and ``RUN_DIR/timeline.jsonl``. Under ``torchrun`` every rank runs
-the loop on its share of each step's prompt groups, and rank 0 writes the run's files (``distributed.py``).
+the loop on its share of each step's prompt groups, and rank 0 writes the run's files (``distributed.py``); a
+sharded student or teacher (FSDP2) changes only a few hook points: decoding gathered, checkpoints gathered, and
+evaluations on every rank (``sharding.py``).
 
 Public API (stable): ``train(config, *, resume=False, overwrite=False, stop_after=None) -> dict``
 (summary: steps, final_loss, steps_per_s, tokens_per_s, skipped_steps, run_dir, checkpoint, eval,
@@ -48,6 +50,7 @@ from .pipeline import StageWorker, main_threads, split_threads
 from .rewards import Rewards
 from .rollout import RolloutBatch, from_completions, rollout
 from .score import Router, ScoredBatch, score
+from .sharding import shard_run, to_shard
 from .signals import StopSignals, stop_on_signals
 from .timeline import Timeline, stage_metrics
 from .trackers import RunIdentity, SampleRecord
@@ -84,8 +87,9 @@ class Trainer:
         torch.manual_seed(c.run.seed)
         random.seed(c.run.seed)
         ckpt = None if checkpoint is None else str(checkpoint)
-        self.student, self.teachers = load_run_models(c, ckpt)
+        self.student, self.teachers = load_run_models(c, ckpt, to_shard=to_shard(c, dp.world_size))
         dp.broadcast_parameters(self.student.model)
+        self.sharding = shard_run(c, dp.world_size, self.student, self.teachers)
         self.router = Router(self.teachers)
         self.source = prompt_source(c.data, c.run.seed)
         self.router.check(self.source.domains)
@@ -97,8 +101,10 @@ class Trainer:
                 raise ValueError(f"config key {key!r} trains on dataset references, but {missing} prompts have none")
         importance = (ImportanceWeights(c.run.importance_clip, c.rollout.temperature)
                       if uses_importance_weights(c) else None)
+        sync = dp.agree_finite if self.sharding.student else dp.sync_gradients  # FSDP sums gradients in backward
         self.learner = Learner(self.student, c.loss, c.optim, self.teachers, importance,
-                               gradient_sync=dp.sync_gradients if dp.world_size > 1 else None)
+                               gradient_sync=sync if dp.world_size > 1 else None,
+                               backward_always=self.sharding.student is not None)
         self.verifiers = Verifiers(c.loss.verifiers, c.data.task)
         self.rewards = Rewards(self.verifiers, c.loss.reward_models, device=c.run.device,
                                trust_remote_code=c.loss.reward_trust_remote_code)
@@ -116,7 +122,9 @@ class Trainer:
         self._sampler_lock = threading.Lock()  # async mode: the producer draws while the learner updates
         if checkpoint is not None:
             state = load_state(checkpoint) if state is None else state
-            self.learner.load_state_dict(state["learner"])
+            saved = state["learner"]
+            optimizer = self.sharding.load_optimizer(self.student, self.learner.optimizer, saved["optimizer"])
+            self.learner.load_state_dict({**saved, "optimizer": optimizer})
             self.source.load_state_dict(state["sampler"])
             self.mix_rng.setstate(state["mix_rng"])
             self.rewards.load_state_dict(state.get("rewards", {}))
@@ -161,11 +169,12 @@ class Trainer:
         off_policy = fraction > 0 and self.mix_rng.random() < fraction
         micro = _chunks(prompts, c.rollout.micro_batch_size)
         batches = []
-        for i, mb in enumerate(micro):
-            with self.timeline.stage(step, "rollout", i):
-                batches.append(self.make_batch(step, lm, mb, off_policy))
-            if on_batch is not None:
-                on_batch(batches[-1])
+        with self.sharding.gathered():  # a sharded student decodes gathered (see ``sharding``)
+            for i, mb in enumerate(micro):
+                with self.timeline.stage(step, "rollout", i):
+                    batches.append(self.make_batch(step, lm, mb, off_policy))
+                if on_batch is not None:
+                    on_batch(batches[-1])
         return StepRollouts(step, off_policy, micro, batches, version=step - 1)
 
     def advantages(self, batches: list[RolloutBatch]) -> list[torch.Tensor | None]:
@@ -317,26 +326,39 @@ class Trainer:
                 for p, text, length, div in rows[:n]]
 
     def save(self) -> Path:
-        """Checkpoint the step; in async mode with the producer paused, its in-flight samples counted as dropped
-        for a resumed run (they are not saved)."""
+        """Checkpoint the step, written by rank 0 (every rank calls it: a sharded student's state is gathered
+        first); in async mode with the producer paused, its in-flight samples counted as dropped for a resumed
+        run (they are not saved)."""
         with self.producer.paused() if self.producer is not None else contextlib.nullcontext():
+            weights, optimizer = self.sharding.full_state(self.student, self.learner.optimizer)
+            learner = self.learner.state_dict()
+            if optimizer is not None:  # the gathered one-process form of a sharded optimizer's state
+                learner["optimizer"] = optimizer
             in_flight = 0 if self.producer is None else self.producer.in_flight_samples
-            state = {"learner": self.learner.state_dict(), "sampler": self.source.state_dict(),
+            state = {"learner": learner, "sampler": self.source.state_dict(),
                      "mix_rng": self.mix_rng.getstate(), "rewards": self.rewards.state_dict(),
                      "rng": rng_state(self.generator), "dropped_samples": self.dropped_samples,
                      **({} if self.corrector is None else {"correction_rng": self.corrector.generator.get_state()}),
                      "in_flight_samples": in_flight, **self.run_info}
-            return save_checkpoint(self.config.run.out_dir, self.step, self.student, state,
-                                   self.config.checkpoint.keep, config_to_dict(self.config))
+            return self.dp.on_main(lambda: save_checkpoint(self.config.run.out_dir, self.step, self.student, state,
+                                                           self.config.checkpoint.keep, config_to_dict(self.config),
+                                                           weights))
 
     def evaluate(self) -> dict[str, float]:
         c = self.config
         examples = load_examples(c.data, "eval", c.eval.num_prompts, c.run.seed)
         self.router.check(sorted({ex.domain for ex in examples}))
         # Evaluation must not perturb the training RNG streams (resume exactness).
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), self.sharding.gathered():
             return evaluate(self.student, self.teachers, self.router, examples, c.rollout, self.verifiers,
                             sampled=c.eval.sampled, seed=c.run.seed, chat_template=c.data.chat_template)
+
+    def run_eval(self, signals: StopSignals) -> dict[str, float] | None:
+        """An evaluation (``None`` when a signal stops it): rank 0's alone, or with a sharded model every rank's,
+        each running the same one so that their sharded forwards pair up (a signal then waits for its end)."""
+        if not self.sharding.any:
+            return self.dp.on_main(lambda: signals.evaluate(self.evaluate))
+        return None if self.dp.any(signals.stop.is_set()) else self.evaluate()
 
 
 def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False,
@@ -350,8 +372,8 @@ def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False,
 
 def _final_eval(trainer: Trainer, logger: MetricsLogger, signals: StopSignals, start: int) -> dict[str, float]:
     """The end-of-run evaluation, logged; a resumed run that had already finished reuses its recorded one."""
-    recorded = logger.recorded_eval(trainer.step) if trainer.step == start else None
-    final = recorded if recorded is not None else signals.evaluate(trainer.evaluate)
+    recorded = trainer.dp.on_main(lambda: logger.recorded_eval(trainer.step)) if trainer.step == start else None
+    final = recorded if recorded is not None else trainer.run_eval(signals)
     if final is not None and recorded is None:
         logger.log({"step": trainer.step, "kind": "eval", **final}, advance=False)
     return final or {}
@@ -388,9 +410,9 @@ def _train(config: RunConfig, resume: bool, overwrite: bool, stop_after: int | N
                     logger.log_samples(trainer.sample_records(c.metrics.samples_per_step))
                 at_end = trainer.step == c.optim.steps
                 if c.checkpoint.every and trainer.step % c.checkpoint.every == 0 and not at_end:
-                    last_ckpt = dp.on_main(trainer.save)
+                    last_ckpt = trainer.save()
                 if c.eval.every and trainer.step % c.eval.every == 0 and not at_end:
-                    periodic = dp.on_main(lambda: signals.evaluate(trainer.evaluate))
+                    periodic = trainer.run_eval(signals)
                     if periodic is not None:
                         logger.log({"step": trainer.step, "kind": "eval", **periodic}, advance=False)
                 interrupted = dp.any(signals.stop.is_set())  # a signal to any rank stops all after this step
@@ -398,9 +420,9 @@ def _train(config: RunConfig, resume: bool, overwrite: bool, stop_after: int | N
                     break
             elapsed = time.perf_counter() - t0
             if trainer.step > start:
-                last_ckpt = dp.on_main(trainer.save)
+                last_ckpt = trainer.save()
             if trainer.step == c.optim.steps and c.eval.at_end:
-                eval_results = dp.on_main(lambda: _final_eval(trainer, logger, signals, start))
+                eval_results = _final_eval(trainer, logger, signals, start)
             interrupted = dp.any(signals.stop.is_set())
     finally:
         logger.close()

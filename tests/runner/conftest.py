@@ -82,7 +82,7 @@ def _make_config(models: dict[str, str], prompts: str, out_dir: Path, **sections
     return config_from_dict(data)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def make_config(models: dict[str, str], prompts_file: str) -> Callable[..., RunConfig]:
     """``make_config(out_dir, **sections)``: the two-teacher test config with overridden sections."""
     return lambda out_dir, **sections: _make_config(models, prompts_file, out_dir, **sections)

@@ -29,6 +29,7 @@ def test_unknown_key_is_named() -> None:
         ("rollout", {"stop": "x"}, "rollout.stop"),
         ("data", {"group_size": 0}, "data.group_size"),
         ("run", {"dtype": "float8"}, "run.dtype"),
+        ("run", {"parallel": "zero3"}, "run.parallel"),
     ],
 )
 def test_bad_values_name_the_key(section: str, values: dict, key: str) -> None:
