@@ -44,6 +44,10 @@ def test_torchrun_snippet(tmp_path: Path) -> None:
 def test_in_process_snippets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
-    for snippet in _snippets()[1:]:  # one namespace: the TRL snippet reuses the HF one's models
-        exec(compile(snippet, str(README), "exec"), namespace)
+    for i, snippet in enumerate(_snippets()[1:], 1):  # one namespace: the TRL snippet reuses the HF one's models
+        # Each snippet runs from a file of its own: torch.compile reads a frame's source from its code's file, and
+        # the README is not Python.
+        source = tmp_path / f"readme_snippet_{i}.py"
+        source.write_text(snippet)
+        exec(compile(snippet, str(source), "exec"), namespace)
     assert namespace["trainer"].state.global_step == 1
