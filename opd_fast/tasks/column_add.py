@@ -18,16 +18,15 @@ answers contains (see examples/demo/README.md). ``with_retries`` writes such dem
 
 from __future__ import annotations
 
-import hashlib
 import random
 from dataclasses import dataclass
 
 from . import Example, register_task
+from .splits import sample_split
 
 RETRY = "<"
 TAGS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 ALPHABET = "0123456789=" + RETRY + TAGS
-_SPLIT_SALT = {"train": 0, "eval": 1}
 
 
 def apply_retries(text: str) -> str:
@@ -72,12 +71,6 @@ class ColumnAdd:
         if not isinstance(self.digits, int) or not 1 <= self.digits < len(TAGS):
             raise ValueError(f"digits must be an int in [1, {len(TAGS) - 1}], got {self.digits!r}")
 
-    def _is_eval(self, a: int, b: int) -> bool:
-        # A fixed hash of the operand pair puts 10% of all pairs in eval, so no eval prompt is ever
-        # trained on. A cryptographic hash, because arithmetic ones correlate with the digits (e.g.
-        # (7919a + 104729b) % 10 == 0 is exactly "the units column sums to 0 or 10").
-        return int.from_bytes(hashlib.blake2b(f"{a}+{b}".encode(), digest_size=4).digest(), "big") % 10 == 0
-
     def example(self, a: int, b: int) -> Example:
         n = self.digits
         a_digits, b_digits, total = str(a).zfill(n)[::-1], str(b).zfill(n)[::-1], str(a + b).zfill(n + 1)[::-1]
@@ -85,19 +78,10 @@ class ColumnAdd:
         return Example(prompt=prompt, reference="".join(TAGS[i] + total[i] for i in range(n + 1)))
 
     def examples(self, split: str, n: int, seed: int) -> list[Example]:
-        if split not in _SPLIT_SALT:
-            raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
-        if n < 0:
-            raise ValueError(f"n must be >= 0, got {n}")
-        rng = random.Random(f"{self.name}/{self.digits}/{split}/{seed}")
-        want_eval = split == "eval"
-        out: list[Example] = []
         top = 10**self.digits
-        while len(out) < n:
-            a, b = rng.randrange(top), rng.randrange(top)
-            if self._is_eval(a, b) == want_eval:
-                out.append(self.example(a, b))
-        return out
+        return sample_split(f"{self.name}/{self.digits}", split, n, seed,
+                            propose=lambda rng: (rng.randrange(top), rng.randrange(top)),
+                            key=lambda pair: f"{pair[0]}+{pair[1]}", build=lambda _rng, pair: self.example(*pair))
 
     def verify(self, prompt: str, completion: str, reference: str) -> float:
         return float(apply_retries(completion.strip()) == reference)

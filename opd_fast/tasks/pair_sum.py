@@ -18,15 +18,13 @@ its own samples. The reference of an example (``examples``) is one uniformly dra
 
 from __future__ import annotations
 
-import hashlib
-import random
 from dataclasses import dataclass
 
 from . import Example, register_task
 from .column_add import TAGS
+from .splits import sample_split
 
 ALPHABET = "0123456789=" + TAGS
-_SPLIT_SALT = ("train", "eval")
 
 
 def encode_number(n: int, digits: int) -> str:
@@ -72,11 +70,6 @@ class PairSum:
         if not isinstance(self.digits, int) or not 1 <= self.digits <= len(TAGS):
             raise ValueError(f"digits must be an int in [1, {len(TAGS)}], got {self.digits!r}")
 
-    def _is_eval(self, n: int) -> bool:
-        # A fixed cryptographic hash puts 10% of the targets in eval (an arithmetic rule would correlate
-        # with the digits and make the eval split a digit pattern).
-        return int.from_bytes(hashlib.blake2b(f"pair_sum/{n}".encode(), digest_size=4).digest(), "big") % 10 == 0
-
     def example(self, n: int, a: int) -> Example:
         """The example of target ``n`` whose reference is the pair ``(a, n - a)``."""
         if not 0 <= a <= n < 10**self.digits:
@@ -84,18 +77,10 @@ class PairSum:
         return Example(prompt=encode_number(n, self.digits), reference=encode_answer(a, n - a, self.digits))
 
     def examples(self, split: str, n: int, seed: int) -> list[Example]:
-        if split not in _SPLIT_SALT:
-            raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
-        if n < 0:
-            raise ValueError(f"n must be >= 0, got {n}")
-        rng = random.Random(f"{self.name}/{self.digits}/{split}/{seed}")
-        want_eval = split == "eval"
-        out: list[Example] = []
-        while len(out) < n:
-            target = rng.randrange(10**self.digits)
-            if self._is_eval(target) == want_eval:
-                out.append(self.example(target, rng.randint(0, target)))
-        return out
+        """The reference of a kept target is one uniformly drawn valid pair."""
+        return sample_split(f"{self.name}/{self.digits}", split, n, seed,
+                            propose=lambda rng: rng.randrange(10**self.digits), key=lambda t: f"pair_sum/{t}",
+                            build=lambda rng, t: self.example(t, rng.randint(0, t)))
 
     def verify(self, prompt: str, completion: str, reference: str) -> float:
         """1 when the completion is any pair adding up to the prompt's number (the reference is one of many)."""
