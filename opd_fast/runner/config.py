@@ -150,6 +150,10 @@ class RolloutConfig:
     # Decode step: "fast" = the written-out step of the Llama/Mistral/Qwen2/Qwen3 family on a static KV
     # cache (runner/decode.py), "hf" = the model's own forward, "auto" = fast wherever it applies.
     decode: str = "auto"
+    # Once at least this share of a micro-batch's rows has finished (EOS / stop string) while others still
+    # decode, those rows leave the decode batch and are scored by the teacher (on the strict pipeline's worker
+    # thread) while the rest decodes; 0 = off. Training rollouts only, not with a correction or sharded models.
+    handoff_fraction: float = 0.25
     correction: CorrectionConfig | None = None  # student rollouts only; off-policy and eval ones never
 
 
@@ -468,6 +472,8 @@ def validate_config(c: RunConfig) -> None:
     _require(r.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1", r.max_new_tokens)
     _require(r.temperature >= 0, "rollout.temperature", "must be >= 0 (0 = greedy)", r.temperature)
     _require(0 < r.top_p <= 1, "rollout.top_p", "must be in (0, 1]", r.top_p)
+    _require(0 <= r.handoff_fraction <= 1, "rollout.handoff_fraction", "must be in [0, 1] (0 = off)",
+             r.handoff_fraction)
     _require(r.top_k >= 0, "rollout.top_k", "must be >= 0 (0 = off)", r.top_k)
     _require(r.micro_batch_size >= 1, "rollout.micro_batch_size", "must be >= 1", r.micro_batch_size)
     _choice("rollout.decode", r.decode, DECODE_MODES)

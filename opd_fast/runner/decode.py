@@ -56,6 +56,10 @@ class Decode(Protocol):
         Returns the final hidden states ``(B, H)``."""
         ...
 
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only ``rows`` (indices into the current batch) for the following steps."""
+        ...
+
 
 def fast_decode_unsupported(lm: LoadedModel, total_length: int) -> str | None:
     """Why ``FastDecode`` cannot decode ``lm`` for sequences of ``total_length`` tokens; None when it can.
@@ -131,6 +135,9 @@ class HFDecode:
     def step(self, tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         hidden, _ = forward_hidden(self.lm, tokens[:, None], mask, cache=self.cache, positions=positions)
         return hidden[:, -1]
+
+    def select(self, rows: torch.Tensor) -> None:
+        self.cache.batch_select_indices(rows)
 
 
 class _Linear(NamedTuple):
@@ -216,6 +223,10 @@ class FastDecode:
             keys[:, :, :p_len], values[:, :, :p_len] = layer.keys, layer.values
             self.keys.append(keys)
             self.values.append(values)
+
+    def select(self, rows: torch.Tensor) -> None:
+        self.keys = [k.index_select(0, rows) for k in self.keys]
+        self.values = [v.index_select(0, rows) for v in self.values]
 
     def step(self, tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         with self.lm.autocast():

@@ -201,8 +201,7 @@ class Learner:
                 continue
             div = div.detach().float().cpu()
             counts = batch.target_mask[ts.rows].sum(1)
-            row_of_token = ts.rows.repeat_interleave(counts)
-            row_div.index_add_(0, row_of_token, div)
+            row_div.index_add_(0, ts.rows.repeat_interleave(counts), div)
             self._add(out, f"teacher/{ts.teacher}", float(div.sum()), div.numel())
             for r, c, d in zip(ts.rows.tolist(), counts.tolist(), torch.split(div, counts.tolist()), strict=True):
                 self._add(out, f"domain/{batch.prompts[r].domain}", float(d.sum()), c)

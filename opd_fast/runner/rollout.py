@@ -20,8 +20,9 @@ Public API: ``RolloutBatch`` (plain data handed to scoring and learning), ``roll
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -55,6 +56,9 @@ class RolloutBatch:
     truncated: list[bool]
     source: str = "student"  # "student" | "teacher" | "dataset"
     corrected_mask: torch.Tensor | None = None
+    # The rows' hand-off partition, in hand-off order, when some rows were handed off before the rollout ended
+    # (``rollout(handoff=...)``); empty: the batch is one group.
+    groups: list[RowGroup] = field(default_factory=list)
 
     @property
     def target_mask(self) -> torch.Tensor:
@@ -96,9 +100,24 @@ class RolloutBatch:
     def completion_lengths(self) -> list[int]:
         return self.completion_mask.sum(1).tolist()
 
+    @property
+    def early_rows(self) -> int:
+        """Rows handed off before the rollout ended (all groups but the last)."""
+        return sum(len(g.rows) for g in self.groups[:-1])
+
+
+@dataclass
+class RowGroup:
+    """Rows of a micro-batch that finished together, with their own batch: those rows alone, re-padded, so
+    that scoring them needs nothing from the rows still decoding."""
+
+    rows: list[int]
+    batch: RolloutBatch
+
 
 def sample_tokens(
-    logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator: torch.Generator | None
+    logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator: torch.Generator | None,
+    uniform: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw one token per row; return ``(tokens, log-probs under the sampling distribution)``.
 
@@ -110,7 +129,8 @@ def sample_tokens(
     ``w_i / sum w`` up to the float64 rounding of the cumulative sum (below ``V * 2**-53`` absolute). A
     token of probability 0 (masked by top-k / top-p) spans an empty interval, since adding 0 leaves the
     sum unchanged, and is never drawn. The recorded log-prob ``z_i - max z - log(sum w)`` is that same
-    distribution's, without a ``log_softmax`` pass over the vocabulary.
+    distribution's, without a ``log_softmax`` pass over the vocabulary. ``uniform`` ``(B, 1)`` float64 on
+    ``[0, 1)`` gives the rows' draws instead of ``generator`` (a shrunk decode batch keeps its rows' draws).
     """
     if temperature == 0:
         tokens = logits.argmax(-1)
@@ -131,7 +151,9 @@ def sample_tokens(
     if bool(bad.any()):  # multinomial would raise too; searchsorted would silently pick a token
         raise ValueError(f"sample_tokens: the sampling distribution of rows {bad.nonzero().squeeze(-1).tolist()} "
                          "is not finite (NaN or +inf logits)")
-    u = torch.rand(total.shape, dtype=torch.float64, generator=generator, device=total.device) * total
+    if uniform is None:
+        uniform = torch.rand(total.shape, dtype=torch.float64, generator=generator, device=total.device)
+    u = uniform * total
     u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))  # u * total may round up to total
     tokens = torch.searchsorted(cdf, u, right=True)
     logp = z.gather(-1, tokens).double() - top.double() - total.log()
@@ -243,9 +265,20 @@ def rollout(
     chat_template: bool = False,
     source: str = "student",
     correction: CorrectedDecode | None = None,
+    handoff: float = 0.0,
+    on_group: Callable[[RowGroup], None] | None = None,
 ) -> RolloutBatch:
     """Sample one completion per prompt with ``lm`` (student, or a teacher for off-policy batches); with
-    ``correction``, the routed teachers vet and may replace every sampled token."""
+    ``correction``, the routed teachers vet and may replace every sampled token.
+
+    ``handoff`` > 0: once at least that share of the batch's rows has finished while others still decode,
+    those rows leave the decode batch (its remaining steps get cheaper) as a ``RowGroup`` passed to
+    ``on_group``, e.g. to be scored while the rest decodes; the batch's ``groups`` then record the partition
+    (the last group: the rows that ran to the end). Samples do not depend on it: each step still draws one
+    uniform per row of the whole batch."""
+    if handoff > 0 and correction is not None:
+        raise ValueError("rollout: handoff cannot be combined with a teacher correction, whose decoders keep "
+                         "every row of the batch")
     tok = lm.tokenizer
     prompt_ids = [encode_prompt(tok, p.prompt, chat_template) for p in prompts]
     device = lm.device
@@ -267,36 +300,78 @@ def rollout(
     positions = None  # the prefill computes its own from the prompt mask
     done = torch.zeros(b, dtype=torch.bool, device=device)
     stops = StopStrings(tok, cfg.stop, b) if cfg.stop else None
+    live = torch.arange(b, device=device)  # the whole batch's row of each decoding row
+    ended = torch.zeros(b, dtype=torch.bool)  # rows that finished (EOS / stop string), whole batch, on the CPU
+    group_size = math.ceil(handoff * b) if handoff > 0 else b + 1
+    groups: list[RowGroup] = []
     steps: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def pack(rows: list[int], n_steps: int) -> RolloutBatch:
+        """``rows``' batch from the first ``n_steps`` steps (all of those rows' tokens)."""
+        tokens, lps, active = (torch.stack(x[:n_steps], 1).cpu()[rows] for x in list(zip(*steps, strict=True))[:3])
+        out_tokens = [tokens[i][active[i]].tolist() for i in range(len(rows))]
+        out_lps = [lps[i][active[i]].tolist() for i in range(len(rows))]
+        return assemble(tok, [prompts[r] for r in rows], [prompt_ids[r] for r in rows], out_tokens, out_lps,
+                        [not bool(ended[r]) for r in rows], cfg.stop, source)
+
     for step in range(cfg.max_new_tokens):
+        shrunk = live.shape[0] < b
         if step:
             hidden = decode.step(step_ids[:, -1], mask[:, :p_len + step], positions)  # last step's tokens
-        tokens, lps = sample_tokens(head_logits(hidden, head), cfg.temperature, cfg.top_k, cfg.top_p, generator)
+        uniform = None
+        if shrunk and cfg.temperature > 0:  # the whole batch's draws, so that a row's samples stay its own
+            uniform = torch.rand((b, 1), dtype=torch.float64, generator=generator, device=device)[live]
+        logits = head_logits(hidden, head)
+        tokens, lps = sample_tokens(logits, cfg.temperature, cfg.top_k, cfg.top_p, generator, uniform)
         active = ~done
         replaced = torch.zeros_like(active)
         if correction is not None:
             tokens, lps, replaced = correction(step_ids, mask[:, :p_len + step], positions, tokens, lps, active)
         tokens = torch.where(active, tokens, torch.full_like(tokens, pad))
-        steps.append((tokens, lps, active, replaced))
+        if shrunk:  # steps are recorded for the whole batch: rows handed off feed masked pads there
+            steps.append((_widen(tokens, live, b, pad), _widen(lps, live, b, 0.0), _widen(active, live, b, False),
+                          _widen(replaced, live, b, False)))
+        else:
+            steps.append((tokens, lps, active, replaced))
         done = done | torch.isin(tokens, eos)
         if stops is not None:
-            done = done | stops.add(tokens, active).to(device)
+            done = done | stops.add(*steps[-1][::2]).to(device)[live]
         mask[:, p_len + step] = active.long()
         count = count + active.long()
         positions = (count - 1).clamp(min=0)[:, None]
         step_ids = tokens[:, None]
         if bool(done.all()):
             break
+        finished = int(done.sum())
+        if finished >= group_size:
+            rows = live[done].tolist()
+            ended[rows] = True
+            groups.append(RowGroup(rows, pack(rows, step + 1)))
+            if on_group is not None:
+                on_group(groups[-1])
+            keep = (~done).nonzero().squeeze(1)
+            decode.select(keep)
+            live, mask, count, done = live[keep], mask[keep], count[keep], done[keep]
+            positions, step_ids = positions[keep], step_ids[keep]
     lm.model.train(was_training)
-    all_tokens, all_lps, all_active, all_replaced = (torch.stack(x, 1).cpu() for x in zip(*steps, strict=True))
-    out_tokens = [all_tokens[i][all_active[i]].tolist() for i in range(b)]
-    out_lps = [all_lps[i][all_active[i]].tolist() for i in range(b)]
-    truncated = [not bool(d) for d in done.tolist()]
-    batch = assemble(tok, prompts, prompt_ids, out_tokens, out_lps, truncated, cfg.stop, source)
+    ended[live.cpu()] = done.cpu()
+    batch = pack(list(range(b)), len(steps))
     if correction is not None:  # completion tokens in row-major order, as assemble() lays them out
+        all_active, all_replaced = (torch.stack(x, 1).cpu() for x in list(zip(*steps, strict=True))[2:])
         batch.corrected_mask = torch.zeros_like(batch.completion_mask)
         batch.corrected_mask[batch.completion_mask] = all_replaced[all_active]
+    if groups:
+        rest = live.tolist()
+        groups.append(RowGroup(rest, pack(rest, len(steps))))
+        batch.groups = groups
     return batch
+
+
+def _widen(x: torch.Tensor, live: torch.Tensor, b: int, fill: float | bool) -> torch.Tensor:
+    """A decoding rows' tensor ``(len(live),)`` as the whole batch's ``(b,)``: ``fill`` at the other rows."""
+    out = x.new_full((b,), fill)
+    out[live] = x
+    return out
 
 
 def from_completions(

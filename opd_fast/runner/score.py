@@ -6,8 +6,12 @@ tokens (plus its ``Head``): the learner feeds them to the fused loss, so no logi
 signal (the teacher's log-prob of each sampled token) are computed here from the same hidden
 states, token-chunked, under no_grad.
 
+A batch whose rows were handed off in groups while it decoded (``RolloutBatch.groups``) is scored group by
+group, each on its own re-padded batch, whether the groups are scored as they finish (the strict pipeline)
+or afterwards (serial): the same computation either way; ``merge_groups`` joins the groups' signals.
+
 Public API: ``Router`` (domain -> teacher, checked at start-up), ``TeacherScores``, ``ScoredBatch``,
-``score``.
+``score``, ``merge_groups``.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import torch
 
 from .config import TeacherConfig
 from .models import Head, Teacher, forward_hidden, head_logits, token_logprobs
-from .rollout import RolloutBatch
+from .rollout import RolloutBatch, RowGroup
 from .sharding import is_sharded, join_forward
 
 
@@ -97,6 +101,17 @@ def _topk(hidden: torch.Tensor, head: Head, k: int, temperature: float, chunk: i
     return torch.cat(ids), torch.cat(lps)
 
 
+def merge_groups(batch: RolloutBatch, parts: list[tuple[RowGroup, ScoredBatch]]) -> ScoredBatch:
+    """``batch``'s signal from its groups' (each scored on ``group.batch``): rows renumbered into ``batch``."""
+    out = ScoredBatch(batch)
+    for group, scored in parts:
+        rows = torch.tensor(group.rows, dtype=torch.long)
+        for ts in scored.scores:
+            ts.rows = rows[ts.rows]
+            out.scores.append(ts)
+    return out
+
+
 @torch.no_grad()
 def score(
     batch: RolloutBatch,
@@ -108,7 +123,10 @@ def score(
     temperature: float = 1.0,
 ) -> ScoredBatch:
     """Run each teacher on its rows; return hidden states (or top-k / sampled-token log-probs at the
-    teacher's own temperature, ``temperature`` when it has none)."""
+    teacher's own temperature, ``temperature`` when it has none). A batch with ``groups`` is scored per group."""
+    if batch.groups:
+        return merge_groups(batch, [(g, score(g.batch, teachers, router, signal=signal, topk=topk,
+                                              temperature=temperature)) for g in batch.groups])
     out = ScoredBatch(batch)
     routed = router.route([p.domain for p in batch.prompts])
     for name in teachers:  # the same order on every rank, so that sharded teachers' collectives pair up

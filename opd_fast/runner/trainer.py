@@ -25,7 +25,6 @@ is ``signals``'.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import random
 import threading
 import time
@@ -48,8 +47,8 @@ from .metrics import MetricsLogger, SilentLogger
 from .models import LoadedModel, load_run_models, torch_threads
 from .pipeline import StageWorker, main_threads, split_threads
 from .rewards import Rewards
-from .rollout import RolloutBatch, from_completions, rollout
-from .score import Router, ScoredBatch, score
+from .rollout import RolloutBatch, RowGroup, from_completions, rollout
+from .score import Router, ScoredBatch, merge_groups, score
 from .sharding import shard_run, to_shard
 from .signals import StopSignals, stop_on_signals
 from .timeline import Timeline, stage_metrics
@@ -62,11 +61,12 @@ def _chunks(items: list[Prompt], size: int) -> list[list[Prompt]]:
 
 def _step_sums(batches: list[RolloutBatch], stats: list[MicroStats]) -> dict[str, float]:
     """The additive quantities behind a step's metrics row, over this process's batches (a data-parallel run
-    sums them over the ranks): loss, completion lengths, truncations, entropy and, per teacher or domain key,
-    divergence and its tokens, routed tokens and the student's entropy there."""
+    sums them over the ranks): loss, completion lengths, truncations, rows handed off early, entropy and, per
+    teacher or domain key, divergence and its tokens, routed tokens and the student's entropy there."""
     lengths = [n for b in batches for n in b.completion_lengths()]
     sums = {"loss": sum(s.loss for s in stats), "length": float(sum(lengths)), "samples": float(len(lengths)),
             "truncated": float(sum(t for b in batches for t in b.truncated)),
+            "early": float(sum(b.early_rows for b in batches)),
             "entropy": sum(s.entropy_sum for s in stats)}
     for s in stats:
         for key, value in [*((f"divergence/{k}", v) for k, v in s.divergence_sum.items()),
@@ -113,6 +113,9 @@ class Trainer:
         self.corrector = None if c.rollout.correction is None else Corrector(
             c.rollout.correction, c.rollout, self.student.tokenizer, self.teachers, self.router,
             torch.Generator(c.run.device).manual_seed(c.run.seed + 2))
+        # Rows handed off mid-rollout (rollout's ``handoff``): not beside a correction, whose teacher decoders keep
+        # every row, nor with sharded models, whose ranks must run the same forwards (one per group).
+        self.handoff = c.rollout.handoff_fraction if self.corrector is None and not self.sharding.any else 0.0
         self.step = 0
         self.dropped_samples = 0  # async mode: rollouts never learned from (in flight at a checkpoint)
         self.last_step: tuple[list[RolloutBatch], list[MicroStats]] = ([], [])
@@ -137,14 +140,15 @@ class Trainer:
             self.dropped_samples = state.get("dropped_samples", 0) + state.get("in_flight_samples", 0)
 
     # -- stages ---------------------------------------------------------------------------------
-    def make_batch(self, step: int, lm: LoadedModel, prompts: list[Prompt], off_policy: bool) -> RolloutBatch:
+    def make_batch(self, step: int, lm: LoadedModel, prompts: list[Prompt], off_policy: bool,
+                   on_group: Callable[[RowGroup], None] | None = None) -> RolloutBatch:
         """Rollout stage: ``lm`` (the student or its async snapshot) samples, teacher-corrected when so
-        configured, or off-policy completions on an off-policy step."""
+        configured, or off-policy completions on an off-policy step; rows that finish early go to ``on_group``."""
         c = self.config
         if not off_policy:
             correction = None if self.corrector is None else self.corrector.begin(prompts, step)
             return rollout(lm, prompts, c.rollout, self.generator, chat_template=c.data.chat_template,
-                           correction=correction)
+                           correction=correction, handoff=self.handoff, on_group=on_group)
         if c.loss.off_policy_source == "dataset":
             return from_completions(self.student.tokenizer, prompts, [p.reference or "" for p in prompts], c.rollout,
                                     chat_template=c.data.chat_template)
@@ -158,10 +162,12 @@ class Trainer:
                                 chat_template=c.data.chat_template, source="teacher")
 
     def roll_out(
-        self, step: int, lm: LoadedModel, on_batch: Callable[[RolloutBatch], None] | None = None
+        self, step: int, lm: LoadedModel, on_batch: Callable[[RolloutBatch], None] | None = None,
+        on_group: Callable[[RowGroup], None] | None = None,
     ) -> StepRollouts:
         """Sample stage then rollout stage of ``step``: its prompts and every micro-batch's rollout; each
-        batch goes to ``on_batch`` (the strict mode's scorer) as soon as it exists."""
+        batch goes to ``on_batch`` (the strict mode's scorer) as soon as it exists, and before that, the
+        groups of its rows that finished early to ``on_group``."""
         c = self.config
         with self.timeline.stage(step, "sample"), self._sampler_lock:
             prompts = self.dp.shard(self.source.next_batch())  # every rank draws the global batch: same sampler
@@ -172,7 +178,7 @@ class Trainer:
         with self.sharding.gathered():  # a sharded student decodes gathered (see ``sharding``)
             for i, mb in enumerate(micro):
                 with self.timeline.stage(step, "rollout", i):
-                    batches.append(self.make_batch(step, lm, mb, off_policy))
+                    batches.append(self.make_batch(step, lm, mb, off_policy, on_group))
                 if on_batch is not None:
                     on_batch(batches[-1])
         return StepRollouts(step, off_policy, micro, batches, version=step - 1)
@@ -233,22 +239,39 @@ class Trainer:
             plan = self.producer.take()
             return (plan, *self.learn(plan, lambda i, b: self.score_batch(step, i, b)))
         samples = c.data.prompts_per_step * c.data.group_size
-        if c.run.pipeline == "serial" or samples <= c.rollout.micro_batch_size:  # one micro-batch: no overlap
+        single = samples <= c.rollout.micro_batch_size  # one micro-batch: only early groups can overlap
+        if c.run.pipeline == "serial" or (single and self.handoff == 0):
             plan = self.roll_out(step, self.student)
             return (plan, *self.learn(plan, lambda i, b: self.score_batch(step, i, b)))
         total = c.run.threads or torch.get_num_threads()
         main, worker = split_threads(total)
-        order = itertools.count()
+        submitted: list[list[RowGroup]] = [[]]  # per micro-batch, the groups the worker scores, in order
+        deferred: dict[int, RowGroup] = {}  # one micro-batch: its last group, scored on the main thread
+
+        def on_group(group: RowGroup) -> None:
+            torch.set_num_threads(main)  # the worker has work from now on
+            scorer.submit((len(submitted) - 1, group.batch))
+            submitted[-1].append(group)
+
+        def on_batch(batch: RolloutBatch) -> None:
+            last = batch.groups[-1] if batch.groups else RowGroup(list(range(len(batch.prompts))), batch)
+            if single:  # nothing else left to overlap it with: all threads on this one
+                deferred[len(submitted) - 1] = last
+            else:
+                on_group(last)
+            submitted.append([])
 
         def scored(i: int, batch: RolloutBatch) -> ScoredBatch:
-            result = scorer.result()
+            parts = [(group, scorer.result()) for group in submitted[i]]
             if i == len(plan.batches) - 1:  # the worker has nothing left: the rest of learning gets every thread
                 torch.set_num_threads(total)
-            return result
+            if i in deferred:
+                parts.append((deferred[i], self.score_batch(step, i, deferred[i].batch)))
+            return merge_groups(batch, parts)
 
-        with main_threads(main), StageWorker(lambda b: self.score_batch(step, next(order), b), worker,
-                                             name="score-worker") as scorer:
-            plan = self.roll_out(step, self.student, scorer.submit)
+        with main_threads(total if single else main), StageWorker(lambda item: self.score_batch(step, *item), worker,
+                                                                  name="score-worker") as scorer:
+            plan = self.roll_out(step, self.student, on_batch, on_group)
             return (plan, *self.learn(plan, scored))
 
     def train_step(self) -> dict[str, Any]:
@@ -272,6 +295,7 @@ class Trainer:
             "source": batches[0].source,
             "completion_len": sums["length"] / sums["samples"],
             "truncation_rate": sums["truncated"] / sums["samples"],
+            "early_scored_share": sums["early"] / sums["samples"],  # rows handed off mid-rollout
             "tokens": int(num_items),
             "tokens_per_s": num_items / elapsed,
             "step_time": elapsed,
