@@ -27,6 +27,7 @@ def test_unknown_key_is_named() -> None:
         ("loss", {"off_policy_fraction": 1.5}, "loss.off_policy_fraction"),
         ("rollout", {"top_p": 0.0}, "rollout.top_p"),
         ("rollout", {"stop": "x"}, "rollout.stop"),
+        ("rollout", {"handoff_fraction": 1.5}, "rollout.handoff_fraction"),
         ("data", {"group_size": 0}, "data.group_size"),
         ("run", {"dtype": "float8"}, "run.dtype"),
         ("run", {"parallel": "zero3"}, "run.parallel"),

@@ -9,29 +9,41 @@ import torch
 from opd_fast.runner.pipeline import StageWorker, split_threads
 from opd_fast.runner.trainer import Trainer
 
-COMPARED = ("loss", "grad_norm", "tokens", "completion_len", "divergence/teacher/ta", "divergence/teacher/tb")
+COMPARED = ("loss", "grad_norm", "tokens", "completion_len", "early_scored_share", "divergence/teacher/ta",
+            "divergence/teacher/tb")
 
 
-@pytest.mark.parametrize("loss", [{}, {"off_policy_fraction": 0.5, "off_policy_source": "teacher"},
-                                  {"signal": "topk", "topk": 4, "divergence": "forward_kl"}])
-def test_strict_pipeline_gives_the_serial_losses(make_config, tmp_path: Path, loss: dict) -> None:
+WORKER, MAIN = "worker", "main"
+
+
+@pytest.mark.parametrize(("loss", "rollout", "strict_lanes"), [
+    ({}, {}, {WORKER}),  # 3 micro-batches per step, so scoring of one overlaps the rollout of the next
+    ({}, {"micro_batch_size": 6}, {WORKER, MAIN}),  # one micro-batch: rows that finish early beside decoding
+    ({}, {"micro_batch_size": 6, "handoff_fraction": 0.0}, {MAIN}),  # ... or nothing overlaps: the serial loop
+    ({"off_policy_fraction": 0.5, "off_policy_source": "teacher"}, {}, {WORKER}),
+    ({"signal": "topk", "topk": 4, "divergence": "forward_kl"}, {"micro_batch_size": 3, "max_new_tokens": 10},
+     {WORKER}),
+])
+def test_strict_pipeline_gives_the_serial_losses(make_config, tmp_path: Path, loss: dict, rollout: dict,
+                                                 strict_lanes: set[str]) -> None:
     runs = {}
     for mode in ("serial", "strict"):
-        # 3 micro-batches per step, so scoring of one overlaps the rollout of the next
         config = make_config(tmp_path / mode, run={"pipeline": mode, "seed": 3}, loss=loss, optim={"steps": 3},
-                             data={"prompts_per_step": 3, "group_size": 2})
+                             data={"prompts_per_step": 3, "group_size": 2}, rollout=rollout)
         trainer = Trainer(config)
         scored_on, score_batch = set(), trainer.score_batch
 
         def record(step, micro_batch, batch, score_batch=score_batch, scored_on=scored_on):
-            scored_on.add(threading.current_thread() is threading.main_thread())
+            scored_on.add(MAIN if threading.current_thread() is threading.main_thread() else WORKER)
             return score_batch(step, micro_batch, batch)
 
         trainer.score_batch = record
         rows = [trainer.train_step() for _ in range(3)]
-        assert scored_on == {mode == "serial"}  # strict scores on the worker thread only
+        assert scored_on == (strict_lanes if mode == "strict" else {MAIN})
         runs[mode] = (rows, [p.detach().clone() for p in trainer.student.model.parameters()])
     (serial, w_serial), (strict, w_strict) = runs["serial"], runs["strict"]
+    if config.rollout.handoff_fraction > 0 and not loss:
+        assert any(r["early_scored_share"] > 0 for r in serial)  # rows did finish early (this seed)
     for a, b in zip(serial, strict, strict=True):
         assert {k: a.get(k) for k in COMPARED} == {k: b.get(k) for k in COMPARED}
     assert all(torch.equal(x, y) for x, y in zip(w_serial, w_strict, strict=True))

@@ -4,7 +4,7 @@ import torch
 from opd_fast.runner.config import RolloutConfig
 from opd_fast.runner.data import Prompt
 from opd_fast.runner.models import forward_hidden, head_logits, load_model
-from opd_fast.runner.rollout import from_completions, rollout, sample_tokens
+from opd_fast.runner.rollout import RolloutBatch, from_completions, rollout, sample_tokens
 
 PROMPTS = [Prompt(0, "abc=", "a", "abc"), Prompt(1, "a=", "a", None), Prompt(2, "hhgg fed=", "b", None)]
 
@@ -137,3 +137,42 @@ def test_non_finite_logits_are_an_error_naming_the_rows() -> None:
     logits[1, 2] = float("nan")
     with pytest.raises(ValueError, match=r"rows \[1\] is not finite"):
         sample_tokens(logits, 1.0, 0, 1.0, torch.Generator().manual_seed(0))
+
+
+HANDOFF_PROMPTS = [Prompt(i, f"{w}=", "a", None) for i, w in enumerate(["abc", "bad", "cafe", "dead", "face", "h"])]
+
+
+def rows_of(batch: RolloutBatch, rows: list[int]) -> tuple[list, list, list[str], list[bool]]:
+    """Per row: completion token ids, recorded log-probs, text and truncation, independent of padding."""
+    mask = batch.completion_mask
+    return ([batch.input_ids[r][mask[r]].tolist() for r in rows], [batch.sampler_logprobs[r][mask[r]] for r in rows],
+            [batch.completions[r] for r in rows], [batch.truncated[r] for r in rows])
+
+
+@pytest.mark.parametrize("decode", ["fast", "hf"])
+@pytest.mark.parametrize("stop", [[], ["e"]])
+def test_handoff_keeps_every_sample_and_partitions_the_rows(models: dict, decode: str, stop: list[str]) -> None:
+    lm = load_model(models["student"])
+    cfg = RolloutConfig(max_new_tokens=12, decode=decode, stop=stop)
+    plain = rollout(lm, HANDOFF_PROMPTS, cfg, torch.Generator().manual_seed(0))
+    seen = []
+    handed = rollout(lm, HANDOFF_PROMPTS, cfg, torch.Generator().manual_seed(0), handoff=0.25,
+                     on_group=lambda g: seen.append(g.rows))
+    everyone = list(range(len(HANDOFF_PROMPTS)))
+    (ids, lps, texts, cut), (h_ids, h_lps, h_texts, h_cut) = rows_of(plain, everyone), rows_of(handed, everyone)
+    assert (ids, texts, cut) == (h_ids, h_texts, h_cut)  # the rows left behind keep their own draws
+    torch.testing.assert_close(torch.cat(lps), torch.cat(h_lps))  # a smaller decode batch: rounding only
+    assert len(handed.groups) >= 2 and handed.early_rows > 0  # this seed finishes rows early
+    assert sorted(r for g in handed.groups for r in g.rows) == everyone
+    assert seen == [g.rows for g in handed.groups[:-1]]  # early groups handed over during the rollout
+    for g in handed.groups:
+        assert len(g.rows) >= 2 or g is handed.groups[-1]  # at least a quarter of 6 rows, but the rest
+        assert all(not handed.truncated[r] for r in g.rows) or g is handed.groups[-1]
+        part_ids, _, part_texts, part_cut = rows_of(g.batch, list(range(len(g.rows))))
+        assert (part_ids, part_texts, part_cut) == tuple([x[r] for r in g.rows] for x in (ids, texts, cut))
+        assert torch.equal(g.batch.targets, handed.target_ids(torch.tensor(g.rows)))
+
+
+def test_handoff_refuses_a_correction(models: dict) -> None:
+    with pytest.raises(ValueError, match="handoff cannot be combined with a teacher correction"):
+        rollout(load_model(models["student"]), PROMPTS, RolloutConfig(), handoff=0.5, correction=object())

@@ -1,3 +1,4 @@
+import dataclasses
 import warnings
 
 import pytest
@@ -80,3 +81,30 @@ def test_chat_templates_render_prompts_and_differences_warn(models: dict) -> Non
     teacher.tokenizer.chat_template = template.replace("=", " =")
     with pytest.warns(UserWarning, match="chat templates of student and teacher 'ta' render differently"):
         check_compatible(student, teacher, chat_template=True)
+
+
+@pytest.mark.parametrize("signal", ["hidden", "topk", "sampled"])
+def test_a_grouped_batch_scores_like_the_whole_batch(models: dict, signal: str) -> None:
+    student = load_model(models["student"])
+    teachers = {"ta": load_teacher(models["teacher_a"], "ta", ["a"]),
+                "tb": load_teacher(models["teacher_b"], "tb", ["b"])}
+    router = Router(teachers)
+    prompts = [Prompt(i, f"{w}=", "ab"[i % 2], None) for i, w in enumerate(["abc", "bad", "cafe", "dead", "face", "h"])]
+    cfg = RolloutConfig(max_new_tokens=12)
+    batch = rollout(student, prompts, cfg, torch.Generator().manual_seed(0), handoff=0.25)
+    assert len(batch.groups) >= 2
+    whole = dataclasses.replace(batch, groups=[])
+    kwargs = {"signal": signal, "topk": 3}
+    grouped, plain = score(batch, teachers, router, **kwargs), score(whole, teachers, router, **kwargs)
+    attr = {"hidden": "hidden", "topk": "topk_logprobs", "sampled": "token_logprobs"}[signal]
+    for name in teachers:  # per teacher and row, the same signal, only split differently
+        def by_row(scored, name=name):
+            out = {}
+            for ts in (t for t in scored.scores if t.teacher == name):
+                counts = batch.target_mask[ts.rows].sum(1).tolist()
+                out.update(zip(ts.rows.tolist(), torch.split(getattr(ts, attr), counts), strict=True))
+            return out
+        got, want = by_row(grouped), by_row(plain)
+        assert sorted(got) == sorted(want) and got
+        for r in want:
+            torch.testing.assert_close(got[r], want[r], atol=1e-4, rtol=1e-4)
