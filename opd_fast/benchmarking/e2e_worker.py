@@ -15,9 +15,12 @@ import resource
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .e2e import PROMPTS_FILE
+
+if TYPE_CHECKING:
+    from ..runner.config import RunConfig
 
 MB = 2**20
 
@@ -30,11 +33,9 @@ def _prompts(root: Path) -> list[dict[str, str]]:
     return [json.loads(line) for line in (root / PROMPTS_FILE).read_text().splitlines() if line.strip()]
 
 
-def run_opd_fast(overrides: list[str], root: Path, out_dir: Path, c: dict[str, Any]) -> list[dict]:
-    """``opd-fast train`` through its Python entry point; steps from the run's metrics.jsonl."""
+def opd_fast_config(overrides: list[str], root: Path, out_dir: Path, c: dict[str, Any]) -> RunConfig:
+    """The opd-fast arm's run config (written to ``out_dir/config.toml``) on the saved models under ``root``."""
     from ..runner.config import load_config
-    from ..runner.metrics import read_metrics
-    from ..runner.trainer import train
 
     prompts = out_dir / "prompts.jsonl"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -76,7 +77,15 @@ at_end = false
 """
     path = out_dir / "config.toml"
     path.write_text(toml)
-    train(load_config(path, overrides), overwrite=True)
+    return load_config(path, overrides)
+
+
+def run_opd_fast(overrides: list[str], root: Path, out_dir: Path, c: dict[str, Any]) -> list[dict]:
+    """``opd-fast train`` through its Python entry point; steps from the run's metrics.jsonl."""
+    from ..runner.metrics import read_metrics
+    from ..runner.trainer import train
+
+    train(opd_fast_config(overrides, root, out_dir, c), overwrite=True)
     steps = []
     for row in read_metrics(out_dir / "run"):
         if row.get("kind") == "eval":
