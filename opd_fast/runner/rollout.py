@@ -90,6 +90,12 @@ class RolloutBatch:
         return aligned[mask.to(aligned.device)]
 
     @property
+    def prompt_len(self) -> int:
+        """Columns of the left-padded prompts (completions start after them)."""
+        started = self.completion_mask.any(0).nonzero()
+        return int(started[0]) if started.numel() else self.input_ids.shape[1] - 1
+
+    @property
     def num_tokens(self) -> int:
         return int(self.completion_mask.sum())
 
@@ -267,6 +273,7 @@ def rollout(
     correction: CorrectedDecode | None = None,
     handoff: float = 0.0,
     on_group: Callable[[RowGroup], None] | None = None,
+    on_prompts: Callable[[list[Prompt], torch.Tensor, torch.Tensor], None] | None = None,
 ) -> RolloutBatch:
     """Sample one completion per prompt with ``lm`` (student, or a teacher for off-policy batches); with
     ``correction``, the routed teachers vet and may replace every sampled token.
@@ -275,7 +282,8 @@ def rollout(
     those rows leave the decode batch (its remaining steps get cheaper) as a ``RowGroup`` passed to
     ``on_group``, e.g. to be scored while the rest decodes; the batch's ``groups`` then record the partition
     (the last group: the rows that ran to the end). Samples do not depend on it: each step still draws one
-    uniform per row of the whole batch."""
+    uniform per row of the whole batch. ``on_prompts(prompts, ids, mask)`` gets the left-padded prompts
+    ``(B, P)`` (the batch's first ``P`` columns) before decoding starts, e.g. for the teachers' prefill."""
     if handoff > 0 and correction is not None:
         raise ValueError("rollout: handoff cannot be combined with a teacher correction, whose decoders keep "
                          "every row of the batch")
@@ -292,6 +300,8 @@ def rollout(
         step_ids[i, p_len - len(p):] = torch.tensor(p, device=device)
         mask[i, p_len - len(p):p_len] = 1
     count = mask.sum(1)
+    if on_prompts is not None:
+        on_prompts(prompts, step_ids.clone(), mask[:, :p_len].clone())
     eos = torch.tensor(_eos_ids(lm), device=device)
     was_training = lm.model.training
     lm.model.eval()

@@ -16,12 +16,15 @@ Public API: ``Router`` (domain -> teacher, checked at start-up), ``TeacherScores
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
+from transformers import DynamicCache
 
 from .config import TeacherConfig
+from .data import Prompt
 from .models import Head, Teacher, forward_hidden, head_logits, token_logprobs
 from .rollout import RolloutBatch, RowGroup
 from .sharding import is_sharded, join_forward
@@ -112,6 +115,73 @@ def merge_groups(batch: RolloutBatch, parts: list[tuple[RowGroup, ScoredBatch]])
     return out
 
 
+@dataclass
+class PromptCache:
+    """One teacher's forward of the prompts of the rows routed to it (left-padded as the rollout lays them out):
+    its KV cache and its state at each row's last prompt position, the one predicting the first completion token."""
+
+    rows: list[int]
+    cache: DynamicCache
+    last: torch.Tensor  # (R, H)
+    mask: torch.Tensor  # (R, P), on the teacher's device
+
+    def select(self, rows: list[int]) -> PromptCache:
+        """The rows of ``rows`` (whole-batch numbers) that are this cache's, in a cache of their own."""
+        where = {r: i for i, r in enumerate(self.rows)}
+        mine = [r for r in rows if r in where]
+        idx = torch.tensor([where[r] for r in mine], dtype=torch.long, device=self.last.device)
+        cache = DynamicCache()
+        for layer, past in enumerate(self.cache.layers):
+            cache.update(past.keys[idx], past.values[idx], layer)
+        return PromptCache(mine, cache, self.last[idx], self.mask[idx])
+
+
+@dataclass
+class Prefill:
+    """The first half of a micro-batch's scoring: the routed teachers' forwards of its prompts (``prefill``),
+    which can run as soon as the prompts exist, i.e. while the student decodes their completions."""
+
+    caches: dict[str, PromptCache]
+
+    def select(self, rows: list[int]) -> Prefill:
+        """The prompt caches of a group of ``rows``, renumbered as the group batch's rows ``0..len(rows)-1``."""
+        local = {r: i for i, r in enumerate(rows)}
+        out = {}
+        for name, pc in self.caches.items():
+            part = pc.select(rows)
+            if part.rows:
+                out[name] = dataclasses.replace(part, rows=[local[r] for r in part.rows])
+        return Prefill(out)
+
+
+@torch.no_grad()
+def prefill(
+    prompts: list[Prompt], prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, teachers: Mapping[str, Teacher],
+    router: Router,
+) -> Prefill:
+    """Each routed teacher's forward of its rows of the left-padded prompts ``(B, P)``."""
+    routed = router.route([p.domain for p in prompts])
+    caches = {}
+    for name in teachers:  # the same order on every rank, so that sharded teachers' collectives pair up
+        teacher = teachers[name].model
+        rows = routed.get(name)
+        if rows is None:
+            if is_sharded(teacher):  # the other ranks may forward it on this micro-batch: join their all-gathers
+                join_forward(teacher)
+            continue
+        idx = torch.tensor(rows, dtype=torch.long)
+        ids, mask = prompt_ids[idx].to(teacher.device), prompt_mask[idx].to(teacher.device)
+        hidden, cache = forward_hidden(teacher, ids, mask, cache=DynamicCache())
+        caches[name] = PromptCache(rows, cache, hidden[:, -1], mask)
+    return Prefill(caches)
+
+
+def prefill_of(batch: RolloutBatch, teachers: Mapping[str, Teacher], router: Router) -> Prefill:
+    """``prefill`` of a batch's own prompt columns (what the rollout's prefill hook was given)."""
+    p = batch.prompt_len
+    return prefill(batch.prompts, batch.input_ids[:, :p], batch.attention_mask[:, :p], teachers, router)
+
+
 @torch.no_grad()
 def score(
     batch: RolloutBatch,
@@ -121,25 +191,36 @@ def score(
     signal: str = "hidden",
     topk: int = 32,
     temperature: float = 1.0,
+    prompts: Prefill | None = None,
 ) -> ScoredBatch:
     """Run each teacher on its rows; return hidden states (or top-k / sampled-token log-probs at the
-    teacher's own temperature, ``temperature`` when it has none). A batch with ``groups`` is scored per group."""
+    teacher's own temperature, ``temperature`` when it has none).
+
+    The teachers forward the completions on their prompt caches (``prompts``, consumed; ``prefill_of`` the
+    batch when not given), so a prefill made while the batch decoded is not repeated. A batch with ``groups``
+    is scored per group, each on its rows' prompt caches."""
+    prompts = prefill_of(batch, teachers, router) if prompts is None else prompts
     if batch.groups:
         return merge_groups(batch, [(g, score(g.batch, teachers, router, signal=signal, topk=topk,
-                                              temperature=temperature)) for g in batch.groups])
+                                              temperature=temperature, prompts=prompts.select(g.rows)))
+                                    for g in batch.groups])
     out = ScoredBatch(batch)
-    routed = router.route([p.domain for p in batch.prompts])
-    for name in teachers:  # the same order on every rank, so that sharded teachers' collectives pair up
+    p_len = batch.prompt_len
+    for name in teachers:  # the same order as the prefill's
         teacher = teachers[name].model
-        rows = routed.get(name)
-        if rows is None:
-            if is_sharded(teacher):  # the other ranks may forward it on this micro-batch: join their all-gathers
+        pc = prompts.caches.get(name)
+        if pc is None:
+            if is_sharded(teacher):
                 join_forward(teacher)
             continue
-        idx = torch.tensor(rows, dtype=torch.long)
+        idx = torch.tensor(pc.rows, dtype=torch.long)
         device = teacher.device
-        hidden, _ = forward_hidden(teacher, batch.input_ids[idx].to(device), batch.attention_mask[idx].to(device))
-        states = batch.target_states(hidden, idx)
+        completion = batch.input_ids[idx, p_len:].to(device)
+        mask = torch.cat([pc.mask, batch.attention_mask[idx, p_len:].to(device)], 1)
+        hidden, _ = forward_hidden(teacher, completion, mask, cache=pc.cache)
+        # aligned to the columns from the last prompt token on: position j predicts completion column j
+        hidden = torch.cat([pc.last[:, None], hidden], 1)
+        states = hidden[:, :-1][batch.completion_mask[idx, p_len:].to(device)]
         head, t_temperature = teacher.head, teachers[name].loss_temperature(temperature)
         scores = TeacherScores(name, idx, head)  # teacher parameters are frozen constants
         if signal == "hidden":

@@ -25,6 +25,7 @@ is ``signals``'.
 from __future__ import annotations
 
 import contextlib
+import math
 import random
 import threading
 import time
@@ -48,11 +49,14 @@ from .models import LoadedModel, load_run_models, torch_threads
 from .pipeline import StageWorker, main_threads, split_threads
 from .rewards import Rewards
 from .rollout import RolloutBatch, RowGroup, from_completions, rollout
-from .score import Router, ScoredBatch, merge_groups, score
+from .score import Prefill, Router, ScoredBatch, merge_groups, prefill, score
 from .sharding import shard_run, to_shard
 from .signals import StopSignals, stop_on_signals
 from .timeline import Timeline, stage_metrics
 from .trackers import RunIdentity, SampleRecord
+
+# What the strict pipeline hears from a rollout while it decodes: its early row groups and its prompts.
+RolloutHooks = tuple[Callable[[RowGroup], None], Callable[[list[Prompt], torch.Tensor, torch.Tensor], None]]
 
 
 def _chunks(items: list[Prompt], size: int) -> list[list[Prompt]]:
@@ -141,14 +145,17 @@ class Trainer:
 
     # -- stages ---------------------------------------------------------------------------------
     def make_batch(self, step: int, lm: LoadedModel, prompts: list[Prompt], off_policy: bool,
-                   on_group: Callable[[RowGroup], None] | None = None) -> RolloutBatch:
+                   hooks: RolloutHooks | None = None) -> RolloutBatch:
         """Rollout stage: ``lm`` (the student or its async snapshot) samples, teacher-corrected when so
-        configured, or off-policy completions on an off-policy step; rows that finish early go to ``on_group``."""
+        configured, or off-policy completions on an off-policy step; ``hooks`` get the prompts as the decoding
+        starts (not beside a correction, whose teacher decoders run then) and the rows that finish early."""
         c = self.config
         if not off_policy:
             correction = None if self.corrector is None else self.corrector.begin(prompts, step)
+            on_group, on_prompts = (None, None) if hooks is None else hooks
             return rollout(lm, prompts, c.rollout, self.generator, chat_template=c.data.chat_template,
-                           correction=correction, handoff=self.handoff, on_group=on_group)
+                           correction=correction, handoff=self.handoff, on_group=on_group,
+                           on_prompts=on_prompts if correction is None else None)
         if c.loss.off_policy_source == "dataset":
             return from_completions(self.student.tokenizer, prompts, [p.reference or "" for p in prompts], c.rollout,
                                     chat_template=c.data.chat_template)
@@ -163,11 +170,11 @@ class Trainer:
 
     def roll_out(
         self, step: int, lm: LoadedModel, on_batch: Callable[[RolloutBatch], None] | None = None,
-        on_group: Callable[[RowGroup], None] | None = None,
+        hooks: RolloutHooks | None = None,
     ) -> StepRollouts:
         """Sample stage then rollout stage of ``step``: its prompts and every micro-batch's rollout; each
-        batch goes to ``on_batch`` (the strict mode's scorer) as soon as it exists, and before that, the
-        groups of its rows that finished early to ``on_group``."""
+        batch goes to ``on_batch`` (the strict mode's scorer) as soon as it exists, and while it decodes,
+        its prompts and the groups of its rows that finish early to ``hooks``."""
         c = self.config
         with self.timeline.stage(step, "sample"), self._sampler_lock:
             prompts = self.dp.shard(self.source.next_batch())  # every rank draws the global batch: same sampler
@@ -178,7 +185,7 @@ class Trainer:
         with self.sharding.gathered():  # a sharded student decodes gathered (see ``sharding``)
             for i, mb in enumerate(micro):
                 with self.timeline.stage(step, "rollout", i):
-                    batches.append(self.make_batch(step, lm, mb, off_policy, on_group))
+                    batches.append(self.make_batch(step, lm, mb, off_policy, hooks))
                 if on_batch is not None:
                     on_batch(batches[-1])
         return StepRollouts(step, off_policy, micro, batches, version=step - 1)
@@ -204,14 +211,22 @@ class Trainer:
                                     chat_template=c.data.chat_template) for mb in micro]
         return list(batches), float(sum(b.num_tokens for b in batches))
 
-    def score_batch(self, step: int, micro_batch: int, batch: RolloutBatch) -> ScoredBatch:
-        """Score stage: the routed teachers' signal (nothing to score when ``kd_weight`` is 0)."""
+    def score_batch(self, step: int, micro_batch: int, batch: RolloutBatch,
+                    prompts: Prefill | None = None) -> ScoredBatch:
+        """Score stage: the routed teachers' signal (nothing to score when ``kd_weight`` is 0), on the
+        teachers' ``prompts`` caches when their prefill already ran."""
         c = self.config
         with self.timeline.stage(step, "score", micro_batch):
             if c.loss.kd_weight <= 0:
                 return ScoredBatch(batch)
             return score(batch, self.teachers, self.router, signal=c.loss.signal, topk=c.loss.topk,
-                         temperature=c.loss.temperature)
+                         temperature=c.loss.temperature, prompts=prompts)
+
+    def prefill_batch(self, step: int, micro_batch: int, prompts: list[Prompt], ids: torch.Tensor,
+                      mask: torch.Tensor) -> Prefill:
+        """The first half of the score stage: the routed teachers' forwards of the micro-batch's prompts."""
+        with self.timeline.stage(step, "score", micro_batch):
+            return prefill(prompts, ids, mask, self.teachers, self.router)
 
     def learn(
         self, plan: StepRollouts, scored: Callable[[int, RolloutBatch], ScoredBatch]
@@ -238,40 +253,57 @@ class Trainer:
         if self.producer is not None:
             plan = self.producer.take()
             return (plan, *self.learn(plan, lambda i, b: self.score_batch(step, i, b)))
-        samples = c.data.prompts_per_step * c.data.group_size
-        single = samples <= c.rollout.micro_batch_size  # one micro-batch: only early groups can overlap
-        if c.run.pipeline == "serial" or (single and self.handoff == 0):
+        if c.run.pipeline == "serial" or c.loss.kd_weight <= 0:  # serial, or no teacher to overlap
             plan = self.roll_out(step, self.student)
             return (plan, *self.learn(plan, lambda i, b: self.score_batch(step, i, b)))
+        # The worker forwards each micro-batch's prompts through the teachers while the student decodes them,
+        # then scores its row groups as they finish. With one micro-batch, its last group is scored on the
+        # main thread with every thread, as nothing is left to overlap it with.
         total = c.run.threads or torch.get_num_threads()
         main, worker = split_threads(total)
-        submitted: list[list[RowGroup]] = [[]]  # per micro-batch, the groups the worker scores, in order
-        deferred: dict[int, RowGroup] = {}  # one micro-batch: its last group, scored on the main thread
+        single = c.data.prompts_per_step * c.data.group_size <= c.rollout.micro_batch_size
+        items: list[list[RowGroup | None]] = [[]]  # per micro-batch, the worker's items in order (None: prefill)
+        prefills: dict[int, Prefill] = {}  # written by the worker; read once a micro-batch's items are done
+        deferred: dict[int, RowGroup] = {}
+
+        def work(item: tuple[int, RowGroup | tuple]) -> ScoredBatch | None:
+            i, arg = item
+            if not isinstance(arg, RowGroup):
+                prefills[i] = self.prefill_batch(step, i, *arg)
+                return None
+            return self.score_batch(step, i, arg.batch, prefills[i].select(arg.rows) if i in prefills else None)
+
+        def on_prompts(prompts: list[Prompt], ids: torch.Tensor, mask: torch.Tensor) -> None:
+            items[-1].append(None)
+            scorer.submit((len(items) - 1, (prompts, ids, mask)))
 
         def on_group(group: RowGroup) -> None:
-            torch.set_num_threads(main)  # the worker has work from now on
-            scorer.submit((len(submitted) - 1, group.batch))
-            submitted[-1].append(group)
+            items[-1].append(group)
+            scorer.submit((len(items) - 1, group))
 
         def on_batch(batch: RolloutBatch) -> None:
             last = batch.groups[-1] if batch.groups else RowGroup(list(range(len(batch.prompts))), batch)
-            if single:  # nothing else left to overlap it with: all threads on this one
-                deferred[len(submitted) - 1] = last
+            if single:
+                deferred[len(items) - 1] = last
             else:
                 on_group(last)
-            submitted.append([])
+            items.append([])
 
         def scored(i: int, batch: RolloutBatch) -> ScoredBatch:
-            parts = [(group, scorer.result()) for group in submitted[i]]
-            if i == len(plan.batches) - 1:  # the worker has nothing left: the rest of learning gets every thread
+            parts = [(group, scorer.result()) for group in items[i]]
+            if i == len(plan.batches) - 1:  # the worker has nothing left: the rest of the step gets every thread
                 torch.set_num_threads(total)
             if i in deferred:
-                parts.append((deferred[i], self.score_batch(step, i, deferred[i].batch)))
-            return merge_groups(batch, parts)
+                group = deferred[i]
+                parts.append((group, self.score_batch(step, i, group.batch,
+                                                      prefills[i].select(group.rows) if i in prefills else None)))
+            prefills.pop(i, None)
+            return merge_groups(batch, [(group, result) for group, result in parts if group is not None])
 
-        with main_threads(total if single else main), StageWorker(lambda item: self.score_batch(step, *item), worker,
-                                                                  name="score-worker") as scorer:
-            plan = self.roll_out(step, self.student, on_batch, on_group)
+        # room for two micro-batches' items: a prefill, the early groups and the last
+        depth = 2 * (2 + (math.ceil(1 / self.handoff) if self.handoff > 0 else 0))
+        with main_threads(main), StageWorker(work, worker, depth=depth, name="score-worker") as scorer:
+            plan = self.roll_out(step, self.student, on_batch, (on_group, on_prompts))
             return (plan, *self.learn(plan, scored))
 
     def train_step(self) -> dict[str, Any]:

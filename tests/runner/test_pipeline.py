@@ -18,8 +18,9 @@ WORKER, MAIN = "worker", "main"
 
 @pytest.mark.parametrize(("loss", "rollout", "strict_lanes"), [
     ({}, {}, {WORKER}),  # 3 micro-batches per step, so scoring of one overlaps the rollout of the next
-    ({}, {"micro_batch_size": 6}, {WORKER, MAIN}),  # one micro-batch: rows that finish early beside decoding
-    ({}, {"micro_batch_size": 6, "handoff_fraction": 0.0}, {MAIN}),  # ... or nothing overlaps: the serial loop
+    # one micro-batch: the prompts' prefill and the rows that finish early beside decoding, the rest after it
+    ({}, {"micro_batch_size": 6}, {WORKER, MAIN}),
+    ({}, {"micro_batch_size": 6, "handoff_fraction": 0.0}, {WORKER, MAIN}),
     ({"off_policy_fraction": 0.5, "off_policy_source": "teacher"}, {}, {WORKER}),
     ({"signal": "topk", "topk": 4, "divergence": "forward_kl"}, {"micro_batch_size": 3, "max_new_tokens": 10},
      {WORKER}),
@@ -31,13 +32,13 @@ def test_strict_pipeline_gives_the_serial_losses(make_config, tmp_path: Path, lo
         config = make_config(tmp_path / mode, run={"pipeline": mode, "seed": 3}, loss=loss, optim={"steps": 3},
                              data={"prompts_per_step": 3, "group_size": 2}, rollout=rollout)
         trainer = Trainer(config)
-        scored_on, score_batch = set(), trainer.score_batch
+        scored_on = set()
+        for name in ("score_batch", "prefill_batch"):
+            def record(*args, stage=getattr(trainer, name), scored_on=scored_on):
+                scored_on.add(MAIN if threading.current_thread() is threading.main_thread() else WORKER)
+                return stage(*args)
 
-        def record(step, micro_batch, batch, score_batch=score_batch, scored_on=scored_on):
-            scored_on.add(MAIN if threading.current_thread() is threading.main_thread() else WORKER)
-            return score_batch(step, micro_batch, batch)
-
-        trainer.score_batch = record
+            setattr(trainer, name, record)
         rows = [trainer.train_step() for _ in range(3)]
         assert scored_on == (strict_lanes if mode == "strict" else {MAIN})
         runs[mode] = (rows, [p.detach().clone() for p in trainer.student.model.parameters()])
