@@ -12,10 +12,17 @@ machine's drift hits them alike:
   and 0.25 (finished rows leave the decode batch), each from the same generator state;
 - ``score``: the teacher's scoring of that batch (``score``): its forward and the gather of the target states;
 - ``learn``: ``Learner.micro_step`` on the scored batch (student forward, fused loss, backward), gradients
-  dropped after each.
+  dropped after each;
+- ``step serial`` / ``step strict handoff=0`` / ``step strict``: one whole ``Trainer.train_step`` of three
+  trainers built alike: ``run.pipeline = "serial"``; strict with the teachers' prompt prefill on the worker
+  thread while the student decodes but no early rows (``rollout.handoff_fraction = 0``); strict as shipped
+  (rows that finish early leave the decode batch and are scored on the worker too). They compute the same
+  thing, so they stay in step. The random models rarely end a row before the budget; ``--stop`` strings
+  (applied to every arm) make rows end early, as a trained model's EOS does.
 
 Medians with min-max in ms, the share of rows handed off early, the batch's shape and real-token share, a
-FLOP estimate per stage (2 x tokens x non-embedding parameters for a forward, x3 with the backward) and with
+FLOP estimate (2 x tokens x decoder parameters for a forward, x3 with the backward; the fused loss: both heads
+forward, the student's backward, on the completion tokens only) and with
 ``--top`` torch.profiler's top ops by self CPU time of one run per stage.
 """
 
@@ -49,7 +56,7 @@ def _spread(values: list[float]) -> dict[str, float]:
 
 
 def _params(model: torch.nn.Module) -> int:
-    """Parameters a token multiplies by (embedding lookups excluded, the output head included)."""
+    """Parameters a token multiplies by in the decoder (embedding lookups excluded)."""
     embed = model.get_input_embeddings().weight
     return sum(p.numel() for p in model.parameters() if p is not embed)
 
@@ -68,6 +75,11 @@ def profile_vocab(vocab: int, args: argparse.Namespace) -> dict:
     c = {"seed": cfg.seed, "threads": args.threads, "batch_size": cfg.batch_size,
          "max_new_tokens": cfg.max_new_tokens, "steps": cfg.steps, "lr": cfg.lr}
     trainer = Trainer(opd_fast_config([], root, out, c))
+    stop = [f"rollout.stop={json.dumps(args.stop)}"] if args.stop else []
+    arms = {"serial": ['run.pipeline="serial"'], "strict": ['run.pipeline="strict"'],
+            "strict handoff=0": ['run.pipeline="strict"', "rollout.handoff_fraction=0"]}
+    steppers = {name: Trainer(opd_fast_config([*overrides, *stop], root, out / str(i), c))
+                for i, (name, overrides) in enumerate(arms.items())}
     prompts = trainer.source.next_batch()
     rc = trainer.config.rollout
     state = trainer.generator.get_state()
@@ -86,11 +98,13 @@ def profile_vocab(vocab: int, args: argparse.Namespace) -> dict:
             trainer.learner.micro_step(scored, num_items)
         trainer.learner.optimizer.zero_grad(set_to_none=True)
 
+    step_rows: list[dict] = []  # every arm's rows: the share of rows scored early is the same in each
     stages: dict[str, Callable[[], object]] = {
         "rollout handoff=0": lambda: roll(0.0),
         "rollout handoff=0.25": lambda: roll(0.25),
         "score": lambda: score(batch, trainer.teachers, trainer.router),
         "learn": learn,
+        **{f"step {name}": (lambda s=stepper: step_rows.append(s.train_step())) for name, stepper in steppers.items()},
     }
     for fn in stages.values():  # warm-up: first-call allocations and kernel selection
         fn()
@@ -99,12 +113,15 @@ def profile_vocab(vocab: int, args: argparse.Namespace) -> dict:
         for name, fn in stages.items():
             times[name].append(_ms(fn))
     tokens = batch.input_ids.numel()
+    teacher_width, student_width = teacher.head.weight.shape[1], trainer.student.head.weight.shape[1]
     result = {
-        "vocab": vocab, "threads": args.threads, "repeats": args.repeats,
+        "vocab": vocab, "threads": args.threads, "repeats": args.repeats, "stop": args.stop,
         "batch_shape": list(batch.input_ids.shape), "real_token_share": float(batch.attention_mask.float().mean()),
         "completion_tokens": batch.num_tokens, "early_rows": roll(0.25).early_rows,
-        "gflop": {"score": 2 * tokens * _params(teacher.model.model) / 1e9,
-                  "learn": 6 * tokens * _params(trainer.student.model) / 1e9},
+        "step_early_share": statistics.mean(r["early_scored_share"] for r in step_rows),
+        "gflop": {"score": 2 * tokens * _params(teacher.model.decoder) / 1e9,
+                  "learn": 6 * tokens * _params(trainer.student.decoder) / 1e9,
+                  "loss": 2 * batch.num_tokens * vocab * (teacher_width + 3 * student_width) / 1e9},
         "ms": {name: _spread(values) for name, values in times.items()},
     }
     if args.top:
@@ -119,6 +136,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--top", type=int, default=8, help="profiler top ops per stage (0 = no profile)")
     parser.add_argument("--cache-dir", default="runs/bench-e2e-models")
+    parser.add_argument("--stop", nargs="*", default=[], help="rollout.stop strings for the step arms")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -126,7 +144,8 @@ def main() -> None:
     for r in results:
         print(f"vocab {r['vocab']}: batch {r['batch_shape']} ({r['real_token_share']:.0%} real tokens), "
               f"{r['completion_tokens']} completion tokens, {r['early_rows']} rows handed off early, "
-              f"GFLOP score {r['gflop']['score']:.2f} learn {r['gflop']['learn']:.2f}")
+              f"{r['step_early_share']:.0%} of the steps' rows scored early, "
+              "GFLOP " + ", ".join(f"{k} {v:.2f}" for k, v in r["gflop"].items()))
         for name, s in r["ms"].items():
             print(f"  {name:<22} {s['median']:8.1f} ms ({s['min']:.1f}-{s['max']:.1f})")
             for op in r.get("top_ops", {}).get(name, []):

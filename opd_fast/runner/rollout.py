@@ -312,7 +312,7 @@ def rollout(
     stops = StopStrings(tok, cfg.stop, b) if cfg.stop else None
     live = torch.arange(b, device=device)  # the whole batch's row of each decoding row
     ended = torch.zeros(b, dtype=torch.bool)  # rows that finished (EOS / stop string), whole batch, on the CPU
-    group_size = math.ceil(handoff * b) if handoff > 0 else b + 1
+    group_size = math.ceil(handoff * b)
     groups: list[RowGroup] = []
     steps: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
@@ -352,8 +352,7 @@ def rollout(
         step_ids = tokens[:, None]
         if bool(done.all()):
             break
-        finished = int(done.sum())
-        if finished >= group_size:
+        if handoff > 0 and int(done.sum()) >= group_size:
             rows = live[done].tolist()
             ended[rows] = True
             groups.append(RowGroup(rows, pack(rows, step + 1)))
