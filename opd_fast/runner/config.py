@@ -152,8 +152,9 @@ class RolloutConfig:
     decode: str = "auto"
     # Once at least this share of a micro-batch's rows has finished (EOS / stop string) while others still
     # decode, those rows leave the decode batch and are scored by the teacher (on the strict pipeline's worker
-    # thread) while the rest decodes; 0 = off. Training rollouts only, not with a correction or sharded models.
-    handoff_fraction: float = 0.25
+    # thread) while the rest decodes; 0 = off (the default: on 2 CPU cores it was not faster, see the README's
+    # runner-speed section). Training rollouts only, not with a correction or sharded models.
+    handoff_fraction: float = 0.0
     correction: CorrectionConfig | None = None  # student rollouts only; off-policy and eval ones never
 
 

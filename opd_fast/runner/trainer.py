@@ -253,7 +253,10 @@ class Trainer:
         if self.producer is not None:
             plan = self.producer.take()
             return (plan, *self.learn(plan, lambda i, b: self.score_batch(step, i, b)))
-        if c.run.pipeline == "serial" or c.loss.kd_weight <= 0:  # serial, or no teacher to overlap
+        single = c.data.prompts_per_step * c.data.group_size <= c.rollout.micro_batch_size
+        # One micro-batch without early groups: only its prompts' prefill could overlap its decoding, which on
+        # a few cores costs more than it hides (the prefill gets a share of the threads; see pipeline.py).
+        if c.run.pipeline == "serial" or c.loss.kd_weight <= 0 or (single and self.handoff == 0):
             plan = self.roll_out(step, self.student)
             return (plan, *self.learn(plan, lambda i, b: self.score_batch(step, i, b)))
         # The worker forwards each micro-batch's prompts through the teachers while the student decodes them,
@@ -261,7 +264,6 @@ class Trainer:
         # main thread with every thread, as nothing is left to overlap it with.
         total = c.run.threads or torch.get_num_threads()
         main, worker = split_threads(total)
-        single = c.data.prompts_per_step * c.data.group_size <= c.rollout.micro_batch_size
         items: list[list[RowGroup | None]] = [[]]  # per micro-batch, the worker's items in order (None: prefill)
         prefills: dict[int, Prefill] = {}  # written by the worker; read once a micro-batch's items are done
         deferred: dict[int, RowGroup] = {}

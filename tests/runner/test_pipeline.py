@@ -18,9 +18,10 @@ WORKER, MAIN = "worker", "main"
 
 @pytest.mark.parametrize(("loss", "rollout", "strict_lanes"), [
     ({}, {}, {WORKER}),  # 3 micro-batches per step, so scoring of one overlaps the rollout of the next
+    ({}, {"handoff_fraction": 0.5}, {WORKER}),  # ... and rows that finish early are scored before the rest
     # one micro-batch: the prompts' prefill and the rows that finish early beside decoding, the rest after it
-    ({}, {"micro_batch_size": 6}, {WORKER, MAIN}),
-    ({}, {"micro_batch_size": 6, "handoff_fraction": 0.0}, {WORKER, MAIN}),
+    ({}, {"micro_batch_size": 6, "handoff_fraction": 0.25}, {WORKER, MAIN}),
+    ({}, {"micro_batch_size": 6}, {MAIN}),  # ... or without early groups nothing overlaps: the serial loop
     ({"off_policy_fraction": 0.5, "off_policy_source": "teacher"}, {}, {WORKER}),
     ({"signal": "topk", "topk": 4, "divergence": "forward_kl"}, {"micro_batch_size": 3, "max_new_tokens": 10},
      {WORKER}),
