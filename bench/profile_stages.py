@@ -13,12 +13,12 @@ machine's drift hits them alike:
 - ``score``: the teacher's scoring of that batch (``score``): its forward and the gather of the target states;
 - ``learn``: ``Learner.micro_step`` on the scored batch (student forward, fused loss, backward), gradients
   dropped after each;
-- ``step serial`` / ``step strict handoff=0`` / ``step strict``: one whole ``Trainer.train_step`` of three
-  trainers built alike: ``run.pipeline = "serial"``; strict with the teachers' prompt prefill on the worker
-  thread while the student decodes but no early rows (``rollout.handoff_fraction = 0``); strict as shipped
-  (rows that finish early leave the decode batch and are scored on the worker too). They compute the same
-  thing, so they stay in step. The random models rarely end a row before the budget; ``--stop`` strings
-  (applied to every arm) make rows end early, as a trained model's EOS does.
+- ``step serial`` / ``step strict handoff=0.25``: one whole ``Trainer.train_step`` of two trainers built
+  alike: ``run.pipeline = "serial"`` (what the default strict mode runs with one micro-batch per step), and
+  strict with ``rollout.handoff_fraction = 0.25`` (the teachers prefill the prompts on the worker thread
+  while the student decodes, and rows that finish early leave the decode batch and are scored there too).
+  They compute the same thing, so they stay in step. The random models rarely end a row before the budget;
+  ``--stop`` strings (applied to both arms) make rows end early, as a trained model's EOS does.
 
 Medians with min-max in ms, the share of rows handed off early, the batch's shape and real-token share, a
 FLOP estimate (2 x tokens x decoder parameters for a forward, x3 with the backward; the fused loss: both heads
@@ -76,8 +76,8 @@ def profile_vocab(vocab: int, args: argparse.Namespace) -> dict:
          "max_new_tokens": cfg.max_new_tokens, "steps": cfg.steps, "lr": cfg.lr}
     trainer = Trainer(opd_fast_config([], root, out, c))
     stop = [f"rollout.stop={json.dumps(args.stop)}"] if args.stop else []
-    arms = {"serial": ['run.pipeline="serial"'], "strict": ['run.pipeline="strict"'],
-            "strict handoff=0": ['run.pipeline="strict"', "rollout.handoff_fraction=0"]}
+    arms = {"serial": ['run.pipeline="serial"'],
+            "strict handoff=0.25": ['run.pipeline="strict"', "rollout.handoff_fraction=0.25"]}
     steppers = {name: Trainer(opd_fast_config([*overrides, *stop], root, out / str(i), c))
                 for i, (name, overrides) in enumerate(arms.items())}
     prompts = trainer.source.next_batch()
@@ -98,13 +98,14 @@ def profile_vocab(vocab: int, args: argparse.Namespace) -> dict:
             trainer.learner.micro_step(scored, num_items)
         trainer.learner.optimizer.zero_grad(set_to_none=True)
 
-    step_rows: list[dict] = []  # every arm's rows: the share of rows scored early is the same in each
+    step_rows: dict[str, list[dict]] = {name: [] for name in steppers}
     stages: dict[str, Callable[[], object]] = {
         "rollout handoff=0": lambda: roll(0.0),
         "rollout handoff=0.25": lambda: roll(0.25),
         "score": lambda: score(batch, trainer.teachers, trainer.router),
         "learn": learn,
-        **{f"step {name}": (lambda s=stepper: step_rows.append(s.train_step())) for name, stepper in steppers.items()},
+        **{f"step {name}": (lambda s=stepper, rows=step_rows[name]: rows.append(s.train_step()))
+           for name, stepper in steppers.items()},
     }
     for fn in stages.values():  # warm-up: first-call allocations and kernel selection
         fn()
@@ -118,7 +119,7 @@ def profile_vocab(vocab: int, args: argparse.Namespace) -> dict:
         "vocab": vocab, "threads": args.threads, "repeats": args.repeats, "stop": args.stop,
         "batch_shape": list(batch.input_ids.shape), "real_token_share": float(batch.attention_mask.float().mean()),
         "completion_tokens": batch.num_tokens, "early_rows": roll(0.25).early_rows,
-        "step_early_share": statistics.mean(r["early_scored_share"] for r in step_rows),
+        "step_early_share": statistics.mean(r["early_scored_share"] for r in step_rows["strict handoff=0.25"]),
         "gflop": {"score": 2 * tokens * _params(teacher.model.decoder) / 1e9,
                   "learn": 6 * tokens * _params(trainer.student.decoder) / 1e9,
                   "loss": 2 * batch.num_tokens * vocab * (teacher_width + 3 * student_width) / 1e9},

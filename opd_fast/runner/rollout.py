@@ -11,9 +11,11 @@ are updated in place rather than rebuilt from the whole mask. The recorded log-p
 log-probability under the distribution it was actually drawn from (after temperature / top-k /
 top-p; under the raw model for greedy), which is what importance-sampling corrections need. With a
 ``CorrectedDecode`` (``correction.py``) the routed teachers decode beside the student and may replace
-each sampled token; the batch's ``corrected_mask`` marks those tokens.
+each sampled token; the batch's ``corrected_mask`` marks those tokens. With ``handoff``, rows that finished
+leave the decode batch in groups (``RowGroup``: each with its own re-padded batch, for scoring them early); a
+row's samples stay its own, as every step still draws one uniform per row of the whole batch.
 
-Public API: ``RolloutBatch`` (plain data handed to scoring and learning), ``rollout`` and
+Public API: ``RolloutBatch`` (plain data handed to scoring and learning), ``RowGroup``, ``rollout`` and
 ``from_completions`` (off-policy batches: dataset references or any given texts), ``sample_tokens``,
 ``StopStrings``.
 """

@@ -6,12 +6,14 @@ tokens (plus its ``Head``): the learner feeds them to the fused loss, so no logi
 signal (the teacher's log-prob of each sampled token) are computed here from the same hidden
 states, token-chunked, under no_grad.
 
-A batch whose rows were handed off in groups while it decoded (``RolloutBatch.groups``) is scored group by
-group, each on its own re-padded batch, whether the groups are scored as they finish (the strict pipeline)
-or afterwards (serial): the same computation either way; ``merge_groups`` joins the groups' signals.
+Scoring is two forwards per teacher: the prompts (``prefill``: they exist before the completions, so the strict
+pipeline runs it while the student decodes) and then the completions on those prompt caches. A batch whose rows
+were handed off in groups while it decoded (``RolloutBatch.groups``) has its completions forwarded group by
+group, each group's on its rows' prompt caches, whether the groups are scored as they finish (strict) or
+afterwards (serial): the same computation either way; ``merge_groups`` joins the groups' signals.
 
 Public API: ``Router`` (domain -> teacher, checked at start-up), ``TeacherScores``, ``ScoredBatch``,
-``score``, ``merge_groups``.
+``PromptCache``, ``Prefill``, ``prefill``, ``prefill_of``, ``score``, ``merge_groups``.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ import torch
 from opd_fast.reference import divergence_from_logits
 from opd_fast.runner.config import LossConfig, OptimConfig, RolloutConfig
 from opd_fast.runner.data import Prompt
-from opd_fast.runner.learn import Learner, lr_lambda
+from opd_fast.runner.learn import ImportanceWeights, Learner, lr_lambda
 from opd_fast.runner.models import Teacher, load_model, position_ids
 from opd_fast.runner.rollout import rollout
 from opd_fast.runner.score import Router, score
@@ -93,3 +93,20 @@ def test_warmup_then_cosine_schedule() -> None:
     values = [lr_lambda(s, 4, 20, 0.1) for s in range(21)]
     assert values[:4] == pytest.approx([0.2, 0.4, 0.6, 0.8]) and values[4] == pytest.approx(1.0)
     assert values[-1] == pytest.approx(0.1) and all(a >= b for a, b in itertools.pairwise(values[4:]))
+
+
+def test_importance_weights_follow_each_teachers_rows(models: dict) -> None:
+    """Sampled-token signal, two teachers in one micro-batch: each teacher's term is weighted by its own
+    rows' importance weights (weights of 1, on the sampler's own weights, leave the loss unweighted)."""
+    losses = []
+    for importance in (None, ImportanceWeights(clip=10.0, temperature=1.0)):
+        student, teachers, router, learner = setup(models, {"ta": models["teacher_a"], "tb": models["teacher_b"]},
+                                                   LossConfig(signal="sampled"), {"ta": 1.0, "tb": 1.0})
+        learner.importance = importance
+        batch = rollout(student, PROMPTS, RolloutConfig(max_new_tokens=7), torch.Generator().manual_seed(0))
+        scored = score(batch, teachers, router, signal="sampled")
+        assert len(scored.scores) == 2
+        stats = learner.micro_step(scored, float(batch.num_tokens))
+        assert stats.importance_tokens in (0, batch.num_tokens)
+        losses.append(stats.loss)
+    assert losses[1] == pytest.approx(losses[0], rel=1e-4, abs=1e-6)

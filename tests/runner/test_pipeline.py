@@ -16,6 +16,14 @@ COMPARED = ("loss", "grad_norm", "tokens", "completion_len", "early_scored_share
 WORKER, MAIN = "worker", "main"
 
 
+def recording(stage, lanes: set[str]):
+    """``stage`` that adds the lane (thread) it ran on to ``lanes``."""
+    def run(*args):
+        lanes.add(MAIN if threading.current_thread() is threading.main_thread() else WORKER)
+        return stage(*args)
+    return run
+
+
 @pytest.mark.parametrize(("loss", "rollout", "strict_lanes"), [
     ({}, {}, {WORKER}),  # 3 micro-batches per step, so scoring of one overlaps the rollout of the next
     ({}, {"handoff_fraction": 0.5}, {WORKER}),  # ... and rows that finish early are scored before the rest
@@ -35,11 +43,7 @@ def test_strict_pipeline_gives_the_serial_losses(make_config, tmp_path: Path, lo
         trainer = Trainer(config)
         scored_on = set()
         for name in ("score_batch", "prefill_batch"):
-            def record(*args, stage=getattr(trainer, name), scored_on=scored_on):
-                scored_on.add(MAIN if threading.current_thread() is threading.main_thread() else WORKER)
-                return stage(*args)
-
-            setattr(trainer, name, record)
+            setattr(trainer, name, recording(getattr(trainer, name), scored_on))
         rows = [trainer.train_step() for _ in range(3)]
         assert scored_on == (strict_lanes if mode == "strict" else {MAIN})
         runs[mode] = (rows, [p.detach().clone() for p in trainer.student.model.parameters()])
