@@ -47,8 +47,6 @@ VARIANTS = (
 TOPK = 20
 # Token chunk of the cached mode (a 1 GB budget's choice at Liger's vocabulary: 4 bytes per logit).
 CACHED_CHUNK_TOKENS = 2048
-# SMs of an H100 SXM: the cache GEMM's persistent grid.
-CACHED_PROGRAMS = 132
 # Liger's published benchmark shape (docs/performance.md).
 SHAPE = {"n": 8192, "hs": 2048, "ht": 4096, "vocab": 128256}
 
@@ -124,7 +122,7 @@ def _kernel_arguments(kernel: str, divergence: str, dtype):
         values = torch.empty(chunk, vocab, dtype=cache_dtype(dtype), device="meta")
         if kernel == "cached_logits":
             return cached_logits_arguments(ht[:chunk], Head(wt, bt, 1.0), opts.teacher, opts.temperature, vocab,
-                                           values, stats, GPU_CONFIGS[90], CACHED_PROGRAMS)
+                                           values, stats)
         rows_c = torch.empty(chunk, dtype=torch.float32, device="meta")
         hard = HardLabels(torch.empty(chunk, dtype=torch.int64, device="meta"), rows_c)
         grad = torch.empty(chunk, vocab, **meta)  # the gradient in the student's dtype, over its cache

@@ -273,7 +273,7 @@ def test_cached_mode_matches_the_reference(triton_loss, seed, dtype, divergence,
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_logit_cache_stores_shifted_values_and_tile_statistics(seed, dtype):
-    """The GEMM kernel's cache of 40 rows (3 row blocks, 3 vocabulary tiles: the persistent, grouped tile walk)
+    """The GEMM kernel's cache of 40 rows (3 row blocks, 3 vocabulary tiles: the grouped tile order)
     reconstructs the fp32 logits to fp16's 2^-11 of each value's distance from its tile max; a -inf bias column
     stays -inf; the sum-exp statistics describe the stored logits; columns past ``vocab`` are never written."""
     n, vocab, cap, temperature = 40, 70, 8.0, 1.5

@@ -1,9 +1,10 @@
 """The cached mode's logit cache: one head's logits of a token chunk as fp16 values shifted by their tile's max.
 
-``cached_logits_kernel`` is a persistent single-head GEMM (one program per SM walks the chunk's
-``BLOCK_M x BLOCK_N`` output tiles, grouped by ``GROUP_M`` row blocks so a weight block is reused
-from L2) computing the raw logits ``r = scale (h W^T + b)`` with an fp32 accumulator. Its epilogue
-stores, per (row, vocabulary tile of ``BLOCK_N`` columns):
+``cached_logits_kernel`` is a single-head GEMM (one program per ``BLOCK_M x BLOCK_N`` output tile,
+ordered in groups of ``GROUP_M`` row blocks so a weight block is reused from L2) computing the raw
+logits ``r = scale (h W^T + b)`` with an fp32 accumulator. It is not persistent: a loop over tiles per SM
+keeps more state live and spills where this kernel does not (104 bytes at 128 x 128 x 64 on sm_90a,
+``opd-fast kernels check``). Its epilogue stores, per (row, vocabulary tile of ``BLOCK_N`` columns):
 
 * ``v = fp16(r - m)`` with ``m`` the tile's row max (fp32): values in ``[-65504, 0]``;
 * ``m`` itself and ``s = sum exp(f(m + v) - f(m))`` with ``f(x) = softcap(x) / T`` the final logit
@@ -38,7 +39,7 @@ from ..chunked import Head
 from .common import INTERPRET, BlockConfig, dot_precision, even_k, tanh
 
 # The smallest fp16 magnitude-limited value: finite shifts below it clamp here (exp underflows long before).
-_FP16_LOWEST = -65504.0
+_FP16_LOWEST = tl.constexpr(-65504.0)
 # Row blocks of output tiles walked together, so their shared weight blocks are read from L2 once.
 GROUP_M = 8
 
@@ -68,7 +69,7 @@ class ShiftedLogits:
 })
 @triton.jit
 def cached_logits_kernel(
-    h_ptr, w_ptr, b_ptr, v_ptr, stats_ptr, N, K, H, stride_v, n_tiles, n_programs, scale, cap, inv_temp,
+    h_ptr, w_ptr, b_ptr, v_ptr, stats_ptr, N, K, H, stride_v, n_tiles, scale, cap, inv_temp,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
     WIDEN: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -77,48 +78,48 @@ def cached_logits_kernel(
     per_group = GROUP * n_tiles
     r = tl.arange(0, BLOCK_M)
     c = tl.arange(0, BLOCK_N)
-    for tile in range(tl.program_id(0), row_blocks * n_tiles, n_programs):
-        first = tile // per_group * GROUP
-        rows_here = tl.minimum(row_blocks - first, GROUP)
-        row0 = (first + tile % per_group % rows_here) * BLOCK_M
-        col_tile = tile % per_group // rows_here
-        col0 = col_tile * BLOCK_N
-        rows = row0 + r
-        row_ok = rows < N
-        col_ok = col0 + c < K
-        h_base = h_ptr + tl.cast(row0, tl.int64) * H
-        w_base = w_ptr + tl.cast(col0, tl.int64) * H
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, H, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            if EVEN_K:
-                h = tl.load(h_base + r[:, None] * H + ks[None, :], mask=row_ok[:, None], other=0.0)
-                w = tl.load(w_base + c[:, None] * H + ks[None, :], mask=col_ok[:, None], other=0.0)
-            else:
-                k_ok = ks < H
-                h = tl.load(h_base + r[:, None] * H + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-                w = tl.load(w_base + c[:, None] * H + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-            if WIDEN:
-                h, w = h.to(tl.float32), w.to(tl.float32)
-            acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + col0 + c, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        raw = tl.where(col_ok[None, :], acc * scale, float("-inf"))
-        m = tl.max(raw, 1)
-        m = tl.where(m == float("-inf"), 0.0, m)  # an all -inf tile: shift 0, its values stay -inf
-        shifted = tl.where(raw == float("-inf"), raw, tl.maximum(raw - m[:, None], _FP16_LOWEST))
-        v = shifted.to(tl.float16)
-        ok = row_ok[:, None] & col_ok[None, :]
-        tl.store(v_ptr + tl.cast(rows, tl.int64)[:, None] * stride_v + (col0 + c)[None, :], v, mask=ok)
-        z = m[:, None] + v.to(tl.float32)  # the stored logit: the statistics describe what the row kernel reads
-        z_max = m
-        if HAS_SOFTCAP:
-            z = cap * tanh(z / cap)
-            z_max = cap * tanh(z_max / cap)
-        e = tl.where(col_ok[None, :], tl.exp((z - z_max[:, None]) * inv_temp), 0.0)
-        at = stats_ptr + tl.cast(rows, tl.int64) * n_tiles + col_tile
-        tl.store(at, m, mask=row_ok)
-        tl.store(at + tl.cast(N, tl.int64) * n_tiles, tl.sum(e, 1), mask=row_ok)
+    tile = tl.program_id(0)
+    first = tile // per_group * GROUP
+    rows_here = tl.minimum(row_blocks - first, GROUP)
+    row0 = (first + tile % per_group % rows_here) * BLOCK_M
+    col_tile = tile % per_group // rows_here
+    col0 = col_tile * BLOCK_N
+    rows = row0 + r
+    row_ok = rows < N
+    col_ok = col0 + c < K
+    h_base = h_ptr + tl.cast(row0, tl.int64) * H
+    w_base = w_ptr + tl.cast(col0, tl.int64) * H
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        if EVEN_K:
+            h = tl.load(h_base + r[:, None] * H + ks[None, :], mask=row_ok[:, None], other=0.0)
+            w = tl.load(w_base + c[:, None] * H + ks[None, :], mask=col_ok[:, None], other=0.0)
+        else:
+            k_ok = ks < H
+            h = tl.load(h_base + r[:, None] * H + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_base + c[:, None] * H + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        if WIDEN:
+            h, w = h.to(tl.float32), w.to(tl.float32)
+        acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + col0 + c, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    raw = tl.where(col_ok[None, :], acc * scale, float("-inf"))
+    m = tl.max(raw, 1)
+    m = tl.where(m == float("-inf"), 0.0, m)  # an all -inf tile: shift 0, its values stay -inf
+    shifted = tl.where(raw == float("-inf"), raw, tl.maximum(raw - m[:, None], _FP16_LOWEST))
+    v = shifted.to(tl.float16)
+    ok = row_ok[:, None] & col_ok[None, :]
+    tl.store(v_ptr + tl.cast(rows, tl.int64)[:, None] * stride_v + (col0 + c)[None, :], v, mask=ok)
+    z = m[:, None] + v.to(tl.float32)  # the stored logit: the statistics describe what the row kernel reads
+    z_max = m
+    if HAS_SOFTCAP:
+        z = cap * tanh(z / cap)
+        z_max = cap * tanh(z_max / cap)
+    e = tl.where(col_ok[None, :], tl.exp((z - z_max[:, None]) * inv_temp), 0.0)
+    at = stats_ptr + tl.cast(rows, tl.int64) * n_tiles + col_tile
+    tl.store(at, m, mask=row_ok)
+    tl.store(at + tl.cast(N, tl.int64) * n_tiles, tl.sum(e, 1), mask=row_ok)
 
 
 # Single-head tiles: one fp32 accumulator live, so wider than the two-head kernels' (what `opd-fast kernels
@@ -139,20 +140,13 @@ def pick_tiles(device: torch.device) -> BlockConfig:
     return GPU_CONFIGS[90 if major >= 9 else 80]
 
 
-def n_programs(device: torch.device, n_tiles: int) -> int:
-    """Persistent grid: one program per SM (each holds ~all registers), fewer when the chunk has fewer tiles."""
-    if INTERPRET or device.type != "cuda":
-        return min(n_tiles, 2)  # programs walking several tiles each: the tests exercise the persistent loop
-    return min(n_tiles, torch.cuda.get_device_properties(device).multi_processor_count)
-
-
 def cached_logits_arguments(h: torch.Tensor, head: Head, spec: HeadSpec, temperature: float, vocab: int,
-                            values: torch.Tensor, stats: torch.Tensor, config: BlockConfig, programs: int) -> dict:
+                            values: torch.Tensor, stats: torch.Tensor) -> dict:
     """Keyword arguments of ``cached_logits_kernel`` writing the cache of ``h``'s rows into ``values`` / ``stats``."""
     return {
         "h_ptr": h, "w_ptr": head.weight, "b_ptr": head.bias, "v_ptr": values, "stats_ptr": stats,
         "N": h.shape[0], "K": vocab, "H": h.shape[1], "stride_v": values.stride(0), "n_tiles": stats.shape[-1],
-        "n_programs": programs, "scale": head.scale, "cap": spec.softcap or 0.0, "inv_temp": 1.0 / temperature,
+        "scale": head.scale, "cap": spec.softcap or 0.0, "inv_temp": 1.0 / temperature,
         "DOT_PRECISION": "ieee" if INTERPRET else dot_precision(h.dtype), "WIDEN": INTERPRET, "GROUP": GROUP_M,
     }
 
@@ -166,8 +160,7 @@ def shifted_logits(h: torch.Tensor, head: Head, spec: HeadSpec, temperature: flo
     values = buffer[: n * vocab].view(n, vocab)
     stats = torch.empty(2, n, tiles, dtype=torch.float32, device=h.device)
     if n:
-        programs = n_programs(h.device, triton.cdiv(n, config.block_m) * tiles)
-        args = cached_logits_arguments(h.contiguous(), head, spec, temperature, vocab, values, stats, config,
-                                       programs)
-        cached_logits_kernel[(programs,)](**args, **config.constexprs(), **config.launch_options())
+        args = cached_logits_arguments(h.contiguous(), head, spec, temperature, vocab, values, stats)
+        grid = (triton.cdiv(n, config.block_m) * tiles,)
+        cached_logits_kernel[grid](**args, **config.constexprs(), **config.launch_options())
     return ShiftedLogits(values, stats, config.block_n)
