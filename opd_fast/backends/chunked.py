@@ -81,8 +81,10 @@ class RowLogits(Protocol):
         """The element type of the flat per-head scratch buffer it writes into, for inputs of ``dtype``."""
         ...
 
-    def __call__(self, h: torch.Tensor, head: Head, spec: HeadSpec, temperature: float, vocab: int,
-                 buffer: torch.Tensor) -> Any:
+    def head_logits(self, h: torch.Tensor, head: Head, spec: HeadSpec, temperature: float, vocab: int,
+                    buffer: torch.Tensor) -> Any:
+        """One head's logits of the chunk ``h`` over its first ``vocab`` columns, in the front of ``buffer``;
+        ``spec`` and ``temperature`` make the final logits (a cache may keep statistics of them)."""
         ...
 
 
@@ -212,10 +214,11 @@ class _ChunkLogits(NamedTuple):
         return (self.student.logits(self.h_s, v0, v1, self.buffers[0]),
                 self.teacher.logits(self.h_t, v0, v1, self.buffers[1]))
 
-    def made_by(self, logits: RowLogits, vocab: int) -> tuple[Any, Any]:
+    def made_by(self, maker: RowLogits, vocab: int) -> tuple[Any, Any]:
+        """Both heads' full-row logits from a tile math's own ``RowLogits`` (instead of ``raw``)."""
         o = self.opts
-        return (logits(self.h_s, self.student, o.student, o.temperature, vocab, self.buffers[0]),
-                logits(self.h_t, self.teacher, o.teacher, o.temperature, vocab, self.buffers[1]))
+        return (maker.head_logits(self.h_s, self.student, o.student, o.temperature, vocab, self.buffers[0]),
+                maker.head_logits(self.h_t, self.teacher, o.teacher, o.temperature, vocab, self.buffers[1]))
 
     def final(self, v0: int, v1: int) -> tuple[torch.Tensor, torch.Tensor]:
         raw_s, raw_t = self.raw(v0, v1)
@@ -253,7 +256,8 @@ class ChunkedEngine:
     statistics of an earlier run) lets the 2-D regime skip its statistics passes, and a known
     ``teacher_lse`` (per compacted row) the teacher's GEMMs of its log-sum-exp pass. The full-row
     regime holds each chunk's teacher logits anyway and takes their log-sum-exp in the same kernel.
-    ``row_logits`` (optional) makes the full-row regime's logits instead of the torch GEMMs.
+    ``row_logits`` (optional) makes the full-row regime's logits instead of the torch GEMMs (the 2-D
+    regime keeps those, in ``TileMath.logits_dtype``).
     """
 
     output_names = TEACHER_HEAD_OUTPUTS

@@ -1,21 +1,20 @@
 """Cached mode: each head's logits computed once per token chunk, one Triton row kernel for the rest.
 
 ``Tuning(triton_mode="cached")`` runs the Triton backend as the chunk loop of ``chunked.py``: per
-token chunk torch matmul (cuBLAS) writes both heads' raw logits ``(chunk, V)`` in fp32, this kernel
-turns them into every per-row statistic and writes the logit gradient, and the chunk loop's
+token chunk ``cached_logits``' GEMM kernel writes each head's logits as an fp16 tile-shifted cache
+(16-bit inputs; fp32 inputs get torch matmul's fp32 logits, exact), this kernel turns them into every
+per-row statistic and writes the logit gradient over the student's cache, and the chunk loop's
 ``GradSink`` runs grad-hidden and grad-weight (fp32 accumulation) on cuBLAS. FLOPs are the GEMM floor
-(no logit is computed twice); the price is ``2 x chunk x V`` fp32 logits plus, for a 16-bit student,
-the gradient in its dtype (read by the GEMMs as it is; an fp32 gradient overwrites the student's
-logits), sized by ``Tuning.memory_budget_mb``. The logits keep the GEMM's fp32 accumulator
-(``gemm.matmul_fp32``), as the strict kernels keep them in registers: rounding them to bf16 would
-move a logit of 20 by up to 0.06.
+(no logit is computed twice); the price is 4 bytes per logit of a chunk for 16-bit inputs (8 for fp32),
+sized by ``Tuning.memory_budget_mb``. Precision: ``cached_logits``' module docstring.
 
-The kernel is memory-bound: program ``i`` owns ``BLOCK_R`` rows and streams them three times in
-``BLOCK_V`` columns: (1) both online log-sum-exps (+ the label logit and, at T != 1, the
-log-sum-exp of ``T z``), (2) the divergence, ``c`` and the entropy with the row LSEs known,
-(3) with a gradient, ``g = s (a - q c)`` (+ the cross-entropy's), chained through softcap and
-temperature, stored into the gradient buffer. The element-wise math is ``common``'s, the one the
-strict kernels use.
+The kernel is memory-bound: program ``i`` owns ``BLOCK_R`` rows and streams them in ``BLOCK_V``
+columns: (1) both log-sum-exps, from the caches' per-tile statistics (``V / TILE_N`` values a row) or,
+for fp32 logits and for the student at T != 1 with labels (which needs the log-sum-exp of ``T z``),
+online over the logits (+ the label logit), (2) the divergence, ``c`` and the entropy with the row
+LSEs known, (3) with a gradient, ``g = s (a - q c)`` (+ the cross-entropy's), chained through softcap
+and temperature, stored into the gradient buffer. Logits are reconstructed in fp32 (``m + v``) as they
+are read; the element-wise math is ``common``'s, the one the strict kernels use.
 """
 
 from __future__ import annotations
@@ -294,10 +293,11 @@ class TritonTileMath:
         return torch.promote_types(dtype, torch.float32)
 
     def buffer_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """The full-row regime's cache element: fp16 for 16-bit inputs, fp32 for fp32 ones."""
         return cache_dtype(dtype)
 
-    def __call__(self, h: torch.Tensor, head: Head, spec: HeadSpec, temperature: float, vocab: int,
-                 buffer: torch.Tensor) -> Cache:
+    def head_logits(self, h: torch.Tensor, head: Head, spec: HeadSpec, temperature: float, vocab: int,
+                    buffer: torch.Tensor) -> Cache:
         """A head's cache of the chunk ``h``: the tile-shifted fp16 one from ``cached_logits`` for 16-bit inputs,
         the torch GEMM's fp32 logits for fp32 ones (exact, as in the strict kernels)."""
         if h.dtype in (torch.float16, torch.bfloat16):

@@ -73,7 +73,11 @@ def cached_logits_kernel(
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
     WIDEN: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """``v_ptr`` ``(N, K)`` fp16 (row stride ``stride_v``), ``stats_ptr`` ``(2, N, n_tiles)`` fp32 (see the module)."""
+    """``v_ptr`` ``(N, K)`` fp16 (row stride ``stride_v``), ``stats_ptr`` ``(2, N, n_tiles)`` fp32 (see the module).
+
+    ``WIDEN`` (the interpreter only, whose bf16 ``tl.dot`` is broken) upcasts the operands to fp32 first: products
+    of 16-bit numbers are exact in fp32, so the interpreter checks everything but the MMA instruction itself.
+    """
     row_blocks = tl.cdiv(N, BLOCK_M)
     per_group = GROUP * n_tiles
     r = tl.arange(0, BLOCK_M)
