@@ -229,7 +229,7 @@ def test_cached_mode_logit_error_follows_the_log_probabilities(triton_loss, seed
     """The fp16 tile-shifted cache keeps each log-probability to a relative 2^-11 (``cached_logits``'s argument:
     ``|z - m| <= -log q`` since the tile max is at most the LSE), whatever the logits' own magnitude, so per-token
     values and statistics match float64 on the same inputs to rtol 1e-3 (both heads' 2^-11, rounded up). A cache
-    of bf16-rounded logits errs by ~2^-9 |z| per logit instead: 1.4-7.7 % here (measured), and this test fails."""
+    of bf16-rounded logits errs by up to 2^-8 |z| per logit instead: 1.4-7.7 % here (measured), and this test fails."""
     t = large_logits(dtype, shape)
     args = [t[k] for k in ("student_hidden", "student_weight", "teacher_hidden", "teacher_weight")]
     kw = dict(divergence=divergence, reduction="none", return_stats=True)
