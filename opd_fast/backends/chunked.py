@@ -125,7 +125,7 @@ class Head:
         """
         w = self.weight[v0:v1]
         out = buffer[: h.shape[0] * (v1 - v0)].view(h.shape[0], v1 - v0)
-        if out.dtype != h.dtype:  # a wider logit than the operands (the Triton cached mode's fp32 logits)
+        if out.dtype != h.dtype:  # a wider logit than the operands (the Triton cached mode's 2-D regime)
             matmul_fp32(h, w.T, out=out)
             if self.bias is not None:
                 out.add_(self.bias[v0:v1])

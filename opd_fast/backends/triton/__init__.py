@@ -7,7 +7,7 @@
 * ``tail_lse`` / ``tail_grad`` - the single-head losses (per-token log-probs, top-k teacher):
   log-sum-exp outside a per-row id set plus the ids' logits, and the gradient outside the ids.
 * ``stripes`` - the gradient GEMMs on those stripes, in torch (cuBLAS): no atomics anywhere.
-* ``cached_logits`` / ``cached`` - the cached mode: a persistent GEMM writes a token chunk's logits once per
+* ``cached_logits`` / ``cached`` - the cached mode: a GEMM kernel writes a token chunk's logits once per
   head as an fp16 tile-shifted cache, a memory-bound row kernel streams it into the statistics and gradient.
 
 In the strict mode logit tiles are produced by ``tl.dot`` K-loops in on-chip memory; no logits tensor ever reaches
