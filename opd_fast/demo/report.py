@@ -249,7 +249,9 @@ def merge_results(dirs: Sequence[Path], out: Path, total_wall_s: float | None = 
     runs.sort(key=lambda r: r.seed)  # stable: arms keep their order within a seed
     recipes = {key: {seed: recipe for _, m in loaded for seed, recipe in m.get(key, {}).items()}
                for key in ("students", "weak_students")}
-    meta = {**loaded[0][1], **recipes, "merged_from": [str(d) for d in dirs], "seeds": sorted({r.seed for r in runs}),
+    arms = {key: list(dict.fromkeys(a for _, m in loaded for a in m.get(key, []))) for key in ("arms", "weak_arms")}
+    meta = {**loaded[0][1], **recipes, **arms, "merged_from": [str(d) for d in dirs],
+            "seeds": sorted({r.seed for r in runs}),
             "total_wall_s": total_wall_s if total_wall_s is not None
             else sum(m.get("total_wall_s", 0.0) for _, m in loaded)}
     return write_results(specialists + runs, out, meta)
