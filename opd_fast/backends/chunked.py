@@ -26,11 +26,11 @@ per-row statistics of an earlier one, so the 2-D regime skips its statistics pas
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 
-from ..core.call import LossOptions, Tuning
+from ..core.call import HeadSpec, LossOptions, Tuning
 from ..core.engine import TEACHER_HEAD_OUTPUTS, EngineResult, Student, StudentGrads, Upstream, Want, accum_dtype
 from .gemm import matmul_fp32
 from .tile_math import (
@@ -73,6 +73,21 @@ class TileMath(Protocol):
         ...
 
 
+class RowLogits(Protocol):
+    """A tile math's own maker of one head's full-row logits of a chunk, in place of the torch GEMMs (the
+    Triton cached mode's GEMM kernel writes a compact cache); ``TileMath.full_rows`` receives what it returns."""
+
+    def buffer_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """The element type of the flat per-head scratch buffer it writes into, for inputs of ``dtype``."""
+        ...
+
+    def head_logits(self, h: torch.Tensor, head: Head, spec: HeadSpec, temperature: float, vocab: int,
+                    buffer: torch.Tensor) -> Any:
+        """One head's logits of the chunk ``h`` over its first ``vocab`` columns, in the front of ``buffer``;
+        ``spec`` and ``temperature`` make the final logits (a cache may keep statistics of them)."""
+        ...
+
+
 def plan_chunks(n_tokens: int, vocab: int, tuning: Tuning, bytes_per_logit: int) -> tuple[int, int]:
     """(chunk_tokens, chunk_vocab) keeping a chunk's live tiles (``bytes_per_logit`` each element) in budget."""
     budget_elems = int(tuning.memory_budget_mb * 2**20) // bytes_per_logit
@@ -110,7 +125,7 @@ class Head:
         """
         w = self.weight[v0:v1]
         out = buffer[: h.shape[0] * (v1 - v0)].view(h.shape[0], v1 - v0)
-        if out.dtype != h.dtype:  # a wider logit than the operands (the Triton cached mode's fp32 logits)
+        if out.dtype != h.dtype:  # a wider logit than the operands (the Triton cached mode's 2-D regime)
             matmul_fp32(h, w.T, out=out)
             if self.bias is not None:
                 out.add_(self.bias[v0:v1])
@@ -199,6 +214,12 @@ class _ChunkLogits(NamedTuple):
         return (self.student.logits(self.h_s, v0, v1, self.buffers[0]),
                 self.teacher.logits(self.h_t, v0, v1, self.buffers[1]))
 
+    def made_by(self, maker: RowLogits, vocab: int) -> tuple[Any, Any]:
+        """Both heads' full-row logits from a tile math's own ``RowLogits`` (instead of ``raw``)."""
+        o = self.opts
+        return (maker.head_logits(self.h_s, self.student, o.student, o.temperature, vocab, self.buffers[0]),
+                maker.head_logits(self.h_t, self.teacher, o.teacher, o.temperature, vocab, self.buffers[1]))
+
     def final(self, v0: int, v1: int) -> tuple[torch.Tensor, torch.Tensor]:
         raw_s, raw_t = self.raw(v0, v1)
         o = self.opts
@@ -235,16 +256,19 @@ class ChunkedEngine:
     statistics of an earlier run) lets the 2-D regime skip its statistics passes, and a known
     ``teacher_lse`` (per compacted row) the teacher's GEMMs of its log-sum-exp pass. The full-row
     regime holds each chunk's teacher logits anyway and takes their log-sum-exp in the same kernel.
+    ``row_logits`` (optional) makes the full-row regime's logits instead of the torch GEMMs (the 2-D
+    regime keeps those, in ``TileMath.logits_dtype``).
     """
 
     output_names = TEACHER_HEAD_OUTPUTS
     n_differentiable = 2
 
     def __init__(self, teacher: Student, opts: LossOptions, tiles: TileMath, tuning: Tuning,
-                 labels: torch.Tensor | None, teacher_lse: torch.Tensor | None = None) -> None:
+                 labels: torch.Tensor | None, teacher_lse: torch.Tensor | None = None,
+                 row_logits: RowLogits | None = None) -> None:
         self.teacher = Head(teacher.weight, teacher.bias, opts.teacher.scale)
         self.teacher_hidden, self.opts, self.tiles, self.tuning = teacher.hidden, opts, tiles, tuning
-        self.labels, self.teacher_lse = labels, teacher_lse
+        self.labels, self.teacher_lse, self.row_logits = labels, teacher_lse, row_logits
 
     def run(self, student: Student, upstream: Upstream | None, want: Want, state: SweepResult | None = None,
             ) -> EngineResult:
@@ -261,7 +285,9 @@ class ChunkedEngine:
                 hard = HardLabels(self.labels, (zeros if upstream[1] is None else upstream[1]) * head.scale)
         chunk_tokens, chunk_vocab = plan_chunks(n, k, self.tuning, tiles.live_bytes_per_logit(hs.dtype))
         out = SweepResult(*(torch.zeros(n, **acc) for _ in SweepResult._fields)) if state is None else state
-        buffers = tuple(torch.empty(chunk_tokens * chunk_vocab, dtype=tiles.logits_dtype(h.dtype), device=h.device)
+        own = self.row_logits if chunk_vocab == k else None
+        dtype_of = tiles.logits_dtype if own is None else own.buffer_dtype
+        buffers = tuple(torch.empty(chunk_tokens * chunk_vocab, dtype=dtype_of(h.dtype), device=h.device)
                         for h in (hs, ht))
         for i0 in range(0, n, chunk_tokens):
             rows = slice(i0, min(i0 + chunk_tokens, n))
@@ -271,7 +297,8 @@ class ChunkedEngine:
             if chunk_vocab < k:
                 self._tiled_chunk(chunk, chunk_vocab, rows, out, state is None, scale, chunk_hard, sink)
                 continue
-            terms, lse_s, lse_t, grad = tiles.full_rows(*chunk.raw(0, k), opts, scale, chunk_hard, hs.dtype)
+            raw = chunk.raw(0, k) if own is None else chunk.made_by(own, k)
+            terms, lse_s, lse_t, grad = tiles.full_rows(*raw, opts, scale, chunk_hard, hs.dtype)
             if state is None:
                 out.divergence[rows], out.coef[rows], out.entropy[rows] = terms.divergence, terms.coef, terms.entropy
                 out.student_lse[rows], out.teacher_lse[rows] = lse_s, lse_t

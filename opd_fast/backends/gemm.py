@@ -1,9 +1,9 @@
 """Matrix products whose result is wider than their operands: 16-bit inputs, fp32 output.
 
 A 16-bit GEMM accumulates in fp32 and then rounds its result to 16 bits. Where that result is a
-logit (the cached mode keeps every logit of a chunk) or a partial sum (grad-hidden summed over
-vocabulary stripes), the rounding is an error the strict kernels never make: a bf16 logit of
-magnitude 20 is off by up to 0.06. ``matmul_fp32`` keeps the accumulator instead:
+logit (the chunk loop's vocabulary-tiled regime under the Triton cached mode) or a partial sum
+(grad-hidden summed over vocabulary stripes), the rounding is an error the strict kernels never
+make: a bf16 logit of magnitude 20 is off by up to 0.06. ``matmul_fp32`` keeps the accumulator instead:
 
 * on CUDA, ``torch.mm(..., out_dtype=torch.float32)`` (cuBLAS writes its fp32 accumulator; the same
   FLOPs, twice the output bytes);

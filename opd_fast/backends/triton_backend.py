@@ -13,7 +13,9 @@ forward KL with a scalar loss, replaces the two-head statistics sweep by a stude
 the gradient pass sums the divergence and entropy from its own tiles (``grad``'s ``STATS``).
 
 ``Tuning(triton_mode="cached")`` swaps the passes for the cached mode (``triton/cached.py``): the
-chunk loop of ``chunked.py`` with each head's logits from torch matmul and one Triton row kernel.
+chunk loop of ``chunked.py`` with each head's logits cached once per chunk (16-bit inputs: the fp16
+tile-shifted cache of ``triton/cached_logits.py``'s GEMM kernel; fp32: torch matmul) and one Triton
+row kernel.
 
 Under ``TRITON_INTERPRET=1`` the same kernels run on CPU tensors, and ``backend="triton"`` is
 offered for them, so anyone can check the kernels' numerics without a GPU (slowly).
@@ -162,5 +164,6 @@ def two_head_engine(teacher: Student, opts: LossOptions, tuning: Tuning, labels:
     """The Triton backend's engine for ``tuning.triton_mode``: strict kernels, or the cached chunk loop."""
     if tuning.triton_mode == "cached":
         check_dtypes(teacher_hidden=teacher.hidden)
-        return ChunkedEngine(teacher, opts, TritonTileMath(), tuning, labels, teacher_lse)
+        tiles = TritonTileMath()
+        return ChunkedEngine(teacher, opts, tiles, tuning, labels, teacher_lse, row_logits=tiles)
     return TritonEngine(teacher, opts, tuning, labels, teacher_lse)

@@ -31,18 +31,21 @@ TENSOR_CORE_OP = {80: "HMMA", 90: "HGMMA"}
 # (kernel, divergence) specializations compiled: the heaviest one per code path. The terms
 # kernel has two (after pass 1 for JSD/TVD; one-pass online KL). The single-head kernels have
 # no divergence: their heaviest variant is the log-probs' with entropy (tail mean; gradient slope).
-# The cached mode's row kernel (no GEMM: no tensor cores expected) runs on 2048-token logit chunks.
+# The cached mode's row kernel (no GEMM: no tensor cores expected) runs on 2048-token logit chunks, streaming
+# the student at T != 1 with labels ("jsd+labels") or taking both LSEs from tile statistics ("+t1"); its cache
+# GEMM is compiled for the teacher's head (the wider hidden size) with bias and softcap ("teacher").
 # "+labels": with hard labels at T != 1 (label gather plus the log-sum-exp of T z), in the
 # passes that carry them: pass 1 (JSD/TVD), the one-pass KL, the gradient; "+t1" at T = 1,
 # where the gradient takes its own code path (the CE's softmax folded into a - q c).
 VARIANTS = (
     ("lse", "jsd"), ("terms", "jsd"), ("terms", "forward_kl"), ("grad", "jsd"),
     ("lse", "jsd+labels"), ("terms", "forward_kl+labels"), ("grad", "jsd+labels"), ("grad", "jsd+labels+t1"),
-    ("tail_lse", "entropy"), ("tail_grad", "entropy"), ("cached_rows", "jsd+labels"),
+    ("tail_lse", "entropy"), ("tail_grad", "entropy"), ("cached_rows", "jsd+labels"), ("cached_rows", "jsd+labels+t1"),
+    ("cached_logits", "teacher"),
 )
 # Ids per row of the single-head kernels (a served teacher's top-k).
 TOPK = 20
-# Token chunk of the cached mode's fp32 logits (about its 2 GB budget's choice at Liger's vocabulary).
+# Token chunk of the cached mode (a 1 GB budget's choice at Liger's vocabulary: 4 bytes per logit).
 CACHED_CHUNK_TOKENS = 2048
 # Liger's published benchmark shape (docs/performance.md).
 SHAPE = {"n": 8192, "hs": 2048, "ht": 4096, "vocab": 128256}
@@ -90,9 +93,11 @@ def _kernel_arguments(kernel: str, divergence: str, dtype):
     """Launcher keyword arguments on meta tensors (shapes only): what a real launch would pass."""
     import torch
 
+    from ..backends.chunked import Head
     from ..backends.rows import RowSetup
     from ..backends.tile_math import HardLabels
-    from ..backends.triton.cached import TritonTileMath, cached_rows_arguments
+    from ..backends.triton.cached import cached_rows_arguments
+    from ..backends.triton.cached_logits import GPU_CONFIGS, ShiftedLogits, cache_dtype, cached_logits_arguments
     from ..backends.triton.grad import grad_arguments
     from ..backends.triton.lse import lse_arguments
     from ..backends.triton.tail_grad import tail_grad_arguments
@@ -111,14 +116,20 @@ def _kernel_arguments(kernel: str, divergence: str, dtype):
     )
     rows = torch.empty(n, dtype=torch.float32, device="meta")
     labels = torch.empty(n, dtype=torch.int64, device="meta") if "labels" in extras else None
-    if kernel == "cached_rows":
-        chunk = CACHED_CHUNK_TOKENS
-        wide = {**meta, "dtype": TritonTileMath().logits_dtype(dtype)}  # the logits the cached mode's GEMMs write
-        raw_s = torch.empty(chunk, vocab, **wide)
+    if kernel.startswith("cached_"):
+        chunk, tile_n = CACHED_CHUNK_TOKENS, GPU_CONFIGS[90].block_n
+        stats = torch.empty(2, chunk, -(-vocab // tile_n), dtype=torch.float32, device="meta")
+        values = torch.empty(chunk, vocab, dtype=cache_dtype(dtype), device="meta")
+        if kernel == "cached_logits":
+            return cached_logits_arguments(ht[:chunk], Head(wt, bt, 1.0), opts.teacher, opts.temperature, vocab,
+                                           values, stats)
         rows_c = torch.empty(chunk, dtype=torch.float32, device="meta")
         hard = HardLabels(torch.empty(chunk, dtype=torch.int64, device="meta"), rows_c)
-        grad = torch.empty(chunk, vocab, **meta)  # the gradient in the student's dtype (over raw_s for fp32)
-        return cached_rows_arguments(raw_s, torch.empty(chunk, vocab, **wide), opts, rows_c, hard, grad)
+        grad = torch.empty(chunk, vocab, **meta)  # the gradient in the student's dtype, over its cache
+        if values.dtype == torch.float32:  # fp32 inputs: the torch GEMM's fp32 logits
+            return cached_rows_arguments(values, values, opts, rows_c, hard, grad)
+        cache = ShiftedLogits(values, stats, tile_n)
+        return cached_rows_arguments(cache, cache, opts, rows_c, hard, grad)
     if kernel.startswith("tail_"):
         ids = torch.empty(n, TOPK, dtype=torch.int32, device="meta")
         setup = RowSetup(opts.student, opts.temperature, vocab, Tuning(grad_filter_eps=1e-6))

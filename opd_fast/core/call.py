@@ -52,9 +52,10 @@ class Tuning:
 
     ``triton_mode`` (the two-head loss on the Triton backend; other backends ignore it):
     ``"strict"`` keeps extra memory O(N + V) and recomputes logit tiles per pass (1.6-2.2x the
-    GEMM floor's FLOPs); ``"cached"`` computes each head's logits once per token chunk with torch
-    matmul and runs one Triton row kernel on them (the floor's FLOPs, ``2 x chunk x V`` fp32 logits
-    plus a 16-bit student's gradient: give it ``memory_budget_mb`` of 1-2 GB so chunks hold ~1000+ tokens).
+    GEMM floor's FLOPs); ``"cached"`` computes each head's logits once per token chunk (16-bit inputs: an
+    fp16 tile-shifted cache from a Triton GEMM; fp32: torch matmul's fp32 logits) and runs one Triton row
+    kernel on them (the floor's FLOPs, 4 bytes per chunk logit for 16-bit inputs, 8 for fp32, the gradient
+    written in place: give it ``memory_budget_mb`` of ~1 GB so chunks hold ~2000 tokens at V = 128k).
     """
 
     chunk_tokens: int | None = None

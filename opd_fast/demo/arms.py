@@ -15,6 +15,7 @@ size, on the same prompt pool (references, with the start's small share of retry
 
 from __future__ import annotations
 
+import random
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -85,8 +86,9 @@ ARMS: tuple[Arm, ...] = (
 )
 ARMS_BY_NAME = {a.name: a for a in ARMS}
 DEFAULT_ARMS = ("sft", "supervised_kd", "seqkd", "on_policy_rkl", "on_policy_jsd")
-# The weak-student rescue: plain on-policy reverse KL against the same arm with corrected rollouts.
-WEAK_ARMS = ("on_policy_rkl", "corrected_rkl")
+# The weak student: the off-policy baselines and plain on-policy reverse KL at a larger capacity gap, and the
+# rescue (the same on-policy arm with teacher-corrected rollouts).
+WEAK_ARMS = ("sft", "supervised_kd", "seqkd", "on_policy_rkl", "corrected_rkl")
 # One intra-op thread: the demo's models are tiny, and on shared cores torch's thread pool makes each
 # small matmul wait for a busy core (the runner measured ~100x slower steps).
 THREADS = 1
@@ -152,7 +154,8 @@ def _run_distill(arm: Arm, student: str, config: RunConfig) -> ArmResult:
 def _run_sft(arm: Arm, student: str, config: RunConfig, profile: Profile) -> ArmResult:
     t0 = time.perf_counter()
     lm = load_model(config.student.path, name="student", trainable=True)
-    pool = read_examples(config.data.prompts)  # the runner arms' prompt pool
+    pool = read_examples(config.data.prompts)  # the runner arms' prompt pool, in an order of this seed's
+    random.Random(config.run.seed).shuffle(pool)
     o = config.optim
     _, tokens = train_sft(
         lm, lambda step: [pool[(step * profile.arm_batch + i) % len(pool)] for i in range(profile.arm_batch)],

@@ -210,7 +210,7 @@ SE_NOTE = ("mean ± standard error over seeds (a single seed: the evaluation's b
 
 def write_results(results: Sequence[ArmResult], out: Path, meta: dict[str, Any]) -> dict[str, Any]:
     """Write ``results.json`` (meta, per-run results, per-domain summary), ``results.md`` and one
-    ``accuracy_<domain>.png`` per domain (the main student's arms); returns the summary."""
+    ``accuracy_<domain>.png`` per domain (a panel per student); returns the summary."""
     out.mkdir(parents=True, exist_ok=True)
     summary = summarize(results, meta.get("settings", {}).get("eval_prompts", 0))
     payload = {"meta": meta, "runs": [asdict(r) for r in results], "summary": summary}
@@ -220,8 +220,9 @@ def write_results(results: Sequence[ArmResult], out: Path, meta: dict[str, Any])
     note = f"seeds {seeds}; {SE_NOTE}; {meta.get('profile', '')} profile" + (
         f"; {wall:.0f} s wall time" if wall is not None else "")
     (out / "results.md").write_text(f"{report_text(summary, markdown=True)}\n\n({note})\n")
-    for domain, rows in summary.get("main", {}).items():
-        plot_domain(rows, domain, out / f"accuracy_{domain}.png")
+    for domain in dict.fromkeys(d for domains in summary.values() for d in domains):
+        plot_domain({student: domains[domain] for student, domains in summary.items() if domain in domains}, domain,
+                    out / f"accuracy_{domain}.png")
     return summary
 
 
@@ -249,33 +250,37 @@ def merge_results(dirs: Sequence[Path], out: Path, total_wall_s: float | None = 
     runs.sort(key=lambda r: r.seed)  # stable: arms keep their order within a seed
     recipes = {key: {seed: recipe for _, m in loaded for seed, recipe in m.get(key, {}).items()}
                for key in ("students", "weak_students")}
-    meta = {**loaded[0][1], **recipes, "merged_from": [str(d) for d in dirs], "seeds": sorted({r.seed for r in runs}),
+    arms = {key: list(dict.fromkeys(a for _, m in loaded for a in m.get(key, []))) for key in ("arms", "weak_arms")}
+    meta = {**loaded[0][1], **recipes, **arms, "merged_from": [str(d) for d in dirs],
+            "seeds": sorted({r.seed for r in runs}),
             "total_wall_s": total_wall_s if total_wall_s is not None
             else sum(m.get("total_wall_s", 0.0) for _, m in loaded)}
     return write_results(specialists + runs, out, meta)
 
 
-def plot_domain(rows: Sequence[dict[str, Any]], domain: str, path: Path) -> None:
+def plot_domain(students: dict[str, Sequence[dict[str, Any]]], domain: str, path: Path) -> None:
     """Held-out accuracy on ``domain`` per arm, greedy and T=1 side by side, with standard-error bars (the
-    specialist and the start included, for scale)."""
+    specialist and the start included, for scale): one panel per student."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(rows) + 2), 4.5))
+    widths = [max(6.0, 1.1 * len(rows) + 2) for rows in students.values()]
+    fig, axes = plt.subplots(1, len(students), figsize=(sum(widths), 4.8), width_ratios=widths, squeeze=False)
     width = 0.38
-    for offset, key, label in ((-width / 2, "greedy_accuracy", "greedy"), (width / 2, "sampled_accuracy", "T=1")):
-        xs = [i + offset for i in range(len(rows))]
-        errs = [row[f"{key}_se"] or 0.0 for row in rows]
-        ax.bar(xs, [row[key] for row in rows], width, yerr=errs, capsize=3, label=label)
-    ax.set_xticks(range(len(rows)), [row["label"] for row in rows], rotation=25, ha="right", fontsize=8)
-    ax.set_ylabel("held-out accuracy")
-    ax.set_ylim(0, 1)
-    seeds = sorted({s for row in rows for s in row["seeds"] if row["arm"] != SPECIALIST})
-    ax.set_title(f"{domain}: accuracy per arm (mean ± SE over seeds {seeds})")
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8)
+    for ax, (student, rows) in zip(axes[0], students.items(), strict=True):
+        for offset, key, label in ((-width / 2, "greedy_accuracy", "greedy"), (width / 2, "sampled_accuracy", "T=1")):
+            xs = [i + offset for i in range(len(rows))]
+            errs = [row[f"{key}_se"] or 0.0 for row in rows]
+            ax.bar(xs, [row[key] for row in rows], width, yerr=errs, capsize=3, label=label)
+        ax.set_xticks(range(len(rows)), [row["label"] for row in rows], rotation=25, ha="right", fontsize=8)
+        ax.set_ylabel("held-out accuracy")
+        ax.set_ylim(0, 1)
+        seeds = sorted({s for row in rows for s in row["seeds"] if row["arm"] != SPECIALIST})
+        ax.set_title(f"{domain}, {STUDENT_TITLES.get(student, student)} (mean ± SE over seeds {seeds})", fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

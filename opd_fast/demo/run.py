@@ -70,8 +70,8 @@ def run_demo(
     """Run the demo; returns the per-student, per-domain summary (also written under ``out``).
 
     ``retrain`` trains every model from scratch instead of reusing shipped or cached ones. ``jobs > 1``
-    runs the seeds in that many worker processes (each single-threaded, as the models are tiny), each into
-    ``out/seed<K>``, and merges their results into ``out``.
+    runs the (seed, student) pairs in that many worker processes (each single-threaded, as the models are
+    tiny), each into ``out/seed<K>-<student>``, and merges their results into ``out``.
     """
     unknown = [a for a in [*arms, *weak_arms] if a not in ARMS_BY_NAME]
     if unknown:
@@ -81,30 +81,50 @@ def run_demo(
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
     out, cache = Path(out), Path(cache)
-    if jobs == 1 or len(seeds) == 1:
+    units = [(seed, student, names) for seed in seeds for student, names in (("main", arms), ("weak", weak_arms))
+             if names]
+    if jobs == 1 or len(units) == 1:
         with torch_threads(THREADS):
             return _run(profile, seeds, arms, weak_arms, out, cache, retrain)
     t0 = time.perf_counter()
-    print(f"[demo] profile {profile.name}: seeds {list(seeds)} in {min(jobs, len(seeds))} worker processes, each "
-          f"into {out}/seed<K>; preparing the teachers first (cache {cache})")
-    with torch_threads(THREADS):
-        for domain in DOMAINS:  # once, here: the workers then find them in the cache
-            prepare_teacher(profile, cache, domain, retrain=retrain)
-    dirs = [out / f"seed{seed}" for seed in seeds]
+    workers = min(jobs, len(units))
+    print(f"[demo] profile {profile.name}: seeds {list(seeds)}, main and weak student as {len(units)} runs in "
+          f"{workers} worker processes, each into {out}/seed<K>-<student>; preparing the shared models first "
+          f"(cache {cache})")
+    with torch_threads(THREADS):  # once, here: the workers then find them in the cache
+        _run(profile, [], (), (), out / "specialists", cache, retrain)
+        if profile.shared_start:
+            for student, _ in (("main", arms), ("weak", weak_arms)):
+                prepare_student(profile, cache, profile.start_seed(0), weak=student == "weak", retrain=retrain)
+    dirs = [out / f"seed{seed}-{student}" for seed, student, _ in units]
     context = multiprocessing.get_context("spawn")  # no forked torch thread pools
-    with ProcessPoolExecutor(max_workers=min(jobs, len(seeds)), mp_context=context) as pool:
-        futures = [pool.submit(run_demo, profile, [seed], arms, where, cache, weak_arms=weak_arms, retrain=False)
-                   for seed, where in zip(seeds, dirs, strict=True)]
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        # the parent prepared the teachers (and shared starts): a worker retrains only a start of its own
+        futures = [pool.submit(_run_unit, profile, seed, student, names, where, cache, retrain and not
+                               profile.shared_start) for (seed, student, names), where in zip(units, dirs, strict=True)]
         for future in futures:
             future.result()
-    summary = merge_results(dirs, out, total_wall_s=time.perf_counter() - t0)
+    summary = merge_results([out / "specialists", *dirs], out, total_wall_s=time.perf_counter() - t0)
     print(f"\n[demo] merged seeds {list(seeds)} into {out}\n")
     print(report_text(summary, markdown=False))
     return summary
 
 
+def _run_unit(profile: Profile, seed: int, student: str, names: Sequence[str], out: Path, cache: Path,
+              retrain_start: bool) -> None:
+    """One worker's share: one seed's arms of one student, without the specialists' rows (the parent has
+    them)."""
+    with torch_threads(THREADS):
+        main, weak = (names, ()) if student == "main" else ((), names)
+        _run(profile, [seed], main, weak, out, cache, False, retrain_students=retrain_start, specialists=False)
+
+
 def _run(profile: Profile, seeds: Sequence[int], arms: Sequence[str], weak_arms: Sequence[str], out: Path,
-         cache: Path, retrain: bool) -> dict[str, Any]:
+         cache: Path, retrain: bool, *, retrain_students: bool | None = None,
+         specialists: bool = True) -> dict[str, Any]:
+    """The demo in this process. ``retrain`` retrains every model, ``retrain_students`` (default: as
+    ``retrain``) the starts only; ``specialists`` evaluates the teachers on their own domain."""
+    retrain_students = retrain if retrain_students is None else retrain_students
     t0 = time.perf_counter()
     print(f"[demo] profile {profile.name}: domains {', '.join(d.name for d in DOMAINS)}, arms {', '.join(arms)}, "
           f"weak-student arms {', '.join(weak_arms) or 'none'}, seeds {list(seeds)}; cache {cache}")
@@ -118,14 +138,17 @@ def _run(profile: Profile, seeds: Sequence[int], arms: Sequence[str], weak_arms:
         recipes["teachers"][domain.name] = recipe
         print(f"[demo] {domain.name} teacher: {parameter_count(teachers[domain.name]):,} parameters, "
               f"{_trained(recipe)}")
-        results.append(_evaluate_specialist(profile, domain.name, teachers[domain.name], data))
+        if specialists:
+            results.append(_evaluate_specialist(profile, domain.name, teachers[domain.name], data))
     groups = [(student, names, weak) for student, names, weak in (("main", arms, False), ("weak", weak_arms, True))
               if names]  # a student without arms is not prepared at all
     for seed in seeds:
         for student, names, weak in groups:
-            path, recipe = prepare_student(profile, cache, seed, weak=weak, retrain=retrain)
-            recipes["weak_students" if weak else "students"][seed] = recipe
-            print(f"[demo] seed {seed}: {student} initial student {parameter_count(path):,} parameters, "
+            start = profile.start_seed(seed)
+            path, recipe = prepare_student(profile, cache, start, weak=weak, retrain=retrain_students)
+            recipes["weak_students" if weak else "students"][seed] = {**recipe, "start_seed": start}
+            shared = f" (seed {start}'s start)" if start != seed else ""
+            print(f"[demo] seed {seed}: {student} initial student{shared} {parameter_count(path):,} parameters, "
                   f"{_trained(recipe)}")
             where = out / f"seed{seed}" / student
             results.append(_evaluate_start(profile, student, path, teachers, data, where / START, seed))
@@ -135,6 +158,8 @@ def _run(profile: Profile, seeds: Sequence[int], arms: Sequence[str], weak_arms:
     meta = {"profile": profile.name, "settings": asdict(profile), "seeds": list(seeds), "arms": list(arms),
             "weak_arms": list(weak_arms), **recipes, "total_wall_s": time.perf_counter() - t0}
     summary = write_results(results, out, meta)
+    if not seeds:
+        return summary
     print()
     print(report_text(summary, markdown=False))
     if profile.name == "quick":

@@ -5,6 +5,8 @@ import shutil
 from dataclasses import replace
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from opd_fast.cli import build_parser
 from opd_fast.demo import prepare
@@ -96,16 +98,37 @@ def test_merge(demo_run, tmp_path):
         merge_results([root / "out", root / "out"], tmp_path / "twice")
 
 
-@pytest.mark.slow  # two spawned workers, each importing torch and training its seed
+@pytest.mark.slow  # two spawned workers, each importing torch and training its share
 def test_seeds_in_parallel_workers_merge_into_one_report(demo_run, tmp_path):
     root, _ = demo_run
-    summary = run_demo(TINY, [0, 1], ["sft", "on_policy_rkl"], tmp_path / "out", root / "cache", jobs=2)
+    summary = run_demo(TINY, [0, 1], ["sft", "on_policy_rkl"], tmp_path / "out", root / "cache",
+                       weak_arms=["on_policy_rkl"], jobs=2)
     rows = {r["arm"]: r for r in summary["main"]["pair_sum"]}
     assert rows["on_policy_rkl"]["seeds"] == [0, 1] and rows["on_policy_rkl"]["sampled_accuracy_se"] is not None
     assert rows["on_policy_rkl"]["best_off_policy"] == "sft"
-    for seed in (0, 1):
-        assert (tmp_path / "out" / f"seed{seed}" / "results.json").is_file()
-    assert json.loads((tmp_path / "out" / "results.json").read_text())["meta"]["seeds"] == [0, 1]
+    assert [r["arm"] for r in summary["weak"]["pair_sum"]] == ["specialist", "start", "on_policy_rkl"]
+    for unit in ("seed0-main", "seed1-main", "seed0-weak", "seed1-weak"):
+        assert (tmp_path / "out" / unit / "results.json").is_file()
+    meta = json.loads((tmp_path / "out" / "results.json").read_text())["meta"]
+    assert meta["seeds"] == [0, 1] and meta["arms"] == ["sft", "on_policy_rkl"]
+    assert meta["weak_arms"] == ["on_policy_rkl"]
+    # every seed trains from seed 0's start (the shared start), and the specialists are evaluated once
+    assert {s: r["start_seed"] for s, r in meta["students"].items()} == {"0": 0, "1": 0}
+    assert sum(r["arm"] == "specialist" for r in json.loads((tmp_path / "out" / "results.json").read_text())["runs"]) \
+        == len(DOMAINS)
+
+
+def test_seeds_share_the_start_and_differ_after_it(demo_run, tmp_path):
+    root, _ = demo_run
+    summary = run_demo(TINY, [0, 1], ["sft"], tmp_path / "out", root / "cache")
+    runs = json.loads((tmp_path / "out" / "results.json").read_text())["runs"]
+    start = [r for r in runs if r["arm"] == "start"]
+    assert len(start) == 2 and start[0]["greedy_accuracy"] == start[1]["greedy_accuracy"]
+    assert (tmp_path / "out" / "seed1" / "main" / "sft" / "student" / "model.safetensors").is_file()
+    weights = [load_file(tmp_path / "out" / f"seed{s}" / "main" / "sft" / "student" / "model.safetensors")
+               for s in (0, 1)]
+    assert any(not torch.equal(weights[0][k], weights[1][k]) for k in weights[0])  # the prompt order is the seed's
+    assert summary["main"]["pair_sum"][-1]["seeds"] == [0, 1]
 
 
 def test_each_domain_is_routed_to_its_specialist(tmp_path):
@@ -124,9 +147,9 @@ def test_each_domain_is_routed_to_its_specialist(tmp_path):
 
 def test_cli_options():
     args = build_parser().parse_args(["demo", "--quick", "--seeds", "3", "--out", "x", "--arms", "sft,seqkd",
-                                      "--weak-arms", "", "--retrain"])
+                                      "--weak-arms", "", "--retrain", "--own-starts"])
     assert args.quick and args.seeds == 3 and args.out == "x" and args.arms == "sft,seqkd"
-    assert args.weak_arms == "" and args.retrain
+    assert args.weak_arms == "" and args.retrain and args.own_starts
 
 
 def test_unknown_arm_is_rejected(tmp_path):

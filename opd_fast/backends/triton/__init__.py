@@ -7,8 +7,10 @@
 * ``tail_lse`` / ``tail_grad`` - the single-head losses (per-token log-probs, top-k teacher):
   log-sum-exp outside a per-row id set plus the ids' logits, and the gradient outside the ids.
 * ``stripes`` - the gradient GEMMs on those stripes, in torch (cuBLAS): no atomics anywhere.
+* ``cached_logits`` / ``cached`` - the cached mode: a GEMM kernel writes a token chunk's logits once per
+  head as an fp16 tile-shifted cache, a memory-bound row kernel streams it into the statistics and gradient.
 
-Logit tiles are produced by ``tl.dot`` K-loops in on-chip memory; no logits tensor ever reaches
+In the strict mode logit tiles are produced by ``tl.dot`` K-loops in on-chip memory; no logits tensor ever reaches
 GPU memory, and the logit *gradient* only one ``N x V_c`` stripe at a time. ``CONFIGS`` lists
 each kernel's launch configs per compute capability (what ``opd-fast kernels check`` compiles);
 ``pick_config`` chooses one by a shape heuristic rather than autotuning, so the first call pays
@@ -20,6 +22,8 @@ from __future__ import annotations
 import torch
 
 from .cached import GPU_BLOCKS, RowBlocks, cached_rows_kernel
+from .cached_logits import GPU_CONFIGS as _CACHED_LOGITS_CONFIGS
+from .cached_logits import cached_logits_kernel
 from .common import INTERPRETER_CONFIG, BlockConfig
 from .grad import grad_kernel, launch_grad
 from .lse import launch_lse, lse_kernel
@@ -73,21 +77,24 @@ _ROW_FORWARD = {
 }
 # The cached mode's row kernel streams rows from memory: one config for every arch and dtype.
 _CACHED_ROWS = {(arch, dtype): (GPU_BLOCKS,) for arch in (80, 90) for dtype in ("16-bit", "fp32")}
+# The cached mode's logit-cache GEMM runs for 16-bit inputs only (fp32 ones keep torch's fp32 logits).
+_CACHED_LOGITS = {(arch, "16-bit"): (config,) for arch, config in _CACHED_LOGITS_CONFIGS.items()}
 CONFIGS: dict[str, dict[tuple[int, str], tuple[BlockConfig | RowBlocks, ...]]] = {
     "lse": _LSE, "terms": _FORWARD, "grad": _GRAD, "tail_lse": _ROW_FORWARD, "tail_grad": _TAIL_GRAD,
-    "cached_rows": _CACHED_ROWS,
+    "cached_rows": _CACHED_ROWS, "cached_logits": _CACHED_LOGITS,
 }
 KERNELS = {
     "lse": lse_kernel, "terms": terms_kernel, "grad": grad_kernel, "tail_lse": tail_lse_kernel,
-    "tail_grad": tail_grad_kernel, "cached_rows": cached_rows_kernel,
+    "tail_grad": tail_grad_kernel, "cached_rows": cached_rows_kernel, "cached_logits": cached_logits_kernel,
 }
 # Kernels without a GEMM (no tensor-core instructions expected in their SASS).
 NO_MMA = frozenset({"cached_rows"})
 
 
 def configs_for(kernel: str, arch: int, dtype: torch.dtype) -> tuple[BlockConfig | RowBlocks, ...]:
-    """The launch configs of ``kernel`` for compute capability ``arch`` (80+) and input ``dtype``."""
-    return CONFIGS[kernel][(90 if arch >= 90 else 80, "fp32" if dtype == torch.float32 else "16-bit")]
+    """The launch configs of ``kernel`` for compute capability ``arch`` (80+) and input ``dtype`` (none: the
+    kernel does not run for that dtype)."""
+    return CONFIGS[kernel].get((90 if arch >= 90 else 80, "fp32" if dtype == torch.float32 else "16-bit"), ())
 
 
 def pick_config(kernel: str, arch: int | None, dtype: torch.dtype, n_rows: int) -> BlockConfig:

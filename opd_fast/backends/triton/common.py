@@ -311,7 +311,7 @@ def compile_for_target(kernel: triton.runtime.Heuristics, args: dict[str, Any], 
             constexprs[name] = value
             continue
         signature[name] = _signature_type(value)
-        if isinstance(value, torch.Tensor) or name in ("HS", "HT"):
+        if isinstance(value, torch.Tensor) or name in ("HS", "HT", "H"):
             attrs[(i,)] = [["tt.divisibility", 16]]
     source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=config.launch_options())
