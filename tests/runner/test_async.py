@@ -23,12 +23,13 @@ def step_rows(run_dir: Path) -> list[dict]:
     return [r for r in read_metrics(run_dir) if r.get("kind") != "eval"]
 
 
-def test_lockstep_producer_gives_the_strict_losses(make_config, tmp_path: Path) -> None:
+@pytest.mark.parametrize("handoff", [0.0, 0.5])  # with early groups, the producer's batches carry them to scoring
+def test_lockstep_producer_gives_the_strict_losses(make_config, tmp_path: Path, handoff: float) -> None:
     """With staleness 0 the producer's snapshot, weight hand-off and RNG use change nothing: bit for bit."""
     runs = {}
     for mode in ("strict", "async"):
         config = make_config(tmp_path / mode, run={"pipeline": "strict", "seed": 5}, optim={"steps": 3},
-                             data={"prompts_per_step": 3, "group_size": 2})
+                             data={"prompts_per_step": 3, "group_size": 2}, rollout={"handoff_fraction": handoff})
         trainer = Trainer(config)
         if mode == "strict":
             runs[mode] = [trainer.train_step() for _ in range(3)]
@@ -36,6 +37,7 @@ def test_lockstep_producer_gives_the_strict_losses(make_config, tmp_path: Path) 
         with RolloutProducer(trainer.roll_out, trainer.student, start=0, last=3, max_staleness=0,
                              threads=1) as trainer.producer:
             runs[mode] = [trainer.train_step() for _ in range(3)]
+    assert any(r["early_scored_share"] > 0 for r in runs["async"]) == (handoff > 0)
     for a, b in zip(runs["strict"], runs["async"], strict=True):
         assert {k: a.get(k) for k in COMPARED} == {k: b.get(k) for k in COMPARED}
 
