@@ -193,24 +193,24 @@ def score(
     signal: str = "hidden",
     topk: int = 32,
     temperature: float = 1.0,
-    prompts: Prefill | None = None,
+    prefilled: Prefill | None = None,
 ) -> ScoredBatch:
     """Run each teacher on its rows; return hidden states (or top-k / sampled-token log-probs at the
     teacher's own temperature, ``temperature`` when it has none).
 
-    The teachers forward the completions on their prompt caches (``prompts``, consumed; ``prefill_of`` the
+    The teachers forward the completions on their prompt caches (``prefilled``, consumed; ``prefill_of`` the
     batch when not given), so a prefill made while the batch decoded is not repeated. A batch with ``groups``
     is scored per group, each on its rows' prompt caches."""
-    prompts = prefill_of(batch, teachers, router) if prompts is None else prompts
+    prefilled = prefill_of(batch, teachers, router) if prefilled is None else prefilled
     if batch.groups:
         return merge_groups(batch, [(g, score(g.batch, teachers, router, signal=signal, topk=topk,
-                                              temperature=temperature, prompts=prompts.select(g.rows)))
+                                              temperature=temperature, prefilled=prefilled.select(g.rows)))
                                     for g in batch.groups])
     out = ScoredBatch(batch)
     p_len = batch.prompt_len
     for name in teachers:  # the same order as the prefill's
         teacher = teachers[name].model
-        pc = prompts.caches.get(name)
+        pc = prefilled.caches.get(name)
         if pc is None:
             if is_sharded(teacher):
                 join_forward(teacher)

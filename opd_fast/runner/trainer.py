@@ -212,15 +212,15 @@ class Trainer:
         return list(batches), float(sum(b.num_tokens for b in batches))
 
     def score_batch(self, step: int, micro_batch: int, batch: RolloutBatch,
-                    prompts: Prefill | None = None) -> ScoredBatch:
+                    prefilled: Prefill | None = None) -> ScoredBatch:
         """Score stage: the routed teachers' signal (nothing to score when ``kd_weight`` is 0), on the
-        teachers' ``prompts`` caches when their prefill already ran."""
+        teachers' prompt caches (``prefilled``) when their prefill already ran."""
         c = self.config
         with self.timeline.stage(step, "score", micro_batch):
             if c.loss.kd_weight <= 0:
                 return ScoredBatch(batch)
             return score(batch, self.teachers, self.router, signal=c.loss.signal, topk=c.loss.topk,
-                         temperature=c.loss.temperature, prompts=prompts)
+                         temperature=c.loss.temperature, prefilled=prefilled)
 
     def prefill_batch(self, step: int, micro_batch: int, prompts: list[Prompt], ids: torch.Tensor,
                       mask: torch.Tensor) -> Prefill:
