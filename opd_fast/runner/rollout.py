@@ -354,7 +354,7 @@ def rollout(
         step_ids = tokens[:, None]
         if bool(done.all()):
             break
-        if handoff > 0 and int(done.sum()) >= group_size:
+        if handoff > 0 and step + 1 < cfg.max_new_tokens and int(done.sum()) >= group_size:  # others decode on
             rows = live[done].tolist()
             ended[rows] = True
             groups.append(RowGroup(rows, pack(rows, step + 1)))
