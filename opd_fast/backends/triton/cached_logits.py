@@ -36,7 +36,7 @@ import triton.language as tl
 
 from ...core.call import HeadSpec
 from ..chunked import Head
-from .common import INTERPRET, BlockConfig, dot_precision, even_k, tanh
+from .common import INTERPRET, BlockConfig, dot_precision, even_k, raw_head_tile, tanh
 
 # The smallest fp16 magnitude-limited value: finite shifts below it clamp here (exp underflows long before).
 _FP16_LOWEST = tl.constexpr(-65504.0)
@@ -90,25 +90,9 @@ def cached_logits_kernel(
     col0 = col_tile * BLOCK_N
     rows = row0 + r
     row_ok = rows < N
-    col_ok = col0 + c < K
-    h_base = h_ptr + tl.cast(row0, tl.int64) * H
-    w_base = w_ptr + tl.cast(col0, tl.int64) * H
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, H, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        if EVEN_K:
-            h = tl.load(h_base + r[:, None] * H + ks[None, :], mask=row_ok[:, None], other=0.0)
-            w = tl.load(w_base + c[:, None] * H + ks[None, :], mask=col_ok[:, None], other=0.0)
-        else:
-            k_ok = ks < H
-            h = tl.load(h_base + r[:, None] * H + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            w = tl.load(w_base + c[:, None] * H + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-        if WIDEN:
-            h, w = h.to(tl.float32), w.to(tl.float32)
-        acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + col0 + c, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    raw = tl.where(col_ok[None, :], acc * scale, float("-inf"))
+    acc, col_ok = raw_head_tile(h_ptr, w_ptr, b_ptr, row0, col0, N, K, H, scale, HAS_BIAS, EVEN_K, DOT_PRECISION,
+                                WIDEN, BLOCK_M, BLOCK_N, BLOCK_K)
+    raw = tl.where(col_ok[None, :], acc, float("-inf"))
     m = tl.max(raw, 1)
     m = tl.where(m == float("-inf"), 0.0, m)  # an all -inf tile: shift 0, its values stay -inf
     shifted = tl.where(raw == float("-inf"), raw, tl.maximum(raw - m[:, None], _FP16_LOWEST))

@@ -116,16 +116,17 @@ def tanh(x):
 
 
 @triton.jit
-def head_tile(
-    h_ptr, w_ptr, b_ptr, row0, col0, n_rows, n_cols, hidden, scale, softcap, inv_temp,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+def raw_head_tile(
+    h_ptr, w_ptr, b_ptr, row0, col0, n_rows, n_cols, hidden, scale,
+    HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, WIDEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Final fp32 logits ``softcap(scale (h W^T + b)) / T`` of the tile at rows ``row0:``, columns ``col0:``.
+    """Raw fp32 logits ``scale (h W^T + b)`` of the tile at rows ``row0:``, columns ``col0:``, and which
+    columns are in the compared vocabulary (``< n_cols``); the caller masks the others.
 
-    Columns at or beyond ``n_cols`` (the compared vocabulary) come back as -inf: zero mass.
     The block's base addresses are formed in int64 (``V x H`` may exceed 2^31 elements); the
-    per-element offsets inside a block stay int32.
+    per-element offsets inside a block stay int32. ``WIDEN`` upcasts 16-bit operands to fp32 before the
+    dot (the interpreter's bf16 ``tl.dot`` is broken; products of 16-bit numbers are exact in fp32).
     """
     r = tl.arange(0, BLOCK_M)
     c = tl.arange(0, BLOCK_N)
@@ -143,10 +144,26 @@ def head_tile(
             k_ok = ks < hidden
             h = tl.load(h_ptr + r[:, None] * hidden + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             w = tl.load(w_ptr + c[:, None] * hidden + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        if WIDEN:
+            h, w = h.to(tl.float32), w.to(tl.float32)
         acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(b_ptr + col0 + c, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    acc = acc * scale
+    return acc * scale, col_ok
+
+
+@triton.jit
+def head_tile(
+    h_ptr, w_ptr, b_ptr, row0, col0, n_rows, n_cols, hidden, scale, softcap, inv_temp,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Final fp32 logits ``softcap(scale (h W^T + b)) / T`` of the tile at rows ``row0:``, columns ``col0:``.
+
+    Columns at or beyond ``n_cols`` (the compared vocabulary) come back as -inf: zero mass.
+    """
+    acc, col_ok = raw_head_tile(h_ptr, w_ptr, b_ptr, row0, col0, n_rows, n_cols, hidden, scale, HAS_BIAS, EVEN_K,
+                                DOT_PRECISION, False, BLOCK_M, BLOCK_N, BLOCK_K)
     if HAS_SOFTCAP:
         acc = softcap * tanh(acc / softcap)
     acc = acc * inv_temp
