@@ -192,6 +192,29 @@ def summarize(results: Sequence[ArmResult], prompts: int = 0) -> dict[str, dict[
 STUDENT_TITLES = {"main": "the student", "weak": "the weak student (rescue)"}
 
 
+def verdict_lines(summary: dict[str, dict[str, list[dict[str, Any]]]]) -> list[str]:
+    """Per student and domain, the on-policy arm closest to the bar, its paired lead over the best off-policy
+    arm in standard errors, and whether it clears the bar: the demo's question answered in one line each."""
+    lines = []
+    for student, domains in summary.items():
+        for domain, rows in domains.items():
+            scored = [r for r in rows if "diff_vs_best_off_policy" in r]
+            if not scored:
+                continue
+            best = max(scored, key=lambda r: r["diff_vs_best_off_policy"])
+            d, se = best["diff_vs_best_off_policy"], best["diff_vs_best_off_policy_se"]
+            ratio = f" ({d / se:+.1f} SE)" if se else ""
+            seeds = len(best["seeds"])
+            if best["beats_every_off_policy"]:
+                status = "clears the bar"
+            else:
+                status = "does not clear the bar" + (f" (it needs >= {MIN_SEEDS} seeds)" if seeds < MIN_SEEDS else "")
+            lines.append(f"{domain}, {STUDENT_TITLES.get(student, student)}: best on-policy arm {best['label']} "
+                         f"{d:+.3f} ± {se or 0.0:.3f}{ratio} T=1 accuracy against {best['best_off_policy']}, "
+                         f"{seeds} seed(s): {status}")
+    return lines
+
+
 def report_text(summary: dict[str, dict[str, list[dict[str, Any]]]], markdown: bool) -> str:
     table = markdown_table if markdown else text_table
     parts = []
@@ -199,6 +222,12 @@ def report_text(summary: dict[str, dict[str, list[dict[str, Any]]]], markdown: b
         for domain, rows in domains.items():
             title = f"{domain}, {STUDENT_TITLES.get(student, student)}"
             parts.append(f"### {title}\n\n{table(rows)}" if markdown else f"[{title}]\n{table(rows)}")
+    verdict = verdict_lines(summary)
+    if verdict:
+        head = (f"The bar: an on-policy arm ahead of every off-policy arm by more than 2 standard errors of the "
+                f"paired difference at T=1, over at least {MIN_SEEDS} seeds.")
+        items = "\n".join(f"- {line}" for line in verdict)
+        parts.append(f"### Verdict\n\n{head}\n\n{items}" if markdown else f"[verdict] {head}\n{items}")
     return "\n\n".join(parts)
 
 

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from opd_fast.demo.report import ArmResult, domain_rows, mean_se, paired_difference
+from opd_fast.demo.report import ArmResult, domain_rows, mean_se, paired_difference, report_text, verdict_lines
 
 
 def test_mean_se_by_hand():
@@ -70,3 +70,21 @@ def test_the_bar_needs_three_seeds():
     row = {r["arm"]: r for r in domain_rows(results, "d", "main")}["on"]
     assert row["diff_vs_best_off_policy"] > 2 * row["diff_vs_best_off_policy_se"]
     assert row["beats_every_off_policy"] is False
+
+
+@pytest.mark.parametrize("on_policy, seeds, status", [
+    ((0.70, 0.72, 0.74), 3, "clears the bar"),
+    ((0.70, 0.52, 0.74), 3, "does not clear the bar"),
+    ((0.70, 0.72), 2, "does not clear the bar (it needs >= 3 seeds)"),
+])
+def test_the_verdict_names_the_arm_closest_to_the_bar(on_policy, seeds, status):
+    sft = (0.60, 0.62, 0.64)[:seeds]
+    results = [_run("sft", s, v, True) for s, v in enumerate(sft)]
+    results += [_run("weaker_on_policy", s, v - 0.2, False) for s, v in enumerate(on_policy)]
+    results += [_run("on_policy", s, v, False) for s, v in enumerate(on_policy)]
+    summary = {"main": {"d": domain_rows(results, "d", "main")}}
+    (line,) = verdict_lines(summary)
+    lead = mean_se([a - b for a, b in zip(on_policy, sft, strict=True)])[0]
+    assert line.startswith(f"d, the student: best on-policy arm on_policy {lead:+.3f} ± ")
+    assert line.endswith(f"against sft, {seeds} seed(s): {status}")
+    assert line in report_text(summary, markdown=True) and line in report_text(summary, markdown=False)
