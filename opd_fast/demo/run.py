@@ -94,7 +94,7 @@ def run_demo(
     with torch_threads(THREADS):  # once, here: the workers then find them in the cache
         _run(profile, [], (), (), out / "specialists", cache, retrain)
         if profile.shared_start:
-            for student, _ in (("main", arms), ("weak", weak_arms)):
+            for student in dict.fromkeys(student for _, student, _ in units):  # only students that have arms
                 prepare_student(profile, cache, profile.start_seed(0), weak=student == "weak", retrain=retrain)
     dirs = [out / f"seed{seed}-{student}" for seed, student, _ in units]
     context = multiprocessing.get_context("spawn")  # no forked torch thread pools

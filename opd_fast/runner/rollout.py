@@ -347,7 +347,8 @@ def rollout(
             steps.append((tokens, lps, active, replaced))
         done = done | torch.isin(tokens, eos)
         if stops is not None:
-            done = done | stops.add(*steps[-1][::2]).to(device)[live]
+            batch_tokens, _, batch_active, _ = steps[-1]  # the whole batch's, as the stop windows are per row
+            done = done | stops.add(batch_tokens, batch_active).to(device)[live]
         mask[:, p_len + step] = active.long()
         count = count + active.long()
         positions = (count - 1).clamp(min=0)[:, None]

@@ -268,12 +268,15 @@ class Trainer:
         prefills: dict[int, Prefill] = {}  # written by the worker; read once a micro-batch's items are done
         deferred: dict[int, RowGroup] = {}
 
+        def score_group(i: int, group: RowGroup) -> ScoredBatch:
+            return self.score_batch(step, i, group.batch, prefills[i].select(group.rows) if i in prefills else None)
+
         def work(item: tuple[int, RowGroup | tuple]) -> ScoredBatch | None:
             i, arg = item
             if not isinstance(arg, RowGroup):
                 prefills[i] = self.prefill_batch(step, i, *arg)
                 return None
-            return self.score_batch(step, i, arg.batch, prefills[i].select(arg.rows) if i in prefills else None)
+            return score_group(i, arg)
 
         def on_prompts(prompts: list[Prompt], ids: torch.Tensor, mask: torch.Tensor) -> None:
             items[-1].append(None)
@@ -296,9 +299,7 @@ class Trainer:
             if i == len(plan.batches) - 1:  # the worker has nothing left: the rest of the step gets every thread
                 torch.set_num_threads(total)
             if i in deferred:
-                group = deferred[i]
-                parts.append((group, self.score_batch(step, i, group.batch,
-                                                      prefills[i].select(group.rows) if i in prefills else None)))
+                parts.append((deferred[i], score_group(i, deferred[i])))
             prefills.pop(i, None)
             return merge_groups(batch, [(group, result) for group, result in parts if group is not None])
 
